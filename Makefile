@@ -1,0 +1,73 @@
+# The Makefile is the interface: the README, CI and developers all call these targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+GEN_DIR := clients/python
+PROTOS := $(wildcard proto/fitserve/v1/*.proto)
+PYTEST_ARGS ?=
+
+.PHONY: help install run test lint fmt typecheck imports proto check-generated unit integration bench bench-quick clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 11) <= v <= (3, 12) else "fitserve needs Python 3.11 or 3.12, found %d.%d; run: make PYTHON=python3.12 ..." % v)'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e $(GEN_DIR) -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## Create .venv and install the server, worker, SDK and dev tools
+
+run: $(STAMP)  ## Start the whole stack (Redis, server, worker) on this machine
+	$(BIN)/fitserve up
+
+lint: $(STAMP)  ## ruff format check, ruff lint, mypy --strict, import contracts
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+fmt: $(STAMP)  ## Format and fix what ruff can
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+proto: $(STAMP)  ## Regenerate the Python code of the gRPC contract
+	$(PY) -m grpc_tools.protoc -I proto \
+		--python_out=$(GEN_DIR) --mypy_out=$(GEN_DIR) \
+		--grpc_python_out=$(GEN_DIR) --mypy_grpc_out=$(GEN_DIR) \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+		$(PROTOS)
+
+check-generated: $(STAMP)  ## Fail if the committed generated code differs from the .proto files
+	@tmp=$$(mktemp -d) && \
+	$(PY) -m grpc_tools.protoc -I proto \
+		--python_out=$$tmp --mypy_out=$$tmp --grpc_python_out=$$tmp --mypy_grpc_out=$$tmp \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+		$(PROTOS) && \
+	diff -r -x __init__.py -x __pycache__ -x '*.typed' $$tmp/fitserve/v1 $(GEN_DIR)/fitserve/v1 \
+		|| { echo "generated code is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; \
+	rm -rf $$tmp; echo "generated code is up to date"
+
+test: lint check-generated  ## Lint, then every test (unit, integration, end-to-end)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)  ## Only the unit tests
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+integration: $(STAMP)  ## Only the integration and end-to-end tests
+	$(BIN)/pytest tests/integration tests/e2e $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## Every benchmark of shared BENCHMARKS.md; results in bench/results/
+	$(PY) -m bench run
+
+bench-quick: $(STAMP)  ## A reduced benchmark, under 3 minutes
+	$(PY) -m bench run --quick
+
+clean:  ## Remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,69 @@
+"""fitserve SDK: train, evaluate, fine-tune and serve Keras models over gRPC.
+
+    import fitserve
+    client = fitserve.Client("localhost:50051")
+    job = client.train("mnist-mlp", layers=[...], loss="sparse_categorical_crossentropy",
+                       dataset=client.upload_dataset("mnist-train", x=x, y=y), epochs=5)
+    job.wait()
+    probs = client.predict("mnist-mlp", x_test)
+
+The wire contract (request and response messages, stubs) is in `fitserve.v1`.
+"""
+
+from importlib import metadata as _metadata
+
+from fitserve._client import Client, Job, Prediction
+from fitserve._errors import (
+    AlreadyExistsError,
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    FitserveError,
+    InternalError,
+    InvalidArgumentError,
+    JobCancelledError,
+    JobFailedError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from fitserve._tensors import to_numpy, to_tensor
+
+try:
+    __version__ = _metadata.version("fitserve")
+except _metadata.PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0+unknown"
+
+__all__ = [
+    "AlreadyExistsError",
+    "CancelledError",
+    "Client",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "FitserveError",
+    "InternalError",
+    "InvalidArgumentError",
+    "Job",
+    "JobCancelledError",
+    "JobFailedError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "Prediction",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "__version__",
+    "to_numpy",
+    "to_tensor",
+]
+
+# Public names say they live here (for tracebacks and docs), like httpx does.
+for _name in __all__:
+    _member = globals()[_name]
+    if hasattr(_member, "__module__") and not isinstance(_member, str):
+        _member.__module__ = "fitserve"
+del _name, _member

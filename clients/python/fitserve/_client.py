@@ -1,0 +1,715 @@
+"""`Client`, one connection to a fitserve server, and `Job`, a handle on one job."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+import numpy.typing as npt
+
+from fitserve import _specs
+from fitserve._errors import (
+    DeadlineExceededError,
+    JobCancelledError,
+    JobFailedError,
+    from_rpc_error,
+)
+from fitserve._specs import ConfigLike, DatasetLike, KerasModel, LossLike
+from fitserve._tensors import to_numpy, to_tensor
+from fitserve.v1 import (
+    dataset_pb2,
+    dataset_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+    tensor_pb2,
+    training_pb2,
+    training_pb2_grpc,
+)
+
+__all__ = ["Client", "Job", "Prediction"]
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+_Item = TypeVar("_Item")
+
+JobState = training_pb2.JobState
+JobKind = training_pb2.JobKind
+
+_DEFAULT_CHUNK_BYTES = 1024 * 1024
+_TERMINAL_STATES = frozenset(
+    {JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED, JobState.JOB_STATE_CANCELLED}
+)
+_WATCH_RETRIES = 5
+_WATCH_BACKOFF_SECONDS = 0.2
+_WATCH_BACKOFF_MAX_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Everything a Predict call answered; keep `request_id` to send `feedback` later."""
+
+    outputs: dict[str, npt.NDArray[Any]]
+    model_name: str
+    version: int
+    request_id: str
+
+
+@contextlib.contextmanager
+def _translated_errors() -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from error
+
+
+def _open_channel(
+    target: str, max_message_bytes: int, credentials: grpc.ChannelCredentials | None
+) -> grpc.Channel:
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def _paginate(fetch: Callable[[str], tuple[Iterable[_Item], str]]) -> Iterator[_Item]:
+    token = ""
+    while True:
+        items, token = fetch(token)
+        yield from items
+        if not token:
+            return
+
+
+class Client:
+    """A connection to a fitserve server: datasets, training jobs, models, predictions.
+
+    Every call has a deadline (`timeout` seconds, per client, overridable per call with
+    `timeout=`), so a lost server fails fast instead of hanging. Failed calls raise
+    `fitserve.FitserveError` subclasses carrying the server's message. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        channel: grpc.Channel | None = None,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = 256 * 1024 * 1024,
+        metadata: Sequence[tuple[str, str]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """Connect to `target`, or use `channel` as given (the caller then closes it).
+
+        `metadata` goes with every call, e.g. `[("authorization", "Bearer <token>")]`;
+        `credentials` (e.g. `grpc.ssl_channel_credentials()`) switches to TLS.
+        """
+        self._owns_channel = channel is None
+        if channel is None:
+            channel = _open_channel(target, max_message_bytes, credentials)
+        self._channel = channel
+        self._timeout = timeout
+        self._metadata: tuple[tuple[str, str | bytes], ...] = tuple(metadata)
+        self._datasets = dataset_pb2_grpc.DatasetServiceStub(self._channel)
+        self._training = training_pb2_grpc.TrainingServiceStub(self._channel)
+        self._models = model_pb2_grpc.ModelServiceStub(self._channel)
+        self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
+
+    def close(self) -> None:
+        """Close the channel, unless it was passed in (its owner closes it)."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _timeout_for(self, timeout: float | None) -> float | None:
+        return self._timeout if timeout is None else timeout
+
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: float | None,
+    ) -> _Response:
+        with _translated_errors():
+            return method(request, timeout=self._timeout_for(timeout), metadata=self._metadata)
+
+    def _watch_call(
+        self, job_id: str, after_event_id: str, timeout: float | None
+    ) -> grpc._CallIterator[training_pb2.JobEvent]:
+        request = training_pb2.WatchJobRequest(job_id=job_id, after_event_id=after_event_id)
+        return self._training.WatchJob(request, timeout=timeout, metadata=self._metadata)
+
+    # -- datasets ------------------------------------------------------------------
+
+    def upload_dataset(
+        self,
+        name: str,
+        *,
+        x: npt.ArrayLike | None = None,
+        y: npt.ArrayLike | None = None,
+        sample_weight: npt.ArrayLike | None = None,
+        chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+        timeout: float | None = None,
+        **arrays: npt.ArrayLike,
+    ) -> dataset_pb2.Dataset:
+        """Upload arrays as an .npz dataset named `name`; returns it with its id.
+
+        Use `x`/`y`/`sample_weight` for a single-input model, or any named arrays (e.g.
+        `image=..., text=..., y=...`) for a multi-input one. Identical content is stored
+        once, so re-uploading the same arrays is cheap for the server.
+        """
+        content = _specs.npz_bytes({"x": x, "y": y, "sample_weight": sample_weight, **arrays})
+        header = _specs.npz_header(
+            name, size_bytes=len(content), sha256=hashlib.sha256(content).hexdigest()
+        )
+        return self._upload(header, _specs.memory_chunks(content, chunk_bytes), timeout)
+
+    def upload_dataset_file(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+        timeout: float | None = None,
+    ) -> dataset_pb2.Dataset:
+        """Upload an existing .npz file, streamed from disk (never loaded whole)."""
+        header = _specs.npz_header(
+            name, size_bytes=os.path.getsize(path), sha256=_specs.file_sha256(path)
+        )
+        return self._upload(header, _specs.file_chunks(path, chunk_bytes), timeout)
+
+    def _upload(
+        self, header: dataset_pb2.DatasetHeader, chunks: Iterable[bytes], timeout: float | None
+    ) -> dataset_pb2.Dataset:
+        requests = _specs.upload_requests(header, chunks)
+        with _translated_errors():
+            return self._datasets.UploadDataset(
+                requests, timeout=self._timeout_for(timeout), metadata=self._metadata
+            )
+
+    def get_dataset(
+        self, dataset: str | dataset_pb2.Dataset, *, timeout: float | None = None
+    ) -> dataset_pb2.Dataset:
+        """A dataset by id ("sha256:...") or name."""
+        request = dataset_pb2.GetDatasetRequest(dataset=_dataset_key(dataset))
+        return self._call(self._datasets.GetDataset, request, timeout)
+
+    def list_datasets(
+        self, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[dataset_pb2.Dataset]:
+        """Every dataset, newest first; pages are fetched as the iterator advances."""
+
+        def fetch(token: str) -> tuple[Iterable[dataset_pb2.Dataset], str]:
+            request = dataset_pb2.ListDatasetsRequest(page_size=page_size, page_token=token)
+            response = self._call(self._datasets.ListDatasets, request, timeout)
+            return response.datasets, response.next_page_token
+
+        return _paginate(fetch)
+
+    def delete_dataset(
+        self, dataset: str | dataset_pb2.Dataset, *, timeout: float | None = None
+    ) -> None:
+        """Delete a dataset name (an id removes every name pointing at that content)."""
+        request = dataset_pb2.DeleteDatasetRequest(dataset=_dataset_key(dataset))
+        self._call(self._datasets.DeleteDataset, request, timeout)
+
+    # -- jobs ----------------------------------------------------------------------
+
+    def train(
+        self,
+        model_name: str,
+        *,
+        layers: Sequence[Mapping[str, Any]] | None = None,
+        model: str | KerasModel | None = None,
+        optimizer: ConfigLike = "adam",
+        loss: LossLike | None = None,
+        metrics: ConfigLike | Iterable[ConfigLike] = (),
+        weighted_metrics: ConfigLike | Iterable[ConfigLike] = (),
+        loss_weights: Mapping[str, float] | None = None,
+        dataset: DatasetLike,
+        validation_data: DatasetLike | None = None,
+        validation_split: float = 0.0,
+        epochs: int = 1,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        class_weight: Mapping[int, float] | None = None,
+        sample_weight_key: str = "",
+        initial_epoch: int = 0,
+        steps_per_epoch: int = 0,
+        seed: int | None = None,
+        callbacks: Mapping[str, Any] | None = None,
+        queue: str = "",
+        mixed_precision: str = "",
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> Job:
+        """Queue a training job and return at once; follow it with `Job.wait()`.
+
+        The arguments mirror Keras' compile and fit. The architecture is `layers` (a
+        Sequential model as dicts) or `model` (a Keras model, or its `to_json()`), never
+        pickled code: the server rebuilds it from an allowlist of Keras classes. Pass an
+        `idempotency_key` to make retrying this call safe.
+        """
+        request = training_pb2.TrainRequest(
+            model_name=model_name,
+            model=_specs.model_spec(layers, model),
+            compile=_specs.compile_options(
+                optimizer=optimizer,
+                loss=loss,
+                metrics=metrics,
+                weighted_metrics=weighted_metrics,
+                loss_weights=loss_weights,
+            ),
+            dataset=_specs.dataset_ref(dataset),
+            fit=_specs.fit_options(
+                validation_data=validation_data,
+                validation_split=validation_split,
+                epochs=epochs,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                class_weight=class_weight,
+                sample_weight_key=sample_weight_key,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps_per_epoch,
+                seed=seed,
+            ),
+            callbacks=_specs.callback_options(callbacks),
+            run=_specs.run_options(queue=queue, mixed_precision=mixed_precision, labels=labels),
+            idempotency_key=idempotency_key,
+        )
+        return Job(self, self._call(self._training.Train, request, timeout).job)
+
+    def fine_tune(
+        self,
+        base_model: str,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        model_name: str = "",
+        train_last_n_layers: int | None = None,
+        new_head: int | Mapping[str, Any] | None = None,
+        unfreeze_top_k: int = 0,
+        unfreeze_learning_rate: float = 0.0,
+        unfreeze_epochs: int = 0,
+        optimizer: ConfigLike = "adam",
+        loss: LossLike | None = None,
+        metrics: ConfigLike | Iterable[ConfigLike] = (),
+        weighted_metrics: ConfigLike | Iterable[ConfigLike] = (),
+        loss_weights: Mapping[str, float] | None = None,
+        dataset: DatasetLike,
+        validation_data: DatasetLike | None = None,
+        validation_split: float = 0.0,
+        epochs: int = 1,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        class_weight: Mapping[int, float] | None = None,
+        sample_weight_key: str = "",
+        seed: int | None = None,
+        callbacks: Mapping[str, Any] | None = None,
+        queue: str = "",
+        mixed_precision: str = "",
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> Job:
+        """Queue a job that continues training a stored version on new data.
+
+        Either keep the architecture and train only the last `train_last_n_layers`, or
+        freeze the whole base and add `new_head` (a class count, or a dict with
+        num_classes, activation, dropout). `unfreeze_*` adds a second, gentler phase.
+        The result is published under `model_name` (default: `base_model`), with lineage.
+        """
+        request = training_pb2.FineTuneRequest(
+            base=_specs.model_ref(base_model, version, alias),
+            model_name=model_name,
+            freeze=_specs.freeze_options(
+                train_last_n_layers=train_last_n_layers,
+                new_head=new_head,
+                unfreeze_top_k=unfreeze_top_k,
+                unfreeze_learning_rate=unfreeze_learning_rate,
+                unfreeze_epochs=unfreeze_epochs,
+            ),
+            compile=_specs.compile_options(
+                optimizer=optimizer,
+                loss=loss,
+                metrics=metrics,
+                weighted_metrics=weighted_metrics,
+                loss_weights=loss_weights,
+            ),
+            dataset=_specs.dataset_ref(dataset),
+            fit=_specs.fit_options(
+                validation_data=validation_data,
+                validation_split=validation_split,
+                epochs=epochs,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                class_weight=class_weight,
+                sample_weight_key=sample_weight_key,
+                initial_epoch=0,
+                steps_per_epoch=0,
+                seed=seed,
+            ),
+            callbacks=_specs.callback_options(callbacks),
+            run=_specs.run_options(queue=queue, mixed_precision=mixed_precision, labels=labels),
+            idempotency_key=idempotency_key,
+        )
+        return Job(self, self._call(self._training.FineTune, request, timeout).job)
+
+    def evaluate(
+        self,
+        model_name: str,
+        *,
+        dataset: DatasetLike,
+        version: int | None = None,
+        alias: str | None = None,
+        batch_size: int = 32,
+        queue: str = "",
+        labels: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Job:
+        """Queue a job that evaluates a stored version; its metrics land on the version."""
+        request = training_pb2.EvaluateRequest(
+            model=_specs.model_ref(model_name, version, alias),
+            dataset=_specs.dataset_ref(dataset),
+            batch_size=batch_size,
+            run=_specs.run_options(queue=queue, mixed_precision="", labels=labels),
+        )
+        return Job(self, self._call(self._training.Evaluate, request, timeout).job)
+
+    def get_job(self, job_id: str, *, timeout: float | None = None) -> Job:
+        """A handle on an existing job, e.g. one started by another process."""
+        return Job(self, self._get_job_info(job_id, timeout))
+
+    def _get_job_info(self, job_id: str, timeout: float | None) -> training_pb2.Job:
+        request = training_pb2.GetJobRequest(job_id=job_id)
+        return self._call(self._training.GetJob, request, timeout)
+
+    def list_jobs(
+        self,
+        state: str | JobState.ValueType | None = None,
+        model_name: str = "",
+        kind: str | JobKind.ValueType | None = None,
+        *,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[training_pb2.Job]:
+        """Jobs, newest first; `state` ("RUNNING") and `kind` ("train") filter them."""
+        state_value = _enum_value(JobState, "JOB_STATE_", state)
+        kind_value = _enum_value(JobKind, "JOB_KIND_", kind)
+
+        def fetch(token: str) -> tuple[Iterable[training_pb2.Job], str]:
+            request = training_pb2.ListJobsRequest(
+                state=JobState.ValueType(state_value),
+                kind=JobKind.ValueType(kind_value),
+                model_name=model_name,
+                page_size=page_size,
+                page_token=token,
+            )
+            response = self._call(self._training.ListJobs, request, timeout)
+            return response.jobs, response.next_page_token
+
+        return _paginate(fetch)
+
+    def cancel_job(self, job_id: str, *, timeout: float | None = None) -> training_pb2.Job:
+        """Ask a job to stop; a finished job raises `FailedPreconditionError`."""
+        request = training_pb2.CancelJobRequest(job_id=job_id)
+        return self._call(self._training.CancelJob, request, timeout)
+
+    # -- inference -----------------------------------------------------------------
+
+    def predict(
+        self,
+        model_name: str,
+        x: npt.ArrayLike | None = None,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        inputs: Mapping[str, npt.ArrayLike] | None = None,
+        timeout: float | None = None,
+    ) -> npt.NDArray[Any] | dict[str, npt.NDArray[Any]]:
+        """Run a model on `x` (single input) or `inputs` (by name), like Keras' predict.
+
+        Returns the output array when the model has one output, else a dict by output
+        name. Without version or alias, the `stable` alias answers, else the latest.
+        """
+        outputs = self.predict_full(
+            model_name, x, version=version, alias=alias, inputs=inputs, timeout=timeout
+        ).outputs
+        return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+    def predict_full(
+        self,
+        model_name: str,
+        x: npt.ArrayLike | None = None,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        inputs: Mapping[str, npt.ArrayLike] | None = None,
+        output_filter: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Prediction:
+        """Like `predict`, but also returns the version that answered and the request id."""
+        request = inference_pb2.PredictRequest(
+            model=_specs.model_ref(model_name, version, alias),
+            inputs=_input_tensors(x, inputs),
+            output_filter=list(output_filter),
+        )
+        response = self._call(self._inference.Predict, request, timeout)
+        return Prediction(
+            outputs={name: to_numpy(tensor) for name, tensor in response.outputs.items()},
+            model_name=response.model_name,
+            version=response.version,
+            request_id=response.request_id,
+        )
+
+    def feedback(
+        self, request_id: str, labels: npt.ArrayLike, *, timeout: float | None = None
+    ) -> inference_pb2.FeedbackResponse:
+        """Report the true labels of an earlier prediction, for live accuracy per version."""
+        request = inference_pb2.FeedbackRequest(request_id=request_id, labels=to_tensor(labels))
+        return self._call(self._inference.Feedback, request, timeout)
+
+    def model_status(
+        self, model_name: str, version: int = 0, *, timeout: float | None = None
+    ) -> inference_pb2.GetModelStatusResponse:
+        """Load state of a model's versions on the server that answers (0: all versions)."""
+        request = inference_pb2.GetModelStatusRequest(model_name=model_name, version=version)
+        return self._call(self._inference.GetModelStatus, request, timeout)
+
+    # -- models --------------------------------------------------------------------
+
+    def list_models(
+        self, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[model_pb2.ModelSummary]:
+        """Every model, by name; pages are fetched as the iterator advances."""
+
+        def fetch(token: str) -> tuple[Iterable[model_pb2.ModelSummary], str]:
+            request = model_pb2.ListModelsRequest(page_size=page_size, page_token=token)
+            response = self._call(self._models.ListModels, request, timeout)
+            return response.models, response.next_page_token
+
+        return _paginate(fetch)
+
+    def get_model(self, name: str, *, timeout: float | None = None) -> model_pb2.Model:
+        """A model with its versions (newest first), metrics, lineage and aliases."""
+        return self._call(self._models.GetModel, model_pb2.GetModelRequest(name=name), timeout)
+
+    def set_alias(
+        self, model_name: str, alias: str, version: int, *, timeout: float | None = None
+    ) -> model_pb2.SetAliasResponse:
+        """Point `alias` at `version`; servers switch at once (e.g. promote to "stable")."""
+        request = model_pb2.SetAliasRequest(model_name=model_name, alias=alias, version=version)
+        return self._call(self._models.SetAlias, request, timeout)
+
+    def delete_alias(self, model_name: str, alias: str, *, timeout: float | None = None) -> None:
+        """Remove an alias; the version it pointed at stays."""
+        request = model_pb2.DeleteAliasRequest(model_name=model_name, alias=alias)
+        self._call(self._models.DeleteAlias, request, timeout)
+
+    def delete_version(
+        self, model_name: str, version: int, *, timeout: float | None = None
+    ) -> None:
+        """Delete a version; one that an alias points at raises FailedPreconditionError."""
+        request = model_pb2.DeleteVersionRequest(model_name=model_name, version=version)
+        self._call(self._models.DeleteVersion, request, timeout)
+
+
+def _dataset_key(dataset: str | dataset_pb2.Dataset) -> str:
+    return dataset.id if isinstance(dataset, dataset_pb2.Dataset) else dataset
+
+
+def _input_tensors(
+    x: npt.ArrayLike | None, inputs: Mapping[str, npt.ArrayLike] | None
+) -> dict[str, tensor_pb2.Tensor]:
+    if inputs is not None:
+        if x is not None:
+            raise ValueError("pass x (a single input) or inputs= (by name), not both")
+        return {name: to_tensor(value) for name, value in inputs.items()}
+    if x is None:
+        raise ValueError("nothing to predict on: pass x (a single input) or inputs= (by name)")
+    # The server maps the key "" to a single-input model's only input.
+    return {"": to_tensor(x)}
+
+
+def _enum_value(enum_type: Any, prefix: str, value: str | int | None) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, str):
+        return int(value)
+    name = prefix + value.upper().removeprefix(prefix)
+    try:
+        return int(enum_type.Value(name))
+    except ValueError:
+        known = enum_type.keys()
+        names = [n.removeprefix(prefix) for n in known if not n.endswith("UNSPECIFIED")]
+        raise ValueError(f"unknown value {value!r}; expected one of {', '.join(names)}") from None
+
+
+class Job:
+    """A handle on a server-side job: follow its events, wait for it, or cancel it.
+
+    `info` is the job record as last fetched (`refresh()`, `wait()`, `cancel()`); the
+    server holds the truth, so a handle is cheap and many can point at one job.
+    """
+
+    def __init__(self, client: Client, info: training_pb2.Job) -> None:
+        self._client = client
+        self._info = info
+        self._last_event_id = ""
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.state}>"
+
+    @property
+    def id(self) -> str:
+        """The server-assigned job id."""
+        return self._info.id
+
+    @property
+    def info(self) -> training_pb2.Job:
+        """The job record as last fetched."""
+        return self._info
+
+    @property
+    def state(self) -> str:
+        """The state as last fetched, e.g. "RUNNING" or "SUCCEEDED"."""
+        return JobState.Name(self._info.state).removeprefix("JOB_STATE_")
+
+    def refresh(self, *, timeout: float | None = None) -> training_pb2.Job:
+        """Fetch the job record again, and return it."""
+        self._info = self._client._get_job_info(self.id, timeout)
+        return self._info
+
+    def cancel(self, *, timeout: float | None = None) -> training_pb2.Job:
+        """Ask the job to stop; it ends CANCELLED at its next batch end."""
+        self._info = self._client.cancel_job(self.id, timeout=timeout)
+        return self._info
+
+    def events(self, after_event_id: str = "") -> Iterator[training_pb2.JobEvent]:
+        """The job's events after `after_event_id` ("" : from the first) until it ends.
+
+        A dropped connection is resumed transparently from the last event seen, with
+        bounded retries and backoff; only a lasting outage raises `UnavailableError`.
+        A quiet stream that outlasts the per-call timeout is reopened the same way, so
+        following an hours-long job never trips the client's deadline.
+        """
+        return self._follow(after_event_id, deadline=None)
+
+    def wait(self, timeout: float | None = None) -> training_pb2.Job:
+        """Block until the job ends and return its final record.
+
+        Raises `JobFailedError` or `JobCancelledError` when it did not succeed, and
+        `TimeoutError` when `timeout` seconds pass first (the job keeps running).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            info = self._wait_until_terminal(deadline)
+        except DeadlineExceededError as error:
+            if deadline is None or time.monotonic() < deadline:
+                raise
+            raise TimeoutError(self._timeout_message()) from error
+        return _outcome(info)
+
+    def _wait_until_terminal(self, deadline: float | None) -> training_pb2.Job:
+        while True:
+            saw_events = self._follow_until_terminal_event(deadline)
+            info = self.refresh(timeout=self._call_timeout(deadline))
+            if info.state in _TERMINAL_STATES:
+                return info
+            if not saw_events:  # the stream closed early: don't spin on GetJob
+                _sleep(_WATCH_BACKOFF_SECONDS, deadline)
+
+    def _follow_until_terminal_event(self, deadline: float | None) -> bool:
+        saw_events = False
+        with contextlib.closing(self._follow(self._last_event_id, deadline)) as events:
+            for event in events:
+                saw_events = True
+                if _is_terminal_event(event):
+                    break
+        return saw_events
+
+    def _follow(
+        self, after_event_id: str, deadline: float | None
+    ) -> Generator[training_pb2.JobEvent, None, None]:
+        failures = 0
+        while True:
+            call = self._client._watch_call(self.id, after_event_id, self._call_timeout(deadline))
+            try:
+                for event in call:
+                    after_event_id = self._last_event_id = event.event_id
+                    failures = 0
+                    yield event
+                return
+            except grpc.RpcError as error:
+                failures = self._retry_or_raise(error, failures, deadline)
+            finally:
+                call.cancel()
+
+    def _retry_or_raise(self, error: grpc.RpcError, failures: int, deadline: float | None) -> int:
+        """Count one more failed watch, or raise when it should not be retried."""
+        self._call_timeout(deadline)  # raises TimeoutError once the deadline has passed
+        code = error.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return failures  # only this call's own deadline lapsed: a quiet job, not an outage
+        if code != grpc.StatusCode.UNAVAILABLE or failures >= _WATCH_RETRIES:
+            raise from_rpc_error(error) from error
+        _sleep(min(_WATCH_BACKOFF_SECONDS * 2**failures, _WATCH_BACKOFF_MAX_SECONDS), deadline)
+        return failures + 1
+
+    def _call_timeout(self, deadline: float | None) -> float | None:
+        """The client's per-call timeout, cut to what is left before `deadline`."""
+        default = self._client._timeout
+        if deadline is None:
+            return default
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(self._timeout_message())
+        return remaining if default is None else min(default, remaining)
+
+    def _timeout_message(self) -> str:
+        return f"job {self.id} did not finish in time; it was {self.state} when last fetched"
+
+
+def _is_terminal_event(event: training_pb2.JobEvent) -> bool:
+    return (
+        event.WhichOneof("payload") == "state_changed"
+        and event.state_changed.state in _TERMINAL_STATES
+    )
+
+
+def _outcome(info: training_pb2.Job) -> training_pb2.Job:
+    if info.state == JobState.JOB_STATE_FAILED:
+        raise JobFailedError(info)
+    if info.state == JobState.JOB_STATE_CANCELLED:
+        raise JobCancelledError(info)
+    return info
+
+
+def _sleep(seconds: float, deadline: float | None) -> None:
+    if deadline is not None:
+        seconds = min(seconds, max(deadline - time.monotonic(), 0.0))
+    time.sleep(seconds)

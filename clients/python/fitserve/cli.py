@@ -1,0 +1,337 @@
+"""The `fitserve` command: start the stack, or drive a running server from a shell.
+
+`up`, `serve` and `worker` hand over to the server package (`service.main`) in this same
+Python, so the SDK never imports server code; every other command is a thin layer over
+`fitserve.Client`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
+
+from fitserve import _specs
+from fitserve._client import Client
+from fitserve._errors import FitserveError
+from fitserve.v1 import training_pb2
+
+__all__ = ["main"]
+
+_SERVER_COMMANDS = {
+    "up": "run the whole stack on this machine: Redis, server and worker",
+    "serve": "run a server process (API and/or inference roles)",
+    "worker": "run a Celery worker process",
+}
+_GLOBAL_OPTIONS_WITH_VALUE = ("--target", "--timeout")
+_Command = Callable[[Client, argparse.Namespace], int]
+_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line in `argv` (default: sys.argv) and return the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    server_command = _server_command(arguments)
+    if server_command is not None:
+        command, rest = server_command
+        return _exec_server(command, rest)
+    args = _parser().parse_args(arguments)
+    command_function: _Command = args.run
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            return command_function(client, args)
+    except FitserveError as error:
+        return _fail(error.details)
+    except (OSError, ValueError, TypeError) as error:
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+# -- server processes ----------------------------------------------------------------
+
+
+def _server_command(arguments: list[str]) -> tuple[str, list[str]] | None:
+    """The server subcommand and its own arguments, skipping global options before it."""
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        if argument in _SERVER_COMMANDS:
+            return argument, arguments[index + 1 :]
+        if not argument.startswith("-"):
+            return None
+        index += 2 if argument in _GLOBAL_OPTIONS_WITH_VALUE else 1
+    return None
+
+
+def _exec_server(command: str, rest: list[str]) -> int:
+    """Replace this process with `python -m service.main <command> ...` when installed."""
+    if importlib.util.find_spec("service") is None:
+        print(
+            f"fitserve {command} needs the server package: "
+            "run 'make install' in the fitserve repository",
+            file=sys.stderr,
+        )
+        return 2
+    os.execv(sys.executable, [sys.executable, "-m", "service.main", command, *rest])
+    return 0  # only reached when execv is replaced (tests)
+
+
+# -- argument parsing ----------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fitserve", description="Train, evaluate, fine-tune and serve Keras models."
+    )
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("FITSERVE_TARGET", "localhost:50051"),
+        help="server address host:port (default: $FITSERVE_TARGET or localhost:50051)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds per call (default: 60)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in _SERVER_COMMANDS.items():
+        commands.add_parser(name, help=help_text)
+    _add_dataset_commands(commands)
+    _add_job_commands(commands)
+    _add_model_commands(commands)
+    _add_predict_command(commands)
+    return parser
+
+
+def _group(commands: _Subparsers, name: str, help_text: str) -> _Subparsers:
+    parser = commands.add_parser(name, help=help_text)
+    return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+
+
+def _add_dataset_commands(commands: _Subparsers) -> None:
+    datasets = _group(commands, "datasets", "upload and list datasets")
+    upload = datasets.add_parser("upload", help="upload an .npz file")
+    upload.add_argument("name")
+    upload.add_argument("file", metavar="FILE.npz")
+    upload.set_defaults(run=_upload_dataset)
+    datasets.add_parser("list", help="list datasets").set_defaults(run=_list_datasets)
+
+
+def _add_job_commands(commands: _Subparsers) -> None:
+    jobs = _group(commands, "jobs", "follow and cancel training jobs")
+    for name, run, help_text in (
+        ("get", _get_job, "show one job"),
+        ("watch", _watch_job, "print a job's events until it ends"),
+        ("cancel", _cancel_job, "cancel a job"),
+    ):
+        parser = jobs.add_parser(name, help=help_text)
+        parser.add_argument("job_id", metavar="ID")
+        parser.set_defaults(run=run)
+    listing = jobs.add_parser("list", help="list jobs, newest first")
+    listing.add_argument("--state", help="e.g. RUNNING, SUCCEEDED, FAILED")
+    listing.add_argument("--kind", help="train, evaluate or fine_tune")
+    listing.add_argument("--model", default="", help="only jobs of this model")
+    listing.set_defaults(run=_list_jobs)
+
+
+def _add_model_commands(commands: _Subparsers) -> None:
+    models = _group(commands, "models", "inspect the model registry")
+    models.add_parser("list", help="list models").set_defaults(run=_list_models)
+    get = models.add_parser("get", help="show a model's versions and aliases")
+    get.add_argument("name")
+    get.set_defaults(run=_get_model)
+
+
+def _add_predict_command(commands: _Subparsers) -> None:
+    predict = commands.add_parser("predict", help="run a model on the arrays in a file")
+    predict.add_argument("model")
+    predict.add_argument(
+        "file",
+        metavar="FILE.npy",
+        help=".npy (the only input) or .npz (inputs by name, or one array: the only input)",
+    )
+    selector = predict.add_mutually_exclusive_group()
+    selector.add_argument("--version", type=int, help="exact version (default: stable/latest)")
+    selector.add_argument("--alias", help='alias such as "canary"')
+    predict.add_argument("--output", "-o", help="save the outputs to this .npy/.npz file")
+    predict.set_defaults(run=_predict)
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def _upload_dataset(client: Client, args: argparse.Namespace) -> int:
+    _print_json(client.upload_dataset_file(args.name, args.file))
+    return 0
+
+
+def _list_datasets(client: Client, args: argparse.Namespace) -> int:
+    rows = (
+        (d.name, d.id, str(d.num_examples), str(d.size_bytes), _time(d.created_at))
+        for d in client.list_datasets()
+    )
+    _print_table(("NAME", "ID", "EXAMPLES", "BYTES", "CREATED"), rows)
+    return 0
+
+
+def _get_job(client: Client, args: argparse.Namespace) -> int:
+    _print_json(client.get_job(args.job_id).info)
+    return 0
+
+
+def _list_jobs(client: Client, args: argparse.Namespace) -> int:
+    jobs = client.list_jobs(state=args.state, model_name=args.model, kind=args.kind)
+    _print_table(("ID", "KIND", "STATE", "MODEL", "VERSION", "CREATED"), map(_job_row, jobs))
+    return 0
+
+
+def _job_row(job: training_pb2.Job) -> tuple[str, ...]:
+    kind = _enum_name(training_pb2.JobKind, job.kind)
+    state = _enum_name(training_pb2.JobState, job.state)
+    version = str(job.model_version or "")
+    return (job.id, kind, state, job.model_name, version, _time(job.created_at))
+
+
+def _watch_job(client: Client, args: argparse.Namespace) -> int:
+    job = client.get_job(args.job_id)
+    for event in job.events():
+        print(_describe_event(event), flush=True)
+    info = job.wait()
+    print(f"job {info.id} SUCCEEDED{_version_suffix(info.model_version)}")
+    return 0
+
+
+def _cancel_job(client: Client, args: argparse.Namespace) -> int:
+    info = client.cancel_job(args.job_id)
+    print(f"job {info.id}: {_enum_name(training_pb2.JobState, info.state)}")
+    return 0
+
+
+def _list_models(client: Client, args: argparse.Namespace) -> int:
+    rows = (
+        (m.name, str(m.latest_version), str(m.version_count), _aliases(m.aliases))
+        for m in client.list_models()
+    )
+    _print_table(("NAME", "LATEST", "VERSIONS", "ALIASES"), rows)
+    return 0
+
+
+def _get_model(client: Client, args: argparse.Namespace) -> int:
+    _print_json(client.get_model(args.name))
+    return 0
+
+
+def _predict(client: Client, args: argparse.Namespace) -> int:
+    x, inputs = _load_inputs(args.file)
+    prediction = client.predict_full(
+        args.model, x, inputs=inputs, version=args.version, alias=args.alias
+    )
+    if args.output:
+        _save_outputs(args.output, prediction.outputs)
+    else:
+        _print_outputs(prediction.outputs)
+    return 0
+
+
+# -- input and output ----------------------------------------------------------------
+
+
+def _load_inputs(
+    path: str,
+) -> tuple[npt.NDArray[Any] | None, dict[str, npt.NDArray[Any]] | None]:
+    loaded = np.load(path, allow_pickle=False)
+    if isinstance(loaded, np.ndarray):
+        return loaded, None
+    with loaded:
+        arrays = {name: loaded[name] for name in loaded.files}
+    if len(arrays) == 1:  # one array is the model's only input, whatever it is called
+        return next(iter(arrays.values())), None
+    return None, arrays
+
+
+def _save_outputs(path: str, outputs: Mapping[str, npt.NDArray[Any]]) -> None:
+    if len(outputs) == 1:
+        np.save(path, next(iter(outputs.values())), allow_pickle=False)
+    else:
+        Path(path).write_bytes(_specs.npz_bytes(outputs))
+
+
+def _print_outputs(outputs: Mapping[str, npt.NDArray[Any]]) -> None:
+    if len(outputs) == 1:
+        print(next(iter(outputs.values())))
+        return
+    for name, array in outputs.items():
+        print(f"{name}:\n{array}")
+
+
+def _print_json(message: Message) -> None:
+    print(json_format.MessageToJson(message, preserving_proto_field_name=True))
+
+
+def _print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    lines = [list(header), *(list(row) for row in rows)]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def _describe_event(event: training_pb2.JobEvent) -> str:
+    """One line for a person following a job: state changes, epochs, batches, logs."""
+    payload = event.WhichOneof("payload")
+    if payload == "state_changed":
+        return _describe_state(event.state_changed)
+    if payload == "epoch_ended":
+        epoch = event.epoch_ended
+        return f"epoch {epoch.epoch}/{epoch.epochs}: {_logs(epoch.logs)}"
+    if payload == "batch_progress":
+        batch = event.batch_progress
+        total = f"/{batch.batches}" if batch.batches else ""
+        return f"epoch {batch.epoch} batch {batch.batch}{total}: {_logs(batch.logs)}"
+    if payload == "log":
+        return f"[{event.log.level}] {event.log.message}"
+    return f"event {event.event_id}"
+
+
+def _describe_state(change: training_pb2.StateChanged) -> str:
+    text = f"state {_enum_name(training_pb2.JobState, change.state)}"
+    if change.error.message:
+        return f"{text}: {change.error.message}"
+    if change.metrics:
+        text = f"{text}: {_logs(change.metrics)}"
+    return text + _version_suffix(change.model_version)
+
+
+def _logs(logs: Mapping[str, float]) -> str:
+    return " ".join(f"{name}={value:.4g}" for name, value in sorted(logs.items()))
+
+
+def _version_suffix(version: int) -> str:
+    return f" (version {version})" if version else ""
+
+
+def _aliases(aliases: Mapping[str, int]) -> str:
+    return ",".join(f"{alias}={version}" for alias, version in sorted(aliases.items()))
+
+
+def _enum_name(enum_type: Any, value: int) -> str:
+    name: str = enum_type.Name(value)
+    return name.split("_", 2)[-1]
+
+
+def _time(timestamp: timestamp_pb2.Timestamp) -> str:
+    if not timestamp.seconds and not timestamp.nanos:
+        return ""
+    return timestamp.ToDatetime().isoformat(timespec="seconds")

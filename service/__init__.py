@@ -1,0 +1,1 @@
+"""fitserve server: the gRPC API (control plane) and the inference server (data plane)."""

@@ -1,0 +1,210 @@
+"""Protobuf <-> domain conversions; servicers stay thin by calling these."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from fitserve.v1 import dataset_pb2, model_pb2, tensor_pb2, training_pb2
+from service.domain.datasets import DatasetInfo
+from service.domain.jobs import Job, JobEvent
+from service.errors import InvalidRequest
+
+_NUMPY_BY_WIRE = {
+    tensor_pb2.DATA_TYPE_FLOAT32: "float32",
+    tensor_pb2.DATA_TYPE_FLOAT64: "float64",
+    tensor_pb2.DATA_TYPE_FLOAT16: "float16",
+    tensor_pb2.DATA_TYPE_INT8: "int8",
+    tensor_pb2.DATA_TYPE_INT16: "int16",
+    tensor_pb2.DATA_TYPE_INT32: "int32",
+    tensor_pb2.DATA_TYPE_INT64: "int64",
+    tensor_pb2.DATA_TYPE_UINT8: "uint8",
+    tensor_pb2.DATA_TYPE_UINT16: "uint16",
+    tensor_pb2.DATA_TYPE_UINT32: "uint32",
+    tensor_pb2.DATA_TYPE_UINT64: "uint64",
+    tensor_pb2.DATA_TYPE_BOOL: "bool",
+}
+_WIRE_BY_NUMPY = {v: k for k, v in _NUMPY_BY_WIRE.items()}
+MAX_DIMS = 32
+
+
+def _numpy_dtype(dtype: tensor_pb2.DataType.ValueType) -> np.dtype[Any]:
+    if dtype == tensor_pb2.DATA_TYPE_BFLOAT16:
+        import ml_dtypes
+
+        bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bfloat16
+    if dtype not in _NUMPY_BY_WIRE:
+        known = dtype in tensor_pb2.DataType.values()
+        name = tensor_pb2.DataType.Name(dtype) if known else str(int(dtype))
+        raise InvalidRequest(f"dtype {name} is not supported for numeric tensors")
+    return np.dtype(_NUMPY_BY_WIRE[dtype]).newbyteorder("<")
+
+
+def tensor_to_array(tensor: tensor_pb2.Tensor, name: str) -> np.ndarray:
+    """Decode a wire tensor; the byte length must equal shape x itemsize."""
+    if len(tensor.shape) > MAX_DIMS or any(d < 0 for d in tensor.shape):
+        raise InvalidRequest(f"input {name!r} has an invalid shape {list(tensor.shape)}")
+    dtype = _numpy_dtype(tensor.dtype)
+    count = math.prod(tensor.shape)
+    if len(tensor.content) != count * dtype.itemsize:
+        raise InvalidRequest(
+            f"input {name!r} has {len(tensor.content)} bytes; shape {list(tensor.shape)} of "
+            f"{dtype.name} needs {count * dtype.itemsize}"
+        )
+    array = np.frombuffer(tensor.content, dtype=dtype).reshape(tuple(tensor.shape))
+    return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def array_to_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
+    """Encode an array as raw little-endian bytes."""
+    if array.dtype.name == "bfloat16":
+        wire = tensor_pb2.DATA_TYPE_BFLOAT16
+    else:
+        wire = _WIRE_BY_NUMPY[array.dtype.name]
+    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return tensor_pb2.Tensor(dtype=wire, shape=list(array.shape), content=little.tobytes())
+
+
+def wire_dtype(name: str) -> tensor_pb2.DataType.ValueType:
+    """DataType value of a stored dtype name such as 'FLOAT32'."""
+    return tensor_pb2.DataType.Value(f"DATA_TYPE_{name}")
+
+
+def timestamp(seconds: float) -> Timestamp | None:
+    """A Timestamp, or None for 'not yet'."""
+    if not seconds:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def message_to_data(message: Message) -> dict[str, Any]:
+    """A request as plain data for domain validation (unset fields left out)."""
+    data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return data
+
+
+def train_request_data(request: training_pb2.TrainRequest) -> dict[str, Any]:
+    """A TrainRequest as plain data in the shape ``service.domain.requests`` validates."""
+    data = message_to_data(request)
+    model = data.get("model", {})
+    if "layers" in model:
+        model["layers"] = model["layers"].get("layers", [])
+    return data
+
+
+def job_to_proto(job: Job) -> training_pb2.Job:
+    """The wire form of a job record."""
+    return training_pb2.Job(
+        id=job.id,
+        kind=training_pb2.JobKind.Value(f"JOB_KIND_{job.kind.value}"),
+        state=training_pb2.JobState.Value(f"JOB_STATE_{job.state.value}"),
+        attempt=job.attempt,
+        model_name=job.model_name,
+        queue=job.queue,
+        queue_position=-1,
+        history=[training_pb2.EpochRecord(epoch=e["epoch"], logs=e["logs"]) for e in job.history],
+        metrics=job.metrics,
+        model_version=job.model_version,
+        error=training_pb2.JobError(reason=job.error_reason, message=job.error_message)
+        if job.error_reason
+        else None,
+        created_at=timestamp(job.created_at),
+        started_at=timestamp(job.started_at),
+        finished_at=timestamp(job.finished_at),
+        request_json=json.dumps(job.request),
+        labels=job.labels,
+    )
+
+
+def event_to_proto(job_id: str, event: JobEvent) -> training_pb2.JobEvent:
+    """The wire form of one job event."""
+    out = training_pb2.JobEvent(event_id=event.id, job_id=job_id, time=timestamp(event.time))
+    d = event.data
+    if event.type == "state":
+        error = d.get("error") or {}
+        out.state_changed.CopyFrom(
+            training_pb2.StateChanged(
+                state=training_pb2.JobState.Value(f"JOB_STATE_{d['state']}"),
+                attempt=d.get("attempt", 0),
+                error=training_pb2.JobError(**error) if error else None,
+                model_version=d.get("model_version", 0),
+                metrics=d.get("metrics", {}),
+            )
+        )
+    elif event.type == "epoch":
+        out.epoch_ended.CopyFrom(training_pb2.EpochEnded(**d))
+    elif event.type == "batch":
+        out.batch_progress.CopyFrom(training_pb2.BatchProgress(**d))
+    else:
+        out.log.CopyFrom(
+            training_pb2.LogLine(level=d.get("level", "INFO"), message=d.get("message", ""))
+        )
+    return out
+
+
+def dataset_to_proto(info: DatasetInfo) -> dataset_pb2.Dataset:
+    """The wire form of a stored dataset."""
+    return dataset_pb2.Dataset(
+        id=info.id,
+        name=info.name,
+        format=info.format,
+        size_bytes=info.size_bytes,
+        arrays=[
+            dataset_pb2.ArrayInfo(name=a.name, dtype=wire_dtype(a.dtype.upper()), shape=a.shape)
+            for a in info.arrays
+        ],
+        num_examples=info.num_examples,
+        created_at=timestamp(info.created_at),
+    )
+
+
+def signature_to_proto(signature: dict[str, list[dict[str, Any]]]) -> tensor_pb2.Signature:
+    """A stored signature (fitserve.json) in wire form."""
+
+    def spec(s: dict[str, Any]) -> tensor_pb2.TensorSpec:
+        return tensor_pb2.TensorSpec(name=s["name"], dtype=wire_dtype(s["dtype"]), shape=s["shape"])
+
+    return tensor_pb2.Signature(
+        inputs=[spec(s) for s in signature.get("inputs", [])],
+        outputs=[spec(s) for s in signature.get("outputs", [])],
+    )
+
+
+def version_to_proto(
+    name: str, version: int, meta: dict[str, Any], aliases: dict[str, int], uri: str
+) -> model_pb2.ModelVersion:
+    """The wire form of a stored version's metadata."""
+    parent = meta.get("parent") or {}
+    return model_pb2.ModelVersion(
+        model_name=name,
+        version=version,
+        created_at=timestamp(meta.get("created_at", 0.0)),
+        job_id=meta.get("job_id", ""),
+        parent_model=parent.get("model", ""),
+        parent_version=parent.get("version", 0),
+        metrics=meta.get("metrics", {}),
+        evaluations=[
+            model_pb2.Evaluation(
+                dataset=e["dataset"],
+                metrics=e["metrics"],
+                job_id=e.get("job_id", ""),
+                created_at=timestamp(e.get("created_at", 0.0)),
+            )
+            for e in meta.get("evaluations", [])
+        ],
+        signature=signature_to_proto(meta.get("signature", {})),
+        aliases=sorted(a for a, v in aliases.items() if v == version),
+        dataset=meta.get("dataset", ""),
+        metadata_json=json.dumps(meta, sort_keys=True),
+        uri=uri,
+        labels=meta.get("labels", {}),
+    )

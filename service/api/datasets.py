@@ -1,0 +1,89 @@
+"""DatasetService: streams uploads into the content-addressed store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fitserve.v1 import dataset_pb2, dataset_pb2_grpc
+from service.api import converters
+from service.api.status import Context, Edge, Servicer, unary
+from service.domain.datasets import DatasetStore
+from service.errors import InvalidRequest
+from service.metrics import Metrics
+
+MAX_PAGE = 1000
+
+
+class DatasetServicer(Servicer, dataset_pb2_grpc.DatasetServiceServicer):
+    """Thin handlers over the dataset store; file work runs in threads."""
+
+    def __init__(self, edge: Edge, store: DatasetStore, metrics: Metrics) -> None:
+        super().__init__(edge)
+        self._store, self._metrics = store, metrics
+
+    @unary
+    async def UploadDataset(
+        self, request_iterator: AsyncIterator[dataset_pb2.UploadDatasetRequest], context: Context
+    ) -> dataset_pb2.Dataset:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("header"):
+            raise InvalidRequest(
+                "the first message of an upload must be the header", field="header"
+            )
+        h = first.header
+        upload = await asyncio.to_thread(
+            self._store.begin_upload, h.name, h.format, h.size_bytes, h.sha256
+        )
+        try:
+            async for message in request_iterator:
+                if not message.HasField("chunk"):
+                    raise InvalidRequest("only the first message may be a header", field="header")
+                await asyncio.to_thread(upload.write, message.chunk)
+            info = await asyncio.to_thread(upload.finish)
+        finally:
+            upload.abort()
+        self._metrics.datasets_uploaded_bytes.inc(info.size_bytes)
+        return converters.dataset_to_proto(info)
+
+    @unary
+    async def GetDataset(
+        self, request: dataset_pb2.GetDatasetRequest, context: Context
+    ) -> dataset_pb2.Dataset:
+        info = await asyncio.to_thread(self._store.get, _ref(request.dataset))
+        return converters.dataset_to_proto(info)
+
+    @unary
+    async def ListDatasets(
+        self, request: dataset_pb2.ListDatasetsRequest, context: Context
+    ) -> dataset_pb2.ListDatasetsResponse:
+        offset, size = page(request.page_size, request.page_token)
+        infos = await asyncio.to_thread(self._store.list)
+        chunk = infos[offset : offset + size]
+        more = offset + size < len(infos)
+        return dataset_pb2.ListDatasetsResponse(
+            datasets=[converters.dataset_to_proto(i) for i in chunk],
+            next_page_token=str(offset + size) if more else "",
+        )
+
+    @unary
+    async def DeleteDataset(
+        self, request: dataset_pb2.DeleteDatasetRequest, context: Context
+    ) -> dataset_pb2.DeleteDatasetResponse:
+        await asyncio.to_thread(self._store.delete, _ref(request.dataset))
+        return dataset_pb2.DeleteDatasetResponse()
+
+
+def _ref(value: str) -> str:
+    if not value:
+        raise InvalidRequest("dataset is required (an id 'sha256:...' or a name)", field="dataset")
+    return value
+
+
+def page(page_size: int, page_token: str) -> tuple[int, int]:
+    """Offset and size of a page request; tokens are offsets this server issued."""
+    if page_size < 0 or page_size > MAX_PAGE:
+        raise InvalidRequest(f"page_size must be 1..{MAX_PAGE}", field="page_size")
+    if page_token and not page_token.isdigit():
+        raise InvalidRequest("page_token is not one this server issued", field="page_token")
+    return int(page_token or 0), page_size or 50

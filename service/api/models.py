@@ -1,0 +1,106 @@
+"""ModelService: reads the model store and manages aliases."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fitserve.v1 import model_pb2, model_pb2_grpc
+from service.api import converters
+from service.api.datasets import page
+from service.api.status import Context, Edge, Servicer, unary
+from service.domain.model_store import ModelStore
+from service.domain.names import check_name
+from service.errors import InvalidRequest, NotFound
+
+
+class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
+    """Thin handlers over the model store; file work runs in threads."""
+
+    def __init__(self, edge: Edge, store: ModelStore) -> None:
+        super().__init__(edge)
+        self._store = store
+
+    @unary
+    async def ListModels(
+        self, request: model_pb2.ListModelsRequest, context: Context
+    ) -> model_pb2.ListModelsResponse:
+        offset, size = page(request.page_size, request.page_token)
+        names = await asyncio.to_thread(self._store.models)
+        chunk = names[offset : offset + size]
+        summaries = await asyncio.to_thread(lambda: [self._summary(n) for n in chunk])
+        more = offset + size < len(names)
+        return model_pb2.ListModelsResponse(
+            models=summaries, next_page_token=str(offset + size) if more else ""
+        )
+
+    @unary
+    async def GetModel(
+        self, request: model_pb2.GetModelRequest, context: Context
+    ) -> model_pb2.Model:
+        return await asyncio.to_thread(self._model, _name(request.name))
+
+    @unary
+    async def SetAlias(
+        self, request: model_pb2.SetAliasRequest, context: Context
+    ) -> model_pb2.SetAliasResponse:
+        name = _name(request.model_name)
+        if request.version <= 0:
+            raise InvalidRequest("version must be a positive version number", field="version")
+        previous = await asyncio.to_thread(
+            self._store.set_alias, name, request.alias, request.version
+        )
+        return model_pb2.SetAliasResponse(
+            model_name=name, alias=request.alias, version=request.version, previous_version=previous
+        )
+
+    @unary
+    async def DeleteAlias(
+        self, request: model_pb2.DeleteAliasRequest, context: Context
+    ) -> model_pb2.DeleteAliasResponse:
+        await asyncio.to_thread(self._store.delete_alias, _name(request.model_name), request.alias)
+        return model_pb2.DeleteAliasResponse()
+
+    @unary
+    async def DeleteVersion(
+        self, request: model_pb2.DeleteVersionRequest, context: Context
+    ) -> model_pb2.DeleteVersionResponse:
+        if request.version <= 0:
+            raise InvalidRequest("version must be a positive version number", field="version")
+        await asyncio.to_thread(
+            self._store.delete_version, _name(request.model_name), request.version
+        )
+        return model_pb2.DeleteVersionResponse()
+
+    def _summary(self, name: str) -> model_pb2.ModelSummary:
+        versions = self._store.versions(name)
+        latest = versions[-1] if versions else 0
+        meta = self._store.metadata(name, latest) if latest else {}
+        return model_pb2.ModelSummary(
+            name=name,
+            latest_version=latest,
+            version_count=len(versions),
+            aliases=self._store.aliases(name),
+            updated_at=converters.timestamp(meta.get("created_at", 0.0)),
+        )
+
+    def _model(self, name: str) -> model_pb2.Model:
+        versions = self._store.versions(name)
+        if not versions:
+            raise NotFound(f"model {name!r} not found; train it first or check ListModels")
+        aliases = self._store.aliases(name)
+        return model_pb2.Model(
+            name=name,
+            versions=[
+                converters.version_to_proto(
+                    name, v, self._store.metadata(name, v), aliases, str(self._store.path(name, v))
+                )
+                for v in reversed(versions)
+            ],
+            aliases=aliases,
+        )
+
+
+def _name(value: str) -> str:
+    if not value:
+        raise InvalidRequest("model name is required", field="model_name")
+    return check_name(value, "model_name", "model name")

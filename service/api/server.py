@@ -1,0 +1,136 @@
+"""The composition root: builds every part from Settings and wires them into one server.
+
+The api role never imports TensorFlow: the inference servicer (and with it TensorFlow) is
+imported only when this server has the inference role.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fitserve.v1 import (
+    dataset_pb2,
+    dataset_pb2_grpc,
+    inference_pb2,
+    model_pb2,
+    model_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
+from service.api.datasets import DatasetServicer
+from service.api.models import ModelServicer
+from service.api.status import Edge
+from service.api.training import TrainingServicer
+from service.config import Settings
+from service.domain.datasets import DatasetStore
+from service.domain.jobs import AsyncJobStore
+from service.domain.model_store import ModelStore
+from service.metrics import Metrics, serve_metrics, stop_metrics
+from service.taskqueue import TaskQueue, create_celery
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitserveServer:
+    """A grpc.aio server plus what must close with it (Redis, models, /metrics)."""
+
+    grpc_server: grpc.aio.Server
+    settings: Settings
+    metrics: Metrics
+    health: health.aio.HealthServicer
+    closers: list[Any] = field(default_factory=list)
+    metrics_server: WSGIServer | None = None
+    metrics_port: int = 0
+
+    async def start(self, *, serve_metrics_http: bool = True) -> None:
+        """Start serving gRPC (and /metrics over HTTP unless told not to)."""
+        await self.grpc_server.start()
+        if serve_metrics_http:
+            self.metrics_server, self.metrics_port = serve_metrics(
+                self.metrics.registry, self.settings.host, self.settings.metrics_port
+            )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish for ``grace`` seconds, close the rest."""
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace)
+        for close in reversed(self.closers):
+            await close()
+        if self.metrics_server is not None:
+            stop_metrics(self.metrics_server)
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+async def create_server(
+    settings: Settings, metrics: Metrics | None = None
+) -> tuple[FitserveServer, int]:
+    """Build a server for ``settings`` bound to its host and port; returns it and the port."""
+    metrics = metrics or Metrics()
+    options = [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 1),
+    ]
+    server = grpc.aio.server(options=options)
+    edge = Edge(metrics)
+    health_servicer = health.aio.HealthServicer()
+    app = FitserveServer(server, settings, metrics, health_servicer)
+    names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    if "api" in settings.roles:
+        names += await _add_api(server, app, edge)
+    if "inference" in settings.roles:
+        names += _add_inference(server, app, edge)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(names, server)
+    for name in [*names, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"could not bind {settings.host}:{settings.port}")
+    return app, port
+
+
+async def _add_api(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> list[str]:
+    s = app.settings
+    client = aioredis.Redis.from_url(s.redis_url, decode_responses=True)
+    app.closers.append(client.aclose)
+    datasets = DatasetStore(s.datasets_dir, s.max_dataset_bytes)
+    queue = TaskQueue(create_celery(s, "fitserve-api"))
+    training = TrainingServicer(edge, AsyncJobStore(client), queue, datasets, app.metrics)
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
+    dataset_pb2_grpc.add_DatasetServiceServicer_to_server(
+        DatasetServicer(edge, datasets, app.metrics), server
+    )
+    model_pb2_grpc.add_ModelServiceServicer_to_server(
+        ModelServicer(edge, ModelStore(s.models_dir)), server
+    )
+    return [
+        training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
+        dataset_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
+        model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    ]
+
+
+def _add_inference(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> list[str]:
+    from fitserve.v1 import inference_pb2_grpc
+    from service.api.inference import InferenceServicer
+    from service.inference.models import ServingModels
+
+    s = app.settings
+    models = ServingModels(ModelStore(s.models_dir), s.batching, app.metrics)
+    app.closers.append(models.close)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(edge, models), server
+    )
+    return [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]

@@ -1,0 +1,127 @@
+"""Builds and compiles Keras models from validated specs (worker side: imports Keras)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from typing import Any
+
+import keras
+
+from service.domain.requests import CompileSpec, ModelSpec, NamedConfig
+from service.domain.specs import check_model_spec
+from service.errors import InvalidRequest
+
+DEFAULT_INPUT_NAME = "x"
+
+
+def build_model(spec: ModelSpec) -> keras.Model:
+    """A fresh model from a checked spec; errors name the layer at fault."""
+    check_model_spec(spec)
+    if spec.keras_json:
+        return _from_config(spec.keras_json)
+    return _from_layers(spec.layers)
+
+
+def _from_config(text: str) -> keras.Model:
+    try:
+        model = keras.models.model_from_json(text)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidRequest(f"model.keras_json could not be built: {exc}") from None
+    if not isinstance(model, keras.Model):
+        raise InvalidRequest("model.keras_json did not describe a model")
+    return model
+
+
+def _from_layers(layers: list[dict[str, Any]]) -> keras.Model:
+    first = dict(layers[0])
+    input_shape = first.pop("input_shape", None)
+    input_name = str(first.pop("input_name", DEFAULT_INPUT_NAME))
+    if input_shape is None:
+        raise InvalidRequest(
+            "model.layers[0] needs 'input_shape', e.g. "
+            '{"type": "Flatten", "input_shape": [28, 28]}',
+            field="model.layers[0]",
+        )
+    built = [keras.Input(shape=tuple(int(d) for d in input_shape), name=input_name)]
+    for i, entry in enumerate([first, *layers[1:]]):
+        built.append(_layer(i, entry))
+    return keras.Sequential(built)
+
+
+def _layer(index: int, entry: dict[str, Any]) -> keras.layers.Layer:
+    params = {k: v for k, v in entry.items() if k not in ("type", "input_shape")}
+    kind = entry["type"]
+    try:
+        layer: keras.layers.Layer = getattr(keras.layers, kind)(**_plain(params))
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(
+            f"model.layers[{index}] ({kind}): {exc}", field=f"model.layers[{index}]"
+        ) from None
+    return layer
+
+
+def _plain(params: dict[str, Any]) -> dict[str, Any]:
+    """JSON numbers arrive as floats; Keras wants ints where a float is integral."""
+    plain: dict[str, Any] = json.loads(json.dumps(params), parse_float=_int_if_integral)
+    return plain
+
+
+def _int_if_integral(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value.is_integer() and "e" not in text.lower() else value
+
+
+def compile_model(model: keras.Model, spec: CompileSpec) -> None:
+    """``model.compile`` from a spec."""
+    loss: Any = (
+        {name: _loss(cfg) for name, cfg in spec.output_losses.items()}
+        if spec.output_losses
+        else _loss(spec.loss)
+    )
+    model.compile(
+        optimizer=_optimizer(spec.optimizer),
+        loss=loss,
+        loss_weights=dict(spec.loss_weights) or None,
+        metrics=[_metric(m) for m in spec.metrics] or None,
+        weighted_metrics=[_metric(m) for m in spec.weighted_metrics] or None,
+    )
+
+
+def _optimizer(cfg: NamedConfig) -> keras.optimizers.Optimizer:
+    return _construct(_classes(keras.optimizers, keras.optimizers.Optimizer), cfg, "optimizer")
+
+
+def _loss(cfg: NamedConfig | None) -> Any:
+    if cfg is None:
+        raise InvalidRequest("compile.loss is required")
+    if not cfg.params:
+        return cfg.name
+    return _construct(_classes(keras.losses, keras.losses.Loss), cfg, "loss")
+
+
+def _metric(cfg: NamedConfig) -> Any:
+    if not cfg.params:
+        return cfg.name
+    return _construct(_classes(keras.metrics, keras.metrics.Metric), cfg, "metric")
+
+
+@functools.cache
+def _classes(module: Any, base: type) -> dict[str, type]:
+    """Classes of a Keras module keyed by lowercase name without underscores."""
+    return {
+        name.lower(): cls
+        for name, cls in vars(module).items()
+        if inspect.isclass(cls) and issubclass(cls, base)
+    }
+
+
+def _construct(classes: dict[str, type], cfg: NamedConfig, what: str) -> Any:
+    cls = classes.get(cfg.name.replace("_", "").lower())
+    if cls is None:
+        raise InvalidRequest(f"{what} {cfg.name!r} takes no parameters here; give its class name")
+    try:
+        return cls(**_plain(cfg.params))
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"{what} {cfg.name!r}: {exc}") from None

@@ -1,0 +1,218 @@
+"""Validated job requests: what the api stores with a job and the worker runs.
+
+These are pydantic models so that the api validates a request once, stores it as JSON in
+the job record, and the worker reads back exactly what was validated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from service.domain import keras_names
+from service.domain.names import check_name
+from service.errors import InvalidRequest
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NamedConfig(_Spec):
+    """A Keras object by name plus constructor parameters."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelSpec(_Spec):
+    """Exactly one of a Keras model config (JSON) or a declarative layer list."""
+
+    keras_json: str = ""
+    layers: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelSpec:
+        if bool(self.keras_json) == bool(self.layers):
+            raise ValueError("give exactly one of keras_json (a Keras model config) or layers")
+        return self
+
+
+class CompileSpec(_Spec):
+    """Arguments of ``model.compile``."""
+
+    optimizer: NamedConfig = NamedConfig(name="adam")
+    loss: NamedConfig | None = None
+    output_losses: dict[str, NamedConfig] = Field(default_factory=dict)
+    loss_weights: dict[str, float] = Field(default_factory=dict)
+    metrics: list[NamedConfig] = Field(default_factory=list)
+    weighted_metrics: list[NamedConfig] = Field(default_factory=list)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, v: NamedConfig) -> NamedConfig:
+        return _known(v, keras_names.OPTIMIZERS, "optimizer")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: NamedConfig | None) -> NamedConfig | None:
+        return None if v is None else _known(v, keras_names.LOSSES, "loss")
+
+    @field_validator("metrics", "weighted_metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[NamedConfig]) -> list[NamedConfig]:
+        return [_known(m, keras_names.METRICS, "metric") for m in v]
+
+    @model_validator(mode="after")
+    def _has_loss(self) -> CompileSpec:
+        if self.loss is None and not self.output_losses:
+            raise ValueError("compile.loss is required, e.g. 'sparse_categorical_crossentropy'")
+        for loss in self.output_losses.values():
+            _known(loss, keras_names.LOSSES, "loss")
+        return self
+
+
+def _known(v: NamedConfig, valid: frozenset[str], what: str) -> NamedConfig:
+    name = v.name.lower() if what == "optimizer" else v.name
+    if name not in valid:
+        raise ValueError(f"unknown {what} {v.name!r}; valid: {', '.join(sorted(valid))}")
+    return v.model_copy(update={"name": name})
+
+
+class DatasetRef(_Spec):
+    """Where a job reads data: an uploaded dataset (id or name), a URI, or a built-in."""
+
+    dataset: str = ""
+    uri: str = ""
+    builtin: str = ""
+    split: Literal["", "train", "test"] = ""
+    input_keys: list[str] = Field(default_factory=list)
+    target_keys: list[str] = Field(default_factory=list)
+    feature_spec: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetRef:
+        if sum(map(bool, (self.dataset, self.uri, self.builtin))) != 1:
+            raise ValueError("give exactly one of dataset, uri or builtin")
+        return self
+
+
+class FitSpec(_Spec):
+    """Arguments of ``model.fit``."""
+
+    epochs: int = Field(1, ge=1, le=100_000)
+    batch_size: int = Field(32, ge=1, le=1_000_000)
+    shuffle: bool = True
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0)
+    validation_data: DatasetRef | None = None
+    class_weight: dict[int, float] = Field(default_factory=dict)
+    sample_weight_key: str = ""
+    initial_epoch: int = Field(0, ge=0)
+    steps_per_epoch: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**31)
+
+    @model_validator(mode="after")
+    def _validation_source(self) -> FitSpec:
+        if self.validation_split and self.validation_data is not None:
+            raise ValueError("give validation_split or validation_data, not both")
+        if self.initial_epoch >= self.epochs:
+            raise ValueError(
+                f"initial_epoch {self.initial_epoch} must be below epochs {self.epochs}"
+            )
+        return self
+
+
+class EarlyStoppingSpec(_Spec):
+    enabled: bool = False
+    monitor: str = "val_loss"
+    min_delta: float = 0.0
+    patience: int = Field(0, ge=0)
+    mode: Literal["auto", "min", "max"] = "auto"
+    baseline: float | None = None
+    restore_best_weights: bool = False
+    start_from_epoch: int = Field(0, ge=0)
+
+
+class ModelCheckpointSpec(_Spec):
+    enabled: bool = False
+    monitor: str = "val_loss"
+    save_best_only: bool = False
+    mode: Literal["auto", "min", "max"] = "auto"
+
+
+class ReduceLROnPlateauSpec(_Spec):
+    enabled: bool = False
+    monitor: str = "val_loss"
+    factor: float = Field(0.1, gt=0.0, lt=1.0)
+    patience: int = Field(10, ge=0)
+    mode: Literal["auto", "min", "max"] = "auto"
+    min_delta: float = 1e-4
+    cooldown: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0.0)
+
+
+class CallbackSpec(_Spec):
+    """Keras callbacks of a job; BackupAndRestore is always on."""
+
+    early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+    model_checkpoint: ModelCheckpointSpec = ModelCheckpointSpec()
+    reduce_lr_on_plateau: ReduceLROnPlateauSpec = ReduceLROnPlateauSpec()
+    tensorboard: bool = False
+    csv_logger: bool = False
+    batch_progress: bool = False
+    batch_progress_interval_seconds: float = Field(1.0, gt=0.0)
+    plugins: list[NamedConfig] = Field(default_factory=list)
+
+    @field_validator("plugins")
+    @classmethod
+    def _no_plugins_yet(cls, v: list[NamedConfig]) -> list[NamedConfig]:
+        if v:
+            raise ValueError(f"unknown callback plugin {v[0].name!r}; no plugins are installed")
+        return v
+
+
+class RunSpec(_Spec):
+    """Where and how a job runs."""
+
+    queue: Literal["train", "cpu"] = "train"
+    mixed_precision: Literal["", "mixed_float16", "mixed_bfloat16"] = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class TrainSpec(_Spec):
+    """A validated Train request."""
+
+    model_name: str
+    model: ModelSpec
+    compile: CompileSpec
+    dataset: DatasetRef
+    fit: FitSpec = FitSpec()
+    callbacks: CallbackSpec = CallbackSpec()
+    run: RunSpec = RunSpec()
+    idempotency_key: str = Field("", max_length=128)
+
+    @field_validator("model_name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        return check_name(v, "model_name", "model name")
+
+
+def parse_train(data: dict[str, Any]) -> TrainSpec:
+    """Validate a Train request given as plain data; errors name the field at fault."""
+    try:
+        return TrainSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> InvalidRequest:
+    err = exc.errors(include_url=False)[0]
+    field = ".".join(str(p) for p in err["loc"])
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "missing":
+        message = "is required"
+    elif err["type"] == "extra_forbidden":
+        message = "is not a known field"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return InvalidRequest(f"{field}: {message}{more}", field=field)

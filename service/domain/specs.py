@@ -1,0 +1,109 @@
+"""Checks a model spec against the allowlist before anything is deserialized.
+
+Keras ``safe_mode`` alone has been bypassed repeatedly, so a client-supplied config is
+walked as plain JSON first: every object it names must be a built-in Keras class on the
+allowlist, from a Keras module, with no lambdas or functions inside.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from service.domain import keras_names
+from service.domain.requests import ModelSpec
+from service.errors import InvalidRequest
+
+MAX_LAYERS = 1000
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+_ALLOWED = keras_names.LAYERS | keras_names.MODELS | keras_names.CONFIG_OBJECTS
+_FORBIDDEN_KEYS = frozenset({"function", "function_type", "module_path", "__lambda__"})
+
+
+def check_model_spec(spec: ModelSpec) -> None:
+    """Raise InvalidRequest naming the first layer or object that is not allowed."""
+    if spec.layers:
+        _check_layer_list(spec.layers)
+    else:
+        _check_keras_config(spec.keras_json)
+
+
+def _check_layer_list(layers: list[dict[str, Any]]) -> None:
+    if len(layers) > MAX_LAYERS:
+        raise InvalidRequest(f"model has {len(layers)} layers; the limit is {MAX_LAYERS}")
+    for i, layer in enumerate(layers):
+        kind = layer.get("type")
+        field = f"model.layers[{i}]"
+        if not isinstance(kind, str) or not kind:
+            raise InvalidRequest(
+                f"{field} has no 'type' (a Keras layer class name such as 'Dense')", field=field
+            )
+        _check_class(kind, field)
+        _walk(layer, field)
+
+
+def _check_keras_config(text: str) -> None:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise InvalidRequest(f"model config is {len(text)} bytes; the limit is {MAX_CONFIG_BYTES}")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"model.keras_json is not JSON: {exc}", field="model.keras_json"
+        ) from None
+    if not isinstance(config, dict) or config.get("class_name") not in keras_names.MODELS:
+        raise InvalidRequest(
+            "model.keras_json must be a Keras model config as model.to_json() returns it, "
+            "with class_name Sequential or Functional",
+            field="model.keras_json",
+        )
+    layers = config.get("config", {}).get("layers", [])
+    if isinstance(layers, list) and len(layers) > MAX_LAYERS:
+        raise InvalidRequest(f"model has {len(layers)} layers; the limit is {MAX_LAYERS}")
+    _walk(config, "model")
+
+
+def _walk(node: Any, where: str) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _walk(item, where)
+        return
+    if not isinstance(node, dict):
+        return
+    if "class_name" in node:
+        where = _describe(node, where)
+        _check_class(node["class_name"], where)
+        _check_module(node.get("module"), where)
+        registered = node.get("registered_name")
+        if registered not in (None, node["class_name"]):
+            raise InvalidRequest(f"{where}: registered_name {registered!r} is not allowed")
+    if bad := _FORBIDDEN_KEYS & node.keys():
+        raise InvalidRequest(f"{where}: {sorted(bad)[0]!r} is not allowed (no code in specs)")
+    for value in node.values():
+        _walk(value, where)
+
+
+def _describe(node: dict[str, Any], where: str) -> str:
+    config = node.get("config")
+    name = config.get("name") if isinstance(config, dict) else None
+    return f"layer {name!r} ({node['class_name']})" if isinstance(name, str) else where
+
+
+def _check_class(name: Any, where: str) -> None:
+    if name == "Lambda":
+        raise InvalidRequest(
+            f"{where}: Lambda layers are not allowed (they carry code); register a plugin "
+            "layer on the server instead"
+        )
+    if not isinstance(name, str) or name not in _ALLOWED:
+        raise InvalidRequest(
+            f"{where}: class {name!r} is not an allowed Keras class; use a built-in Keras "
+            "layer or a plugin registered on the server"
+        )
+
+
+def _check_module(module: Any, where: str) -> None:
+    if module is None or module == "keras":
+        return
+    if not isinstance(module, str) or not module.startswith(keras_names.ALLOWED_MODULE_PREFIXES):
+        raise InvalidRequest(f"{where}: module {module!r} is not allowed; only Keras modules")

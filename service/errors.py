@@ -1,0 +1,67 @@
+"""The domain error tree, transport-free; ``service.api.status`` maps it to gRPC codes.
+
+    FitserveError
+    ├── InvalidRequest          bad input: what was wrong and what was expected
+    ├── NotFound                unknown model, version, alias, job or dataset
+    ├── AlreadyExists
+    ├── FailedPrecondition      wrong state: cancel a finished job, delete an aliased version
+    ├── ResourceExhausted       queue full, quota, size limit
+    ├── DeadlineExceeded        the caller's deadline passed before the work ran
+    ├── Unavailable             Redis down, model still loading
+    ├── Unimplemented           an RPC a later release builds
+    ├── Unauthenticated
+    └── PermissionDenied
+
+Anything else is a bug: the edge answers INTERNAL with a request id and logs the traceback.
+"""
+
+from __future__ import annotations
+
+
+class FitserveError(Exception):
+    """A failure a person can act on; its message is safe to show to the caller."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidRequest(FitserveError):
+    """The request is malformed; ``field`` names the offending field when known."""
+
+
+class NotFound(FitserveError):
+    """The named model, version, alias, job or dataset does not exist."""
+
+
+class AlreadyExists(FitserveError):
+    """The thing to create exists already."""
+
+
+class FailedPrecondition(FitserveError):
+    """The request is valid but the system is not in a state to perform it."""
+
+
+class ResourceExhausted(FitserveError):
+    """A queue or size limit is reached; retry later or with less."""
+
+
+class DeadlineExceeded(FitserveError):
+    """The caller's deadline passed before the work could run."""
+
+
+class Unavailable(FitserveError):
+    """A dependency (Redis, a loading model) is not ready; retrying may succeed."""
+
+
+class Unimplemented(FitserveError):
+    """Part of the v1 contract that this release does not implement yet."""
+
+
+class Unauthenticated(FitserveError):
+    """No valid credentials."""
+
+
+class PermissionDenied(FitserveError):
+    """This server's role does not allow the call."""

@@ -1,0 +1,1 @@
+"""The data plane: loaded SavedModels, dynamic batching, version management. No grpc."""

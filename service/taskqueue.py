@@ -1,0 +1,63 @@
+"""Celery configuration shared by the api (sends tasks by name) and the worker (runs them).
+
+The api never imports ``worker/``: it sends ``fitserve.<kind>`` by name with the job id as
+the only argument. Settings follow what long GPU jobs need; see ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from service.config import Settings
+
+TRAIN_QUEUE = "train"
+CPU_QUEUE = "cpu"
+TASK_TRAIN = "fitserve.train"
+TASK_EVALUATE = "fitserve.evaluate"
+TASK_FINE_TUNE = "fitserve.fine_tune"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for fitserve's queues."""
+    transport = {"visibility_timeout": settings.job_visibility_timeout_seconds}
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        # The visibility timeout must be set in all three places Celery reads it.
+        "visibility_timeout": settings.job_visibility_timeout_seconds,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,  # results live in the job record
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_soft_shutdown_timeout": 30.0,
+        "worker_enable_soft_shutdown_on_idle": True,
+        "worker_hijack_root_logger": False,
+        "task_queues": [Queue(q, Exchange(q), routing_key=q) for q in (TRAIN_QUEUE, CPU_QUEUE)],
+        "task_default_queue": TRAIN_QUEUE,
+    }
+
+
+def create_celery(settings: Settings, name: str = "fitserve") -> Celery:
+    """A Celery app configured for fitserve (no tasks registered)."""
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class TaskQueue:
+    """Sends job tasks by name; the api's only contact with Celery."""
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+
+    def submit(self, task_name: str, job_id: str, queue: str) -> None:
+        """Queue a job; the Celery task id is the job id."""
+        self._app.send_task(task_name, args=[job_id], task_id=job_id, queue=queue)

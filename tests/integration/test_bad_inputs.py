@@ -1,0 +1,397 @@
+"""Every RPC's bad inputs: the right status, a message that says what was expected, nothing
+left behind, and the server still serving."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+import fitserve
+from fitserve.v1 import (
+    dataset_pb2,
+    dataset_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    tensor_pb2,
+    training_pb2,
+    training_pb2_grpc,
+)
+from service.config import Settings
+from tests.integration.conftest import MLP_LAYERS
+
+pytestmark = pytest.mark.integration
+Code = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def trained(server: object, worker: object, digits: tuple[np.ndarray, np.ndarray]) -> str:
+    """A small model for the Predict cases, trained once."""
+    x, y = digits
+    with fitserve.Client(server.target, timeout=120) as c:  # type: ignore[attr-defined]
+        ds = c.upload_dataset("bad-inputs-data", x=x[:64], y=y[:64])
+        c.train(
+            "bad-inputs",
+            layers=MLP_LAYERS,
+            loss="sparse_categorical_crossentropy",
+            dataset=ds,
+            epochs=1,
+            seed=0,
+        ).wait(timeout=120)
+    return "bad-inputs"
+
+
+def _code(exc: pytest.ExceptionInfo[fitserve.FitserveError]) -> grpc.StatusCode:
+    return exc.value.code
+
+
+# ---- TrainingService -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer": "adamm"}, "unknown optimizer 'adamm'; valid: adadelta"),
+        ({"loss": "sparse_crossentropy"}, "unknown loss 'sparse_crossentropy'"),
+        ({"metrics": ["acuracy"]}, "unknown metric 'acuracy'"),
+        ({"loss": None}, "compile.loss is required"),
+        ({"epochs": -1}, "fit.epochs"),
+        ({"validation_split": 1.5}, "fit.validation_split"),
+        ({"layers": [{"type": "Lambda", "function": "x"}]}, "Lambda layers are not allowed"),
+        ({"layers": [{"type": "os.system"}]}, "class 'os.system' is not an allowed Keras class"),
+    ],
+)
+def test_train_rejects_bad_requests(
+    client: fitserve.Client, kwargs: dict[str, object], message: str
+) -> None:
+    args: dict[str, object] = {
+        "layers": MLP_LAYERS,
+        "loss": "sparse_categorical_crossentropy",
+        "dataset": "no-such-dataset",
+    }
+    args.update(kwargs)
+    with pytest.raises(fitserve.InvalidArgumentError) as exc:
+        client.train("some-model", **args)  # type: ignore[arg-type]
+    assert message in exc.value.details
+
+
+def test_train_names_the_field_in_bad_request_details(channel: grpc.Channel) -> None:
+    stub = training_pb2_grpc.TrainingServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.Train(training_pb2.TrainRequest(model_name="Bad Name!"))
+    status = rpc_status.from_call(exc.value)  # type: ignore[arg-type]
+    assert status is not None
+    assert exc.value.code() == Code.INVALID_ARGUMENT
+    detail = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(detail)
+    assert detail.field_violations[0].field in ("model", "model_name", "compile", "dataset")
+
+
+def test_train_layer_without_type(channel: grpc.Channel) -> None:
+    layer = struct_pb2.Struct()
+    layer.update({"units": 3})
+    request = training_pb2.TrainRequest(
+        model_name="m",
+        dataset=training_pb2.DatasetRef(dataset="d"),
+        model=training_pb2.ModelSpec(layers=training_pb2.LayerList(layers=[layer])),
+        compile=training_pb2.CompileOptions(loss=training_pb2.NamedConfig(name="mse")),
+    )
+    with pytest.raises(grpc.RpcError) as exc:
+        training_pb2_grpc.TrainingServiceStub(channel).Train(request)
+    assert exc.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "model.layers[0] has no 'type'" in exc.value.details()  # type: ignore[attr-defined]
+
+
+def test_train_unknown_dataset_is_not_found(client: fitserve.Client) -> None:
+    with pytest.raises(fitserve.NotFoundError, match="dataset 'nope' not found"):
+        client.train("m", layers=MLP_LAYERS, loss="mse", dataset="nope")
+
+
+def test_keras_config_with_a_foreign_module_is_refused(client: fitserve.Client) -> None:
+    config = (
+        '{"class_name": "Sequential", "config": {"layers": [{"class_name": "Dense", '
+        '"module": "os", "config": {"name": "evil", "units": 1}}]}}'
+    )
+    with pytest.raises(
+        fitserve.InvalidArgumentError, match=r"layer 'evil' .*module 'os' is not allowed"
+    ):
+        client.train("m", model=config, loss="mse", dataset="x")
+
+
+def test_a_job_that_fails_on_the_worker_says_why(
+    client: fitserve.Client, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = digits
+    ds = client.upload_dataset("no-targets", x=x[:32], labels=np.zeros(32))
+    job = client.train(
+        "fails", layers=MLP_LAYERS, loss="sparse_categorical_crossentropy", dataset=ds
+    )
+    with pytest.raises(fitserve.JobFailedError, match=r"has no array 'y'; it has labels, x") as exc:
+        job.wait(timeout=120)
+    assert exc.value.job.error.reason == "INVALIDREQUEST"
+    assert client.list_models() is not None  # the server still serves
+
+
+@pytest.mark.parametrize("method", ["get_job", "cancel_job"])
+def test_unknown_job_is_not_found(client: fitserve.Client, method: str) -> None:
+    with pytest.raises(fitserve.NotFoundError, match="job 'abc123' not found"):
+        getattr(client, method)("abc123")
+
+
+def test_job_id_must_look_like_one(channel: grpc.Channel) -> None:
+    stub = training_pb2_grpc.TrainingServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.GetJob(training_pb2.GetJobRequest(job_id="../etc"))
+    assert exc.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError) as exc:
+        list(stub.WatchJob(training_pb2.WatchJobRequest(job_id="0" * 32)))
+    assert exc.value.code() == Code.NOT_FOUND  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ListJobs(training_pb2.ListJobsRequest(page_token="garbage"))
+    assert exc.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
+
+
+def test_planned_rpcs_say_unimplemented(channel: grpc.Channel) -> None:
+    stub = training_pb2_grpc.TrainingServiceStub(channel)
+    for call, request in (
+        (stub.Evaluate, training_pb2.EvaluateRequest()),
+        (stub.FineTune, training_pb2.FineTuneRequest()),
+    ):
+        with pytest.raises(grpc.RpcError) as exc:
+            call(request)
+        assert exc.value.code() == Code.UNIMPLEMENTED  # type: ignore[attr-defined]
+        assert "not implemented in this release" in exc.value.details()  # type: ignore[attr-defined]
+
+
+# ---- DatasetService --------------------------------------------------------------------
+
+
+def _upload(
+    channel: grpc.Channel, messages: list[dataset_pb2.UploadDatasetRequest]
+) -> grpc.RpcError:
+    stub = dataset_pb2_grpc.DatasetServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.UploadDataset(iter(messages))
+    return exc.value
+
+
+def _header(name: str = "ok-name", **kw: object) -> dataset_pb2.UploadDatasetRequest:
+    return dataset_pb2.UploadDatasetRequest(
+        header=dataset_pb2.DatasetHeader(**({"name": name, "format": "npz"} | kw))
+    )  # type: ignore[arg-type]
+
+
+def _chunk(data: bytes) -> dataset_pb2.UploadDatasetRequest:
+    return dataset_pb2.UploadDatasetRequest(chunk=data)
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+@pytest.fixture
+def no_leftovers(settings: Settings) -> Iterator[None]:
+    """Nothing new may appear in the dataset store."""
+    before = _files(settings.datasets_dir)
+    yield
+    assert _files(settings.datasets_dir) == before
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+
+
+@pytest.mark.usefixtures("no_leftovers")
+@pytest.mark.parametrize(
+    ("messages", "code", "message"),
+    [
+        ([_chunk(b"abc")], Code.INVALID_ARGUMENT, "first message of an upload must be the header"),
+        ([], Code.INVALID_ARGUMENT, "first message of an upload must be the header"),
+        ([_header("Bad Name")], Code.INVALID_ARGUMENT, "not a valid dataset name"),
+        ([_header(format="csv")], Code.INVALID_ARGUMENT, "header.format 'csv' is not supported"),
+        ([_header()], Code.INVALID_ARGUMENT, "no content"),
+        ([_header(), _chunk(b"not a zip file")], Code.INVALID_ARGUMENT, "not a valid .npz file"),
+        ([_header(size_bytes=10), _chunk(b"12345")], Code.INVALID_ARGUMENT, "announced 10"),
+        (
+            [_header(sha256="0" * 64), _chunk(_npz(x=np.zeros(3)))],
+            Code.INVALID_ARGUMENT,
+            "content sha256",
+        ),
+        (
+            [_header(), _chunk(_npz(x=np.zeros(3), y=np.zeros(4)))],
+            Code.INVALID_ARGUMENT,
+            "different numbers of examples",
+        ),
+        (
+            [_header(), _chunk(_npz(x=np.array([{"a": 1}], dtype=object)))],
+            Code.INVALID_ARGUMENT,
+            "Python objects",
+        ),
+        ([_header(size_bytes=2**62)], Code.RESOURCE_EXHAUSTED, "FITSERVE_MAX_DATASET_BYTES"),
+        ([_header(), _header()], Code.INVALID_ARGUMENT, "only the first message may be a header"),
+    ],
+)
+def test_bad_uploads_leave_nothing(
+    channel: grpc.Channel,
+    messages: list[dataset_pb2.UploadDatasetRequest],
+    code: Code,
+    message: str,
+) -> None:
+    error = _upload(channel, messages)
+    assert error.code() == code  # type: ignore[attr-defined]
+    assert message in error.details()  # type: ignore[attr-defined]
+
+
+def test_same_content_is_stored_once(client: fitserve.Client, settings: Settings) -> None:
+    a = client.upload_dataset("dedupe-a", x=np.arange(6.0).reshape(3, 2), y=np.arange(3))
+    b = client.upload_dataset("dedupe-b", x=np.arange(6.0).reshape(3, 2), y=np.arange(3))
+    assert a.id == b.id
+    blob = settings.datasets_dir / "blobs" / f"{a.id.removeprefix('sha256:')}.npz"
+    client.delete_dataset("dedupe-a")
+    assert blob.exists()
+    assert client.get_dataset(a.id).name == "dedupe-b"
+    client.delete_dataset("dedupe-b")
+    assert not blob.exists()
+    with pytest.raises(fitserve.NotFoundError):
+        client.get_dataset("dedupe-b")
+
+
+@pytest.mark.parametrize("ref", ["never-uploaded", "sha256:" + "a" * 64])
+def test_unknown_datasets_are_not_found(client: fitserve.Client, ref: str) -> None:
+    with pytest.raises(fitserve.NotFoundError, match="not found"):
+        client.get_dataset(ref)
+    with pytest.raises(fitserve.NotFoundError, match="not found"):
+        client.delete_dataset(ref)
+
+
+def test_malformed_dataset_id_is_invalid(client: fitserve.Client) -> None:
+    with pytest.raises(fitserve.InvalidArgumentError, match="is not a dataset id"):
+        client.get_dataset("sha256:xyz")
+
+
+# ---- ModelService ----------------------------------------------------------------------
+
+
+def test_model_registry_errors(client: fitserve.Client, trained: str) -> None:
+    with pytest.raises(fitserve.NotFoundError, match="model 'no-such-model' not found"):
+        client.get_model("no-such-model")
+    with pytest.raises(fitserve.NotFoundError, match="has no version 99"):
+        client.set_alias(trained, "stable", 99)
+    with pytest.raises(fitserve.InvalidArgumentError, match="not a valid alias"):
+        client.set_alias(trained, "Not An Alias", 1)
+    with pytest.raises(fitserve.InvalidArgumentError, match="reserved"):
+        client.set_alias(trained, "latest", 1)
+    with pytest.raises(fitserve.NotFoundError, match="has no alias 'gone'"):
+        client.delete_alias(trained, "gone")
+    with pytest.raises(fitserve.InvalidArgumentError, match="positive version"):
+        client.delete_version(trained, 0)
+    with pytest.raises(fitserve.InvalidArgumentError, match="not a valid model name"):
+        client.get_model("../etc")
+
+
+# ---- InferenceService ------------------------------------------------------------------
+
+
+def _predict(
+    channel: grpc.Channel, model: str, inputs: dict[str, tensor_pb2.Tensor], **ref: object
+) -> grpc.RpcError:
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    request = inference_pb2.PredictRequest(
+        model=tensor_pb2.ModelRef(name=model, **ref), inputs=inputs
+    )  # type: ignore[arg-type]
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.Predict(request)
+    return exc.value
+
+
+def _tensor(array: np.ndarray) -> tensor_pb2.Tensor:
+    return fitserve.to_tensor(array)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (
+            {"x": _tensor(np.zeros((2, 28, 28), np.float64))},
+            "input 'x' has dtype float64; model 'bad-inputs' version 1 expects float32",
+        ),
+        (
+            {"x": _tensor(np.zeros((2, 27, 28), np.float32))},
+            "input 'x' has shape [2, 27, 28]; model 'bad-inputs' version 1 expects [-1, 28, 28]",
+        ),
+        (
+            {
+                "x": tensor_pb2.Tensor(
+                    dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[2, 28, 28], content=b"1234"
+                )
+            },
+            "input 'x' has 4 bytes; shape [2, 28, 28] of float32 needs 6272",
+        ),
+        ({"pixels": _tensor(np.zeros((2, 28, 28), np.float32))}, "missing input 'x'"),
+        (
+            {
+                "x": _tensor(np.zeros((2, 28, 28), np.float32)),
+                "y": _tensor(np.zeros(2, np.float32)),
+            },
+            "unknown input 'y'",
+        ),
+        ({}, "inputs is empty"),
+        ({"x": _tensor(np.zeros((0, 28, 28), np.float32))}, "no rows"),
+        (
+            {
+                "x": tensor_pb2.Tensor(
+                    dtype=tensor_pb2.DATA_TYPE_STRING, shape=[1], string_val=[b"a"]
+                )
+            },
+            "DATA_TYPE_STRING is not supported",
+        ),
+    ],
+)
+def test_predict_rejects_bad_inputs(
+    channel: grpc.Channel, trained: str, inputs: dict[str, tensor_pb2.Tensor], message: str
+) -> None:
+    error = _predict(channel, trained, inputs)
+    assert error.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert message in error.details()  # type: ignore[attr-defined]
+
+
+def test_predict_unknown_model_version_alias(channel: grpc.Channel, trained: str) -> None:
+    ok = {"": _tensor(np.zeros((1, 28, 28), np.float32))}
+    for model, ref, message in (
+        ("never-trained", {}, "model 'never-trained' not found"),
+        (trained, {"version": 42}, "has no version 42"),
+        (trained, {"alias": "canary"}, "has no alias 'canary'"),
+    ):
+        error = _predict(channel, model, ok, **ref)
+        assert error.code() == Code.NOT_FOUND, message  # type: ignore[attr-defined]
+        assert message in error.details()  # type: ignore[attr-defined]
+
+
+def test_server_keeps_serving_after_bad_input(
+    client: fitserve.Client, channel: grpc.Channel, trained: str
+) -> None:
+    _predict(channel, trained, {"x": _tensor(np.zeros((2, 3), np.float32))})
+    assert client.predict(trained, np.zeros((3, 28, 28), np.float32)).shape == (3, 10)
+
+
+def test_feedback_is_planned_and_status_reports_versions(
+    client: fitserve.Client, trained: str
+) -> None:
+    with pytest.raises(fitserve.UnimplementedError, match="Feedback is not implemented"):
+        client.feedback("some-request", np.array([1]))
+    client.predict(trained, np.zeros((1, 28, 28), np.float32))
+    status = client.model_status(trained)
+    assert [(v.version, v.state) for v in status.versions] == [
+        (1, inference_pb2.ModelVersionStatus.STATE_AVAILABLE)
+    ]
+    with pytest.raises(fitserve.NotFoundError):
+        client.model_status("never-trained")

@@ -1,0 +1,1 @@
+"""fitserve Celery worker: task shims that call service.domain."""
