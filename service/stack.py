@@ -124,7 +124,9 @@ def run_stack(settings: Settings, *, explicit_redis: bool) -> int:
         children.append(("worker", subprocess.Popen(worker, env=env, start_new_session=True)))
         print(
             f"fitserve up: data in {data_dir}; Redis at {redis_url}; gRPC on "
-            f"{settings.host}:{settings.port}; Ctrl-C stops the stack",
+            f"{settings.host}:{settings.port}; metrics on port {settings.metrics_port} "
+            f"({', '.join(f'{name} pid {proc.pid}' for name, proc in children)}); "
+            "Ctrl-C stops the stack",
             flush=True,
         )
         return _supervise(children, lambda: stopping)

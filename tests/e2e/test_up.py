@@ -1,0 +1,123 @@
+"""`fitserve up` as a user runs it: the whole stack from one command, supervised."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import fitserve
+from service.stack import free_port
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+FITSERVE = str(Path(sys.executable).parent / "fitserve")
+BANNER = re.compile(r"Redis at redis://127\.0\.0\.1:(\d+)/0.*server pid (\d+), worker pid (\d+)")
+
+
+class Stack:
+    def __init__(self, proc: subprocess.Popen[str], port: int, banner: re.Match[str]) -> None:
+        self.proc, self.port = proc, port
+        self.redis_port = int(banner.group(1))
+        self.server_pid, self.worker_pid = int(banner.group(2)), int(banner.group(3))
+
+
+def _wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "fitserve up exited before serving"
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise TimeoutError("fitserve up did not start serving")
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FITSERVE_")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    argv = [
+        FITSERVE,
+        "up",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(free_port()),
+    ]
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    banner = BANNER.search(proc.stdout.readline())
+    assert banner, "fitserve up did not print where it listens"
+    _wait_serving(port, proc)
+    yield Stack(proc, port, banner)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_trains_serves_and_stops_cleanly(stack: Stack, tmp_path: Path) -> None:
+    x = np.random.default_rng(0).random((64, 4), dtype=np.float32)
+    y = (x.sum(axis=1) > 2).astype(np.int64)
+    with fitserve.Client(f"127.0.0.1:{stack.port}", timeout=120) as client:
+        ds = client.upload_dataset("tiny", x=x, y=y)
+        result = client.train(
+            "tiny",
+            layers=[{"type": "Dense", "units": 2, "activation": "softmax", "input_shape": [4]}],
+            loss="sparse_categorical_crossentropy",
+            dataset=ds,
+            epochs=2,
+            seed=0,
+        ).wait(timeout=120)
+        assert result.model_version == 1
+        assert client.predict("tiny", x[:3]).shape == (3, 2)
+    assert (tmp_path / "data" / "redis" / "appendonly.aof").exists() or any(
+        (tmp_path / "data" / "redis").glob("appendonlydir/*")
+    )
+
+    stack.proc.send_signal(signal.SIGINT)
+    assert stack.proc.wait(60) == 0
+    assert not _port_open(stack.port)
+    assert not _port_open(stack.redis_port)
+    assert not _alive(stack.server_pid)
+    assert not _alive(stack.worker_pid)
+
+
+def test_a_dead_child_brings_the_stack_down(stack: Stack) -> None:
+    os.kill(stack.worker_pid, signal.SIGKILL)
+    assert stack.proc.wait(60) == 1
+    assert not _port_open(stack.port)
+    assert not _port_open(stack.redis_port)
+    assert not _alive(stack.server_pid)

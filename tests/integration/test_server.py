@@ -1,0 +1,83 @@
+"""The server's ecosystem contract: health per service, reflection, metrics, roles."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service.config import Settings
+from tests.conftest import ROOT, RunningServer
+
+pytestmark = pytest.mark.integration
+SERVICES = [
+    "fitserve.v1.DatasetService",
+    "fitserve.v1.InferenceService",
+    "fitserve.v1.ModelService",
+    "fitserve.v1.TrainingService",
+]
+
+
+def test_health_reports_every_service(channel: grpc.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ["", *SERVICES]:
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.Check(health_pb2.HealthCheckRequest(service="fitserve.v1.Nope"), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    reply = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=5)))
+    names = {s.name for s in reply.list_services_response.service}
+    assert set(SERVICES) <= names
+    assert "grpc.health.v1.Health" in names
+
+
+def test_metrics_endpoint_counts_requests_by_code(
+    channel: grpc.Channel, server: RunningServer
+) -> None:
+    from fitserve.v1 import model_pb2, model_pb2_grpc
+
+    stub = model_pb2_grpc.ModelServiceStub(channel)
+    with pytest.raises(grpc.RpcError):
+        stub.GetModel(model_pb2.GetModelRequest(name="metrics-probe-missing"))
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = response.read().decode()
+    line = 'fitserve_rpc_requests_total{code="NOT_FOUND",method="GetModel"}'
+    assert line in body
+    assert "# TYPE fitserve_predict_batch_size histogram" in body
+
+
+def test_api_role_imports_no_tensorflow(settings: Settings) -> None:
+    code = textwrap.dedent(f"""
+        import asyncio, sys
+        from service.config import Settings
+        from service.api.server import create_server
+
+        async def main():
+            s = Settings(roles=["api"], port=0, metrics_port=0, redis_url={settings.redis_url!r},
+                         data_dir={str(settings.data_dir)!r})
+            server, port = await create_server(s)
+            await server.start(serve_metrics_http=False)
+            await server.stop(0)
+
+        asyncio.run(main())
+        heavy = sorted(m for m in ("tensorflow", "keras") if m in sys.modules)
+        print("loaded:", heavy)
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "loaded: []" in out.stdout
