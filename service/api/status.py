@@ -118,7 +118,7 @@ def unary(
         started = time.monotonic()
         try:
             response = await fn(self, request, context)
-        except (errors.FitserveError, Exception) as exc:
+        except Exception as exc:
             await self.edge.fail(context, method, exc)
         finally:
             request_id_var.reset(token)
@@ -141,7 +141,7 @@ def stream_out(
         try:
             async for item in fn(self, request, context):
                 yield item
-        except (errors.FitserveError, Exception) as exc:
+        except Exception as exc:
             await self.edge.fail(context, method, exc)
         finally:
             request_id_var.reset(token)

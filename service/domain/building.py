@@ -44,10 +44,16 @@ def _from_layers(layers: list[dict[str, Any]]) -> keras.Model:
             '{"type": "Flatten", "input_shape": [28, 28]}',
             field="model.layers[0]",
         )
-    built = [keras.Input(shape=tuple(int(d) for d in input_shape), name=input_name)]
+    model = keras.Sequential(
+        [keras.Input(shape=tuple(int(d) for d in input_shape), name=input_name)]
+    )
     for i, entry in enumerate([first, *layers[1:]]):
-        built.append(_layer(i, entry))
-    return keras.Sequential(built)
+        try:
+            model.add(_layer(i, entry))
+        except ValueError as exc:
+            field = f"model.layers[{i}]"
+            raise InvalidRequest(f"{field} ({entry['type']}): {exc}", field=field) from None
+    return model
 
 
 def _layer(index: int, entry: dict[str, Any]) -> keras.layers.Layer:

@@ -39,6 +39,8 @@ def _check_layer_list(layers: list[dict[str, Any]]) -> None:
                 f"{field} has no 'type' (a Keras layer class name such as 'Dense')", field=field
             )
         _check_class(kind, field)
+        if kind not in keras_names.LAYERS:
+            raise InvalidRequest(f"{field}: {kind!r} is not a Keras layer", field=field)
         _walk(layer, field)
 
 
@@ -57,7 +59,13 @@ def _check_keras_config(text: str) -> None:
             "with class_name Sequential or Functional",
             field="model.keras_json",
         )
-    layers = config.get("config", {}).get("layers", [])
+    inner = config.get("config")
+    if not isinstance(inner, dict):
+        raise InvalidRequest(
+            "model.keras_json has no 'config' object; send what model.to_json() returns",
+            field="model.keras_json",
+        )
+    layers = inner.get("layers", [])
     if isinstance(layers, list) and len(layers) > MAX_LAYERS:
         raise InvalidRequest(f"model has {len(layers)} layers; the limit is {MAX_LAYERS}")
     _walk(config, "model")

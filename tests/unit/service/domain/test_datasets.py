@@ -1,0 +1,239 @@
+import hashlib
+import io
+import types
+
+import numpy as np
+import pytest
+
+from service.domain import datasets
+from service.domain.arrays import ArrayHeader
+from service.domain.datasets import DatasetStore
+from service.errors import InvalidRequest, NotFound, ResourceExhausted
+
+
+def npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=True, **arrays)
+    return buffer.getvalue()
+
+
+XY = npz(x=np.arange(12, dtype=np.float32).reshape(4, 3), y=np.array([0, 1, 1, 0], np.int64))
+
+
+@pytest.fixture
+def store(tmp_path):
+    return DatasetStore(tmp_path / "datasets", max_bytes=64 * 1024)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Upload times 100, 200, 300, ... so that 'newest first' is deterministic."""
+    ticks = iter(range(100, 10_000, 100))
+    monkeypatch.setattr(datasets, "time", types.SimpleNamespace(time=lambda: float(next(ticks))))
+
+
+def upload(store, name, content=XY, chunk=100, **header):
+    up = store.begin_upload(name, "npz", **header)
+    try:
+        for start in range(0, len(content), chunk):
+            up.write(content[start : start + chunk])
+        return up.finish()
+    finally:
+        up.abort()
+
+
+def files(store, folder):
+    path = store.root / folder
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
+def test_an_upload_in_chunks_is_found_by_name_and_id(store):
+    info = upload(store, "iris", chunk=7)
+
+    digest = hashlib.sha256(XY).hexdigest()
+    assert info.id == f"sha256:{digest}"
+    assert info.name == "iris"
+    assert info.format == "npz"
+    assert info.size_bytes == len(XY)
+    assert info.num_examples == 4
+    assert info.arrays == (
+        ArrayHeader("x", "float32", (4, 3)),
+        ArrayHeader("y", "int64", (4,)),
+    )
+    assert store.get("iris") == info
+    assert store.get(info.id) == info
+    assert store.path(info.id).read_bytes() == XY
+    assert files(store, "incoming") == []
+
+
+def test_the_header_size_and_sha_are_checked_when_they_match(store):
+    info = upload(store, "d", size=len(XY), sha256=hashlib.sha256(XY).hexdigest().upper())
+
+    assert info.size_bytes == len(XY)
+
+
+def test_the_same_content_under_two_names_is_stored_once(store):
+    a = upload(store, "a")
+    b = upload(store, "b")
+
+    assert a.id == b.id
+    assert [p for p in files(store, "blobs") if p.endswith(".npz")] == [
+        f"{a.id.removeprefix('sha256:')}.npz"
+    ]
+    assert {store.get("a").name, store.get("b").name} == {"a", "b"}
+
+
+def test_an_upload_past_the_size_limit_is_refused_and_leaves_nothing(tmp_path):
+    store = DatasetStore(tmp_path, max_bytes=len(XY) - 1)
+    up = store.begin_upload("big", "npz")
+    up.write(XY[:-1])  # exactly at the limit
+
+    with pytest.raises(ResourceExhausted, match=f"{len(XY) - 1} byte limit"):
+        up.write(XY[-1:])
+    up.abort()  # what the api does when a write fails
+
+    assert files(store, "incoming") == []
+    assert files(store, "blobs") == []
+    assert store.list() == []
+
+
+def test_an_announced_size_past_the_limit_is_refused_before_any_file(tmp_path):
+    store = DatasetStore(tmp_path, max_bytes=100)
+
+    with pytest.raises(ResourceExhausted, match="101 bytes is over the 100 byte limit"):
+        store.begin_upload("big", "npz", size=101)
+
+    assert files(store, "incoming") == []
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ({"size": len(XY) + 1}, f"ended after {len(XY)} bytes; the header announced {len(XY) + 1}"),
+        ({"sha256": "0" * 64}, "the header announced " + "0" * 64),
+    ],
+    ids=["size", "sha256"],
+)
+def test_a_header_mismatch_is_refused_and_leaves_nothing(store, header, message):
+    with pytest.raises(InvalidRequest, match=message):
+        upload(store, "d", **header)
+
+    assert files(store, "incoming") == []
+    assert files(store, "blobs") == []
+    assert files(store, "names") == []
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (npz(x=np.array([{"a": 1}, None], dtype=object)), "array 'x' holds Python objects"),
+        (
+            npz(x=np.zeros((3, 2), np.float32), y=np.zeros(2, np.int64)),
+            r"different numbers of examples \(x: 3, y: 2\)",
+        ),
+        (npz(x=np.float32(1.0)), "array 'x' is a scalar"),
+        (npz(s=np.array(["a", "b"])), "array 's' has dtype str"),
+        (b"this is not a zip file", "not a valid .npz file"),
+        (npz(), "holds no arrays"),
+    ],
+    ids=["pickled-object", "lengths", "scalar", "text", "not-a-zip", "empty"],
+)
+def test_invalid_content_is_refused_and_leaves_nothing(store, content, message):
+    with pytest.raises(InvalidRequest, match=message):
+        upload(store, "d", content=content)
+
+    assert files(store, "incoming") == []
+    assert [p for p in files(store, "blobs") if p.endswith(".npz")] == []
+    assert store.list() == []
+
+
+def test_an_empty_upload_is_refused(store):
+    with pytest.raises(InvalidRequest, match="no content"):
+        upload(store, "d", content=b"")
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("Bad/Name", "npz"), ("ok", "csv")])
+def test_a_bad_header_is_refused_with_its_field(store, name, fmt):
+    with pytest.raises(InvalidRequest) as info:
+        store.begin_upload(name, fmt)
+
+    assert info.value.field in {"header.name", "header.format"}
+
+
+def test_delete_by_name_keeps_the_blob_until_the_last_name_goes(store):
+    info = upload(store, "a")
+    upload(store, "b")
+    blob = store.path(info.id)
+
+    store.delete("a")
+
+    assert blob.exists()
+    assert [d.name for d in store.list()] == ["b"]
+    with pytest.raises(NotFound):
+        store.get("a")
+
+    store.delete("b")
+
+    assert not blob.exists()
+    assert files(store, "blobs") == []
+    assert store.list() == []
+    with pytest.raises(NotFound):
+        store.get(info.id)
+
+
+def test_delete_by_id_removes_every_name_and_the_blob(store):
+    info = upload(store, "a")
+    upload(store, "b")
+    other = upload(store, "c", content=npz(x=np.ones(2, np.float32)))
+
+    store.delete(info.id)
+
+    assert [d.name for d in store.list()] == ["c"]
+    assert not store.path(info.id).exists()
+    assert store.path(other.id).exists()
+
+
+def test_list_is_newest_first(store, clock):
+    upload(store, "a")
+    upload(store, "c", content=npz(x=np.ones(2, np.float32)))
+    upload(store, "b")
+
+    listed = store.list()
+
+    assert [d.name for d in listed] == ["b", "c", "a"]
+    assert [d.created_at for d in listed] == [300.0, 200.0, 100.0]
+
+
+def test_list_of_an_empty_store_is_empty(store):
+    assert store.list() == []
+
+
+def test_get_by_id_picks_the_newest_name(store, clock):
+    info = upload(store, "old")
+    upload(store, "new")
+
+    assert store.get(info.id).name == "new"
+
+
+@pytest.mark.parametrize(
+    ("call", "ref", "message"),
+    [
+        ("get", "missing", "dataset 'missing' not found; upload it with UploadDataset"),
+        ("get", "sha256:" + "a" * 64, "not found"),
+        ("delete", "missing", "dataset 'missing' not found"),
+        ("delete", "sha256:" + "a" * 64, "not found"),
+    ],
+)
+def test_unknown_datasets_are_not_found(store, call, ref, message):
+    upload(store, "present")
+
+    with pytest.raises(NotFound, match=message):
+        getattr(store, call)(ref)
+
+    assert [d.name for d in store.list()] == ["present"]
+
+
+@pytest.mark.parametrize("ref", ["sha256:abc", "sha256:" + "G" * 64])
+def test_a_malformed_id_is_refused(store, ref):
+    with pytest.raises(InvalidRequest, match="is not a dataset id"):
+        store.get(ref)

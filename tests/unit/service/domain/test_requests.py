@@ -1,0 +1,178 @@
+import copy
+
+import pytest
+
+from service.domain import keras_names
+from service.domain.requests import parse_train
+from service.errors import InvalidRequest
+
+BASE = {
+    "model_name": "mnist",
+    "model": {"layers": [{"type": "Dense", "units": 2, "input_shape": [4]}]},
+    "compile": {"loss": {"name": "sparse_categorical_crossentropy"}},
+    "dataset": {"builtin": "mnist"},
+}
+
+
+def request(**changes):
+    """BASE with `a__b` paths set; a value of None deletes the key."""
+    data = copy.deepcopy(BASE)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return data
+
+
+def refused(data) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as info:
+        parse_train(data)
+    return info.value
+
+
+def test_defaults_are_filled_in():
+    spec = parse_train(request())
+
+    assert spec.fit.epochs == 1
+    assert spec.fit.batch_size == 32
+    assert spec.fit.initial_epoch == 0
+    assert spec.compile.optimizer.name == "adam"
+    assert spec.compile.optimizer.params == {}
+    assert spec.compile.loss.name == "sparse_categorical_crossentropy"
+    assert spec.run.queue == "train"
+
+
+def test_optimizer_names_are_case_insensitive():
+    spec = parse_train(request(compile__optimizer={"name": "RMSprop"}))
+
+    assert spec.compile.optimizer.name == "rmsprop"
+
+
+def test_a_round_trip_through_json_gives_the_same_spec():
+    spec = parse_train(request(fit={"epochs": 3, "validation_split": 0.25}))
+
+    assert parse_train(spec.model_dump()) == spec
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "what", "valid"),
+    [
+        ({"compile__optimizer": {"name": "adamx"}}, "compile.optimizer", "optimizer", "OPTIMIZERS"),
+        ({"compile__loss": {"name": "l7"}}, "compile.loss", "loss", "LOSSES"),
+        ({"compile__metrics": [{"name": "acuracy"}]}, "compile.metrics", "metric", "METRICS"),
+    ],
+)
+def test_unknown_names_are_refused_listing_the_valid_ones(changes, field, what, valid):
+    err = refused(request(**changes))
+
+    assert err.field == field
+    assert f"unknown {what}" in err.message
+    listed = err.message.split("valid: ", 1)[1].split(", ")
+    assert set(listed) == getattr(keras_names, valid)
+
+
+def test_an_unknown_loss_of_an_output_is_refused():
+    err = refused(request(compile={"output_losses": {"y": {"name": "nope"}}}))
+
+    assert err.field == "compile"
+    assert "unknown loss 'nope'" in err.message
+
+
+def test_per_output_losses_replace_the_loss():
+    spec = parse_train(request(compile={"output_losses": {"y": {"name": "mse"}}}))
+
+    assert spec.compile.loss is None
+    assert spec.compile.output_losses["y"].name == "mse"
+
+
+def test_a_missing_loss_is_refused():
+    err = refused(request(compile__loss=None))
+
+    assert err.field == "compile"
+    assert "compile.loss is required" in err.message
+
+
+def test_validation_split_and_validation_data_together_are_refused():
+    err = refused(request(fit={"validation_split": 0.2, "validation_data": {"builtin": "mnist"}}))
+
+    assert err.field == "fit"
+    assert "validation_split or validation_data, not both" in err.message
+
+
+@pytest.mark.parametrize(("initial", "epochs"), [(3, 3), (5, 2)])
+def test_initial_epoch_must_be_below_epochs(initial, epochs):
+    err = refused(request(fit={"initial_epoch": initial, "epochs": epochs}))
+
+    assert err.field == "fit"
+    assert f"initial_epoch {initial} must be below epochs {epochs}" in err.message
+
+
+@pytest.mark.parametrize("name", ["Bad", "../x", "a/b", ""])
+def test_a_bad_model_name_is_refused(name):
+    err = refused(request(model_name=name))
+
+    assert err.field == "model_name"
+    assert repr(name) in err.message
+
+
+def test_a_missing_model_name_is_required():
+    err = refused(request(model_name=None))
+
+    assert err.field == "model_name"
+    assert err.message == "model_name: is required"
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"keras_json": '{"class_name": "Sequential"}', "layers": [{"type": "Dense"}]},
+        {},
+    ],
+    ids=["both", "neither"],
+)
+def test_exactly_one_of_keras_json_and_layers(model):
+    err = refused(request(model=model))
+
+    assert err.field == "model"
+    assert "exactly one of keras_json" in err.message
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"colour": "red"}, "colour"),
+        ({"fit__learning_rate": 0.1}, "fit.learning_rate"),
+        ({"compile__optimizer": {"name": "adam", "lr": 0.1}}, "compile.optimizer.lr"),
+    ],
+)
+def test_unknown_fields_are_refused_by_name(changes, field):
+    err = refused(request(**changes))
+
+    assert err.field == field
+    assert err.message == f"{field}: is not a known field"
+
+
+def test_several_errors_report_the_first_and_count_the_rest():
+    err = refused(request(colour="red", size="xl"))
+
+    assert err.message.endswith("(and 1 more)")
+
+
+@pytest.mark.parametrize(
+    ("fit", "field"),
+    [({"epochs": 0}, "fit.epochs"), ({"batch_size": 0}, "fit.batch_size")],
+)
+def test_out_of_range_numbers_are_refused(fit, field):
+    assert refused(request(fit=fit)).field == field
+
+
+def test_a_dataset_needs_exactly_one_source():
+    err = refused(request(dataset={"builtin": "mnist", "dataset": "d"}))
+
+    assert err.field == "dataset"
+    assert "exactly one of dataset, uri or builtin" in err.message
