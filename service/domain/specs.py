@@ -38,9 +38,7 @@ def _check_layer_list(layers: list[dict[str, Any]]) -> None:
             raise InvalidRequest(
                 f"{field} has no 'type' (a Keras layer class name such as 'Dense')", field=field
             )
-        _check_class(kind, field)
-        if kind not in keras_names.LAYERS:
-            raise InvalidRequest(f"{field}: {kind!r} is not a Keras layer", field=field)
+        _check_class(kind, field, keras_names.LAYERS)
         _walk(layer, field)
 
 
@@ -97,13 +95,13 @@ def _describe(node: dict[str, Any], where: str) -> str:
     return f"layer {name!r} ({node['class_name']})" if isinstance(name, str) else where
 
 
-def _check_class(name: Any, where: str) -> None:
+def _check_class(name: Any, where: str, allowed: frozenset[str] = _ALLOWED) -> None:
     if name == "Lambda":
         raise InvalidRequest(
             f"{where}: Lambda layers are not allowed (they carry code); register a plugin "
             "layer on the server instead"
         )
-    if not isinstance(name, str) or name not in _ALLOWED:
+    if not isinstance(name, str) or name not in allowed:
         raise InvalidRequest(
             f"{where}: class {name!r} is not an allowed Keras class; use a built-in Keras "
             "layer or a plugin registered on the server"
