@@ -5,21 +5,96 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Role = Literal["api", "inference"]
 
 
+class BatchingOverride(BaseModel):
+    """Per-model batcher knobs; an unset field falls back to the server-wide default."""
+
+    max_batch_size: int | None = Field(None, ge=1)
+    batch_timeout_ms: float | None = Field(None, ge=0)
+    max_queue: int | None = Field(None, ge=1)
+    allowed_batch_sizes: list[int] | None = None
+    batch_threads: int | None = Field(None, ge=1)
+
+
 class BatchingSettings(BaseModel):
-    """Server-wide defaults of the Predict batcher."""
+    """Server-wide defaults of the Predict batcher, and per-model overrides."""
 
     max_batch_size: int = Field(64, ge=1, description="Most rows one model call takes.")
     batch_timeout_ms: float = Field(
-        1.0, ge=0, description="Longest a queued request waits for others to join its batch."
+        1.0,
+        ge=0,
+        description="Longest a queued request waits for others to join its batch. Only "
+        "spent when more requests are known to be coming (see service.inference.batcher); "
+        "a lone request on an idle model never waits.",
     )
     max_queue: int = Field(
         1024, ge=1, description="Queued requests per version before RESOURCE_EXHAUSTED."
+    )
+    allowed_batch_sizes: list[int] = Field(
+        default_factory=list,
+        description="Sizes batches are padded up to, ascending, the last equal to "
+        "max_batch_size (as in TF Serving); empty: no padding.",
+    )
+    batch_threads: int = Field(
+        1, ge=1, description="Threads running batches of one version in parallel."
+    )
+    models: dict[str, BatchingOverride] = Field(
+        default_factory=dict,
+        description="Per-model overrides, e.g. "
+        'FITSERVE_BATCHING__MODELS=\'{"mnist": {"max_batch_size": 8}}\'.',
+    )
+
+    @model_validator(mode="after")
+    def _check_allowed_sizes(self) -> BatchingSettings:
+        for name in [None, *self.models]:
+            self.for_model(name or "")
+        return self
+
+    def for_model(self, name: str) -> BatchingSettings:
+        """The knobs of one model: its overrides over the defaults, checked."""
+        override = self.models.get(name)
+        merged = self.model_copy(update=override.model_dump(exclude_none=True) if override else {})
+        sizes = merged.allowed_batch_sizes
+        if sizes and (sizes != sorted(set(sizes)) or sizes[-1] != merged.max_batch_size):
+            raise ValueError(
+                f"allowed_batch_sizes {sizes} must ascend and end at max_batch_size "
+                f"{merged.max_batch_size}"
+            )
+        return merged
+
+
+class InferenceSettings(BaseModel):
+    """The inference role: preloading, version cache, hot reload and feedback."""
+
+    preload_models: list[str] = Field(
+        default_factory=list,
+        description="Models whose default version (stable, else latest) loads at start; "
+        "the inference services report NOT_SERVING until all have loaded. Empty: SERVING "
+        "at once.",
+    )
+    max_loaded_versions: int = Field(8, ge=1, description="Versions kept in memory (LRU).")
+    max_loaded_bytes: int = Field(
+        8 * 1024**3, ge=1, description="Variable bytes of loaded versions kept (LRU)."
+    )
+    warmup_calls: int = Field(
+        2, ge=0, description="Calls at each allowed batch size before a version takes traffic."
+    )
+    reload_poll_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How often the store is polled for new versions and aliases, as a "
+        "fallback to the Redis pub/sub events that normally switch at once.",
+    )
+    allow_nan_inputs: bool = Field(
+        False, description="Accept NaN in float inputs (rejected as INVALID_ARGUMENT by default)."
+    )
+    feedback_ttl_seconds: int = Field(
+        24 * 3600, ge=1, description="How long a request id accepts Feedback, on any replica."
     )
 
 
@@ -71,10 +146,14 @@ class Settings(BaseSettings):
     )
     job_visibility_timeout_seconds: int = Field(
         48 * 3600,
-        ge=60,
-        description="Must exceed the longest job, or Redis redelivers a running job.",
+        ge=1,
+        description="How long after delivery Redis hands an unacknowledged job to another "
+        "worker: this is how a job whose worker was killed gets redelivered. Production "
+        "needs it above the longest job, or a running job is delivered twice; tests set it "
+        "low to see redelivery quickly.",
     )
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
 
     @property
     def datasets_dir(self) -> Path:

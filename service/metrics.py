@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -52,54 +58,107 @@ class Metrics:
         self.datasets_uploaded_bytes = Counter(
             "fitserve_dataset_upload_bytes_total", "Bytes of datasets stored.", registry=r
         )
+        self._add_inference_metrics(r)
+
+    def _add_inference_metrics(self, r: CollectorRegistry) -> None:
+        """Data-plane metrics, every one labelled by model and version."""
+        mv = ["model", "version"]
+        self.predict_requests = Counter(
+            "fitserve_predict_requests_total",
+            "Inference requests answered, by method (Predict, tfserving.Predict) and code.",
+            [*mv, "method", "code"],
+            registry=r,
+        )
         self.predict_latency = Histogram(
             "fitserve_predict_duration_seconds",
             "Predict time from arrival to answer.",
-            ["model", "version"],
+            mv,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.predict_queue_wait = Histogram(
             "fitserve_predict_queue_wait_seconds",
             "Time a Predict request waited for its batch to start.",
-            ["model", "version"],
+            mv,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.predict_compute = Histogram(
             "fitserve_predict_compute_seconds",
             "Time one batch spent in the model.",
-            ["model", "version"],
+            mv,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
             "fitserve_predict_batch_size",
+            "Rows per model call, before padding.",
+            mv,
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "fitserve_predict_batch_requests",
             "Requests per model call.",
-            ["model", "version"],
+            mv,
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.queue_depth = Gauge(
             "fitserve_predict_queue_depth",
             "Predict requests waiting for a batch.",
-            ["model", "version"],
+            mv,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "fitserve_predict_in_flight",
+            "Predict requests holding a version: queued or computing.",
+            mv,
             registry=r,
         )
         self.rejections = Counter(
             "fitserve_predict_rejections_total",
-            "Predict requests refused before compute, by reason.",
-            ["model", "version", "reason"],
+            "Predict requests refused before compute, by reason (queue_full, deadline, unloading).",
+            [*mv, "reason"],
             registry=r,
         )
         self.loaded_versions = Gauge(
-            "fitserve_model_versions_loaded", "Model versions in memory.", ["model"], registry=r
+            "fitserve_model_version_loaded",
+            "1 while a model version is in memory and taking traffic.",
+            mv,
+            registry=r,
+        )
+        self.loaded_bytes = Gauge(
+            "fitserve_model_version_loaded_bytes",
+            "Variable bytes of a loaded model version.",
+            mv,
+            registry=r,
         )
         self.model_load_seconds = Histogram(
             "fitserve_model_load_duration_seconds",
             "Time to load and warm up a model version.",
-            ["model"],
+            mv,
             buckets=_JOB_BUCKETS,
+            registry=r,
+        )
+        self._add_feedback_metrics(r)
+
+    def _add_feedback_metrics(self, r: CollectorRegistry) -> None:
+        """Live accuracy: correct / rows for classification, error / rows for regression."""
+        mv = ["model", "version"]
+        self.feedback_rows = Counter(
+            "fitserve_feedback_rows_total", "Rows with a true label received.", mv, registry=r
+        )
+        self.feedback_correct = Counter(
+            "fitserve_feedback_correct_total",
+            "Rows whose predicted class matched the true label (classification).",
+            mv,
+            registry=r,
+        )
+        self.feedback_absolute_error = Counter(
+            "fitserve_feedback_absolute_error_total",
+            "Sum of |prediction - label| over rows (regression); divide by rows for MAE.",
+            mv,
             registry=r,
         )
 
@@ -114,3 +173,43 @@ def stop_metrics(server: WSGIServer) -> None:
     """Stop the /metrics server started by ``serve_metrics``."""
     threading.Thread(target=server.shutdown, daemon=True).start()
     server.server_close()
+
+
+EvaluationRows = Callable[[], Iterable[tuple[str, int, str, str, float]]]
+"""(model, version, dataset, metric, value) rows, read when Prometheus scrapes."""
+
+
+class EvaluationCollector(Collector):
+    """Exports ``fitserve_model_evaluation_metric`` from the model store at scrape time.
+
+    Evaluations are written by workers into the versions' metadata, which every api
+    replica can read, so a collector (instead of a gauge set by whichever process saw
+    the job end) gives every replica the same, current answer, survives restarts, and
+    drops series of deleted versions by itself.
+    """
+
+    def __init__(self, rows: EvaluationRows) -> None:
+        self._rows = rows
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = _evaluation_family()
+        try:
+            rows = list(self._rows())
+        except Exception:  # a scrape must never fail because the store is busy
+            log.warning("could not read evaluations for /metrics", exc_info=True)
+            rows = []
+        for model, version, dataset, metric, value in rows:
+            gauge.add_metric([model, str(version), dataset, metric], value)
+        yield gauge
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        """Names only, so registering does not read the store."""
+        yield _evaluation_family()
+
+
+def _evaluation_family() -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "fitserve_model_evaluation_metric",
+        "Latest Evaluate result of a model version on a dataset, by metric.",
+        labels=["model", "version", "dataset", "metric"],
+    )

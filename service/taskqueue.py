@@ -22,12 +22,20 @@ TASK_FINE_TUNE = "fitserve.fine_tune"
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for fitserve's queues."""
-    transport = {"visibility_timeout": settings.job_visibility_timeout_seconds}
+    timeout = settings.job_visibility_timeout_seconds
+    transport = {
+        "visibility_timeout": timeout,
+        # Kombu sweeps for unacknowledged messages older than the timeout only every
+        # interval x throttle seconds (100 s by default) and once at worker start; sweep
+        # every min(timeout, 10 s) so a lost job is redelivered soon after it is due.
+        "unacked_restore_interval": min(timeout, 10),
+        "unacked_restore_throttle": 1,
+    }
     return {
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,
         # The visibility timeout must be set in all three places Celery reads it.
-        "visibility_timeout": settings.job_visibility_timeout_seconds,
+        "visibility_timeout": timeout,
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
         "task_serializer": "json",

@@ -10,7 +10,7 @@ import redis
 
 from service.config import Settings
 from service.domain.datasets import DatasetStore
-from service.domain.jobs import JobKind, JobStore
+from service.domain.jobs import Job, JobKind, JobStore
 from service.domain.model_store import ModelStore
 from service.domain.workspace import Workspace
 from service.errors import FitserveError
@@ -35,9 +35,6 @@ def workspace() -> tuple[Settings, Workspace]:
 
 def run_job(job_id: str) -> None:
     """Start, run and finish one job; every failure ends as a FAILED job, never a lost one."""
-    from service.domain.requests import TrainSpec
-    from service.domain.training import run_train
-
     settings, ws = workspace()
     token = job_id_var.set(job_id)
     try:
@@ -46,17 +43,30 @@ def run_job(job_id: str) -> None:
             log.info("job not started: cancelled or out of attempts")
             return
         log.info("job started", extra={"attempt": job.attempt, "kind": job.kind.value})
-        if job.kind is not JobKind.TRAIN:
-            ws.jobs.fail(job_id, "UNIMPLEMENTED", f"{job.kind.value} jobs are not implemented yet")
-            return
-        run_train(job, TrainSpec.model_validate(job.request), ws)
+        _run(job, ws)
         log.info("job finished")
     except FitserveError as exc:
         log.info("job failed: %s", exc.message)
-        ws.jobs.fail(job_id, type(exc).__name__.upper(), exc.message)
+        ws.jobs.fail(job_id, getattr(exc, "reason", "") or type(exc).__name__.upper(), exc.message)
     except Exception as exc:
         log.exception("job crashed")
         ws.jobs.fail(job_id, "INTERNAL", f"{type(exc).__name__}: {exc}".strip()[:2000])
         traceback.clear_frames(exc.__traceback__)
     finally:
         job_id_var.reset(token)
+
+
+def _run(job: Job, ws: Workspace) -> None:
+    """The domain function of the job's kind (imported here: TensorFlow loads in the child)."""
+    if job.kind is JobKind.TRAIN:
+        from service.domain.requests import TrainSpec
+        from service.domain.training import run_train
+
+        run_train(job, TrainSpec.model_validate(job.request), ws)
+    elif job.kind is JobKind.EVALUATE:
+        from service.domain.evaluating import run_evaluate
+        from service.domain.requests import EvaluateSpec
+
+        run_evaluate(job, EvaluateSpec.model_validate(job.request), ws)
+    else:
+        ws.jobs.fail(job.id, "UNIMPLEMENTED", f"{job.kind.value} jobs are not implemented yet")

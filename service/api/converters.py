@@ -208,3 +208,16 @@ def version_to_proto(
         uri=uri,
         labels=meta.get("labels", {}),
     )
+
+
+def evaluate_request_data(request: training_pb2.EvaluateRequest) -> dict[str, Any]:
+    """An EvaluateRequest as plain data in the shape ``EvaluateSpec`` validates."""
+    data = message_to_data(request)
+    data.pop("model", None)
+    ref = request.model
+    selector = ref.WhichOneof("selector")
+    return data | {
+        "model_name": ref.name,
+        "version": ref.version if selector == "version" else 0,
+        "alias": ref.alias if selector == "alias" else "",
+    }

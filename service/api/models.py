@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import redis.asyncio as aioredis
 
 from fitserve.v1 import model_pb2, model_pb2_grpc
 from service.api import converters
 from service.api.datasets import page
 from service.api.status import Context, Edge, Servicer, unary
+from service.domain.model_events import CHANNEL, ModelEvent
 from service.domain.model_store import ModelStore
 from service.domain.names import check_name
 from service.errors import InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
 
 
 class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
     """Thin handlers over the model store; file work runs in threads."""
 
-    def __init__(self, edge: Edge, store: ModelStore) -> None:
+    def __init__(self, edge: Edge, store: ModelStore, events: aioredis.Redis | None = None) -> None:
         super().__init__(edge)
         self._store = store
+        self._events = events
+
+    async def _publish(self, event: ModelEvent) -> None:
+        """Tell inference servers to re-resolve; best effort, they also poll the store."""
+        if self._events is None:
+            return
+        try:
+            await self._events.publish(CHANNEL, event.encode())
+        except Exception as exc:
+            log.warning("could not publish %s (servers pick it up by polling): %s", event, exc)
 
     @unary
     async def ListModels(
@@ -49,6 +65,7 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
         previous = await asyncio.to_thread(
             self._store.set_alias, name, request.alias, request.version
         )
+        await self._publish(ModelEvent(name, request.version, request.alias))
         return model_pb2.SetAliasResponse(
             model_name=name, alias=request.alias, version=request.version, previous_version=previous
         )
@@ -57,7 +74,9 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
     async def DeleteAlias(
         self, request: model_pb2.DeleteAliasRequest, context: Context
     ) -> model_pb2.DeleteAliasResponse:
-        await asyncio.to_thread(self._store.delete_alias, _name(request.model_name), request.alias)
+        name = _name(request.model_name)
+        await asyncio.to_thread(self._store.delete_alias, name, request.alias)
+        await self._publish(ModelEvent(name, 0, request.alias))
         return model_pb2.DeleteAliasResponse()
 
     @unary
@@ -66,9 +85,9 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
     ) -> model_pb2.DeleteVersionResponse:
         if request.version <= 0:
             raise InvalidRequest("version must be a positive version number", field="version")
-        await asyncio.to_thread(
-            self._store.delete_version, _name(request.model_name), request.version
-        )
+        name = _name(request.model_name)
+        await asyncio.to_thread(self._store.delete_version, name, request.version)
+        await self._publish(ModelEvent(name))
         return model_pb2.DeleteVersionResponse()
 
     def _summary(self, name: str) -> model_pb2.ModelSummary:

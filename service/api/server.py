@@ -6,6 +6,7 @@ imported only when this server has the inference role.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +32,16 @@ from service.api.status import Edge
 from service.api.training import TrainingServicer
 from service.config import Settings
 from service.domain.datasets import DatasetStore
+from service.domain.evaluation import evaluation_samples
 from service.domain.jobs import AsyncJobStore
 from service.domain.model_store import ModelStore
-from service.metrics import Metrics, serve_metrics, stop_metrics
+from service.metrics import EvaluationCollector, Metrics, serve_metrics, stop_metrics
 from service.taskqueue import TaskQueue, create_celery
 
 log = logging.getLogger(__name__)
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
@@ -89,12 +94,17 @@ async def create_server(
     names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     if "api" in settings.roles:
         names += await _add_api(server, app, edge)
+    waiting: list[str] = []
     if "inference" in settings.roles:
-        names += _add_inference(server, app, edge)
+        inference_names = _add_inference(server, app, edge)
+        names += inference_names
+        if settings.inference.preload_models:
+            waiting = [*inference_names, ""]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(names, server)
     for name in [*names, ""]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        serving = name not in waiting
+        await health_servicer.set(name, _SERVING if serving else _NOT_SERVING)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
@@ -106,15 +116,18 @@ async def _add_api(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> 
     client = aioredis.Redis.from_url(s.redis_url, decode_responses=True)
     app.closers.append(client.aclose)
     datasets = DatasetStore(s.datasets_dir, s.max_dataset_bytes)
+    models = ModelStore(s.models_dir)
     queue = TaskQueue(create_celery(s, "fitserve-api"))
-    training = TrainingServicer(edge, AsyncJobStore(client), queue, datasets, app.metrics)
+    jobs = AsyncJobStore(client)
+    training = TrainingServicer(edge, jobs, queue, datasets, models, app.metrics)
     training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(
         DatasetServicer(edge, datasets, app.metrics), server
     )
     model_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelServicer(edge, ModelStore(s.models_dir)), server
+        ModelServicer(edge, models, events=client), server
     )
+    app.metrics.registry.register(EvaluationCollector(lambda: evaluation_samples(models)))
     return [
         training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
         dataset_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
@@ -123,14 +136,43 @@ async def _add_api(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> 
 
 
 def _add_inference(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> list[str]:
+    """InferenceService and TF Serving's PredictionService over one set of loaded models."""
     from fitserve.v1 import inference_pb2_grpc
+    from service.api import tfserving
     from service.api.inference import InferenceServicer
+    from service.inference.feedback import FeedbackLog
     from service.inference.models import ServingModels
+    from service.inference.reload import start_reloading
 
     s = app.settings
-    models = ServingModels(ModelStore(s.models_dir), s.batching, app.metrics)
-    app.closers.append(models.close)
+    client = aioredis.Redis.from_url(s.redis_url)
+    models = ServingModels(ModelStore(s.models_dir), s.batching, s.inference, app.metrics)
+    feedback = FeedbackLog(client, s.inference.feedback_ttl_seconds, app.metrics)
+    app.closers += [client.aclose, feedback.close, models.close]
+    start_reloading(models, client, s.inference.reload_poll_seconds)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(edge, models), server
+        InferenceServicer(edge, models, feedback), server
     )
-    return [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
+    tfserving.add_to_server(tfserving.PredictionServicer(edge, models), server)
+    names = [
+        inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+        tfserving.SERVICE_NAME,
+    ]
+    if s.inference.preload_models:
+        models.spawn(_preload_then_serve(models, app, [*names, ""]))
+    return names
+
+
+async def _preload_then_serve(models: Any, app: FitserveServer, names: list[str]) -> None:
+    """Report SERVING once the default versions of the preload models are in memory."""
+    preload = app.settings.inference.preload_models
+    while True:
+        try:
+            await models.preload(preload)
+            break
+        except Exception as exc:
+            log.warning("preloading %s failed (%s); retrying", preload, exc)
+            await asyncio.sleep(app.settings.inference.reload_poll_seconds)  # retry period
+    for name in names:
+        await app.health.set(name, _SERVING)
+    log.info("preloaded %s; serving", preload)

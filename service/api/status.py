@@ -54,7 +54,8 @@ def code_of(exc: errors.FitserveError) -> grpc.StatusCode:
 
 
 def to_status(exc: errors.FitserveError) -> grpc.Status:
-    """A rich status: code, message, and BadRequest field details when a field is known."""
+    """A rich status: code, message, BadRequest field details when a field is known, and
+    RetryInfo when the error says when to retry (a full queue)."""
     code = code_of(exc)
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=exc.message)
     if exc.field:
@@ -64,6 +65,11 @@ def to_status(exc: errors.FitserveError) -> grpc.Status:
         )
         detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
         status.details.append(detail)
+    retry_after = getattr(exc, "retry_after_seconds", None)
+    if retry_after is not None:
+        hint = error_details_pb2.RetryInfo()
+        hint.retry_delay.FromNanoseconds(int(retry_after * 1e9))
+        status.details.add().Pack(hint)
     result: grpc.Status = rpc_status.to_status(status)
     return result
 
@@ -136,15 +142,15 @@ def stream_out(
 
     @functools.wraps(fn)
     async def wrapper(self: S, request: Req, context: Context) -> AsyncIterator[Resp]:
-        token = request_id_var.set(uuid.uuid4().hex)
+        # No reset: each RPC runs in its own task and context, and a stream the client
+        # abandons is closed from another context, where ContextVar.reset would fail.
+        request_id_var.set(uuid.uuid4().hex)
         started = time.monotonic()
         try:
             async for item in fn(self, request, context):
                 yield item
         except Exception as exc:
             await self.edge.fail(context, method, exc)
-        finally:
-            request_id_var.reset(token)
         self.edge.ok(method, started)
 
     return wrapper

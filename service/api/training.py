@@ -12,14 +12,15 @@ from service.api import converters
 from service.api.status import Context, Edge, Servicer, stream_out, unary
 from service.domain.datasets import DatasetStore
 from service.domain.jobs import AsyncJobStore, Job, JobKind, JobState
-from service.domain.requests import parse_train
+from service.domain.model_store import ModelStore
+from service.domain.requests import DatasetRef, EvaluateSpec, RunSpec, parse_evaluate, parse_train
 from service.domain.specs import check_model_spec
 from service.errors import InvalidRequest, Unavailable, Unimplemented
 from service.metrics import Metrics
-from service.taskqueue import TASK_TRAIN, TaskQueue
+from service.taskqueue import TASK_EVALUATE, TASK_TRAIN, TaskQueue
 
 MAX_PAGE = 1000
-WATCH_BLOCK_MS = 5000
+WATCH_BLOCK_MS = 2000  # below the Redis client's socket timeout
 
 
 class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
@@ -31,10 +32,12 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         jobs: AsyncJobStore,
         queue: TaskQueue,
         datasets: DatasetStore,
+        models: ModelStore,
         metrics: Metrics,
     ) -> None:
         super().__init__(edge)
-        self._jobs, self._queue, self._datasets, self._metrics = jobs, queue, datasets, metrics
+        self._jobs, self._queue, self._metrics = jobs, queue, metrics
+        self._datasets, self._models = datasets, models
 
     @unary
     async def Train(
@@ -42,20 +45,11 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     ) -> training_pb2.TrainResponse:
         spec = parse_train(converters.train_request_data(request))
         check_model_spec(spec.model)
-        if spec.dataset.dataset:
-            await asyncio.to_thread(self._datasets.get, spec.dataset.dataset)
-        job = Job(
-            id=uuid.uuid4().hex,
-            kind=JobKind.TRAIN,
-            model_name=spec.model_name,
-            queue=spec.run.queue,
-            request=spec.model_dump(mode="json"),
-            labels=spec.run.labels,
-        )
+        await self._check_dataset(spec.dataset)
+        job = _new_job(JobKind.TRAIN, spec.model_name, spec.run, spec.model_dump(mode="json"))
         stored = await self._jobs.create(job, spec.idempotency_key)
         if stored.id == job.id:
             await self._submit(TASK_TRAIN, stored)
-            self._metrics.jobs_submitted.labels(JobKind.TRAIN.value).inc()
         return training_pb2.TrainResponse(job=converters.job_to_proto(stored))
 
     @unary
@@ -68,7 +62,13 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     async def Evaluate(
         self, request: training_pb2.EvaluateRequest, context: Context
     ) -> training_pb2.EvaluateResponse:
-        raise Unimplemented("Evaluate is not implemented in this release; it is planned (issue 3)")
+        spec = parse_evaluate(converters.evaluate_request_data(request))
+        spec = await asyncio.to_thread(self._resolve, spec)
+        await self._check_dataset(spec.dataset)
+        job = _new_job(JobKind.EVALUATE, spec.model_name, spec.run, spec.model_dump(mode="json"))
+        stored = await self._jobs.create(job)
+        await self._submit(TASK_EVALUATE, stored)
+        return training_pb2.EvaluateResponse(job=converters.job_to_proto(stored))
 
     @unary
     async def GetJob(
@@ -93,24 +93,34 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     ) -> AsyncIterator[training_pb2.JobEvent]:
         job_id = _job_id(request.job_id)
         after = request.after_event_id
-        job = await self._jobs.get(job_id)
         while True:
-            events = await self._jobs.events(job_id, after, WATCH_BLOCK_MS)
+            # Read the state first: once it is terminal, every event is already in the
+            # stream, so read without blocking and end when nothing is left.
+            finished = (await self._jobs.state(job_id)).terminal
+            events = await self._jobs.events(job_id, after, None if finished else WATCH_BLOCK_MS)
             for event in events:
                 after = event.id
                 yield converters.event_to_proto(job_id, event)
                 if event.type == "state" and JobState(event.data["state"]).terminal:
                     return
-            if not events:
-                job = await self._jobs.get(job_id)
-                if job.state.terminal:
-                    return
+            if finished and not events:
+                return
 
     @unary
     async def CancelJob(
         self, request: training_pb2.CancelJobRequest, context: Context
     ) -> training_pb2.Job:
         return converters.job_to_proto(await self._jobs.cancel(_job_id(request.job_id)))
+
+    def _resolve(self, spec: EvaluateSpec) -> EvaluateSpec:
+        """Pin the version now: NOT_FOUND for an unknown model, version or alias."""
+        version = self._models.resolve(spec.model_name, spec.version, spec.alias)
+        return spec.model_copy(update={"version": version})
+
+    async def _check_dataset(self, ref: DatasetRef) -> None:
+        """NOT_FOUND now rather than a failed job later."""
+        if ref.dataset:
+            await asyncio.to_thread(self._datasets.get, ref.dataset)
 
     async def _submit(self, task: str, job: Job) -> None:
         try:
@@ -120,6 +130,18 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
             raise Unavailable(
                 f"could not queue the job: the broker is unavailable ({exc})"
             ) from None
+        self._metrics.jobs_submitted.labels(job.kind.value).inc()
+
+
+def _new_job(kind: JobKind, model_name: str, run: RunSpec, request: dict[str, Any]) -> Job:
+    return Job(
+        id=uuid.uuid4().hex,
+        kind=kind,
+        model_name=model_name,
+        queue=run.queue,
+        request=request,
+        labels=run.labels,
+    )
 
 
 def _job_id(value: str) -> str:

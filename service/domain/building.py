@@ -60,7 +60,8 @@ def _layer(index: int, entry: dict[str, Any]) -> keras.layers.Layer:
     params = {k: v for k, v in entry.items() if k not in ("type", "input_shape")}
     kind = entry["type"]
     try:
-        layer: keras.layers.Layer = getattr(keras.layers, kind)(**_plain(params))
+        cls = getattr(keras.layers, kind)
+        layer: keras.layers.Layer = cls(**_plain_for(cls, params))
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(
             f"model.layers[{index}] ({kind}): {exc}", field=f"model.layers[{index}]"
@@ -72,6 +73,20 @@ def _plain(params: dict[str, Any]) -> dict[str, Any]:
     """JSON numbers arrive as floats; Keras wants ints where a float is integral."""
     plain: dict[str, Any] = json.loads(json.dumps(params), parse_float=_int_if_integral)
     return plain
+
+
+def _plain_for(cls: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """``_plain``, but a parameter whose default is a float stays a float: Keras refuses
+    ``learning_rate=0`` (an int) where it takes ``0.0``."""
+    plain = _plain(params)
+    try:
+        defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items()}
+    except (TypeError, ValueError):
+        return plain
+    return {
+        k: float(v) if isinstance(defaults.get(k), float) and type(v) is int else v
+        for k, v in plain.items()
+    }
 
 
 def _int_if_integral(text: str) -> float | int:
@@ -128,6 +143,6 @@ def _construct(classes: dict[str, type], cfg: NamedConfig, what: str) -> Any:
     if cls is None:
         raise InvalidRequest(f"{what} {cfg.name!r} takes no parameters here; give its class name")
     try:
-        return cls(**_plain(cfg.params))
+        return cls(**_plain_for(cls, cfg.params))
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(f"{what} {cfg.name!r}: {exc}") from None

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import threading
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -32,19 +34,43 @@ def plain_logs(logs: dict[str, Any] | None) -> dict[str, float]:
 
 
 class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
-    """Records every epoch's logs in the job's history and event stream."""
+    """Records every epoch's logs in the job's history and event stream.
 
-    def __init__(self, jobs: JobStore, job_id: str, epochs: int) -> None:
+    A redelivered job resumes (BackupAndRestore) at a later epoch than the request's
+    initial_epoch; the history of the epochs it redoes is dropped when it begins, so the
+    history holds each epoch once.
+    """
+
+    def __init__(self, jobs: JobStore, job_id: str, epochs: int, initial_epoch: int = 0) -> None:
         super().__init__()
         self._jobs, self._job_id, self._epochs = jobs, job_id, epochs
+        self._initial_epoch = initial_epoch
+        self._begun = False
         self.last_logs: dict[str, float] = {}
 
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._begun:
+            return
+        self._begun = True
+        try:
+            self._jobs.reset_history(self._job_id, epoch - self._initial_epoch)
+        except Exception:
+            log.warning("could not trim the history to epoch %d", epoch, exc_info=True)
+
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.last_logs = plain_logs(logs)
+        self.last_logs = plain_logs(logs) | self._learning_rate()
         try:
             self._jobs.record_epoch(self._job_id, epoch + 1, self._epochs, self.last_logs)
         except Exception:  # reporting must never crash training
             log.warning("could not record epoch %d", epoch + 1, exc_info=True)
+
+    def _learning_rate(self) -> dict[str, float]:
+        """The rate this epoch ran at (later callbacks such as ReduceLROnPlateau may
+        change it for the next one)."""
+        try:
+            return {"learning_rate": float(self.model.optimizer.learning_rate)}
+        except (AttributeError, TypeError, ValueError):
+            return {}
 
 
 class CancelWatcher(keras.callbacks.Callback):  # type: ignore[misc]
@@ -78,3 +104,23 @@ class CancelWatcher(keras.callbacks.Callback):  # type: ignore[misc]
                 self.cancelled = True
                 self.model.stop_training = True
                 return
+
+
+class JobBackup(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
+    """BackupAndRestore for jobs whose worker may be killed at any instant.
+
+    Keras writes the backup in place, so a kill mid-write leaves a corrupt file: keep the
+    previous backup too (``double_checkpoint``), which Keras falls back to; and when
+    nothing readable is left, start the fit over instead of failing the job.
+    """
+
+    def __init__(self, backup_dir: Path) -> None:
+        super().__init__(str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        try:
+            super().on_train_begin(logs)
+        except (OSError, ValueError):
+            log.warning("the job's backup is unreadable; starting the fit over", exc_info=True)
+            shutil.rmtree(self.backup_dir, ignore_errors=True)
+            self.model._initial_epoch = None

@@ -7,6 +7,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from service.config import Settings
+from service.domain import model_events
 from service.domain.arrays import WIRE_DTYPES
 from service.domain.files import write_json_atomic
 from service.domain.model_store import KERAS_FILE, METADATA_FILE, ModelStore
@@ -23,7 +25,9 @@ def export_version(
     model.save(str(staging / KERAS_FILE))
     metadata = metadata | {"signature": read_signature(str(staging))}
     write_json_atomic(staging / METADATA_FILE, metadata)
-    return store.publish(name, job_id, staging)
+    version = store.publish(name, job_id, staging)
+    model_events.publish(Settings().redis_url, model_events.ModelEvent(name, version))
+    return version
 
 
 def read_signature(path: str) -> dict[str, list[dict[str, Any]]]:

@@ -230,8 +230,16 @@ class AsyncJobStore:
         more = await self._r.zcard(INDEX) > position
         return found, position if more else 0
 
-    async def events(self, job_id: str, after: str, block_ms: int) -> list[JobEvent]:
-        """Events after ``after`` ("" : from the start), waiting up to block_ms for one."""
+    async def state(self, job_id: str) -> JobState:
+        """The current state of a job."""
+        value = await self._r.hget(job_key(job_id), "state")
+        if value is None:
+            raise NotFound(f"job {job_id!r} not found")
+        return JobState(str(value))
+
+    async def events(self, job_id: str, after: str, block_ms: int | None) -> list[JobEvent]:
+        """Events after ``after`` ("" : from the start), waiting up to block_ms for one
+        (None: do not wait)."""
         reply = await self._r.xread({events_key(job_id): after or "0-0"}, count=100, block=block_ms)
         streams = cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply)
         return [_event(eid, f) for _stream, entries in streams for eid, f in entries]
@@ -352,7 +360,10 @@ class JobStore:
 
     def reset_history(self, job_id: str, keep_epochs: int) -> None:
         """Drop history past the epochs a resumed attempt restarts from."""
-        self._r.ltrim(history_key(job_id), 0, keep_epochs - 1)
+        if keep_epochs <= 0:
+            self._r.delete(history_key(job_id))  # LTRIM 0 -1 would keep everything
+        else:
+            self._r.ltrim(history_key(job_id), 0, keep_epochs - 1)
 
     def succeed(self, job_id: str, metrics: dict[str, float], version: int) -> bool:
         """RUNNING -> SUCCEEDED with the final metrics and the published version."""

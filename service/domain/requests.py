@@ -198,10 +198,43 @@ class TrainSpec(_Spec):
         return check_name(v, "model_name", "model name")
 
 
+class EvaluateSpec(_Spec):
+    """A validated Evaluate request; ``version`` is resolved by the api before queueing,
+    so the job evaluates the version the caller meant even if an alias moves meanwhile."""
+
+    model_name: str
+    version: int = Field(0, ge=0)
+    alias: str = ""
+    dataset: DatasetRef
+    batch_size: int = Field(32, ge=1, le=1_000_000)
+    run: RunSpec = RunSpec(queue="cpu")
+
+    @field_validator("model_name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        return check_name(v, "model.name", "model name")
+
+    @field_validator("run", mode="before")
+    @classmethod
+    def _cpu_by_default(cls, v: Any) -> Any:
+        """Evaluation is light: it goes to the cpu queue unless the caller picks one."""
+        if isinstance(v, dict) and not v.get("queue"):
+            return v | {"queue": "cpu"}
+        return v
+
+
 def parse_train(data: dict[str, Any]) -> TrainSpec:
     """Validate a Train request given as plain data; errors name the field at fault."""
     try:
         return TrainSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def parse_evaluate(data: dict[str, Any]) -> EvaluateSpec:
+    """Validate an Evaluate request given as plain data; errors name the field at fault."""
+    try:
+        return EvaluateSpec.model_validate(data)
     except ValidationError as exc:
         raise _invalid(exc) from None
 

@@ -1,14 +1,28 @@
 """Dynamic batching of Predict requests for one loaded version.
 
-Requests queue up while the model is busy; when it is free, one dedicated thread takes
-everything queued (up to ``max_batch_size`` rows) as one batch. A lone request on an idle
-model therefore goes out at once, and under load batches grow by themselves. The queue is
-bounded: past ``max_queue`` waiting requests, ``submit`` refuses with ResourceExhausted.
+Requests queue up; dedicated threads (``threads`` of them) take queued requests, up to
+``max_batch_size`` rows, as one batch. When to send a batch:
+
+* A batch goes out when it is full, or when its oldest request has waited
+  ``batch_timeout``.
+* The timeout is only spent when more requests are known to be coming: others are queued
+  behind the oldest, or the previous batch held several requests (the model is under
+  concurrent load). A lone request on an idle model therefore goes out at once, and the
+  first lone request after a burst waits at most one timeout; after it, lone requests
+  go out at once again. Under load, batches also grow by themselves: whatever queues while
+  the model is busy forms the next batch.
+
+The queue is bounded: past ``max_queue`` waiting requests, ``submit`` refuses with
+``QueueFull`` (RESOURCE_EXHAUSTED) carrying a retry hint, the time the queue needs to
+drain. A request whose deadline has passed is dropped before compute (DeadlineExceeded).
+Batches are padded to ``allowed_batch_sizes`` so the model only ever sees a few shapes.
+A batch that fails fails every waiter with the same error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -17,9 +31,35 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import ResourceExhausted, Unavailable
+from service.errors import DeadlineExceeded, FitserveError, ResourceExhausted, Unavailable
+from service.inference.padding import run_padded
+
+log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
+
+
+class QueueFull(ResourceExhausted):
+    """The version's queue is full; ``retry_after_seconds`` is when it should have room."""
+
+    def __init__(self, message: str, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class BatchFailed(Unavailable):
+    """The model failed on a batch; every request of the batch gets this, and may retry."""
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """The knobs of one batcher (see BatchingSettings for their meaning)."""
+
+    max_batch_size: int = 64
+    batch_timeout: float = 0.0
+    max_queue: int = 1024
+    allowed_batch_sizes: tuple[int, ...] = ()
+    threads: int = 1
 
 
 @dataclass
@@ -28,6 +68,7 @@ class _Pending:
     rows: int
     future: asyncio.Future[Arrays]
     loop: asyncio.AbstractEventLoop
+    deadline: float | None
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -37,6 +78,7 @@ class BatchStats:
 
     requests: int
     rows: int
+    padded_rows: int
     queue_waits: list[float]
     compute_seconds: float
 
@@ -47,80 +89,152 @@ class Batcher:
     def __init__(
         self,
         run: Callable[[Arrays], Arrays],
+        policy: BatchPolicy,
         *,
-        max_batch_size: int,
-        max_queue: int,
         on_batch: Callable[[BatchStats], None] = lambda _: None,
-        name: str = "batcher",
+        on_reject: Callable[[str], None] = lambda _: None,
+        label: str = "this model",
     ) -> None:
-        self._run, self._on_batch = run, on_batch
-        self._max_rows, self._max_queue = max_batch_size, max_queue
+        self._run, self._policy, self._label = run, policy, label
+        self._on_batch, self._on_reject = on_batch, on_reject
         self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._last_requests = 0
+        self._batch_seconds = 0.0  # moving average, for the retry hint
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"batcher-{label}-{i}", daemon=True)
+            for i in range(policy.threads)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
         """Requests waiting for a batch."""
         return len(self._queue)
 
-    async def submit(self, inputs: Arrays, rows: int) -> Arrays:
-        """Queue one request and wait for its slice of the batch's outputs."""
+    async def submit(self, inputs: Arrays, rows: int, deadline: float | None = None) -> Arrays:
+        """Queue one request and wait for its slice of the batch's outputs.
+
+        ``deadline`` is a ``time.monotonic()`` instant; past it the request is dropped.
+        """
         loop = asyncio.get_running_loop()
-        pending = _Pending(inputs, rows, loop.create_future(), loop)
+        pending = _Pending(inputs, rows, loop.create_future(), loop, deadline)
         with self._cond:
-            if self._closed:
-                raise Unavailable("this model version is unloading; retry")
-            if len(self._queue) >= self._max_queue:
-                raise ResourceExhausted(
-                    f"the model's queue is full ({self._max_queue} requests); retry with backoff"
-                )
+            self._admit(pending)
             self._queue.append(pending)
+            self._queued_rows += rows
             self._cond.notify()
         return await pending.future
 
     def close(self) -> None:
-        """Finish the queued requests, then stop the thread."""
+        """Finish the queued requests, then stop the threads."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    def _admit(self, pending: _Pending) -> None:
+        """Refuse a request the batcher cannot take (called holding the lock)."""
+        if self._closed:
+            self._on_reject("unloading")
+            raise Unavailable(f"{self._label} is unloading; retry")
+        if pending.deadline is not None and pending.enqueued >= pending.deadline:
+            self._on_reject("deadline")
+            raise DeadlineExceeded(f"the deadline passed before {self._label} could run it")
+        if len(self._queue) >= self._policy.max_queue:
+            self._on_reject("queue_full")
+            retry = self._retry_after()
+            raise QueueFull(
+                f"{self._label}'s queue is full ({self._policy.max_queue} requests); "
+                f"retry in {retry * 1000:.0f} ms with backoff",
+                retry,
+            )
+
+    def _retry_after(self) -> float:
+        """Roughly how long until the queue has drained: batches queued x batch time."""
+        batches = self._queued_rows / self._policy.max_batch_size + 1
+        seconds = batches * max(self._batch_seconds, 0.001) / self._policy.threads
+        return min(max(seconds, 0.001), 5.0)
 
     def _loop(self) -> None:
         while batch := self._next_batch():
             self._execute(batch)
 
     def _next_batch(self) -> list[_Pending]:
+        """The next batch to run; empty once closed and drained."""
         with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            batch: list[_Pending] = []
-            rows = 0
-            while self._queue and (not batch or rows + self._queue[0].rows <= self._max_rows):
-                item = self._queue.popleft()
-                batch.append(item)
-                rows += item.rows
-            return batch
+            while True:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return []
+                self._wait_to_fill()
+                if batch := self._take():
+                    self._last_requests = len(batch)
+                    return batch
+
+    def _wait_to_fill(self) -> None:
+        """Hold the oldest request up to the timeout, when more are known to be coming."""
+        p = self._policy
+        coming = len(self._queue) > 1 or self._last_requests > 1
+        if not coming or p.batch_timeout <= 0:
+            return
+        until = self._queue[0].enqueued + p.batch_timeout
+        while self._queue and not self._closed and self._queued_rows < p.max_batch_size:
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _take(self) -> list[_Pending]:
+        """Pop up to a full batch, failing requests whose deadline has passed."""
+        batch: list[_Pending] = []
+        rows, now = 0, time.monotonic()
+        while self._queue and (
+            not batch or rows + self._queue[0].rows <= self._policy.max_batch_size
+        ):
+            item = self._queue.popleft()
+            self._queued_rows -= item.rows
+            if item.deadline is not None and now >= item.deadline:
+                self._on_reject("deadline")
+                error = DeadlineExceeded(
+                    f"the deadline passed while the request waited for {self._label}"
+                )
+                _deliver([item], error=error)
+                continue
+            batch.append(item)
+            rows += item.rows
+        return batch
 
     def _execute(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
+        rows = [p.rows for p in batch]
+        padded = 0
         try:
-            outputs = self._run(_concat([p.inputs for p in batch]))
-            parts = _split(outputs, [p.rows for p in batch])
+            outputs, padded = run_padded(
+                self._run, _concat([p.inputs for p in batch]), self._policy.allowed_batch_sizes
+            )
+            parts = _split(outputs, rows, self._label)
         except Exception as exc:
-            _deliver(batch, error=exc)
+            _deliver(batch, error=self._batch_error(exc, len(batch), sum(rows)))
         else:
             _deliver(batch, results=parts)
         done = time.monotonic()
-        self._on_batch(
-            BatchStats(
-                len(batch),
-                sum(p.rows for p in batch),
-                [started - p.enqueued for p in batch],
-                done - started,
-            )
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (done - started)
+        waits = [started - p.enqueued for p in batch]
+        self._on_batch(BatchStats(len(batch), sum(rows), padded, waits, done - started))
+
+    def _batch_error(self, exc: Exception, requests: int, rows: int) -> Exception:
+        if isinstance(exc, FitserveError):
+            return exc
+        log.error("%s failed on a batch", self._label, exc_info=exc)
+        return BatchFailed(
+            f"{self._label} failed on a batch of {requests} requests ({rows} rows): "
+            f"{type(exc).__name__}; every request of the batch failed, retry"
         )
 
 
@@ -130,11 +244,14 @@ def _concat(inputs: list[Arrays]) -> Arrays:
     return {k: np.concatenate([i[k] for i in inputs]) for k in inputs[0]}
 
 
-def _split(outputs: Arrays, rows: list[int]) -> list[Arrays]:
+def _split(outputs: Arrays, rows: list[int], label: str) -> list[Arrays]:
     total = sum(rows)
     for name, value in outputs.items():
         if value.shape[:1] != (total,):
-            raise RuntimeError(f"output {name!r} has {value.shape[:1]} rows for {total} input rows")
+            raise BatchFailed(
+                f"{label} returned output {name!r} with {value.shape[0] if value.ndim else 0} "
+                f"rows for {total} input rows"
+            )
     bounds = np.cumsum(rows)[:-1]
     per_output = {k: np.split(v, bounds) for k, v in outputs.items()}
     return [{k: per_output[k][i] for k in outputs} for i in range(len(rows))]
@@ -147,7 +264,8 @@ def _deliver(
     for i, pending in enumerate(batch):
         by_loop.setdefault(pending.loop, []).append((pending, results[i] if results else None))
     for loop, items in by_loop.items():
-        loop.call_soon_threadsafe(_resolve, items, error)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_resolve, items, error)
 
 
 def _resolve(items: list[tuple[_Pending, Arrays | None]], error: Exception | None) -> None:

@@ -1,30 +1,40 @@
-"""The versions this server serves: resolve a request, load on demand, batch, and run.
+"""The versions this server serves: routes, loading, warm-up, draining and the LRU bound.
 
-Versions load in a thread on first use (a load never blocks the event loop) and are kept
-in an LRU bounded by count. Name/alias resolution is cached for ``resolve_ttl`` seconds,
-so an alias switch or a new version is picked up within that time.
+A *route* is what a request names, ``(model, version, alias)``, and the version it goes
+to. Routes are resolved against the store once and then kept; they change only when
+``refresh`` re-resolves them (on a model event, or by the store poll). When a route's
+target changes, the new version is loaded and warmed up *before* the route switches, so
+traffic never waits for a load; the old version, once no route points at it, is taken out
+of service, drains the requests that hold it, and unloads. A request holds its version
+from resolution to answer with no await in between lookup and hold, so a switch under
+load fails nothing. Loaded versions are bounded by count and by variable bytes (LRU).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from service.config import BatchingSettings
+from service.config import BatchingSettings, InferenceSettings
 from service.domain.model_store import ModelStore
-from service.errors import FitserveError, InvalidRequest, Unavailable
-from service.inference.batcher import Batcher, BatchStats
-from service.inference.servable import Servable
+from service.errors import InvalidRequest, NotFound, Unavailable
+from service.inference.batcher import Batcher, BatchPolicy, BatchStats
+from service.inference.servable import Servable, TensorSpec
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+Key = tuple[str, int]
+Route = tuple[str, int, str]
 
 
 class VersionState(enum.StrEnum):
@@ -37,8 +47,24 @@ class VersionState(enum.StrEnum):
 
 @dataclass
 class _Loaded:
+    """A loaded version and the requests holding it (it unloads only when none do)."""
+
     servable: Servable
     batcher: Batcher
+    holders: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def hold(self) -> None:
+        self.holders += 1
+        self.idle.clear()
+
+    def release(self) -> None:
+        self.holders -= 1
+        if self.holders == 0:
+            self.idle.set()
 
 
 @dataclass(frozen=True)
@@ -57,95 +83,203 @@ class ServingModels:
         self,
         store: ModelStore,
         batching: BatchingSettings,
+        inference: InferenceSettings,
         metrics: Metrics,
-        *,
-        max_loaded: int = 8,
-        resolve_ttl: float = 0.5,
     ) -> None:
-        self._store, self._batching, self._metrics = store, batching, metrics
-        self._max_loaded, self._ttl = max_loaded, resolve_ttl
-        self._loaded: OrderedDict[tuple[str, int], _Loaded] = OrderedDict()
-        self._loading: dict[tuple[str, int], asyncio.Task[_Loaded]] = {}
-        self._failed: dict[tuple[str, int], str] = {}
-        self._resolved: dict[tuple[str, int, str], tuple[float, int]] = {}
+        self._store, self._batching, self._settings = store, batching, inference
+        self._metrics = metrics
+        self._loaded: OrderedDict[Key, _Loaded] = OrderedDict()
+        self._loading: dict[Key, asyncio.Task[None]] = {}
+        self._unloading: set[Key] = set()
+        self._failed: dict[Key, str] = {}
+        self._routes: dict[Route, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._unloads: set[asyncio.Task[None]] = set()
 
-    async def predict(
-        self, name: str, inputs: dict[str, np.ndarray], version: int = 0, alias: str = ""
-    ) -> Prediction:
-        """Run one request through its version's batcher."""
-        started = time.monotonic()
-        resolved = await self.resolve(name, version, alias)
-        loaded = await self._get(name, resolved)
-        checked, rows = loaded.servable.check_inputs(inputs)
-        if rows == 0:
-            raise InvalidRequest("inputs have no rows; send at least one")
-        outputs = await loaded.batcher.submit(checked, rows)
-        labels = (name, str(resolved))
-        self._metrics.predict_latency.labels(*labels).observe(time.monotonic() - started)
-        return Prediction(name, resolved, outputs)
+    # -- requests ------------------------------------------------------------------
 
     async def resolve(self, name: str, version: int = 0, alias: str = "") -> int:
-        """The version a request means, cached briefly."""
-        key = (name, version, alias)
-        hit = self._resolved.get(key)
-        now = time.monotonic()
-        if hit and now - hit[0] < self._ttl:
-            return hit[1]
-        resolved = await asyncio.to_thread(self._store.resolve, name, version, alias)
-        self._resolved[key] = (now, resolved)
-        return resolved
+        """The version a request means; a known route answers without awaiting anything."""
+        route = (name, version, alias)
+        if (target := self._routes.get(route)) is not None:
+            return target
+        target = await asyncio.to_thread(self._store.resolve, name, version, alias)
+        return self._routes.setdefault(route, target)
+
+    async def predict(
+        self, name: str, version: int, inputs: dict[str, np.ndarray], deadline: float | None
+    ) -> Prediction:
+        """Run one request on a resolved version through its batcher."""
+        started = time.monotonic()
+        loaded = await self._hold(name, version)
+        try:
+            checked, rows = loaded.servable.check_inputs(inputs)
+            if rows == 0:
+                raise InvalidRequest("inputs have no rows; send at least one", field="inputs")
+            outputs = await loaded.batcher.submit(checked, rows, deadline)
+        finally:
+            loaded.release()
+        elapsed = time.monotonic() - started
+        self._metrics.predict_latency.labels(name, str(version)).observe(elapsed)
+        return Prediction(name, version, outputs)
+
+    async def signature(self, name: str, version: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """Inputs and outputs of a version's serving signature (loading it if needed)."""
+        loaded = await self._hold(name, version)
+        loaded.release()
+        return loaded.servable.inputs, loaded.servable.outputs
 
     def status(self, name: str) -> dict[int, tuple[VersionState, str]]:
-        """State of each version of a model on this server."""
+        """State of each version of a model on this server (reads the store: use a thread)."""
         states = dict.fromkeys(self._store.versions(name), (VersionState.NOT_LOADED, ""))
-        for (model, v), reason in self._failed.items():
-            if model == name:
-                states[v] = (VersionState.FAILED, reason)
-        for model, v in self._loading:
-            if model == name:
-                states[v] = (VersionState.LOADING, "")
-        for model, v in self._loaded:
-            if model == name:
-                states[v] = (VersionState.AVAILABLE, "")
+        for table, state in (
+            (self._failed, VersionState.FAILED),
+            (self._loading, VersionState.LOADING),
+            (dict.fromkeys(self._unloading), VersionState.UNLOADING),
+            (self._loaded, VersionState.AVAILABLE),  # a reloaded copy wins over the old one
+        ):
+            for model, v in table:
+                if model == name:
+                    states[v] = (state, self._failed.get((model, v), ""))
         return states
 
+    # -- versions ------------------------------------------------------------------
+
+    async def preload(self, names: list[str]) -> None:
+        """Load the default version (stable, else latest) of each model."""
+        for name in names:
+            await self.signature(name, await self.resolve(name))
+
+    async def refresh(self, model: str | None = None) -> None:
+        """Re-resolve the routes of ``model`` (every model: None), switching warm."""
+        names = sorted({r[0] for r in self._routes} if model is None else {model})
+        for name in names:
+            async with self._locks.setdefault(name, asyncio.Lock()):
+                await self._refresh_model(name)
+
     async def close(self) -> None:
-        """Drain and unload every version."""
+        """Stop background work, then drain and unload every version."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for key in list(self._loaded):
-            await self._unload(key)
+            self._retire(key)
+        await asyncio.gather(*self._unloads, return_exceptions=True)
 
-    async def _get(self, name: str, version: int) -> _Loaded:
-        key = (name, version)
-        if (loaded := self._loaded.get(key)) is not None:
-            self._loaded.move_to_end(key)
-            return loaded
-        task = self._loading.get(key)
-        if task is None:
-            task = asyncio.create_task(self._load(name, version))
-            self._loading[key] = task
-        return await asyncio.shield(task)
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run background work owned by this object (cancelled by ``close``)."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
 
-    async def _load(self, name: str, version: int) -> _Loaded:
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("background model work failed", exc_info=exc)
+
+    async def _refresh_model(self, name: str) -> None:
+        before = {r: v for r, v in self._routes.items() if r[0] == name}
+        for route, current in before.items():
+            target = await self._re_resolve(route)
+            if target is None:
+                self._routes.pop(route, None)
+            elif target != current and await self._warm(name, target):
+                self._routes[route] = target
+        targets = {v for r, v in self._routes.items() if r[0] == name}
+        for key in [(name, v) for v in set(before.values())]:
+            if key[1] not in targets:
+                self._retire(key)
+
+    async def _re_resolve(self, route: Route) -> int | None:
+        try:
+            return await asyncio.to_thread(self._store.resolve, *route)
+        except NotFound:
+            return None
+
+    async def _warm(self, name: str, version: int) -> bool:
+        """Load (and warm up) a version before a route switches to it."""
+        try:
+            await self.signature(name, version)
+        except Unavailable:
+            log.warning("not switching %s to version %d: it failed to load", name, version)
+            return False
+        return True
+
+    async def _hold(self, name: str, version: int) -> _Loaded:
+        """The loaded version, held for one request; loads it first if needed."""
         key = (name, version)
+        while True:
+            if (loaded := self._loaded.get(key)) is not None:
+                self._loaded.move_to_end(key)
+                loaded.hold()
+                return loaded
+            task = self._loading.get(key)
+            if task is None:
+                task = self._loading[key] = asyncio.create_task(self._load(key))
+            await asyncio.shield(task)
+
+    async def _load(self, key: Key) -> None:
         started = time.monotonic()
         try:
-            servable = await asyncio.to_thread(
-                Servable, name, version, self._store.path(name, version)
-            )
+            servable = await asyncio.to_thread(self._build, key)
         except Exception as exc:
             self._failed[key] = f"{type(exc).__name__}: {exc}"
-            log.exception("loading %s version %d failed", name, version)
-            raise Unavailable(f"model {name!r} version {version} failed to load: {exc}") from None
+            log.exception("loading %s version %d failed", *key)
+            raise Unavailable(f"model {key[0]!r} version {key[1]} failed to load: {exc}") from None
         finally:
             self._loading.pop(key, None)
         self._failed.pop(key, None)
-        loaded = _Loaded(servable, self._batcher(servable))
-        self._loaded[key] = loaded
-        self._metrics.model_load_seconds.labels(name).observe(time.monotonic() - started)
-        self._metrics.loaded_versions.labels(name).inc()
-        while len(self._loaded) > self._max_loaded:
-            await self._unload(next(iter(self._loaded)))
-        return loaded
+        self._loaded[key] = loaded = _Loaded(servable, self._batcher(servable))
+        self._track(key, loaded, time.monotonic() - started)
+        self._evict()
+
+    def _build(self, key: Key) -> Servable:
+        """Load and warm up a version (in a thread: this is slow)."""
+        policy = self._policy(key[0])
+        servable = Servable(*key, self._store.path(*key), allow_nan=self._settings.allow_nan_inputs)
+        sizes = policy.allowed_batch_sizes or sorted({1, policy.max_batch_size})
+        servable.warm_up(sizes, self._settings.warmup_calls)
+        return servable
+
+    def _policy(self, name: str) -> BatchPolicy:
+        b = self._batching.for_model(name)
+        return BatchPolicy(
+            max_batch_size=b.max_batch_size,
+            batch_timeout=b.batch_timeout_ms / 1000,
+            max_queue=b.max_queue,
+            allowed_batch_sizes=tuple(b.allowed_batch_sizes),
+            threads=b.batch_threads,
+        )
+
+    def _evict(self) -> None:
+        """Unload least recently used versions past the count and byte bounds."""
+        s = self._settings
+        while len(self._loaded) > 1 and (
+            len(self._loaded) > s.max_loaded_versions
+            or sum(x.servable.nbytes for x in self._loaded.values()) > s.max_loaded_bytes
+        ):
+            self._retire(next(iter(self._loaded)))
+
+    def _retire(self, key: Key) -> None:
+        """Take a version out of service now; it unloads once its holders are done."""
+        loaded = self._loaded.pop(key, None)
+        if loaded is None:
+            return
+        self._unloading.add(key)
+        task = asyncio.create_task(self._unload(key, loaded))
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+
+    async def _unload(self, key: Key, loaded: _Loaded) -> None:
+        try:
+            await loaded.idle.wait()
+            await asyncio.to_thread(loaded.batcher.close)
+        finally:
+            self._unloading.discard(key)
+            if key not in self._loaded:  # unless a new copy took the version's metrics
+                self._untrack(key)
+        log.info("unloaded %s version %d", *key)
 
     def _batcher(self, servable: Servable) -> Batcher:
         labels = (servable.model, str(servable.version))
@@ -153,37 +287,39 @@ class ServingModels:
 
         def on_batch(stats: BatchStats) -> None:
             m.batch_size.labels(*labels).observe(stats.rows)
+            m.batch_requests.labels(*labels).observe(stats.requests)
             m.predict_compute.labels(*labels).observe(stats.compute_seconds)
             for wait in stats.queue_waits:
                 m.predict_queue_wait.labels(*labels).observe(wait)
 
+        def on_reject(reason: str) -> None:
+            m.rejections.labels(*labels, reason).inc()
+
         return Batcher(
-            _guarded(servable),
-            max_batch_size=self._batching.max_batch_size,
-            max_queue=self._batching.max_queue,
+            servable.run,
+            self._policy(servable.model),
             on_batch=on_batch,
-            name=f"batcher-{servable.model}-{servable.version}",
+            on_reject=on_reject,
+            label=servable.where,
         )
 
-    async def _unload(self, key: tuple[str, int]) -> None:
-        loaded = self._loaded.pop(key)
-        await asyncio.to_thread(loaded.batcher.close)
-        self._metrics.loaded_versions.labels(key[0]).dec()
+    def _track(self, key: Key, loaded: _Loaded, seconds: float) -> None:
+        labels = (key[0], str(key[1]))
+        m = self._metrics
+        m.model_load_seconds.labels(*labels).observe(seconds)
+        m.loaded_versions.labels(*labels).set(1)
+        m.loaded_bytes.labels(*labels).set(loaded.servable.nbytes)
+        m.queue_depth.labels(*labels).set_function(_getter(lambda: loaded.batcher.depth))
+        m.in_flight.labels(*labels).set_function(_getter(lambda: loaded.holders))
+        log.info("loaded %s version %d in %.2f s", *key, seconds)
+
+    def _untrack(self, key: Key) -> None:
+        labels = (key[0], str(key[1]))
+        m = self._metrics
+        for gauge in (m.loaded_versions, m.loaded_bytes, m.queue_depth, m.in_flight):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
 
 
-def _guarded(servable: Servable) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """Turn a model failure into an error every waiter of the batch can read."""
-
-    def run(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            return servable.run(batch)
-        except FitserveError:
-            raise
-        except Exception as exc:
-            log.exception("model %s version %d failed on a batch", servable.model, servable.version)
-            raise Unavailable(
-                f"model {servable.model!r} version {servable.version} failed on this batch: "
-                f"{type(exc).__name__}"
-            ) from None
-
-    return run
+def _getter(fn: Callable[[], int]) -> Callable[[], float]:
+    return lambda: float(fn())

@@ -160,14 +160,10 @@ def test_job_id_must_look_like_one(channel: grpc.Channel) -> None:
 
 def test_planned_rpcs_say_unimplemented(channel: grpc.Channel) -> None:
     stub = training_pb2_grpc.TrainingServiceStub(channel)
-    for call, request in (
-        (stub.Evaluate, training_pb2.EvaluateRequest()),
-        (stub.FineTune, training_pb2.FineTuneRequest()),
-    ):
-        with pytest.raises(grpc.RpcError) as exc:
-            call(request)
-        assert exc.value.code() == Code.UNIMPLEMENTED  # type: ignore[attr-defined]
-        assert "not implemented in this release" in exc.value.details()  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.FineTune(training_pb2.FineTuneRequest())
+    assert exc.value.code() == Code.UNIMPLEMENTED  # type: ignore[attr-defined]
+    assert "not implemented in this release" in exc.value.details()  # type: ignore[attr-defined]
 
 
 # ---- DatasetService --------------------------------------------------------------------
@@ -383,10 +379,10 @@ def test_server_keeps_serving_after_bad_input(
     assert client.predict(trained, np.zeros((3, 28, 28), np.float32)).shape == (3, 10)
 
 
-def test_feedback_is_planned_and_status_reports_versions(
+def test_feedback_for_an_unknown_request_and_status_reports_versions(
     client: fitserve.Client, trained: str
 ) -> None:
-    with pytest.raises(fitserve.UnimplementedError, match="Feedback is not implemented"):
+    with pytest.raises(fitserve.NotFoundError, match="no prediction with request id"):
         client.feedback("some-request", np.array([1]))
     client.predict(trained, np.zeros((1, 28, 28), np.float32))
     status = client.model_status(trained)

@@ -80,6 +80,9 @@ def test_job_events_stream_in_order(
     events = list(job.events())
     resumed = list(job.events(after_event_id=events[1].event_id))
     assert [e.event_id for e in resumed] == [e.event_id for e in events[2:]]
+    # Resuming after the last event of a finished job ends the stream with nothing new.
+    assert list(job.events(after_event_id=events[-1].event_id)) == []
+    assert job.wait(timeout=10).state == training_pb2.JOB_STATE_SUCCEEDED
 
 
 def test_listing_and_aliases(

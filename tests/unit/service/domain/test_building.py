@@ -224,3 +224,14 @@ def test_compile_with_a_metric_taking_params():
 def test_compile_errors_are_invalid_requests(spec, message):
     with pytest.raises(InvalidRequest, match=message):
         compile_model(tiny_model(), spec)
+
+
+def test_a_float_parameter_given_as_an_integral_number_stays_a_float():
+    # JSON 0.0 arrives as 0; Keras refuses learning_rate=0 (an int) but takes 0.0.
+    model = tiny_model()
+    spec = CompileSpec(
+        optimizer=NamedConfig(name="sgd", params={"learning_rate": 0.0}),
+        loss=NamedConfig(name="mse"),
+    )
+    compile_model(model, spec)
+    assert float(model.optimizer.learning_rate) == 0.0

@@ -1,11 +1,12 @@
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from service.errors import ResourceExhausted, Unavailable
-from service.inference.batcher import Batcher, BatchStats
+from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from service.inference.batcher import Batcher, BatchFailed, BatchPolicy, BatchStats, QueueFull
 
 TIMEOUT = 10  # seconds; a bound for waits that should return at once
 
@@ -43,7 +44,9 @@ def closing():
     made: list[Batcher] = []
 
     def make(run, **kwargs) -> Batcher:
-        made.append(Batcher(run, **{"max_batch_size": 64, "max_queue": 100, **kwargs}))
+        hooks = {k: kwargs.pop(k) for k in ("on_batch", "on_reject") if k in kwargs}
+        policy = BatchPolicy(**{"max_batch_size": 64, "max_queue": 100, **kwargs})
+        made.append(Batcher(run, policy, label="model 'm' version 1", **hooks))
         return made[-1]
 
     yield make
@@ -94,7 +97,7 @@ def test_requests_with_several_rows_get_their_slices(closing):
 def test_a_lone_request_goes_out_as_a_batch_of_one():
     model = Model()
     stats: list[BatchStats] = []
-    batcher = Batcher(model, max_batch_size=64, max_queue=10, on_batch=stats.append)
+    batcher = Batcher(model, BatchPolicy(max_batch_size=64, max_queue=10), on_batch=stats.append)
 
     out = asyncio.run(batcher.submit(rows(7), 1))
     batcher.close()  # on_batch runs after delivery; closing waits for it
@@ -188,7 +191,10 @@ def test_a_failing_run_fails_every_waiter_and_the_batcher_keeps_serving(closing)
     failed, after = asyncio.run(main())
 
     assert model.sizes == [1, 4, 1]
-    assert all(f is error for f in failed)
+    assert all(isinstance(f, BatchFailed) for f in failed)
+    assert all(f is failed[1] for f in failed[1:])  # one error, the same for every waiter
+    assert "failed on a batch of 4 requests (4 rows): ValueError" in str(failed[1])
+    assert "exploded" not in str(failed[1])  # the model's own message stays in the log
     np.testing.assert_array_equal(after["y"], np.full((1, 3), 18, np.float32))
 
 
@@ -196,7 +202,7 @@ def test_an_output_with_the_wrong_number_of_rows_fails_the_batch(closing):
     batcher = closing(lambda inputs: {"y": np.zeros((len(inputs["x"]) + 1, 2))})
 
     async def main():
-        with pytest.raises(RuntimeError, match=r"output 'y' has \(3,\) rows for 2 input rows"):
+        with pytest.raises(BatchFailed, match=r"output 'y' with 3 rows for 2 input rows"):
             await asyncio.wait_for(batcher.submit(rows(1, 2), 2), TIMEOUT)
 
     asyncio.run(main())
@@ -205,7 +211,7 @@ def test_an_output_with_the_wrong_number_of_rows_fails_the_batch(closing):
 def test_close_finishes_queued_work_then_refuses():
     gate = threading.Event()
     model = Model(gate=gate)
-    batcher = Batcher(model, max_batch_size=2, max_queue=100)
+    batcher = Batcher(model, BatchPolicy(max_batch_size=2, max_queue=100))
 
     async def main():
         tasks = [asyncio.create_task(batcher.submit(rows(i), 1)) for i in range(7)]
@@ -221,3 +227,134 @@ def test_close_finishes_queued_work_then_refuses():
 
     assert [int(r["first"][0, 0]) for r in results] == list(range(7))
     assert max(model.sizes) <= 2
+
+
+# ---- batch timeout, deadlines, retry hint, threads, padding ------------------------------
+
+
+def test_a_lone_request_never_waits_for_the_batch_timeout(closing):
+    model = Model()
+    batcher = closing(model, batch_timeout=3600.0)  # waiting at all would hang the test
+
+    async def main():
+        for i in range(3):
+            await asyncio.wait_for(batcher.submit(rows(i), 1), TIMEOUT)
+
+    asyncio.run(main())
+
+    assert model.sizes == [1, 1, 1]
+
+
+def test_under_load_a_batch_waits_to_fill_and_goes_out_when_full(closing):
+    gate = threading.Event()
+    model = Model(gate=gate)
+    batcher = closing(model, max_batch_size=4, batch_timeout=3600.0)
+
+    async def main():
+        first = asyncio.create_task(batcher.submit(rows(0), 1))
+        await started(model)
+        queued = [asyncio.create_task(batcher.submit(rows(i), 1)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        gate.set()  # two are queued, so more are coming: the batcher holds them for more
+        late = [asyncio.create_task(batcher.submit(rows(i), 1)) for i in (3, 4)]
+        return await asyncio.wait_for(asyncio.gather(first, *queued, *late), TIMEOUT)
+
+    results = asyncio.run(main())
+
+    assert model.sizes == [1, 4]  # without the timeout: [1, 2, 2]
+    assert [int(r["first"][0, 0]) for r in results] == [0, 1, 2, 3, 4]
+
+
+def test_a_request_past_its_deadline_is_refused_before_queueing(closing):
+    model, reasons = Model(), []
+    batcher = closing(model, on_reject=reasons.append)
+
+    async def main():
+        with pytest.raises(DeadlineExceeded, match="deadline passed"):
+            await batcher.submit(rows(1), 1, deadline=time.monotonic())
+
+    asyncio.run(main())
+
+    assert model.sizes == []
+    assert reasons == ["deadline"]
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(closing):
+    gate = threading.Event()
+    model, reasons = Model(gate=gate), []
+    batcher = closing(model, on_reject=reasons.append)
+
+    async def main():
+        first = asyncio.create_task(batcher.submit(rows(0), 1))
+        await started(model)
+        deadline = time.monotonic() + 0.01
+        late = asyncio.create_task(batcher.submit(rows(1), 1, deadline=deadline))
+        kept = asyncio.create_task(batcher.submit(rows(2), 1, deadline=deadline + 3600))
+        await asyncio.sleep(0.02)  # the request's deadline passes while it is queued
+        assert time.monotonic() > deadline
+        gate.set()
+        with pytest.raises(DeadlineExceeded, match="waited for model 'm' version 1"):
+            await asyncio.wait_for(late, TIMEOUT)
+        return await asyncio.wait_for(asyncio.gather(first, kept), TIMEOUT)
+
+    asyncio.run(main())
+
+    assert model.sizes == [1, 1]
+    assert 1 not in np.concatenate(model.batches)
+    assert reasons == ["deadline"]
+
+
+def test_a_full_queue_says_when_to_retry(closing):
+    gate = threading.Event()
+    model, reasons = Model(gate=gate), []
+    batcher = closing(model, max_queue=1, on_reject=reasons.append)
+
+    async def main():
+        running = asyncio.create_task(batcher.submit(rows(0), 1))
+        await started(model)
+        queued = asyncio.create_task(batcher.submit(rows(1), 1))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match=r"retry in \d+ ms") as refused:
+            await batcher.submit(rows(2), 1)
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(running, queued), TIMEOUT)
+        return refused.value
+
+    refused = asyncio.run(main())
+
+    assert isinstance(refused, ResourceExhausted)
+    assert 0 < refused.retry_after_seconds <= 5
+    assert reasons == ["queue_full"]
+
+
+def test_several_batch_threads_run_batches_in_parallel(closing):
+    both = threading.Barrier(2, timeout=TIMEOUT)  # breaks unless two batches run at once
+    run = lambda inputs: (both.wait(), {"y": inputs["x"]})[1]  # noqa: E731
+    batcher = closing(run, max_batch_size=1, threads=2)
+
+    async def main():
+        return await asyncio.wait_for(
+            asyncio.gather(batcher.submit(rows(1), 1), batcher.submit(rows(2), 1)), TIMEOUT
+        )
+
+    first, second = asyncio.run(main())
+
+    assert (first["y"][0, 0], second["y"][0, 0]) == (1, 2)
+
+
+def test_batches_are_padded_to_allowed_sizes_and_outputs_cut_back(closing):
+    model, stats = Model(), []
+    batcher = closing(model, max_batch_size=8, allowed_batch_sizes=(2, 4, 8), on_batch=stats.append)
+
+    async def main():
+        small = await batcher.submit(rows(3, 3), 3)
+        large = await batcher.submit(rows(5, 11), 11)
+        return small, large
+
+    small, large = asyncio.run(main())
+    batcher.close()  # on_batch runs after delivery; closing waits for it
+
+    assert model.sizes == [4, 8, 4]  # 3 -> 4; 11 -> chunks of 8 and 3 -> 4
+    np.testing.assert_array_equal(small["y"], np.full((3, 3), 6, np.float32))
+    np.testing.assert_array_equal(large["y"], np.full((11, 3), 10, np.float32))
+    assert [(s.rows, s.padded_rows) for s in stats] == [(3, 1), (11, 1)]

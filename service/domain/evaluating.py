@@ -1,0 +1,44 @@
+"""Runs an evaluation job: a stored version's model.keras on a dataset (worker side)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import keras
+
+from service.domain import building
+from service.domain.callbacks import plain_logs
+from service.domain.evaluation import record_evaluation
+from service.domain.jobs import Job
+from service.domain.model_store import KERAS_FILE
+from service.domain.requests import CompileSpec, EvaluateSpec
+from service.domain.training import check_data, load_arrays
+from service.domain.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+def run_evaluate(job: Job, spec: EvaluateSpec, ws: Workspace) -> None:
+    """Evaluate the pinned version, keep the result with the version and the job."""
+    compile_spec = CompileSpec.model_validate(
+        ws.models.metadata(spec.model_name, spec.version)["compile"]
+    )
+    model = load_model(ws, spec, compile_spec)
+    x, y, _ = load_arrays(ws.datasets, spec.dataset, "")
+    check_data(model, compile_spec, x, y)
+    results = model.evaluate(x, y, batch_size=spec.batch_size, return_dict=True, verbose=0)
+    metrics = plain_logs(results)
+    dataset = spec.dataset.dataset
+    record_evaluation(ws.models, spec.model_name, spec.version, dataset, metrics, job.id)
+    ws.jobs.succeed(job.id, metrics, spec.version)
+
+
+def load_model(ws: Workspace, spec: EvaluateSpec, compile_spec: CompileSpec) -> Any:
+    """The stored full model, compiled as it was trained (recompiled from fitserve.json
+    when the file carries no compile config)."""
+    path = ws.models.path(spec.model_name, spec.version) / KERAS_FILE
+    model = keras.models.load_model(path, compile=True, safe_mode=True)
+    if not model.compiled:
+        building.compile_model(model, compile_spec)
+    return model

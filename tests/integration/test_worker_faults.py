@@ -1,0 +1,132 @@
+"""A worker killed mid-fit: Redis redelivers the job, a new worker resumes it from its
+last backed-up epoch, and exactly one version is published.
+
+This runs on its own Redis, server and workers (not the session's), with a short
+visibility timeout, so the shared worker never sees the job and redelivery comes soon.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fitserve
+from fitserve.v1 import training_pb2
+from service.config import Settings
+from service.main import worker_argv
+from service.stack import free_port, start_redis
+from tests.conftest import ROOT, run_server, stop_process, stop_server, worker_env
+
+pytestmark = pytest.mark.integration
+EPOCHS = 40
+VISIBILITY_TIMEOUT = 2
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[Settings, str]]:
+    """Redis and an in-process server of our own: their settings and the server's address."""
+    port = free_port()
+    redis = start_redis(tmp_path / "redis", port)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        port=0,
+        metrics_port=0,
+        log_format="text",
+        grace_seconds=1.0,
+        job_visibility_timeout_seconds=VISIBILITY_TIMEOUT,
+    )
+    running, thread = run_server(settings)
+    yield settings, running.target
+    stop_server(running, thread)
+    redis.terminate()
+    redis.wait(10)
+
+
+def _worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    env = worker_env(settings) | {
+        "FITSERVE_JOB_VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY_TIMEOUT)
+    }
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            worker_argv("train,cpu", 1, "INFO"),
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: killpg reaches the child too
+        )
+
+
+def test_a_killed_worker_s_job_resumes_on_a_new_worker(
+    stack: tuple[Settings, str], tmp_path: Path
+) -> None:
+    settings, target = stack
+    first = _worker(settings, tmp_path / "worker-1.log")
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        with fitserve.Client(target, timeout=120) as client:
+            job = _start_training(client)
+            killed_after = _epochs_until(job, 2)
+            os.killpg(first.pid, signal.SIGKILL)  # parent and prefork child, no cleanup
+            first.wait(30)
+            second = _worker(settings, tmp_path / "worker-2.log")
+            result = job.wait(timeout=240)
+            events = list(job.events())
+    finally:
+        stop_process(first)
+        if second is not None:
+            stop_process(second)
+
+    assert result.state == training_pb2.JOB_STATE_SUCCEEDED
+    assert result.attempt == 2
+    resumed_at = _first_epoch_of_attempt(events, 2)
+    assert 1 < resumed_at <= killed_after + 1  # from the backup, not from scratch
+    assert [e.epoch for e in result.history] == list(range(1, EPOCHS + 1))  # each epoch once
+    versions = [p.name for p in (settings.models_dir / "resumed").iterdir() if p.name.isdigit()]
+    assert versions == ["1"]
+    assert result.model_version == 1
+
+
+def _start_training(client: fitserve.Client) -> fitserve.Job:
+    rng = np.random.default_rng(1)
+    x = rng.random((1024, 4), dtype=np.float32)
+    ds = client.upload_dataset("fault-data", x=x, y=x[:, :3].argmax(axis=1))
+    layers = [
+        {"type": "Dense", "units": 8, "activation": "relu", "input_shape": [4]},
+        {"type": "Dense", "units": 3, "activation": "softmax"},
+    ]
+    return client.train(
+        "resumed",
+        layers=layers,
+        loss="sparse_categorical_crossentropy",
+        dataset=ds,
+        epochs=EPOCHS,
+        batch_size=32,
+        seed=0,
+    )
+
+
+def _epochs_until(job: fitserve.Job, epoch: int) -> int:
+    """Follow the job until an epoch >= ``epoch`` ended; returns that epoch."""
+    for event in job.events():
+        if event.HasField("epoch_ended") and event.epoch_ended.epoch >= epoch:
+            return event.epoch_ended.epoch
+    raise AssertionError(f"the job ended before epoch {epoch}")
+
+
+def _first_epoch_of_attempt(events: list[training_pb2.JobEvent], attempt: int) -> int:
+    started = next(
+        i
+        for i, e in enumerate(events)
+        if e.HasField("state_changed")
+        and e.state_changed.state == training_pb2.JOB_STATE_RUNNING
+        and e.state_changed.attempt == attempt
+    )
+    return next(e.epoch_ended.epoch for e in events[started:] if e.HasField("epoch_ended"))
