@@ -8,7 +8,7 @@ GEN_DIR := clients/python
 PROTOS := $(wildcard proto/fitserve/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: help install run test lint fmt typecheck imports proto check-generated unit integration clean
+.PHONY: help install run test lint fmt typecheck imports proto check-generated unit integration bench bench-quick clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -62,6 +62,12 @@ unit: $(STAMP)  ## Only the unit tests
 
 integration: $(STAMP)  ## Only the integration and end-to-end tests
 	$(BIN)/pytest tests/integration tests/e2e $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## Every benchmark of BENCHMARKS.md against its references; results in bench/results/
+	$(PY) -m bench run
+
+bench-quick: $(STAMP)  ## The reduced benchmark, under 3 minutes
+	$(PY) -m bench run --quick
 
 clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,245 @@
+"""Ratios against the targets of BENCHMARKS.md, the summary table, JSON and plots."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the summary: a measured value against its target."""
+
+    case: str
+    value: float | None
+    op: str  # ">=" or "<="
+    target: float
+    unit: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "MISS (no data)"
+        ok = self.value >= self.target if self.op == ">=" else self.value <= self.target
+        return "PASS" if ok else "MISS"
+
+
+def _at(sweep: list[dict[str, Any]], callers: int) -> dict[str, Any]:
+    return next(r for r in sweep if r["callers"] == callers)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def serving_checks(r: dict[str, Any]) -> list[Check]:
+    fit, echo, naive = (r["sweep"][k] for k in ("fitserve", "echo", "naive"))
+    f64, e64, n64 = _at(fit, 64), _at(echo, 64), _at(naive, 64)
+    f1, n1 = _at(fit, 1), _at(naive, 1)
+    over, switch = r["overload"], r["alias_switch"]
+    switch_failed = sum(switch["errors"].values())
+    return [
+        Check(
+            "64 callers, 1 row: fitserve rps / transport ceiling",
+            _ratio(f64["rps"], e64["rps"]),
+            ">=",
+            0.90,
+        ),
+        Check(
+            "64 callers, 1 row: fitserve rps / naive server",
+            _ratio(f64["rps"], n64["rps"]),
+            ">=",
+            2.5,
+        ),
+        Check(
+            "64 callers, 1 row: fitserve p99 / transport ceiling p99",
+            _ratio(f64["p99_ms"], e64["p99_ms"]),
+            "<=",
+            1.5,
+        ),
+        Check(
+            "1 caller, 1 row: fitserve p50 - naive p50",
+            f1["p50_ms"] - n1["p50_ms"],
+            "<=",
+            0.3,
+            " ms",
+        ),
+        Check(
+            "16 callers, 512 rows: fitserve samples/s / transport ceiling",
+            _ratio(
+                r["rows512"]["fitserve"]["samples_per_s"], r["rows512"]["echo"]["samples_per_s"]
+            ),
+            ">=",
+            0.80,
+        ),
+        Check(
+            "overload 256 callers: requests rejected with RESOURCE_EXHAUSTED",
+            float(over["errors"].get("RESOURCE_EXHAUSTED", 0)),
+            ">=",
+            1.0,
+        ),
+        Check(
+            "overload 256 callers: accepted p99 / 64-caller p99",
+            _ratio(over["p99_ms"], f64["p99_ms"]),
+            "<=",
+            2.0,
+        ),
+        Check(
+            "overload 256 callers: server RSS growth",
+            over["rss_after_mb"] - over["rss_before_mb"],
+            "<=",
+            50.0,
+            " MB",
+        ),
+        Check(
+            "alias switch every 2 s, 64 callers: failed requests", float(switch_failed), "<=", 0.0
+        ),
+        Check(
+            "alias switch: p99 / p99 without switches",
+            _ratio(switch["p99_ms"], f64["p99_ms"]),
+            "<=",
+            1.5,
+        ),
+    ]
+
+
+def training_checks(r: dict[str, Any]) -> list[Check]:
+    plain, fs = r["plain"], r["fitserve"]
+    steady = r["samples"] * (r["epochs"] - 1)
+    plain_sps = steady / (plain["epoch_ends"][-1] - plain["epoch_ends"][0])
+    fs_sps = steady / (fs["epoch_ends"][-1] - fs["epoch_ends"][0])
+    plain_first_epoch = plain["epoch_ends"][0] - plain["fit_start"]
+    start_latency = (fs["epoch_ends"][0] - fs["returned"]) - plain_first_epoch
+    overhead = (fs["done"] - fs["called"]) - (plain["fit_end"] - plain["fit_start"])
+    rss = r["rss"]["rss_mb"]
+    return [
+        Check("fit throughput: fitserve / plain script", fs_sps / plain_sps, ">=", 0.97),
+        Check(
+            "Train return -> first epoch starting (idle warm worker)",
+            start_latency,
+            "<=",
+            1.0,
+            " s",
+        ),
+        Check("whole job - plain fit time", overhead, "<=", 2.0, " s"),
+        Check(
+            "accuracy: |fitserve - plain| (percentage points)",
+            abs(fs["accuracy"] - plain["accuracy"]) * 100,
+            "<=",
+            0.2,
+            " pp",
+        ),
+        Check(
+            f"{r['rss']['jobs']} consecutive jobs: worker RSS growth",
+            rss[-1] - rss[0],
+            "<=",
+            100.0,
+            " MB",
+        ),
+    ]
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": psutil.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+
+
+def table(checks: list[Check]) -> str:
+    lines = [f"{'case':<66} {'measured':>12} {'target':>10}  result"]
+    for c in checks:
+        value = "n/a" if c.value is None else f"{c.value:.3f}{c.unit}"
+        lines.append(
+            f"{c.case:<66} {value:>12} {c.op + ' ' + format(c.target, 'g'):>10}  {c.verdict}"
+        )
+    return "\n".join(lines)
+
+
+def save(name: str, results: dict[str, Any], checks: list[Check]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    rows = [
+        {"case": c.case, "value": c.value, "target": f"{c.op} {c.target}", "result": c.verdict}
+        for c in checks
+    ]
+    path.write_text(
+        json.dumps({"machine": machine(), "checks": rows, "results": results}, indent=1)
+    )
+    return path
+
+
+def plot_serving(r: dict[str, Any], quick: bool) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suffix = "-quick" if quick else ""
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (kind, sweep) in enumerate(r["sweep"].items()):
+        callers = [s["callers"] for s in sweep]
+        for pct, style in (("p50_ms", "-"), ("p99_ms", "--")):
+            ax.plot(
+                callers,
+                [s[pct] for s in sweep],
+                style,
+                color=f"C{i}",
+                marker="o",
+                label=f"{kind} {pct[:3]}",
+            )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent callers",
+        ylabel="latency (ms)",
+        title="Predict latency, 1 row per request",
+    )
+    ax.legend(fontsize=7)
+    paths.append(_savefig(fig, f"serving-latency{suffix}.png"))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, sweep in r["sweep"].items():
+        ax.plot([s["callers"] for s in sweep], [s["rps"] for s in sweep], marker="o", label=kind)
+    ax.set(
+        xscale="log",
+        xlabel="concurrent callers",
+        ylabel="requests/s",
+        title="Predict throughput, 1 row",
+    )
+    ax.legend()
+    paths.append(_savefig(fig, f"serving-throughput{suffix}.png"))
+    return paths
+
+
+def plot_training(r: dict[str, Any], quick: bool) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steady = r["samples"] * (r["epochs"] - 1)
+    values = [
+        steady / (r[k]["epoch_ends"][-1] - r[k]["epoch_ends"][0]) for k in ("plain", "fitserve")
+    ]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.bar(["plain script", "fitserve job"], values)
+    ax.set(ylabel="samples/s during fit (epochs 2..n)", title="Training throughput, reference MLP")
+    return _savefig(fig, f"training{'-quick' if quick else ''}.png")
+
+
+def _savefig(fig: Any, name: str) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
