@@ -9,12 +9,34 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import secrets
 import sys
 import time
 from typing import Any, Literal
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 job_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("job_id", default="")
+
+
+def new_request_id() -> str:
+    """32 hex digits: the creation time in milliseconds, then 80 random bits.
+
+    Time-ordered ids sort in logs, and let any replica tell how old an id is (Feedback
+    waits for a prediction that is still on its way to Redis).
+    """
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
+def request_id_age(request_id: str) -> float | None:
+    """Seconds since ``new_request_id`` made this id; None for ids of another form."""
+    if len(request_id) != 32:
+        return None
+    try:
+        created_ms = int(request_id[:12], 16)
+    except ValueError:
+        return None
+    return time.time() - created_ms / 1000
+
 
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -21,7 +20,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service import errors
-from service.logs import request_id_var
+from service.logs import new_request_id, request_id_var
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -120,7 +119,7 @@ def unary(
 
     @functools.wraps(fn)
     async def wrapper(self: S, request: Req, context: Context) -> Resp:
-        token = request_id_var.set(uuid.uuid4().hex)
+        token = request_id_var.set(new_request_id())
         started = time.monotonic()
         try:
             response = await fn(self, request, context)
@@ -144,7 +143,7 @@ def stream_out(
     async def wrapper(self: S, request: Req, context: Context) -> AsyncIterator[Resp]:
         # No reset: each RPC runs in its own task and context, and a stream the client
         # abandons is closed from another context, where ContextVar.reset would fail.
-        request_id_var.set(uuid.uuid4().hex)
+        request_id_var.set(new_request_id())
         started = time.monotonic()
         try:
             async for item in fn(self, request, context):
