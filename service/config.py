@@ -152,6 +152,14 @@ class Settings(BaseSettings):
         "needs it above the longest job, or a running job is delivered twice; tests set it "
         "low to see redelivery quickly.",
     )
+    worker_max_jobs_per_child: int = Field(
+        10,
+        ge=0,
+        description="Jobs a worker child runs before a fresh one replaces it (0: never). "
+        "TensorFlow keeps the functions each job traces for the life of the process, about "
+        "6 MB a job for the reference MLP (make bench); the new child imports TensorFlow as "
+        "soon as it starts, so the next job still finds a warm worker.",
+    )
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
 

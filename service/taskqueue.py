@@ -44,6 +44,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        "worker_max_tasks_per_child": settings.worker_max_jobs_per_child or None,
+        # A child imports TensorFlow at start (worker.app); Celery's 4 s default for a
+        # child to come up is too short for that on a busy machine.
+        "worker_proc_alive_timeout": 120.0,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_soft_shutdown_timeout": 30.0,
         "worker_enable_soft_shutdown_on_idle": True,

@@ -139,6 +139,7 @@ def stop_server(running: RunningServer, thread: threading.Thread) -> None:
     running.loop.call_soon_threadsafe(running.stop.set)
     thread.join(30)
     assert not thread.is_alive(), "the server did not stop within 30 s"
+    running.loop.close()
 
 
 @pytest.fixture(scope="session")

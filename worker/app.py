@@ -1,10 +1,15 @@
 """The Celery app of the worker: ``celery -A worker.app worker -Q train,cpu -c 1``.
 
-TensorFlow is never imported here: the prefork parent stays light, and each child imports
-it when the first task runs (see ``worker.runtime``).
+TensorFlow is never imported in the prefork parent: each child imports it as it starts
+(``worker_process_init``), so the parent stays light and a job finds a warm child.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_process_init
 
 from service.config import Settings
 from service.taskqueue import create_celery
@@ -12,3 +17,13 @@ from service.taskqueue import create_celery
 settings = Settings()
 app = create_celery(settings, "fitserve-worker")
 app.conf.update(include=["worker.tasks"])
+log = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def warm_child(**_: Any) -> None:
+    """Import TensorFlow and Keras in the new child, before its first job arrives."""
+    import keras  # noqa: F401
+    import tensorflow  # noqa: F401
+
+    log.info("worker child ready (TensorFlow imported)")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import keras
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
 from service.config import Settings
 from service.domain import model_events
@@ -31,19 +35,32 @@ def export_version(
 
 
 def read_signature(path: str) -> dict[str, list[dict[str, Any]]]:
-    """Inputs and outputs of the serving_default signature, as plain data."""
-    fn = tf.saved_model.load(path).signatures["serving_default"]
-    inputs = fn.structured_input_signature[1]
+    """Inputs and outputs of the serving_default signature, as plain data.
+
+    Read from saved_model.pb itself: loading the SavedModel would register its functions in
+    this long-lived worker's eager context for good, a few MB per job.
+    """
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((Path(path) / "saved_model.pb").read_bytes())
+    signature = saved.meta_graphs[0].signature_def["serving_default"]
     return {
-        "inputs": [_spec(n, s) for n, s in inputs.items()],
-        "outputs": [_spec(n, s) for n, s in fn.structured_outputs.items()],
+        "inputs": [_spec(n, signature.inputs[n]) for n in _natural(signature.inputs)],
+        "outputs": [_spec(n, signature.outputs[n]) for n in _natural(signature.outputs)],
     }
 
 
-def _spec(name: str, spec: tf.TensorSpec) -> dict[str, Any]:
-    dtype = spec.dtype.name
+def _natural(names: Iterable[str]) -> list[str]:
+    """Names in TF's order (sorted), with output_10 after output_9."""
+    return sorted(
+        names, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]
+    )
+
+
+def _spec(name: str, info: Any) -> dict[str, Any]:
+    dtype = tf.dtypes.as_dtype(info.dtype).name
+    dims = [] if info.tensor_shape.unknown_rank else info.tensor_shape.dim
     return {
         "name": name,
         "dtype": WIRE_DTYPES.get(dtype, dtype.upper()),
-        "shape": [-1 if d is None else int(d) for d in spec.shape.as_list()],
+        "shape": [-1 if d.size < 0 else int(d.size) for d in dims],
     }

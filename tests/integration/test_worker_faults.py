@@ -49,10 +49,12 @@ def stack(tmp_path: Path) -> Iterator[tuple[Settings, str]]:
     redis.wait(10)
 
 
-def _worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = worker_env(settings) | {
-        "FITSERVE_JOB_VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY_TIMEOUT)
-    }
+def _worker(settings: Settings, log: Path, **extra: str) -> subprocess.Popen[bytes]:
+    env = (
+        worker_env(settings)
+        | {"FITSERVE_JOB_VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY_TIMEOUT)}
+        | extra
+    )
     with log.open("ab") as out:
         return subprocess.Popen(
             worker_argv("train,cpu", 1, "INFO"),
@@ -130,3 +132,36 @@ def _first_epoch_of_attempt(events: list[training_pb2.JobEvent], attempt: int) -
         and e.state_changed.attempt == attempt
     )
     return next(e.epoch_ended.epoch for e in events[started:] if e.HasField("epoch_ended"))
+
+
+def test_a_worker_child_is_replaced_after_its_job_limit_and_comes_up_warm(
+    stack: tuple[Settings, str], tmp_path: Path
+) -> None:
+    settings, target = stack
+    log = tmp_path / "worker.log"
+    worker = _worker(settings, log, FITSERVE_WORKER_MAX_JOBS_PER_CHILD="1")
+    x = np.random.default_rng(0).random((32, 4), dtype=np.float32)
+    try:
+        with fitserve.Client(target, timeout=120) as client:
+            ds = client.upload_dataset("limit", x=x, y=(x.sum(axis=1) > 2).astype(np.int64))
+            layers = [{"type": "Dense", "units": 2, "activation": "softmax", "input_shape": [4]}]
+            versions = [
+                client.train(
+                    "limit",
+                    layers=layers,
+                    loss="sparse_categorical_crossentropy",
+                    dataset=ds,
+                    seed=0,
+                )
+                .wait(timeout=120)
+                .model_version
+                for _ in range(2)
+            ]
+    finally:
+        stop_process(worker)
+    assert versions == [1, 2]
+    text = log.read_text(errors="replace")
+    # Each job ran in its own child, and each child imported TensorFlow as it started.
+    assert "INFO/ForkPoolWorker-1] job started" in text
+    assert "INFO/ForkPoolWorker-2] job started" in text
+    assert text.count("worker child ready (TensorFlow imported)") >= 2
