@@ -45,7 +45,7 @@ def serving_checks(r: dict[str, Any]) -> list[Check]:
     f1, n1 = _at(fit, 1), _at(naive, 1)
     over, switch = r["overload"], r["alias_switch"]
     switch_failed = sum(switch["errors"].values())
-    return [
+    checks = [
         Check(
             "64 callers, 1 row: fitserve rps / transport ceiling",
             _ratio(f64["rps"], e64["rps"]),
@@ -106,6 +106,29 @@ def serving_checks(r: dict[str, Any]) -> list[Check]:
             _ratio(switch["p99_ms"], f64["p99_ms"]),
             "<=",
             1.5,
+        ),
+    ]
+    if "latency_target" in r:
+        checks += _latency_target_checks(r["latency_target"], f64)
+    return checks
+
+
+def _latency_target_checks(lt: dict[str, Any], f64: dict[str, Any]) -> list[Check]:
+    """Our own targets (BENCHMARKS.md has none for this mode): the callers' p99 under the
+    target, and at least the throughput of the fixed default timeout."""
+    x = lt["target_ms"]
+    return [
+        Check(
+            f"latency target {x:g} ms, 64 callers: client p99 / target",
+            _ratio(lt["p99_ms"], x),
+            "<=",
+            1.0,
+        ),
+        Check(
+            f"latency target {x:g} ms, 64 callers: rps / default-timeout rps",
+            _ratio(lt["rps"], f64["rps"]),
+            ">=",
+            1.0,
         ),
     ]
 

@@ -16,6 +16,8 @@ import psutil
 from bench import procs
 from bench.models import MODEL, publish_reference
 
+LATENCY_TARGET_MS = 20.0
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -149,6 +151,7 @@ def _cases(servers: Servers, work: Path, model_dir: Path, plan: Plan) -> dict[st
             results["alias_switch"] = _alias_switch(target, one, plan)
         servers.stop(proc)
     results["overload"] = _overload(servers, one, plan)
+    results["latency_target"] = _latency_target(servers, one, plan)
     results["inprocess"] = _inprocess(model_dir, plan)
     return results
 
@@ -188,6 +191,16 @@ def _overload(servers: Servers, request: Path, plan: Plan) -> dict[str, Any]:
     after = rss.memory_info().rss
     servers.stop(proc)
     return result | {"rss_before_mb": before / 2**20, "rss_after_mb": after / 2**20}
+
+
+def _latency_target(servers: Servers, request: Path, plan: Plan) -> dict[str, Any]:
+    """64 callers against a server holding its batcher p99 under LATENCY_TARGET_MS."""
+    target, proc = servers.start(
+        "fitserve", FITSERVE_BATCHING__LATENCY_TARGET_MS=str(LATENCY_TARGET_MS)
+    )
+    result = load(target, request, 1, 64, plan)
+    servers.stop(proc)
+    return result | {"target_ms": LATENCY_TARGET_MS}
 
 
 def _inprocess(model_dir: Path, plan: Plan) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ class BatchingOverride(BaseModel):
     max_queue: int | None = Field(None, ge=1)
     allowed_batch_sizes: list[int] | None = None
     batch_threads: int | None = Field(None, ge=1)
+    latency_target_ms: float | None = Field(None, gt=0)
 
 
 class BatchingSettings(BaseModel):
@@ -42,6 +43,14 @@ class BatchingSettings(BaseModel):
     )
     batch_threads: int = Field(
         1, ge=1, description="Threads running batches of one version in parallel."
+    )
+    latency_target_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Hold the p99 of the time requests spend in the batcher (queued, "
+        "waiting for the batch, computed) under this many ms, batching as much as that "
+        "allows: the batch timeout adapts (starting at batch_timeout_ms, at most half the "
+        "target; see service.inference.latency). Unset: the fixed batch_timeout_ms.",
     )
     models: dict[str, BatchingOverride] = Field(
         default_factory=dict,
@@ -125,11 +134,20 @@ class Settings(BaseSettings):
         description="Which services this server runs: api (control plane, no TensorFlow), "
         "inference (data plane).",
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        description="Server processes `fitserve serve` runs on one port (SO_REUSEPORT), "
+        "supervised, with one /metrics (served by the supervisor) aggregated across them. "
+        "One Python process tops out near one core, so this is how one machine's cores "
+        "serve one port.",
+    )
     max_message_bytes: int = Field(
         256 * 1024 * 1024,
         ge=4 * 1024 * 1024,
         description="Largest gRPC message the server sends or receives "
-        "(FITSERVE_MAX_MESSAGE_BYTES).",
+        "(FITSERVE_MAX_MESSAGE_BYTES). A larger request is refused with RESOURCE_EXHAUSTED "
+        "naming this setting (see service.api.status.MessageSizeLimit).",
     )
     max_dataset_bytes: int = Field(
         4 * 1024**3, ge=1, description="Largest dataset an upload may hold."
@@ -160,8 +178,21 @@ class Settings(BaseSettings):
         "6 MB a job for the reference MLP (make bench); the new child imports TensorFlow as "
         "soon as it starts, so the next job still finds a warm worker.",
     )
+    dataset_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders a DatasetRef.uri may point into (tf.data.Dataset.save folders, "
+        "TFRecord files); anything outside is refused, so a request cannot make a worker "
+        "read arbitrary files. Empty: <data_dir>/external. JSON list, e.g. "
+        "FITSERVE_DATASET_ROOTS='[\"/mnt/data\"]'.",
+    )
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+
+    @model_validator(mode="after")
+    def _default_dataset_roots(self) -> Settings:
+        if not self.dataset_roots:
+            self.dataset_roots = [self.data_dir / "external"]
+        return self
 
     @property
     def datasets_dir(self) -> Path:

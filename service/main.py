@@ -1,7 +1,8 @@
 """Server-side commands: ``serve``, ``worker`` and ``up`` (run by the ``fitserve`` CLI).
 
-``python -m service.main serve`` runs one gRPC server; ``worker`` runs a Celery worker;
-``up`` runs the whole stack on this machine (see ``service.stack``).
+``python -m service.main serve`` runs one gRPC server (``--processes N``: N of them on one
+port, supervised); ``worker`` runs a Celery worker; ``up`` runs the whole stack on this
+machine (see ``service.stack``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,18 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.config import Settings
 from service.logs import configure_logging
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("fitserve")
 
@@ -32,19 +40,87 @@ async def serve(settings: Settings) -> None:
     from service.api.server import create_server
 
     server, port = await create_server(settings)
-    await server.start()
+    aggregated = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # a child of serve_processes
+    await server.start(serve_metrics_http=not aggregated)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    metrics = (
+        f"metrics in {os.environ['PROMETHEUS_MULTIPROC_DIR']}"
+        if aggregated
+        else f"metrics: http://{settings.host}:{server.metrics_port}/metrics"
+    )
     print(
         f"fitserve server listening on {settings.host}:{port} (roles: {','.join(settings.roles)}; "
-        f"metrics: http://{settings.host}:{server.metrics_port}/metrics)",
+        f"pid {os.getpid()}; {metrics})",
         flush=True,
     )
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
     await server.stop()
+
+
+def serve_processes(settings: Settings) -> int:
+    """Run ``settings.processes`` servers on one port until SIGTERM/SIGINT (exit 0) or
+    until one of them dies (exit 1); this process serves their aggregated /metrics.
+
+    The port is shared with SO_REUSEPORT (set by create_server), so the kernel spreads
+    connections over the processes. Each child writes its metrics into a folder that only
+    this run uses (PROMETHEUS_MULTIPROC_DIR), so counts never carry over from an old run.
+    """
+    from service.metrics import serve_metrics, stop_metrics
+    from service.stack import free_port, supervise, terminate
+
+    stopping = _stop_flag()
+    port = settings.port or free_port()
+    with tempfile.TemporaryDirectory(prefix="fitserve-metrics-") as metrics_dir:
+        n = settings.processes
+        children = [(f"server {i}", _serve_child(settings, port, metrics_dir)) for i in range(n)]
+        try:
+            registry = _aggregated_metrics(settings, metrics_dir)
+            http, metrics_port = serve_metrics(registry, settings.host, settings.metrics_port)
+            print(
+                f"fitserve serve: {n} processes on {settings.host}:{port} (pids "
+                f"{', '.join(str(p.pid) for _, p in children)}); aggregated metrics: "
+                f"http://{settings.host}:{metrics_port}/metrics (from {metrics_dir})",
+                flush=True,
+            )
+            code = supervise(children, stopping, "fitserve serve", "every server process")
+            stop_metrics(http)
+            return code
+        finally:
+            terminate([proc for _, proc in children])
+
+
+def _aggregated_metrics(settings: Settings, metrics_dir: str) -> CollectorRegistry:
+    """The children's metrics files, plus the evaluations the api role reads from the store
+    at scrape time (a collector, so no child writes them to a file)."""
+    from service.job_metrics import register_store_collectors
+    from service.metrics import aggregate_registry
+
+    registry = aggregate_registry(metrics_dir)
+    if "api" in settings.roles:
+        register_store_collectors(registry, settings)
+    return registry
+
+
+def _stop_flag() -> Callable[[], bool]:
+    """Turn SIGINT/SIGTERM into a flag the supervision loop polls."""
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    return lambda: bool(received)
+
+
+def _serve_child(settings: Settings, port: int, metrics_dir: str) -> subprocess.Popen[bytes]:
+    """One server process of ``serve_processes``, in its own session (Ctrl-C reaches only
+    the supervisor, which then stops the children)."""
+    argv = [sys.executable, "-m", "service.main", "serve", "--processes", "1"]
+    argv += ["--data-dir", str(settings.data_dir.resolve()), "--host", settings.host]
+    argv += ["--port", str(port), "--roles", ",".join(settings.roles)]
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+    return subprocess.Popen(argv, env=env, start_new_session=True)
 
 
 def worker_argv(queues: str, concurrency: int, loglevel: str) -> list[str]:
@@ -82,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--port", type=int)
         p.add_argument("--metrics-port", dest="metrics_port", type=int)
     sub.choices["serve"].add_argument("--roles", type=lambda s: s.split(","))
+    sub.choices["serve"].add_argument(
+        "--processes", type=int, help="server processes on one port (default 1)"
+    )
     w = sub.add_parser("worker", help="run a Celery worker")
     w.add_argument("--queues", default="train,cpu")
     w.add_argument("--concurrency", type=int, default=1)
@@ -95,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         from service.stack import run_stack
 
         return run_stack(settings, explicit_redis="FITSERVE_REDIS_URL" in os.environ)
+    if settings.processes > 1:
+        return serve_processes(settings)
     asyncio.run(serve(settings))
     return 0
 

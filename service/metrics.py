@@ -1,10 +1,21 @@
-"""Prometheus metrics: one ``Metrics`` object with its own registry, served on /metrics."""
+"""Prometheus metrics: one ``Metrics`` object with its own registry, served on /metrics.
+
+With ``fitserve serve --processes N``, every server process runs with
+``PROMETHEUS_MULTIPROC_DIR`` set (prometheus_client then keeps each value in a per-process
+file there) and the supervisor serves ``aggregate_registry`` of that folder: counters and
+histograms are summed over processes, and each gauge says how in ``multiprocess_mode``.
+Gauges set by a function (queue depth, in flight) are read at scrape time in their own
+process, so they are only exported by a single-process server.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -31,6 +42,23 @@ _LATENCY_BUCKETS = (
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _JOB_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600)
+
+
+class _Gauge(Gauge):
+    """A Gauge whose removed series read 0 in multiprocess mode.
+
+    prometheus_client cannot delete a series from the per-process files, so without this
+    an unloaded version would stay "loaded" on the aggregated /metrics.
+    """
+
+    def remove(self, *labelvalues: Any) -> None:
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            super().remove(*labelvalues)
+            return
+        self.labels(*labelvalues).set(0)
+        with warnings.catch_warnings():  # "removal not implemented in multi-process mode"
+            warnings.simplefilter("ignore", UserWarning)
+            super().remove(*labelvalues)
 
 
 class Metrics:
@@ -104,17 +132,19 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(
+        self.queue_depth = _Gauge(
             "fitserve_predict_queue_depth",
             "Predict requests waiting for a batch.",
             mv,
             registry=r,
+            multiprocess_mode="livesum",
         )
-        self.in_flight = Gauge(
+        self.in_flight = _Gauge(
             "fitserve_predict_in_flight",
             "Predict requests holding a version: queued or computing.",
             mv,
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.rejections = Counter(
             "fitserve_predict_rejections_total",
@@ -122,17 +152,26 @@ class Metrics:
             [*mv, "reason"],
             registry=r,
         )
-        self.loaded_versions = Gauge(
-            "fitserve_model_version_loaded",
-            "1 while a model version is in memory and taking traffic.",
+        self.batch_timeout = _Gauge(
+            "fitserve_predict_batch_timeout_seconds",
+            "Batch timeout in force: fixed, or adapted to latency_target_ms.",
             mv,
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.loaded_bytes = Gauge(
-            "fitserve_model_version_loaded_bytes",
-            "Variable bytes of a loaded model version.",
+        self.loaded_versions = _Gauge(
+            "fitserve_model_version_loaded",
+            "1 while a model version is in memory and taking traffic (in any process).",
             mv,
             registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.loaded_bytes = _Gauge(
+            "fitserve_model_version_loaded_bytes",
+            "Variable bytes of a loaded model version (summed over processes).",
+            mv,
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.model_load_seconds = Histogram(
             "fitserve_model_load_duration_seconds",
@@ -161,6 +200,15 @@ class Metrics:
             mv,
             registry=r,
         )
+
+
+def aggregate_registry(path: str) -> CollectorRegistry:
+    """A registry reporting the metrics files every server process writes into ``path``."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    return registry
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, int]:

@@ -129,36 +129,46 @@ def run_stack(settings: Settings, *, explicit_redis: bool) -> int:
             "Ctrl-C stops the stack",
             flush=True,
         )
-        return _supervise(children, lambda: stopping)
+        return supervise(children, lambda: stopping, "fitserve up", "the stack")
     finally:
         _stop_all(children)
 
 
-def _supervise(
-    children: list[tuple[str, subprocess.Popen[bytes]]], stopping: Callable[[], bool]
+def supervise(
+    children: list[tuple[str, subprocess.Popen[bytes]]],
+    stopping: Callable[[], bool],
+    who: str,
+    what: str,
 ) -> int:
+    """Watch ``children`` until ``stopping()`` (0) or until one of them exits (1).
+
+    Polling, not waitpid: the supervisor must also notice its own stop signal, and a
+    fifth of a second is quick enough to report a dead child. ``who`` and ``what`` name
+    the supervisor and what it stops in its messages.
+    """
     while not stopping():
         for name, proc in children:
             if proc.poll() is not None:
                 print(
-                    f"fitserve up: {name} exited with code {proc.returncode}; stopping the stack",
+                    f"{who}: {name} exited with code {proc.returncode}; stopping {what}",
                     file=sys.stderr,
                     flush=True,
                 )
                 return 1
-        time.sleep(0.2)
-    print("fitserve up: stopping", flush=True)
+        time.sleep(0.2)  # the polling period
+    print(f"{who}: stopping", flush=True)
     return 0
 
 
 def _stop_all(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
     """SIGTERM the server and worker together, Redis after them, each with a deadline."""
     first = [p for name, p in children if name != "redis"]
-    _terminate(first)
-    _terminate([p for name, p in children if name == "redis"])
+    terminate(first)
+    terminate([p for name, p in children if name == "redis"])
 
 
-def _terminate(procs: list[subprocess.Popen[bytes]]) -> None:
+def terminate(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM ``procs`` together; SIGKILL whichever has not exited after STOP_TIMEOUT."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -29,6 +29,8 @@ def workspace() -> tuple[Settings, Workspace]:
         datasets=DatasetStore(settings.datasets_dir, settings.max_dataset_bytes),
         models=ModelStore(settings.models_dir),
         jobs_dir=settings.jobs_dir,
+        dataset_roots=tuple(settings.dataset_roots),
+        keras_datasets_dir=settings.data_dir / "keras_datasets",
     )
     return settings, ws
 
@@ -79,5 +81,10 @@ def _dispatch(job: Job, ws: Workspace) -> None:
         from service.domain.requests import EvaluateSpec
 
         run_evaluate(job, EvaluateSpec.model_validate(job.request), ws)
+    elif job.kind is JobKind.FINE_TUNE:
+        from service.domain.fine_tuning import run_fine_tune
+        from service.domain.requests import FineTuneSpec
+
+        run_fine_tune(job, FineTuneSpec.model_validate(job.request), ws)
     else:
         ws.jobs.fail(job.id, "UNIMPLEMENTED", f"{job.kind.value} jobs are not implemented yet")

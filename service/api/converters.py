@@ -221,3 +221,21 @@ def evaluate_request_data(request: training_pb2.EvaluateRequest) -> dict[str, An
         "version": ref.version if selector == "version" else 0,
         "alias": ref.alias if selector == "alias" else "",
     }
+
+
+def fine_tune_request_data(request: training_pb2.FineTuneRequest) -> dict[str, Any]:
+    """A FineTuneRequest as plain data in the shape ``FineTuneSpec`` validates.
+
+    ``freeze`` is always present, so a request with no strategy is told which fields to
+    set rather than that ``freeze`` is missing.
+    """
+    data = message_to_data(request)
+    ref = request.base
+    selector = ref.WhichOneof("selector")
+    data["base"] = {
+        "name": ref.name,
+        "version": ref.version if selector == "version" else 0,
+        "alias": ref.alias if selector == "alias" else "",
+    }
+    data.setdefault("freeze", {})
+    return data

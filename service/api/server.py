@@ -28,14 +28,14 @@ from fitserve.v1 import (
 )
 from service.api.datasets import DatasetServicer
 from service.api.models import ModelServicer
-from service.api.status import Edge
+from service.api.status import Edge, MessageSizeLimit, transport_limit
 from service.api.training import TrainingServicer
 from service.config import Settings
 from service.domain.datasets import DatasetStore
-from service.domain.evaluation import evaluation_samples
 from service.domain.jobs import AsyncJobStore
 from service.domain.model_store import ModelStore
-from service.metrics import EvaluationCollector, Metrics, serve_metrics, stop_metrics
+from service.job_metrics import register_store_collectors
+from service.metrics import Metrics, serve_metrics, stop_metrics
 from service.taskqueue import TaskQueue, create_celery
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,12 @@ async def create_server(
     metrics = metrics or Metrics()
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", transport_limit(settings.max_message_bytes)),
         ("grpc.so_reuseport", 1),
     ]
-    server = grpc.aio.server(options=options)
     edge = Edge(metrics)
+    limit = MessageSizeLimit(settings.max_message_bytes, edge)
+    server = grpc.aio.server(options=options, interceptors=[limit])
     health_servicer = health.aio.HealthServicer()
     app = FitserveServer(server, settings, metrics, health_servicer)
     names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
@@ -119,7 +120,9 @@ async def _add_api(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> 
     models = ModelStore(s.models_dir)
     queue = TaskQueue(create_celery(s, "fitserve-api"))
     jobs = AsyncJobStore(client)
-    training = TrainingServicer(edge, jobs, queue, datasets, models, app.metrics)
+    training = TrainingServicer(
+        edge, jobs, queue, datasets, models, app.metrics, dataset_roots=s.dataset_roots
+    )
     training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(
         DatasetServicer(edge, datasets, app.metrics), server
@@ -127,7 +130,8 @@ async def _add_api(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> 
     model_pb2_grpc.add_ModelServiceServicer_to_server(
         ModelServicer(edge, models, events=client), server
     )
-    app.metrics.registry.register(EvaluationCollector(lambda: evaluation_samples(models)))
+    close_collectors = register_store_collectors(app.metrics.registry, s)
+    app.closers.append(lambda: asyncio.to_thread(close_collectors))
     return [
         training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
         dataset_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,

@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from fitserve.v1 import training_pb2, training_pb2_grpc
 from service.api import converters
 from service.api.status import Context, Edge, Servicer, stream_out, unary
+from service.domain import dataset_sources
 from service.domain.datasets import DatasetStore
 from service.domain.jobs import AsyncJobStore, Job, JobKind, JobState
 from service.domain.model_store import ModelStore
-from service.domain.requests import DatasetRef, EvaluateSpec, RunSpec, parse_evaluate, parse_train
+from service.domain.requests import (
+    DatasetRef,
+    EvaluateSpec,
+    FineTuneSpec,
+    FreezeSpec,
+    RunSpec,
+    parse_evaluate,
+    parse_fine_tune,
+    parse_train,
+)
 from service.domain.specs import check_model_spec
-from service.errors import InvalidRequest, Unavailable, Unimplemented
+from service.errors import InvalidRequest, Unavailable
 from service.metrics import Metrics
-from service.taskqueue import TASK_EVALUATE, TASK_TRAIN, TaskQueue
+from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN, TaskQueue
 
 MAX_PAGE = 1000
 WATCH_BLOCK_MS = 2000  # below the Redis client's socket timeout
@@ -34,10 +45,13 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         datasets: DatasetStore,
         models: ModelStore,
         metrics: Metrics,
+        dataset_roots: Sequence[Path] = (),
     ) -> None:
         super().__init__(edge)
         self._jobs, self._queue, self._metrics = jobs, queue, metrics
         self._datasets, self._models = datasets, models
+        # Settings.dataset_roots; its default, when the composition root passes none.
+        self._dataset_roots = list(dataset_roots) or [datasets.root.parent / "external"]
 
     @unary
     async def Train(
@@ -45,18 +59,21 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     ) -> training_pb2.TrainResponse:
         spec = parse_train(converters.train_request_data(request))
         check_model_spec(spec.model)
-        await self._check_dataset(spec.dataset)
+        await self._check_datasets(spec.dataset, spec.fit.validation_data)
         job = _new_job(JobKind.TRAIN, spec.model_name, spec.run, spec.model_dump(mode="json"))
-        stored = await self._jobs.create(job, spec.idempotency_key)
-        if stored.id == job.id:
-            await self._submit(TASK_TRAIN, stored)
+        stored = await self._queue_job(TASK_TRAIN, job, spec.idempotency_key)
         return training_pb2.TrainResponse(job=converters.job_to_proto(stored))
 
     @unary
     async def FineTune(
         self, request: training_pb2.FineTuneRequest, context: Context
     ) -> training_pb2.FineTuneResponse:
-        raise Unimplemented("FineTune is not implemented in this release; it is planned (issue 3)")
+        spec = parse_fine_tune(converters.fine_tune_request_data(request))
+        spec = await asyncio.to_thread(self._resolve_base, spec)
+        await self._check_datasets(spec.dataset, spec.fit.validation_data)
+        job = _new_job(JobKind.FINE_TUNE, spec.model_name, spec.run, spec.model_dump(mode="json"))
+        stored = await self._queue_job(TASK_FINE_TUNE, job, spec.idempotency_key)
+        return training_pb2.FineTuneResponse(job=converters.job_to_proto(stored))
 
     @unary
     async def Evaluate(
@@ -64,10 +81,9 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     ) -> training_pb2.EvaluateResponse:
         spec = parse_evaluate(converters.evaluate_request_data(request))
         spec = await asyncio.to_thread(self._resolve, spec)
-        await self._check_dataset(spec.dataset)
+        await self._check_datasets(spec.dataset)
         job = _new_job(JobKind.EVALUATE, spec.model_name, spec.run, spec.model_dump(mode="json"))
-        stored = await self._jobs.create(job)
-        await self._submit(TASK_EVALUATE, stored)
+        stored = await self._queue_job(TASK_EVALUATE, job)
         return training_pb2.EvaluateResponse(job=converters.job_to_proto(stored))
 
     @unary
@@ -117,10 +133,33 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         version = self._models.resolve(spec.model_name, spec.version, spec.alias)
         return spec.model_copy(update={"version": version})
 
-    async def _check_dataset(self, ref: DatasetRef) -> None:
-        """NOT_FOUND now rather than a failed job later."""
+    def _resolve_base(self, spec: FineTuneSpec) -> FineTuneSpec:
+        """Pin the base version now (NOT_FOUND for an unknown model, version or alias)
+        and check the layer counts against it where its fitserve.json tells them."""
+        base = spec.base
+        version = self._models.resolve(base.name, base.version, base.alias)
+        check_layer_counts(spec.freeze, layer_count(self._models.metadata(base.name, version)))
+        return spec.model_copy(update={"base": base.model_copy(update={"version": version})})
+
+    async def _check_datasets(self, *refs: DatasetRef | None) -> None:
+        """NOT_FOUND (or INVALID_ARGUMENT for a uri) now rather than a failed job later."""
+        for ref, field in zip(refs, ("dataset", "fit.validation_data"), strict=False):
+            if ref is not None:
+                await asyncio.to_thread(self._check_dataset, ref, field)
+
+    def _check_dataset(self, ref: DatasetRef, field: str) -> None:
         if ref.dataset:
-            await asyncio.to_thread(self._datasets.get, ref.dataset)
+            self._datasets.get(ref.dataset)
+        elif ref.uri:
+            dataset_sources.check_uri(ref, self._dataset_roots, field)
+
+    async def _queue_job(self, task: str, job: Job, idempotency_key: str = "") -> Job:
+        """Record the job and send its task; a repeated idempotency key returns the first
+        job and sends nothing."""
+        stored = await self._jobs.create(job, idempotency_key)
+        if stored.id == job.id:
+            await self._submit(task, stored)
+        return stored
 
     async def _submit(self, task: str, job: Job) -> None:
         try:
@@ -142,6 +181,36 @@ def _new_job(kind: JobKind, model_name: str, run: RunSpec, request: dict[str, An
         request=request,
         labels=run.labels,
     )
+
+
+def layer_count(meta: dict[str, Any]) -> int | None:
+    """Layers of a stored version as freezing counts them (InputLayers excluded), from
+    its fitserve.json: recorded since fine-tuning exists, else read from a layer-list
+    spec; None when unknown (the worker checks then)."""
+    if isinstance(count := meta.get("num_layers"), int):
+        return count
+    spec = meta.get("spec") or {}
+    layers = spec.get("layers") if isinstance(spec, dict) else None
+    return len(layers) if layers else None
+
+
+def check_layer_counts(freeze: FreezeSpec, count: int | None) -> None:
+    """INVALID_ARGUMENT now for more layers than the base has."""
+    if count is None:
+        return
+    if freeze.train_last_n_layers is not None and freeze.train_last_n_layers > count:
+        raise InvalidRequest(
+            f"freeze.train_last_n_layers is {freeze.train_last_n_layers}, but the base model "
+            f"has only {count} layers",
+            field="freeze.train_last_n_layers",
+        )
+    below_head = count if freeze.new_head is None else count - 1
+    if freeze.unfreeze_top_k > below_head:
+        raise InvalidRequest(
+            f"freeze.unfreeze_top_k is {freeze.unfreeze_top_k}, but the part of the model "
+            f"below the head has only {below_head} layers",
+            field="freeze.unfreeze_top_k",
+        )
 
 
 def _job_id(value: str) -> str:

@@ -7,13 +7,12 @@ from typing import Any
 
 import keras
 
-from service.domain import building
+from service.domain import building, data
 from service.domain.callbacks import plain_logs
 from service.domain.evaluation import record_evaluation
 from service.domain.jobs import Job
 from service.domain.model_store import KERAS_FILE
 from service.domain.requests import CompileSpec, EvaluateSpec
-from service.domain.training import check_data, load_arrays
 from service.domain.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -25,11 +24,16 @@ def run_evaluate(job: Job, spec: EvaluateSpec, ws: Workspace) -> None:
         ws.models.metadata(spec.model_name, spec.version)["compile"]
     )
     model = load_model(ws, spec, compile_spec)
-    x, y, _ = load_arrays(ws.datasets, spec.dataset, "")
-    check_data(model, compile_spec, x, y)
-    results = model.evaluate(x, y, batch_size=spec.batch_size, return_dict=True, verbose=0)
+    eval_data = data.load(ws, spec.dataset, spec.batch_size)
+    data.check(model, compile_spec, eval_data)
+    if eval_data.streamed:  # batched by tf.data
+        results = model.evaluate(eval_data.x, return_dict=True, verbose=0)
+    else:
+        results = model.evaluate(
+            eval_data.x, eval_data.y, batch_size=spec.batch_size, return_dict=True, verbose=0
+        )
     metrics = plain_logs(results)
-    dataset = spec.dataset.dataset
+    dataset = spec.dataset.label
     record_evaluation(ws.models, spec.model_name, spec.version, dataset, metrics, job.id)
     ws.jobs.succeed(job.id, metrics, spec.version)
 

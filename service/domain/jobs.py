@@ -91,10 +91,16 @@ def events_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:events"
 
 
-# KEYS: job hash, events stream. ARGV: allowed from-states (JSON list), new state,
-# event JSON, now, then field/value pairs to set. Returns the previous state, or
-# {err} when the job is missing, or the current state prefixed with "!" when refused.
-_TRANSITION = """
+STATS = f"{PREFIX}jobstats"
+JOB_BUCKETS = (1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 48 * 3600)
+_BUCKETS_LUA = ", ".join(map(str, JOB_BUCKETS))
+
+# KEYS: job hash, events stream, job statistics hash. ARGV: allowed from-states (JSON
+# list), new state, event JSON, now, then field/value pairs to set. Returns the previous
+# state, or {err} when the job is missing, or the current state prefixed with "!" when
+# refused. Statistics for operators are counted in the same step (``service.job_metrics``).
+_TRANSITION = (
+    """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return redis.error_reply('NOTFOUND') end
 local allowed = cjson.decode(ARGV[1])
@@ -105,8 +111,33 @@ redis.call('HSET', KEYS[1], 'state', ARGV[2])
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', '10000', '*',
            'type', 'state', 'time', ARGV[4], 'data', ARGV[3])
+local fields = redis.call('HMGET', KEYS[1], 'kind', 'created_at', 'started_at')
+local kind, created, started = fields[1], fields[2], fields[3]
+local now, new = tonumber(ARGV[4]), ARGV[2]
+local function observe(name, seconds)
+  for _, le in ipairs({"""
+    + _BUCKETS_LUA
+    + """}) do
+    if seconds <= le then redis.call('HINCRBY', KEYS[3], name .. ':' .. kind .. ':' .. le, 1) end
+  end
+  redis.call('HINCRBY', KEYS[3], name .. ':' .. kind .. ':+Inf', 1)
+  redis.call('HINCRBYFLOAT', KEYS[3], name .. '_sum:' .. kind, seconds)
+end
+local active = {RUNNING = true, CANCELLING = true}
+if new == 'RUNNING' and state == 'QUEUED' then
+  redis.call('HINCRBY', KEYS[3], 'running:' .. kind, 1)
+  observe('queue_wait', now - tonumber(created))
+end
+if new == 'SUCCEEDED' or new == 'FAILED' or new == 'CANCELLED' then
+  redis.call('HINCRBY', KEYS[3], 'finished:' .. kind .. ':' .. new, 1)
+  if active[state] then
+    redis.call('HINCRBY', KEYS[3], 'running:' .. kind, -1)
+    observe('run', now - tonumber(started))
+  end
+end
 return state
 """
+)
 
 
 def _encode(job: Job) -> dict[str, str]:
@@ -275,7 +306,9 @@ class AsyncJobStore:
 
     async def _run(self, job_id: str, args: list[str]) -> JobState | None:
         try:
-            result = await self._transition(keys=[job_key(job_id), events_key(job_id)], args=args)
+            result = await self._transition(
+                keys=[job_key(job_id), events_key(job_id), STATS], args=args
+            )
         except redis.ResponseError as exc:
             if "NOTFOUND" in str(exc):
                 raise NotFound(f"job {job_id!r} not found") from None
@@ -394,7 +427,7 @@ class JobStore:
 
     def _run(self, job_id: str, args: list[str]) -> JobState | None:
         try:
-            result = self._transition(keys=[job_key(job_id), events_key(job_id)], args=args)
+            result = self._transition(keys=[job_key(job_id), events_key(job_id), STATS], args=args)
         except redis.ResponseError as exc:
             if "NOTFOUND" in str(exc):
                 raise NotFound(f"job {job_id!r} not found") from None

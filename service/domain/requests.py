@@ -80,6 +80,36 @@ def _known(v: NamedConfig, valid: frozenset[str], what: str) -> NamedConfig:
     return v.model_copy(update={"name": name})
 
 
+BUILTIN_DATASETS = (
+    "mnist",
+    "fashion_mnist",
+    "cifar10",
+    "cifar100",
+    "imdb",
+    "reuters",
+    "boston_housing",
+)
+FEATURE_DTYPES = ("float32", "int64", "string")
+
+
+def parse_feature(text: str) -> tuple[str, tuple[int, ...]]:
+    """A TFRecord feature as ``"dtype:d1,d2"`` (``"int64:"`` for a scalar): the three
+    dtypes ``tf.io.FixedLenFeature`` reads, and a fixed shape."""
+    dtype, sep, dims = text.partition(":")
+    if not sep or dtype not in FEATURE_DTYPES:
+        raise ValueError(
+            f"feature {text!r} must be 'dtype:shape' with dtype one of "
+            f"{', '.join(FEATURE_DTYPES)}, e.g. 'float32:28,28' (or 'int64:' for a scalar)"
+        )
+    try:
+        shape = tuple(int(d) for d in dims.split(",") if d.strip())
+    except ValueError:
+        raise ValueError(f"feature {text!r} has a shape that is not whole numbers") from None
+    if any(d < 1 for d in shape):
+        raise ValueError(f"feature {text!r} has a dimension below 1")
+    return dtype, shape
+
+
 class DatasetRef(_Spec):
     """Where a job reads data: an uploaded dataset (id or name), a URI, or a built-in."""
 
@@ -95,7 +125,29 @@ class DatasetRef(_Spec):
     def _one_source(self) -> DatasetRef:
         if sum(map(bool, (self.dataset, self.uri, self.builtin))) != 1:
             raise ValueError("give exactly one of dataset, uri or builtin")
+        if self.builtin and self.builtin not in BUILTIN_DATASETS:
+            raise ValueError(
+                f"unknown built-in dataset {self.builtin!r}; valid: {', '.join(BUILTIN_DATASETS)}"
+            )
+        if self.split and not self.builtin:
+            raise ValueError("split is only for built-in datasets")
+        if self.feature_spec and not self.uri:
+            raise ValueError("feature_spec is only for TFRecord sources given by uri")
+        for feature in self.feature_spec.values():
+            parse_feature(feature)
         return self
+
+    @property
+    def streamed(self) -> bool:
+        """Read lazily through tf.data (a uri), not loaded as arrays."""
+        return bool(self.uri)
+
+    @property
+    def label(self) -> str:
+        """How results name this data (evaluations, fitserve.json)."""
+        if self.builtin:
+            return f"builtin:{self.builtin}:{self.split or 'train'}"
+        return self.dataset or self.uri
 
 
 class FitSpec(_Spec):
@@ -223,12 +275,132 @@ class EvaluateSpec(_Spec):
         return v
 
 
+HEAD_ACTIVATIONS = frozenset(
+    {"softmax", "sigmoid", "linear", "relu", "tanh", "softplus", "log_softmax", "gelu"}
+)
+
+
+class ModelRefSpec(_Spec):
+    """A stored version by number or alias; the api pins ``version`` before queueing."""
+
+    name: str
+    version: int = Field(0, ge=0)
+    alias: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        return check_name(v, "base.name", "model name")
+
+
+class NewHeadSpec(_Spec):
+    """A new classification head on the frozen base (transfer learning)."""
+
+    num_classes: int = Field(ge=1, le=1_000_000)
+    activation: str = "softmax"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, v: str) -> str:
+        if v not in HEAD_ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {v!r}; valid: {', '.join(sorted(HEAD_ACTIVATIONS))}"
+            )
+        return v
+
+
+class FreezeSpec(_Spec):
+    """Which layers a fine-tune trains: the last N, or a new head on a frozen base; then
+    optionally a second phase with the top K layers unfrozen at a lower learning rate."""
+
+    train_last_n_layers: int | None = Field(None, ge=1)
+    new_head: NewHeadSpec | None = None
+    unfreeze_top_k: int = Field(0, ge=0)
+    unfreeze_learning_rate: float = Field(0.0, ge=0.0)
+    unfreeze_epochs: int = Field(0, ge=0, le=100_000)
+
+    @model_validator(mode="after")
+    def _one_strategy(self) -> FreezeSpec:
+        if (self.train_last_n_layers is None) == (self.new_head is None):
+            raise ValueError(
+                "set exactly one of train_last_n_layers (train only the last N layers) or "
+                "new_head (freeze the whole base and add a head with num_classes)"
+            )
+        if bool(self.unfreeze_top_k) != bool(self.unfreeze_epochs):
+            raise ValueError(
+                "the second phase needs both unfreeze_top_k and unfreeze_epochs (or neither)"
+            )
+        return self
+
+    @property
+    def second_phase(self) -> bool:
+        return self.unfreeze_top_k > 0
+
+
+class FineTuneSpec(_Spec):
+    """A validated FineTune request; ``base.version`` is pinned by the api, and
+    ``model_name`` defaults to the base's name."""
+
+    base: ModelRefSpec
+    model_name: str = ""
+    freeze: FreezeSpec
+    compile: CompileSpec
+    dataset: DatasetRef
+    fit: FitSpec = FitSpec()
+    callbacks: CallbackSpec = CallbackSpec()
+    run: RunSpec = RunSpec()
+    idempotency_key: str = Field("", max_length=128)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        """The result is published under the base's name unless the caller names it."""
+        if isinstance(data, dict) and not data.get("model_name"):
+            base = data.get("base")
+            if isinstance(base, dict) and base.get("name"):
+                return data | {"model_name": base["name"]}
+        return data
+
+    @field_validator("model_name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        return check_name(v, "model_name", "model name")
+
+    @property
+    def total_epochs(self) -> int:
+        """Both phases: the second continues the epoch count of the first."""
+        return self.fit.epochs + self.freeze.unfreeze_epochs
+
+
 def parse_train(data: dict[str, Any]) -> TrainSpec:
     """Validate a Train request given as plain data; errors name the field at fault."""
     try:
-        return TrainSpec.model_validate(data)
+        spec = TrainSpec.model_validate(data)
     except ValidationError as exc:
         raise _invalid(exc) from None
+    _check_streamed_fit(spec.dataset, spec.fit)
+    return spec
+
+
+def parse_fine_tune(data: dict[str, Any]) -> FineTuneSpec:
+    """Validate a FineTune request given as plain data; errors name the field at fault."""
+    try:
+        spec = FineTuneSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    _check_streamed_fit(spec.dataset, spec.fit)
+    return spec
+
+
+def _check_streamed_fit(dataset: DatasetRef, fit: FitSpec) -> None:
+    """Keras splits only arrays: a tf.data source needs a separate validation dataset."""
+    if dataset.streamed and fit.validation_split:
+        raise InvalidRequest(
+            "fit.validation_split cannot split a uri (tf.data) dataset, Keras splits only "
+            "arrays; give fit.validation_data instead",
+            field="fit.validation_split",
+        )
 
 
 def parse_evaluate(data: dict[str, Any]) -> EvaluateSpec:

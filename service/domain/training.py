@@ -10,42 +10,41 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from service.domain import building, shapes
+from service.domain import building, data
 from service.domain.callbacks import CancelWatcher, JobBackup, JobProgress, plain_logs
-from service.domain.datasets import DatasetStore
 from service.domain.exporting import export_version
 from service.domain.jobs import Job
-from service.domain.requests import CallbackSpec, CompileSpec, DatasetRef, TrainSpec
+from service.domain.requests import CallbackSpec, CompileSpec, DatasetRef, FitSpec, TrainSpec
 from service.domain.workspace import Workspace
-from service.errors import FailedPrecondition, InvalidRequest, Unimplemented
+from service.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
 
 def run_train(job: Job, spec: TrainSpec, ws: Workspace) -> None:
     """Fit the model a Train request describes and publish it as a new version."""
-    job_dir = ws.jobs_dir / job.id
-    job_dir.mkdir(parents=True, exist_ok=True)
-    seed(spec.fit.seed)
+    job_dir = prepare(job, ws, spec.fit.seed)
     model = building.build_model(spec.model)
     building.compile_model(model, spec.compile)
-    data, validation = _load_data(ws.datasets, spec, model)
-    # Progress first: an epoch is recorded before its backup is written, so a resumed
-    # attempt redoes (and trims) at most the last recorded epoch, never skips one.
-    progress = JobProgress(ws.jobs, job.id, spec.fit.epochs, spec.fit.initial_epoch)
-    cancel = CancelWatcher(ws.jobs, job.id)
+    train_data, validation = load_fit_data(ws, spec.dataset, spec.fit, model, spec.compile)
+    progress, cancel = job_reporting(ws, job, spec.fit.epochs, spec.fit.initial_epoch)
     callbacks = [progress, cancel, *keras_callbacks(spec.callbacks, job_dir)]
-    started = time.monotonic()
-    _fit(model, spec, data, validation, callbacks)
-    log.info("fit finished", extra={"seconds": round(time.monotonic() - started, 3)})
+    fit(model, spec.fit, train_data, validation, callbacks)
     if cancel.cancelled:
         ws.jobs.cancelled(job.id)
         return
-    _publish(job, spec, ws, model, progress.last_logs)
+    publish(job, ws, model, spec.model_name, progress.last_logs, _metadata(job, spec))
     shutil.rmtree(job_dir / "backup", ignore_errors=True)
+
+
+def prepare(job: Job, ws: Workspace, seed_value: int | None) -> Path:
+    """The job's folder (backups, checkpoints, logs), and the seed set."""
+    job_dir = ws.jobs_dir / job.id
+    job_dir.mkdir(parents=True, exist_ok=True)
+    seed(seed_value)
+    return job_dir
 
 
 def seed(value: int | None) -> None:
@@ -55,64 +54,93 @@ def seed(value: int | None) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def _load_data(
-    datasets: DatasetStore, spec: TrainSpec, model: keras.Model
-) -> tuple[tuple[Any, Any, Any], tuple[Any, Any] | None]:
-    x, y, sample_weight = load_arrays(datasets, spec.dataset, spec.fit.sample_weight_key)
-    check_data(model, spec.compile, x, y)
+def load_fit_data(
+    ws: Workspace, ref: DatasetRef, fit_spec: FitSpec, model: keras.Model, compile_spec: CompileSpec
+) -> tuple[data.FitData, data.FitData | None]:
+    """Training and validation data, checked against the model before fit."""
+    train_data = data.load(
+        ws, ref, fit_spec.batch_size, fit_spec.sample_weight_key, fit_spec.shuffle, fit_spec.seed
+    )
+    data.check(model, compile_spec, train_data)
     validation = None
-    if spec.fit.validation_data is not None:
-        xv, yv, _ = load_arrays(datasets, spec.fit.validation_data, "")
-        check_data(model, spec.compile, xv, yv)
-        validation = (xv, yv)
-    return (x, y, sample_weight), validation
+    if fit_spec.validation_data is not None:
+        validation = data.load(ws, fit_spec.validation_data, fit_spec.batch_size)
+        data.check(model, compile_spec, validation)
+    return train_data, validation
 
 
-def _publish(
-    job: Job, spec: TrainSpec, ws: Workspace, model: keras.Model, logs: dict[str, float]
+def job_reporting(
+    ws: Workspace, job: Job, epochs: int, initial_epoch: int = 0
+) -> tuple[JobProgress, CancelWatcher]:
+    """The job's own callbacks; one pair serves every fit of a job, so the epoch
+    history and a cancel carry over from one phase to the next."""
+    return JobProgress(ws.jobs, job.id, epochs, initial_epoch), CancelWatcher(ws.jobs, job.id)
+
+
+def publish(
+    job: Job,
+    ws: Workspace,
+    model: keras.Model,
+    name: str,
+    logs: dict[str, float],
+    metadata: dict[str, Any],
 ) -> None:
+    """Export the fitted model as the job's version and mark the job SUCCEEDED."""
     if not logs and (history := ws.jobs.get(job.id).history):
         logs = history[-1]["logs"]  # resumed after the last epoch: nothing left to fit
-    version = export_version(model, ws.models, spec.model_name, job.id, _metadata(job, spec, logs))
+    metadata = metadata | {"metrics": plain_logs(logs), "num_layers": len(trainable_layers(model))}
+    version = export_version(model, ws.models, name, job.id, metadata)
     ws.jobs.succeed(job.id, logs, version)
 
 
-def check_data(model: keras.Model, compile_spec: CompileSpec, x: Any, y: Any) -> None:
-    """Fail before fit, with both shapes named, when the data cannot fit the model."""
-    shapes.check_inputs({t.name: tuple(t.shape) for t in model.inputs}, x)
-    if len(model.outputs) == 1 and compile_spec.loss is not None:
-        shapes.check_targets(tuple(model.outputs[0].shape), compile_spec.loss.name, y)
+def trainable_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers freezing counts: ``model.layers`` without InputLayers (which a
+    functional model lists and a Sequential one does not)."""
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
-def _fit(
+def fit(
     model: keras.Model,
-    spec: TrainSpec,
-    data: tuple[Any, Any, Any],
-    validation: tuple[Any, Any] | None,
+    fit_spec: FitSpec,
+    train_data: data.FitData,
+    validation: data.FitData | None,
     callbacks: list[keras.callbacks.Callback],
+    *,
+    epochs: int | None = None,
+    initial_epoch: int | None = None,
 ) -> None:
-    fit = spec.fit
-    x, y, sample_weight = data
-    model.fit(
-        x,
-        y,
-        sample_weight=sample_weight,
-        epochs=fit.epochs,
-        batch_size=fit.batch_size,
-        shuffle=fit.shuffle,
-        validation_split=fit.validation_split,
-        validation_data=validation,
-        class_weight=dict(fit.class_weight) or None,
-        initial_epoch=fit.initial_epoch,
-        steps_per_epoch=fit.steps_per_epoch or None,
-        callbacks=callbacks,
-        verbose=0,
-    )
+    """``model.fit`` with a request's fit options; ``epochs``/``initial_epoch`` override
+    them for a later phase that continues the epoch count."""
+    common: dict[str, Any] = {
+        "epochs": epochs or fit_spec.epochs,
+        "initial_epoch": fit_spec.initial_epoch if initial_epoch is None else initial_epoch,
+        "validation_data": validation.validation() if validation else None,
+        "class_weight": dict(fit_spec.class_weight) or None,
+        "steps_per_epoch": fit_spec.steps_per_epoch or None,
+        "callbacks": callbacks,
+        "verbose": 0,
+    }
+    started = time.monotonic()
+    if train_data.streamed:  # batched and shuffled by tf.data already
+        model.fit(train_data.x, **common)
+    else:
+        model.fit(
+            train_data.x,
+            train_data.y,
+            sample_weight=train_data.sample_weight,
+            batch_size=fit_spec.batch_size,
+            shuffle=fit_spec.shuffle,
+            validation_split=fit_spec.validation_split,
+            **common,
+        )
+    log.info("fit finished", extra={"seconds": round(time.monotonic() - started, 3)})
 
 
-def keras_callbacks(spec: CallbackSpec, job_dir: Path) -> list[keras.callbacks.Callback]:
+def keras_callbacks(
+    spec: CallbackSpec, job_dir: Path, backup: str = "backup"
+) -> list[keras.callbacks.Callback]:
     """Keras's own callbacks a request asked for, plus BackupAndRestore (always on)."""
-    out: list[keras.callbacks.Callback] = [JobBackup(job_dir / "backup")]
+    out: list[keras.callbacks.Callback] = [JobBackup(job_dir / backup)]
     if (es := spec.early_stopping).enabled:
         out.append(keras.callbacks.EarlyStopping(**es.model_dump(exclude={"enabled"})))
     if (rl := spec.reduce_lr_on_plateau).enabled:
@@ -138,37 +166,7 @@ def _require_tensorboard() -> None:
         )
 
 
-def load_arrays(
-    datasets: DatasetStore, ref: DatasetRef, sample_weight_key: str
-) -> tuple[Any, Any, Any]:
-    """Inputs, targets and sample weights of an uploaded dataset."""
-    if not ref.dataset:
-        raise Unimplemented(
-            "datasets by uri or built-in name are not supported yet; upload an .npz"
-        )
-    info = datasets.get(ref.dataset)
-    with np.load(datasets.path(info.id), allow_pickle=False) as npz:
-        arrays = {name: npz[name] for name in npz.files}
-    targets = ref.target_keys or ["y"]
-    weights = [sample_weight_key] if sample_weight_key else []
-    inputs = ref.input_keys or (
-        ["x"] if "x" in arrays else [k for k in arrays if k not in (*targets, *weights)]
-    )
-    _require(arrays, [*inputs, *targets, *weights], info.name or info.id)
-    x = arrays[inputs[0]] if len(inputs) == 1 else {k: arrays[k] for k in inputs}
-    y = arrays[targets[0]] if len(targets) == 1 else {k: arrays[k] for k in targets}
-    return x, y, arrays[sample_weight_key] if sample_weight_key else None
-
-
-def _require(arrays: dict[str, Any], keys: list[str], dataset: str) -> None:
-    missing = [k for k in keys if k not in arrays]
-    if missing:
-        raise InvalidRequest(
-            f"dataset {dataset!r} has no array {missing[0]!r}; it has {', '.join(sorted(arrays))}"
-        )
-
-
-def _metadata(job: Job, spec: TrainSpec, logs: dict[str, float]) -> dict[str, Any]:
+def _metadata(job: Job, spec: TrainSpec) -> dict[str, Any]:
     return {
         "job_id": job.id,
         "kind": job.kind.value,
@@ -176,8 +174,7 @@ def _metadata(job: Job, spec: TrainSpec, logs: dict[str, float]) -> dict[str, An
         "spec": spec.model.model_dump(),
         "compile": spec.compile.model_dump(),
         "fit": spec.fit.model_dump(),
-        "dataset": spec.dataset.dataset,
-        "metrics": plain_logs(logs),
+        "dataset": spec.dataset.label,
         "labels": spec.run.labels,
         "parent": None,
         "evaluations": [],

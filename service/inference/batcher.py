@@ -16,7 +16,9 @@ The queue is bounded: past ``max_queue`` waiting requests, ``submit`` refuses wi
 ``QueueFull`` (RESOURCE_EXHAUSTED) carrying a retry hint, the time the queue needs to
 drain. A request whose deadline has passed is dropped before compute (DeadlineExceeded).
 Batches are padded to ``allowed_batch_sizes`` so the model only ever sees a few shapes.
-A batch that fails fails every waiter with the same error.
+A batch that fails fails every waiter with the same error. With a ``latency_target``, the
+timeout is not fixed: ``service.inference.latency.LatencyTarget`` adapts it after every
+batch from the latencies the batch's requests saw.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import DeadlineExceeded, FitserveError, ResourceExhausted, Unavailable
+from service.inference.latency import LatencyTarget
 from service.inference.padding import run_padded
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ class BatchPolicy:
     max_queue: int = 1024
     allowed_batch_sizes: tuple[int, ...] = ()
     threads: int = 1
+    latency_target: float | None = None  # seconds; adapts batch_timeout when set
 
 
 @dataclass
@@ -81,6 +85,7 @@ class BatchStats:
     padded_rows: int
     queue_waits: list[float]
     compute_seconds: float
+    batch_timeout: float = 0.0  # the timeout in force after this batch
 
 
 class Batcher:
@@ -101,6 +106,12 @@ class Batcher:
         self._queued_rows = 0
         self._last_requests = 0
         self._batch_seconds = 0.0  # moving average, for the retry hint
+        self._timeout = policy.batch_timeout
+        self._controller = (
+            LatencyTarget(policy.latency_target, policy.batch_timeout)
+            if policy.latency_target
+            else None
+        )
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [
@@ -181,9 +192,9 @@ class Batcher:
         """Hold the oldest request up to the timeout, when more are known to be coming."""
         p = self._policy
         coming = len(self._queue) > 1 or self._last_requests > 1
-        if not coming or p.batch_timeout <= 0:
+        if not coming or self._timeout <= 0:
             return
-        until = self._queue[0].enqueued + p.batch_timeout
+        until = self._queue[0].enqueued + self._timeout
         while self._queue and not self._closed and self._queued_rows < p.max_batch_size:
             left = until - time.monotonic()
             if left <= 0:
@@ -226,7 +237,11 @@ class Batcher:
         done = time.monotonic()
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (done - started)
         waits = [started - p.enqueued for p in batch]
-        self._on_batch(BatchStats(len(batch), sum(rows), padded, waits, done - started))
+        if self._controller is not None:
+            with self._cond:
+                self._timeout = self._controller.observe(done - p.enqueued for p in batch)
+        stats = BatchStats(len(batch), sum(rows), padded, waits, done - started, self._timeout)
+        self._on_batch(stats)
 
     def _batch_error(self, exc: Exception, requests: int, rows: int) -> Exception:
         if isinstance(exc, FitserveError):

@@ -250,6 +250,7 @@ class ServingModels:
             max_queue=b.max_queue,
             allowed_batch_sizes=tuple(b.allowed_batch_sizes),
             threads=b.batch_threads,
+            latency_target=b.latency_target_ms / 1000 if b.latency_target_ms else None,
         )
 
     def _evict(self) -> None:
@@ -289,6 +290,7 @@ class ServingModels:
             m.batch_size.labels(*labels).observe(stats.rows)
             m.batch_requests.labels(*labels).observe(stats.requests)
             m.predict_compute.labels(*labels).observe(stats.compute_seconds)
+            m.batch_timeout.labels(*labels).set(stats.batch_timeout)
             for wait in stats.queue_waits:
                 m.predict_queue_wait.labels(*labels).observe(wait)
 
@@ -316,7 +318,8 @@ class ServingModels:
     def _untrack(self, key: Key) -> None:
         labels = (key[0], str(key[1]))
         m = self._metrics
-        for gauge in (m.loaded_versions, m.loaded_bytes, m.queue_depth, m.in_flight):
+        gauges = (m.loaded_versions, m.loaded_bytes, m.queue_depth, m.in_flight, m.batch_timeout)
+        for gauge in gauges:
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
 

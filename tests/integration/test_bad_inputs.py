@@ -158,12 +158,12 @@ def test_job_id_must_look_like_one(channel: grpc.Channel) -> None:
     assert exc.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
 
 
-def test_planned_rpcs_say_unimplemented(channel: grpc.Channel) -> None:
+def test_an_empty_fine_tune_request_names_the_base(channel: grpc.Channel) -> None:
     stub = training_pb2_grpc.TrainingServiceStub(channel)
     with pytest.raises(grpc.RpcError) as exc:
         stub.FineTune(training_pb2.FineTuneRequest())
-    assert exc.value.code() == Code.UNIMPLEMENTED  # type: ignore[attr-defined]
-    assert "not implemented in this release" in exc.value.details()  # type: ignore[attr-defined]
+    assert exc.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert exc.value.details().startswith("base.name")  # type: ignore[attr-defined]
 
 
 # ---- DatasetService --------------------------------------------------------------------

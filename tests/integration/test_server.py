@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import fitserve
 from service.config import Settings
 from tests.conftest import ROOT, RunningServer
 
@@ -57,6 +60,28 @@ def test_metrics_endpoint_counts_requests_by_code(
     line = 'fitserve_rpc_requests_total{code="NOT_FOUND",method="GetModel"}'
     assert line in body
     assert "# TYPE fitserve_predict_batch_size histogram" in body
+
+
+def test_job_statistics_come_from_redis(
+    client: fitserve.Client, server: RunningServer, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    def finished() -> float:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = response.read().decode()
+        match = re.search(
+            r'fitserve_jobs_finished_total\{kind="TRAIN",outcome="SUCCEEDED"\} (\S+)', body
+        )
+        return float(match.group(1)) if match else 0.0
+
+    before = finished()
+    x, y = digits
+    ds = client.upload_dataset("stats", x=x[:32], y=y[:32])
+    layers = [{"type": "Flatten", "input_shape": [28, 28]}, {"type": "Dense", "units": 10}]
+    client.train(
+        "stats", layers=layers, loss="sparse_categorical_crossentropy", dataset=ds, seed=0
+    ).wait(timeout=120)
+    assert finished() == before + 1
 
 
 def test_api_role_imports_no_tensorflow(settings: Settings) -> None:

@@ -159,3 +159,23 @@ def test_cancel_a_queued_job_never_runs(
         client.get_model("digits-c2")
     with pytest.raises(fitserve.FailedPreconditionError, match="CANCELLED"):
         second.cancel()
+
+
+def test_a_retried_train_with_the_same_key_is_one_job(
+    client: fitserve.Client, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, y = digits
+    ds = client.upload_dataset("digits-retry", x=x[:32], y=y[:32])
+    args = {
+        "layers": MLP_LAYERS,
+        "loss": "sparse_categorical_crossentropy",
+        "dataset": ds,
+        "seed": 4,
+        "idempotency_key": "retry-1",
+    }
+    first = client.train("digits-retry", **args)  # type: ignore[arg-type]
+    second = client.train("digits-retry", **args)  # type: ignore[arg-type]
+    assert second.id == first.id
+    assert first.wait(timeout=120).model_version == 1
+    assert [v.version for v in client.get_model("digits-retry").versions] == [1]
+    assert len(list(client.list_jobs(model_name="digits-retry"))) == 1

@@ -19,6 +19,7 @@ from fitserve._errors import (
     DeadlineExceededError,
     JobCancelledError,
     JobFailedError,
+    ResourceExhaustedError,
     from_rpc_error,
 )
 from fitserve._specs import ConfigLike, DatasetLike, KerasModel, LossLike
@@ -51,6 +52,8 @@ _TERMINAL_STATES = frozenset(
 _WATCH_RETRIES = 5
 _WATCH_BACKOFF_SECONDS = 0.2
 _WATCH_BACKOFF_MAX_SECONDS = 5.0
+_PREDICT = "/fitserve.v1.InferenceService/Predict"
+_CHUNK_OVERHEAD_BYTES = 16  # an UploadDatasetRequest's framing around its chunk
 
 
 @dataclass(frozen=True)
@@ -113,18 +116,28 @@ class Client:
         """Connect to `target`, or use `channel` as given (the caller then closes it).
 
         `metadata` goes with every call, e.g. `[("authorization", "Bearer <token>")]`;
-        `credentials` (e.g. `grpc.ssl_channel_credentials()`) switches to TLS.
+        `credentials` (e.g. `grpc.ssl_channel_credentials()`) switches to TLS. A request
+        over `max_message_bytes` fails here, before sending, with `ResourceExhaustedError`
+        (with `channel`, pass the limit that channel was made with).
         """
         self._owns_channel = channel is None
         if channel is None:
             channel = _open_channel(target, max_message_bytes, credentials)
         self._channel = channel
         self._timeout = timeout
+        self._max_message_bytes = max_message_bytes
         self._metadata: tuple[tuple[str, str | bytes], ...] = tuple(metadata)
         self._datasets = dataset_pb2_grpc.DatasetServiceStub(self._channel)
         self._training = training_pb2_grpc.TrainingServiceStub(self._channel)
         self._models = model_pb2_grpc.ModelServiceStub(self._channel)
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        # Predict takes bytes serialized here, so a large request is sized without being
+        # serialized twice.
+        self._predict_raw: grpc.UnaryUnaryMultiCallable[bytes, inference_pb2.PredictResponse] = (
+            self._channel.unary_unary(
+                _PREDICT, response_deserializer=inference_pb2.PredictResponse.FromString
+            )
+        )
 
     def close(self) -> None:
         """Close the channel, unless it was passed in (its owner closes it)."""
@@ -153,8 +166,19 @@ class Client:
         request: _Request,
         timeout: float | None,
     ) -> _Response:
+        if not isinstance(request, bytes):
+            self._check_size(_byte_size(request))
         with _translated_errors():
             return method(request, timeout=self._timeout_for(timeout), metadata=self._metadata)
+
+    def _check_size(self, size: int) -> None:
+        """Refuse a request gRPC would refuse, with a message that says which setting."""
+        if size > self._max_message_bytes:
+            raise ResourceExhaustedError(
+                f"request message is {size} bytes, over this client's max_message_bytes of "
+                f"{self._max_message_bytes}; send fewer rows per call, or raise "
+                "Client(max_message_bytes=...) and the server's FITSERVE_MAX_MESSAGE_BYTES"
+            )
 
     def _watch_call(
         self, job_id: str, after_event_id: str, timeout: float | None
@@ -177,10 +201,13 @@ class Client:
     ) -> dataset_pb2.Dataset:
         """Upload arrays as an .npz dataset named `name`; returns it with its id.
 
+        The content goes in messages of `chunk_bytes`, which must fit `max_message_bytes`.
+
         Use `x`/`y`/`sample_weight` for a single-input model, or any named arrays (e.g.
         `image=..., text=..., y=...`) for a multi-input one. Identical content is stored
         once, so re-uploading the same arrays is cheap for the server.
         """
+        self._check_size(chunk_bytes + _CHUNK_OVERHEAD_BYTES)
         content = _specs.npz_bytes({"x": x, "y": y, "sample_weight": sample_weight, **arrays})
         header = _specs.npz_header(
             name, size_bytes=len(content), sha256=hashlib.sha256(content).hexdigest()
@@ -196,6 +223,7 @@ class Client:
         timeout: float | None = None,
     ) -> dataset_pb2.Dataset:
         """Upload an existing .npz file, streamed from disk (never loaded whole)."""
+        self._check_size(chunk_bytes + _CHUNK_OVERHEAD_BYTES)
         header = _specs.npz_header(
             name, size_bytes=os.path.getsize(path), sha256=_specs.file_sha256(path)
         )
@@ -478,7 +506,9 @@ class Client:
             inputs=_input_tensors(x, inputs),
             output_filter=list(output_filter),
         )
-        response = self._call(self._inference.Predict, request, timeout)
+        raw = request.SerializeToString()
+        self._check_size(len(raw))
+        response = self._call(self._predict_raw, raw, timeout)
         return Prediction(
             outputs={name: to_numpy(tensor) for name, tensor in response.outputs.items()},
             model_name=response.model_name,
@@ -536,6 +566,11 @@ class Client:
         """Delete a version; one that an alias points at raises FailedPreconditionError."""
         request = model_pb2.DeleteVersionRequest(model_name=model_name, version=version)
         self._call(self._models.DeleteVersion, request, timeout)
+
+
+def _byte_size(request: object) -> int:
+    size: int = request.ByteSize()  # type: ignore[attr-defined]  # every request is a Message
+    return size
 
 
 def _dataset_key(dataset: str | dataset_pb2.Dataset) -> str:

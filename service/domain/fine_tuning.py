@@ -1,0 +1,166 @@
+"""Runs a fine-tune job: a stored version's model.keras, partly frozen, fitted in one or
+two phases, published with its lineage (worker side).
+
+Two strategies, as in the Keras transfer-learning guide: train only the last N layers
+of the stored model; or freeze the whole stored model but its last layer (the "base")
+and put a new head on it, calling the base with ``training=False`` so its BatchNorm
+layers keep their moving statistics even once layers are unfrozen. An optional second
+phase unfreezes the top K layers of the base (BatchNorm stays frozen) and fits again at
+a lower learning rate, continuing the epoch count.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from service.domain import building, training
+from service.domain.jobs import Job
+from service.domain.model_store import KERAS_FILE
+from service.domain.requests import CompileSpec, FineTuneSpec, FreezeSpec, NewHeadSpec
+from service.domain.workspace import Workspace
+from service.errors import InvalidRequest
+
+PHASE2_BACKUP = "backup-phase2"
+
+
+def run_fine_tune(job: Job, spec: FineTuneSpec, ws: Workspace) -> None:
+    """Fit a stored version under the request's freeze strategy and publish the result."""
+    job_dir = training.prepare(job, ws, spec.fit.seed)
+    base_version = ws.models.resolve(spec.base.name, spec.base.version, spec.base.alias)
+    model, body = prepare_model(_load(ws, spec.base.name, base_version), spec.freeze)
+    building.compile_model(model, spec.compile)
+    first_rate = float(model.optimizer.learning_rate)
+    train_data, validation = training.load_fit_data(ws, spec.dataset, spec.fit, model, spec.compile)
+    progress, cancel = training.job_reporting(ws, job, spec.total_epochs, spec.fit.initial_epoch)
+    callbacks = [progress, cancel, *training.keras_callbacks(spec.callbacks, job_dir)]
+    training.fit(model, spec.fit, train_data, validation, callbacks)
+    if spec.freeze.second_phase and not cancel.cancelled:
+        unfreeze_top(body, spec.freeze.unfreeze_top_k)
+        building.compile_model(model, second_compile(spec, first_rate))
+        callbacks = [progress, cancel, *_second_callbacks(spec, job_dir)]
+        training.fit(
+            model,
+            spec.fit,
+            train_data,
+            validation,
+            callbacks,
+            epochs=spec.total_epochs,
+            initial_epoch=spec.fit.epochs,
+        )
+    if cancel.cancelled:
+        ws.jobs.cancelled(job.id)
+        return
+    metadata = _metadata(job, spec, base_version)
+    training.publish(job, ws, model, spec.model_name, progress.last_logs, metadata)
+    for backup in ("backup", PHASE2_BACKUP):
+        shutil.rmtree(job_dir / backup, ignore_errors=True)
+
+
+def prepare_model(base: keras.Model, freeze: FreezeSpec) -> tuple[keras.Model, keras.Model]:
+    """The model to fit, and the part whose top layers a second phase unfreezes."""
+    if freeze.new_head is not None:
+        return with_new_head(base, freeze.new_head)
+    freeze_all_but_last(base, freeze.train_last_n_layers or 0)
+    return base, base
+
+
+def freeze_all_but_last(model: keras.Model, n: int) -> None:
+    """Only the last ``n`` layers train; a frozen BatchNorm runs in inference mode."""
+    layers = training.trainable_layers(model)
+    _check_count(n, layers, "freeze.train_last_n_layers", "the base model")
+    for i, layer in enumerate(layers):
+        layer.trainable = i >= len(layers) - n
+
+
+def with_new_head(model: keras.Model, head: NewHeadSpec) -> tuple[keras.Model, keras.Model]:
+    """The stored model without its last layer, frozen and called in inference mode,
+    under a new Dense head of ``num_classes`` units."""
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise InvalidRequest(
+            "freeze.new_head needs a base model with one input and one output; use "
+            "train_last_n_layers for this model",
+            field="freeze.new_head",
+        )
+    body = keras.Model(model.inputs, model.layers[-1].input, name=f"{model.name}_base")
+    body.trainable = False
+    source = model.inputs[0]
+    inputs = keras.Input(shape=source.shape[1:], dtype=source.dtype, name=source.name)
+    x = body(inputs, training=False)
+    if head.dropout:
+        x = keras.layers.Dropout(head.dropout, name="head_dropout")(x)
+    outputs = keras.layers.Dense(head.num_classes, activation=head.activation, name="head")(x)
+    return keras.Model(inputs, outputs, name=f"{model.name}_fine_tuned"), body
+
+
+def unfreeze_top(body: keras.Model, k: int) -> None:
+    """Unfreeze the top ``k`` layers of ``body``, leaving BatchNorm frozen; layers that
+    trained already keep training."""
+    layers = training.trainable_layers(body)
+    _check_count(k, layers, "freeze.unfreeze_top_k", "the part of the model below the head")
+    was = [layer.trainable for layer in layers]
+    body.trainable = True  # a frozen parent hides its layers' flags: set them one by one
+    for i, (layer, before) in enumerate(zip(layers, was, strict=True)):
+        layer.trainable = before or i >= len(layers) - k
+        if not before:
+            _freeze_batch_norm(layer)
+
+
+def _freeze_batch_norm(layer: keras.layers.Layer) -> None:
+    if isinstance(layer, keras.layers.BatchNormalization):
+        layer.trainable = False
+    for inner in getattr(layer, "layers", []):
+        _freeze_batch_norm(inner)
+
+
+def second_compile(spec: FineTuneSpec, first_rate: float) -> CompileSpec:
+    """The first phase's compile options at the second phase's (lower) learning rate."""
+    rate = spec.freeze.unfreeze_learning_rate or first_rate / 10
+    optimizer = spec.compile.optimizer
+    params = optimizer.params | {"learning_rate": rate}
+    return spec.compile.model_copy(
+        update={"optimizer": optimizer.model_copy(update={"params": params})}
+    )
+
+
+def _check_count(n: int, layers: list[Any], field: str, what: str) -> None:
+    if n > len(layers):
+        raise InvalidRequest(
+            f"{field} is {n}, but {what} has only {len(layers)} layers", field=field
+        )
+
+
+def _second_callbacks(spec: FineTuneSpec, job_dir: Path) -> list[keras.callbacks.Callback]:
+    """Fresh Keras callbacks for the second fit, with its own backup; the CSV history
+    continues rather than starting over."""
+    callbacks = training.keras_callbacks(spec.callbacks, job_dir, PHASE2_BACKUP)
+    for callback in callbacks:
+        if isinstance(callback, keras.callbacks.CSVLogger):
+            callback.append = True
+    return callbacks
+
+
+def _load(ws: Workspace, name: str, version: int) -> keras.Model:
+    path = ws.models.path(name, version) / KERAS_FILE
+    model: keras.Model = keras.models.load_model(path, compile=False, safe_mode=True)
+    return model
+
+
+def _metadata(job: Job, spec: FineTuneSpec, base_version: int) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "kind": job.kind.value,
+        "created_at": time.time(),
+        "spec": None,
+        "fine_tune": spec.freeze.model_dump(),
+        "compile": spec.compile.model_dump(),
+        "fit": spec.fit.model_dump(),
+        "dataset": spec.dataset.label,
+        "labels": spec.run.labels,
+        "parent": {"model": spec.base.name, "version": base_version},
+        "evaluations": [],
+    }

@@ -1,0 +1,131 @@
+"""`fitserve serve --processes N`: N servers on one port, one aggregated /metrics, supervised."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+import fitserve
+from bench.models import MODEL, publish_reference
+from service.stack import free_port
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+FITSERVE = str(Path(sys.executable).parent / "fitserve")
+BANNER = re.compile(r"2 processes on 127\.0\.0\.1:\d+ \(pids (\d+), (\d+)\).*\(from (\S+)\)")
+WAIT = 120.0  # seconds; a bound on polls for two servers importing TensorFlow
+REQUESTS = "fitserve_predict_requests_total"
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[str]
+    port: int
+    metrics_port: int
+    pids: tuple[int, int]
+    metrics_dir: Path
+
+
+@pytest.fixture
+def served(tmp_path: Path, redis_url: str) -> Iterator[Served]:
+    publish_reference(tmp_path / "data" / "models", versions=1)
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FITSERVE_")}
+    env |= {"FITSERVE_REDIS_URL": redis_url, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    argv = [FITSERVE, "serve", "--processes", "2", "--roles", "inference"]
+    argv += ["--data-dir", str(tmp_path / "data"), "--port", str(port)]
+    argv += ["--metrics-port", str(metrics_port)]
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    banner = BANNER.search(proc.stdout.readline())
+    assert banner, "fitserve serve did not print its processes"
+    pids = (int(banner.group(1)), int(banner.group(2)))
+    yield Served(proc, port, metrics_port, pids, Path(banner.group(3)))
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    proc.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _served_by(metrics_dir: Path, pid: int) -> float:
+    """Predict calls one process answered OK, read from its own metrics file."""
+    path = metrics_dir / f"counter_{pid}.db"
+    if not path.exists():
+        return 0.0
+    families = MultiProcessCollector.merge([str(path)])  # type: ignore[no-untyped-call]
+    return _ok(s for f in families for s in f.samples)
+
+
+def _ok(samples: object) -> float:
+    return sum(
+        s.value
+        for s in samples  # type: ignore[attr-defined]
+        if s.name == REQUESTS and s.labels.get("code") == "OK" and s.labels["model"] == MODEL
+    )
+
+
+def _aggregated(metrics_port: int) -> float:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        families = text_string_to_metric_families(response.read().decode())
+    return _ok(s for f in families for s in f.samples)
+
+
+def _predict_on_a_new_connection(port: int, x: np.ndarray) -> bool:
+    """One Predict over its own TCP connection, so the kernel picks a process for it."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        try:
+            fitserve.Client(channel=channel, timeout=30).predict(MODEL, x)
+        except (fitserve.UnavailableError, fitserve.DeadlineExceededError):
+            return False  # no process listens yet
+    return True
+
+
+def test_two_processes_share_the_port_and_metrics_add_up(served: Served) -> None:
+    x = np.zeros((1, 28, 28), np.float32)
+    answered = 0
+    deadline = time.monotonic() + WAIT
+    while min(_served_by(served.metrics_dir, pid) for pid in served.pids) == 0:
+        assert time.monotonic() < deadline, "the calls did not reach both processes"
+        assert served.proc.poll() is None, "fitserve serve exited"
+        answered += _predict_on_a_new_connection(served.port, x)
+
+    per_process = [_served_by(served.metrics_dir, pid) for pid in served.pids]
+    assert sum(per_process) == answered
+    assert _aggregated(served.metrics_port) == answered
+
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(60) == 0
+    assert not any(_alive(pid) for pid in served.pids)
+
+
+def test_a_killed_server_process_brings_the_supervisor_down(served: Served) -> None:
+    os.kill(served.pids[0], signal.SIGKILL)
+    assert served.proc.wait(60) == 1
+    assert not _alive(served.pids[1])
