@@ -178,6 +178,13 @@ class Settings(BaseSettings):
         "6 MB a job for the reference MLP (make bench); the new child imports TensorFlow as "
         "soon as it starts, so the next job still finds a warm worker.",
     )
+    worker_cpu_devices: int = Field(
+        1,
+        ge=1,
+        description="Logical devices a worker child splits its CPU into. Above 1, a worker "
+        "without GPUs trains with MirroredStrategy over them: how multi-device training is "
+        "tested on a machine without GPUs. A worker with several GPUs mirrors over those.",
+    )
     dataset_roots: list[Path] = Field(
         default_factory=list,
         description="Folders a DatasetRef.uri may point into (tf.data.Dataset.save folders, "

@@ -1,7 +1,8 @@
 """Server-side commands: ``serve``, ``worker`` and ``up`` (run by the ``fitserve`` CLI).
 
 ``python -m service.main serve`` runs one gRPC server (``--processes N``: N of them on one
-port, supervised); ``worker`` runs a Celery worker; ``up`` runs the whole stack on this
+port, supervised); ``worker`` runs a Celery worker
+(``--gpus``: one per GPU, supervised); ``up`` runs the whole stack on this
 machine (see ``service.stack``).
 """
 
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,8 +125,9 @@ def _serve_child(settings: Settings, port: int, metrics_dir: str) -> subprocess.
     return subprocess.Popen(argv, env=env, start_new_session=True)
 
 
-def worker_argv(queues: str, concurrency: int, loglevel: str) -> list[str]:
-    """The Celery command line of one fitserve worker process."""
+def worker_argv(queues: str, concurrency: int, loglevel: str, node: str = "") -> list[str]:
+    """The Celery command line of one fitserve worker process; ``node`` names it in
+    Celery (default ``fitserve-<pid>``), which must differ between processes of a host."""
     return [
         sys.executable,
         "-m",
@@ -139,12 +142,110 @@ def worker_argv(queues: str, concurrency: int, loglevel: str) -> list[str]:
         "--pool",
         "prefork",
         "-n",
-        f"fitserve-{os.getpid()}@%h",
+        f"{node or f'fitserve-{os.getpid()}'}@%h",
         "--loglevel",
         loglevel,
         "--without-gossip",
         "--without-mingle",
     ]
+
+
+class GpuChoiceError(ValueError):
+    """``--gpus`` names GPUs this machine does not have; the message says what to do."""
+
+
+NO_GPUS = "no GPUs found; run without --gpus for a CPU worker"
+
+
+def chosen_gpus(gpus: str, discovered: list[str]) -> list[str]:
+    """The GPU ids ``--gpus`` selects: ``all``, a count ``N`` (the first N), or ids
+    ``0,1`` (a single id with a trailing comma: ``3,``)."""
+    if not discovered:
+        raise GpuChoiceError(NO_GPUS)
+    if gpus == "all":
+        return list(discovered)
+    if gpus.isdigit():
+        count = int(gpus)
+        if not 1 <= count <= len(discovered):
+            raise GpuChoiceError(
+                f"--gpus {count}: this machine has {len(discovered)} GPUs "
+                f"({', '.join(discovered)}); give a count from 1 to {len(discovered)}"
+            )
+        return discovered[:count]
+    ids = [part.strip() for part in gpus.split(",") if part.strip()]
+    unknown = [i for i in ids if i not in discovered]
+    if not ids or unknown:
+        raise GpuChoiceError(
+            f"--gpus {gpus}: no GPU {', '.join(unknown) or '(none given)'} here; "
+            f"give all, a count, or ids among {', '.join(discovered)}"
+        )
+    return list(dict.fromkeys(ids))
+
+
+def plan_gpu_workers(
+    gpus: str,
+    discovered: list[str],
+    queues: str,
+    concurrency: int,
+    loglevel: str,
+    env: dict[str, str],
+    supervisor_pid: int,
+) -> list[tuple[dict[str, str], list[str]]]:
+    """(environment, argv) of one worker process per chosen GPU, each seeing only its
+    GPU (CUDA_VISIBLE_DEVICES) and with its own Celery node name."""
+    return [
+        (
+            env | {"CUDA_VISIBLE_DEVICES": gpu},
+            worker_argv(queues, concurrency, loglevel, f"fitserve-gpu{gpu}-{supervisor_pid}"),
+        )
+        for gpu in chosen_gpus(gpus, discovered)
+    ]
+
+
+def discover_gpus() -> list[str]:
+    """GPU indexes ``nvidia-smi -L`` lists; none when it is missing or fails."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return re.findall(r"^GPU (\d+):", out, flags=re.MULTILINE)
+
+
+def gpu_workers(gpus: str, queues: str, concurrency: int, settings: Settings) -> int:
+    """Run one worker per GPU until SIGTERM/SIGINT (exit 0) or until one dies (exit 1)."""
+    from service.stack import supervise, terminate
+
+    try:
+        plan = plan_gpu_workers(
+            gpus,
+            discover_gpus(),
+            queues,
+            concurrency,
+            settings.log_level,
+            dict(os.environ),
+            os.getpid(),
+        )
+    except GpuChoiceError as exc:
+        print(f"fitserve worker: {exc}", file=sys.stderr, flush=True)
+        return 2
+    stopping = _stop_flag()
+    children = [
+        (
+            f"worker gpu {env['CUDA_VISIBLE_DEVICES']}",
+            subprocess.Popen(argv, env=env, start_new_session=True),
+        )
+        for env, argv in plan
+    ]
+    try:
+        print(
+            "fitserve worker: " + ", ".join(f"{name} pid {proc.pid}" for name, proc in children),
+            flush=True,
+        )
+        return supervise(children, stopping, "fitserve worker", "every worker process")
+    finally:
+        terminate([proc for _, proc in children])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,9 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("worker", help="run a Celery worker")
     w.add_argument("--queues", default="train,cpu")
     w.add_argument("--concurrency", type=int, default=1)
+    w.add_argument(
+        "--gpus",
+        help="one worker process per GPU: all, a count N, or ids such as 0,1 "
+        "(default: one CPU worker)",
+    )
     args = parser.parse_args(argv)
     if args.command == "worker":
         settings = Settings()
+        if args.gpus:
+            return gpu_workers(args.gpus, args.queues, args.concurrency, settings)
         os.execv(sys.executable, worker_argv(args.queues, args.concurrency, settings.log_level))
     settings = _settings(args)
     configure_logging(settings.log_format, settings.log_level)

@@ -22,8 +22,12 @@ log = logging.getLogger(__name__)
 
 @worker_process_init.connect
 def warm_child(**_: Any) -> None:
-    """Import TensorFlow and Keras in the new child, before its first job arrives."""
+    """Import TensorFlow and Keras in the new child and set up its devices (which must
+    happen before TensorFlow initializes them), before its first job arrives."""
     import keras  # noqa: F401
     import tensorflow  # noqa: F401
 
+    from service.domain import devices
+
+    devices.configure(settings.worker_cpu_devices)
     log.info("worker child ready (TensorFlow imported)")

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from fitserve.v1 import dataset_pb2, dataset_pb2_grpc
 from service.api import converters
 from service.api.status import Context, Edge, Servicer, unary
-from service.domain.datasets import DatasetStore
+from service.domain.datasets import DatasetStore, DatasetUpload
 from service.errors import InvalidRequest
 from service.metrics import Metrics
 
 MAX_PAGE = 1000
+T = TypeVar("T")
 
 
 class DatasetServicer(Servicer, dataset_pb2_grpc.DatasetServiceServicer):
@@ -32,15 +34,13 @@ class DatasetServicer(Servicer, dataset_pb2_grpc.DatasetServiceServicer):
                 "the first message of an upload must be the header", field="header"
             )
         h = first.header
-        upload = await asyncio.to_thread(
-            self._store.begin_upload, h.name, h.format, h.size_bytes, h.sha256
-        )
+        upload = await _settled(self._store.begin_upload, h.name, h.format, h.size_bytes, h.sha256)
         try:
             async for message in request_iterator:
                 if not message.HasField("chunk"):
                     raise InvalidRequest("only the first message may be a header", field="header")
-                await asyncio.to_thread(upload.write, message.chunk)
-            info = await asyncio.to_thread(upload.finish)
+                await _settled(upload.write, message.chunk)
+            info = await _settled(upload.finish)
         finally:
             upload.abort()
         self._metrics.datasets_uploaded_bytes.inc(info.size_bytes)
@@ -72,6 +72,21 @@ class DatasetServicer(Servicer, dataset_pb2_grpc.DatasetServiceServicer):
     ) -> dataset_pb2.DeleteDatasetResponse:
         await asyncio.to_thread(self._store.delete, _ref(request.dataset))
         return dataset_pb2.DeleteDatasetResponse()
+
+
+async def _settled(fn: Callable[..., T], *args: Any) -> T:
+    """Run file work in a thread; if the client goes away meanwhile, let the thread finish
+    before the cancellation goes on, so the cleanup never races a half-done write (and an
+    upload opened just as the client cancelled is still aborted)."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        done: object = None if work.cancelled() or work.exception() else work.result()
+        if isinstance(done, DatasetUpload):
+            done.abort()
+        raise
 
 
 def _ref(value: str) -> str:

@@ -1,6 +1,7 @@
 """fitserve's own Keras callbacks: progress reporting and cooperative cancel.
 
-Both use epoch hooks only: overriding batch hooks makes Keras sync every step. Cancel is
+They use epoch hooks only: overriding batch hooks makes Keras sync every step, so
+BatchProgress, which must, is added only to jobs that ask for it. Cancel is
 polled from a background thread that sets ``model.stop_training``, which Keras checks
 after every batch, so a running job stops at the next batch end at no per-batch cost.
 """
@@ -11,6 +12,7 @@ import logging
 import math
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,36 @@ class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
             return {"learning_rate": float(self.model.optimizer.learning_rate)}
         except (AttributeError, TypeError, ValueError):
             return {}
+
+
+class BatchProgress(keras.callbacks.Callback):  # type: ignore[misc]
+    """Streams a job's batch progress, at most one event per ``interval`` seconds (the
+    first batch of a fit always reports)."""
+
+    def __init__(self, jobs: JobStore, job_id: str, interval: float) -> None:
+        super().__init__()
+        self._jobs, self._job_id, self._interval = jobs, job_id, interval
+        self._epoch = 0
+        self._last = -math.inf
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch = epoch + 1
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            return
+        self._last = now
+        event = {
+            "epoch": self._epoch,
+            "batch": batch + 1,
+            "batches": int(self.params.get("steps") or 0),
+            "logs": plain_logs(logs),
+        }
+        try:
+            self._jobs.add_event(self._job_id, "batch", event)
+        except Exception:  # reporting must never crash training
+            log.warning("could not report batch %d", batch + 1, exc_info=True)
 
 
 class CancelWatcher(keras.callbacks.Callback):  # type: ignore[misc]

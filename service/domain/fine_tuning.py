@@ -18,7 +18,8 @@ from typing import Any
 
 import keras
 
-from service.domain import building, training
+from service.domain import building, devices, training
+from service.domain.callbacks import CancelWatcher, JobProgress
 from service.domain.jobs import Job
 from service.domain.model_store import KERAS_FILE
 from service.domain.requests import CompileSpec, FineTuneSpec, FreezeSpec, NewHeadSpec
@@ -29,20 +30,48 @@ PHASE2_BACKUP = "backup-phase2"
 
 
 def run_fine_tune(job: Job, spec: FineTuneSpec, ws: Workspace) -> None:
-    """Fit a stored version under the request's freeze strategy and publish the result."""
+    """Fit a stored version under the request's freeze strategy and publish the result.
+
+    Under mixed precision the stored model is loaded under the policy (its layers then
+    compute in it) and the output is wrapped in a float32 Activation only when it is not
+    float32 already, as for a Keras config in training.
+    """
     job_dir = training.prepare(job, ws, spec.fit.seed)
     base_version = ws.models.resolve(spec.base.name, spec.base.version, spec.base.alias)
-    model, body = prepare_model(_load(ws, spec.base.name, base_version), spec.freeze)
+    mixed = spec.run.mixed_precision
+    with devices.precision(mixed), training.job_strategy(ws, job).scope():
+        model, body = prepare_model(_load(ws, spec.base.name, base_version), spec.freeze)
+        model = devices.float32_outputs(model) if mixed else model
+        progress, cancel = _fit_phases(job, spec, ws, job_dir, model, body)
+    if cancel.cancelled:
+        ws.jobs.cancelled(job.id)
+        return
+    metadata = _metadata(job, spec, base_version)
+    training.publish(job, ws, model, spec.model_name, progress.last_logs, metadata)
+    for backup in ("backup", PHASE2_BACKUP):
+        shutil.rmtree(job_dir / backup, ignore_errors=True)
+
+
+def _fit_phases(
+    job: Job,
+    spec: FineTuneSpec,
+    ws: Workspace,
+    job_dir: Path,
+    model: keras.Model,
+    body: keras.Model,
+) -> tuple[JobProgress, CancelWatcher]:
+    """Compile and fit the first phase, then the optional unfreeze phase."""
     building.compile_model(model, spec.compile)
     first_rate = float(model.optimizer.learning_rate)
     train_data, validation = training.load_fit_data(ws, spec.dataset, spec.fit, model, spec.compile)
     progress, cancel = training.job_reporting(ws, job, spec.total_epochs, spec.fit.initial_epoch)
-    callbacks = [progress, cancel, *training.keras_callbacks(spec.callbacks, job_dir)]
+    batches = training.batch_reporting(ws, job, spec.callbacks)
+    callbacks = [progress, cancel, *training.keras_callbacks(spec.callbacks, job_dir), *batches]
     training.fit(model, spec.fit, train_data, validation, callbacks)
     if spec.freeze.second_phase and not cancel.cancelled:
         unfreeze_top(body, spec.freeze.unfreeze_top_k)
         building.compile_model(model, second_compile(spec, first_rate))
-        callbacks = [progress, cancel, *_second_callbacks(spec, job_dir)]
+        callbacks = [progress, cancel, *_second_callbacks(spec, job_dir), *batches]
         training.fit(
             model,
             spec.fit,
@@ -52,13 +81,7 @@ def run_fine_tune(job: Job, spec: FineTuneSpec, ws: Workspace) -> None:
             epochs=spec.total_epochs,
             initial_epoch=spec.fit.epochs,
         )
-    if cancel.cancelled:
-        ws.jobs.cancelled(job.id)
-        return
-    metadata = _metadata(job, spec, base_version)
-    training.publish(job, ws, model, spec.model_name, progress.last_logs, metadata)
-    for backup in ("backup", PHASE2_BACKUP):
-        shutil.rmtree(job_dir / backup, ignore_errors=True)
+    return progress, cancel
 
 
 def prepare_model(base: keras.Model, freeze: FreezeSpec) -> tuple[keras.Model, keras.Model]:

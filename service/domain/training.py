@@ -12,11 +12,24 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from service.domain import building, data
-from service.domain.callbacks import CancelWatcher, JobBackup, JobProgress, plain_logs
+from service.domain import building, data, devices
+from service.domain.callbacks import (
+    BatchProgress,
+    CancelWatcher,
+    JobBackup,
+    JobProgress,
+    plain_logs,
+)
 from service.domain.exporting import export_version
 from service.domain.jobs import Job
-from service.domain.requests import CallbackSpec, CompileSpec, DatasetRef, FitSpec, TrainSpec
+from service.domain.requests import (
+    CallbackSpec,
+    CompileSpec,
+    DatasetRef,
+    FitSpec,
+    ModelSpec,
+    TrainSpec,
+)
 from service.domain.workspace import Workspace
 from service.errors import FailedPrecondition
 
@@ -26,17 +39,50 @@ log = logging.getLogger(__name__)
 def run_train(job: Job, spec: TrainSpec, ws: Workspace) -> None:
     """Fit the model a Train request describes and publish it as a new version."""
     job_dir = prepare(job, ws, spec.fit.seed)
-    model = building.build_model(spec.model)
-    building.compile_model(model, spec.compile)
-    train_data, validation = load_fit_data(ws, spec.dataset, spec.fit, model, spec.compile)
-    progress, cancel = job_reporting(ws, job, spec.fit.epochs, spec.fit.initial_epoch)
-    callbacks = [progress, cancel, *keras_callbacks(spec.callbacks, job_dir)]
-    fit(model, spec.fit, train_data, validation, callbacks)
+    with devices.precision(spec.run.mixed_precision), job_strategy(ws, job).scope():
+        model = build(spec.model, spec.run.mixed_precision)
+        building.compile_model(model, spec.compile)
+        train_data, validation = load_fit_data(ws, spec.dataset, spec.fit, model, spec.compile)
+        progress, cancel = job_reporting(ws, job, spec.fit.epochs, spec.fit.initial_epoch)
+        callbacks = [progress, cancel, *keras_callbacks(spec.callbacks, job_dir)]
+        callbacks += batch_reporting(ws, job, spec.callbacks)
+        fit(model, spec.fit, train_data, validation, callbacks)
     if cancel.cancelled:
         ws.jobs.cancelled(job.id)
         return
     publish(job, ws, model, spec.model_name, progress.last_logs, _metadata(job, spec))
     shutil.rmtree(job_dir / "backup", ignore_errors=True)
+
+
+def build(spec: ModelSpec, mixed_precision: str) -> keras.Model:
+    """The model of a spec; under mixed precision its output computes in float32, as the
+    loss and the exported signature need. A layer list is our own format, so its last
+    layer simply gets ``dtype="float32"`` (unless the request set one); a Keras config
+    is the user's model, so it is only wrapped when its output is not float32 already."""
+    if not mixed_precision:
+        return building.build_model(spec)
+    if spec.layers:
+        last = {"dtype": devices.FLOAT32} | spec.layers[-1]
+        return building.build_model(spec.model_copy(update={"layers": [*spec.layers[:-1], last]}))
+    return devices.float32_outputs(building.build_model(spec))
+
+
+def job_strategy(ws: Workspace, job: Job) -> tf.distribute.Strategy:
+    """The distribution strategy of this worker's devices; a job on several replicas says
+    so in its event stream."""
+    chosen = devices.strategy()
+    message = devices.describe(chosen)
+    log.info(message)
+    if chosen.num_replicas_in_sync > 1:
+        ws.jobs.add_event(job.id, "log", {"level": "INFO", "message": message})
+    return chosen
+
+
+def batch_reporting(ws: Workspace, job: Job, spec: CallbackSpec) -> list[keras.callbacks.Callback]:
+    """Throttled batch progress, only when asked: a batch hook slows every step."""
+    if not spec.batch_progress:
+        return []
+    return [BatchProgress(ws.jobs, job.id, spec.batch_progress_interval_seconds)]
 
 
 def prepare(job: Job, ws: Workspace, seed_value: int | None) -> Path:

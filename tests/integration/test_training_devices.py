@@ -1,0 +1,140 @@
+"""Devices and precision of a worker: MirroredStrategy over logical CPU devices, mixed
+precision with a float32 output, the policy reset between jobs of one child, and
+mixed_float16 refused on a worker without GPU.
+
+One worker of its own (the CPU split into 2 logical devices, a child that is never
+replaced, so consecutive jobs share it) on its own Redis and server.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+
+import fitserve
+from fitserve.v1 import training_pb2
+from service.config import Settings
+from service.main import worker_argv
+from service.stack import free_port, start_redis
+from tests.conftest import ROOT, run_server, stop_process, stop_server, worker_env
+
+pytestmark = pytest.mark.integration
+REPLICAS = "training on 2 replicas (MirroredStrategy)"
+LAYERS = [
+    {"type": "Dense", "units": 8, "activation": "relu", "input_shape": [4], "name": "hidden"},
+    {"type": "Dense", "units": 3, "activation": "softmax"},
+]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, str, Path]]:
+    """Redis, server and a 2-device worker: the settings, server address and worker log."""
+    tmp = tmp_path_factory.mktemp("devices")
+    port = free_port()
+    redis = start_redis(tmp / "redis", port)
+    settings = Settings(
+        data_dir=tmp / "data",
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        port=0,
+        metrics_port=0,
+        log_format="text",
+        grace_seconds=1.0,
+    )
+    running, thread = run_server(settings)
+    log = tmp / "worker.log"
+    env = worker_env(settings) | {
+        "FITSERVE_WORKER_CPU_DEVICES": "2",
+        "FITSERVE_WORKER_MAX_JOBS_PER_CHILD": "0",
+    }
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            worker_argv("train,cpu", 1, "INFO"),
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    yield settings, running.target, log
+    stop_process(worker)
+    stop_server(running, thread)
+    redis.terminate()
+    redis.wait(10)
+
+
+def _train(client: fitserve.Client, name: str, **kwargs: Any) -> fitserve.Job:
+    x = np.random.default_rng(3).random((64, 4), dtype=np.float32)
+    ds = client.upload_dataset(f"{name}-data", x=x, y=x[:, :3].argmax(axis=1))
+    return client.train(
+        name,
+        layers=LAYERS,
+        loss="sparse_categorical_crossentropy",
+        dataset=ds,
+        epochs=2,
+        batch_size=16,
+        **kwargs,
+    )
+
+
+def _log_lines(job: fitserve.Job) -> list[str]:
+    return [e.log.message for e in job.events() if e.HasField("log")]
+
+
+def _published(settings: Settings, name: str, version: int) -> tuple[keras.Model, str]:
+    """The version's model.keras, and the dtype of its serving signature's output."""
+    folder = settings.models_dir / name / str(version)
+    metadata = json.loads((folder / "fitserve.json").read_text())
+    [output] = metadata["signature"]["outputs"]
+    return keras.models.load_model(folder / "model.keras"), output["dtype"]
+
+
+def test_mixed_bfloat16_on_two_replicas_then_float32_again_in_the_same_child(
+    stack: tuple[Settings, str, Path],
+) -> None:
+    settings, target, log = stack
+    with fitserve.Client(target, timeout=120) as client:
+        mixed = _train(client, "mixed", mixed_precision="mixed_bfloat16")
+        mixed_result = mixed.wait(timeout=180)
+        plain = _train(client, "plain")
+        plain_result = plain.wait(timeout=180)
+
+        assert mixed_result.state == plain_result.state == training_pb2.JOB_STATE_SUCCEEDED
+        assert REPLICAS in _log_lines(mixed)
+        assert REPLICAS in _log_lines(plain)
+        assert np.isfinite(mixed_result.metrics["loss"])
+
+    model, output_dtype = _published(settings, "mixed", mixed_result.model_version)
+    assert model.get_layer("hidden").dtype_policy.name == "mixed_bfloat16"
+    assert model.layers[-1].dtype_policy.name == "float32"  # the output layer
+    assert output_dtype == "FLOAT32"
+
+    model, output_dtype = _published(settings, "plain", plain_result.model_version)
+    assert model.get_layer("hidden").dtype_policy.name == "float32"  # the policy was reset
+    assert output_dtype == "FLOAT32"
+
+    text = log.read_text(errors="replace")  # both jobs ran in the one child
+    assert text.count("ForkPoolWorker-1] job started") == 2
+    assert "ForkPoolWorker-2]" not in text
+
+
+def test_mixed_float16_without_a_gpu_fails_up_front_naming_the_cpu_policy(
+    stack: tuple[Settings, str, Path],
+) -> None:
+    _, target, _ = stack
+    with fitserve.Client(target, timeout=120) as client:
+        job = _train(client, "half", mixed_precision="mixed_float16")
+        with pytest.raises(fitserve.JobFailedError) as failed:
+            job.wait(timeout=180)
+
+    record = failed.value.job
+    assert record.state == training_pb2.JOB_STATE_FAILED
+    assert record.error.reason == "MIXED_FLOAT16_NEEDS_GPU"
+    assert "use 'mixed_bfloat16' on CPU" in record.error.message
+    assert record.history == []  # no epoch ran
