@@ -14,8 +14,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -76,14 +78,15 @@ def worker_env(settings: Settings) -> dict[str, str]:
     )
 
 
-def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    """A real Celery worker process (prefork, one child) for the test stack."""
+def start_worker(settings: Settings, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    """A real Celery worker process (prefork, one child) for the test stack, in its own
+    process group (so killpg reaches its child too); ``env`` adds FITSERVE_* overrides."""
     from service.main import worker_argv
 
     with log_path.open("wb") as log:
         return subprocess.Popen(
             worker_argv("train,cpu", 1, "INFO"),
-            env=worker_env(settings),
+            env=worker_env(settings) | env,
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -140,6 +143,30 @@ def stop_server(running: RunningServer, thread: threading.Thread) -> None:
     thread.join(30)
     assert not thread.is_alive(), "the server did not stop within 30 s"
     running.loop.close()
+
+
+@contextmanager
+def private_stack(root: Path, **overrides: Any) -> Iterator[tuple[Settings, RunningServer]]:
+    """A Redis and an in-process server of a test's own, for tests whose jobs the session's
+    worker must never see (faults, special worker settings)."""
+    port = free_port()
+    redis = start_redis(root / "redis", port)
+    settings = Settings(
+        data_dir=root / "data",
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        port=0,
+        metrics_port=0,
+        log_format="text",
+        grace_seconds=1.0,
+        **overrides,
+    )
+    running, thread = run_server(settings)
+    try:
+        yield settings, running
+    finally:
+        stop_server(running, thread)
+        redis.terminate()
+        redis.wait(10)
 
 
 @pytest.fixture(scope="session")

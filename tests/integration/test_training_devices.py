@@ -9,7 +9,6 @@ replaced, so consecutive jobs share it) on its own Redis and server.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,7 @@ import pytest
 import fitserve
 from fitserve.v1 import training_pb2
 from service.config import Settings
-from service.main import worker_argv
-from service.stack import free_port, start_redis
-from tests.conftest import ROOT, run_server, stop_process, stop_server, worker_env
+from tests.conftest import private_stack, start_worker, stop_process
 
 pytestmark = pytest.mark.integration
 REPLICAS = "training on 2 replicas (MirroredStrategy)"
@@ -37,36 +34,14 @@ LAYERS = [
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, str, Path]]:
     """Redis, server and a 2-device worker: the settings, server address and worker log."""
     tmp = tmp_path_factory.mktemp("devices")
-    port = free_port()
-    redis = start_redis(tmp / "redis", port)
-    settings = Settings(
-        data_dir=tmp / "data",
-        redis_url=f"redis://127.0.0.1:{port}/0",
-        port=0,
-        metrics_port=0,
-        log_format="text",
-        grace_seconds=1.0,
-    )
-    running, thread = run_server(settings)
-    log = tmp / "worker.log"
-    env = worker_env(settings) | {
-        "FITSERVE_WORKER_CPU_DEVICES": "2",
-        "FITSERVE_WORKER_MAX_JOBS_PER_CHILD": "0",
-    }
-    with log.open("wb") as out:
-        worker = subprocess.Popen(
-            worker_argv("train,cpu", 1, "INFO"),
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    yield settings, running.target, log
-    stop_process(worker)
-    stop_server(running, thread)
-    redis.terminate()
-    redis.wait(10)
+    with private_stack(tmp) as (settings, running):
+        log = tmp / "worker.log"
+        env = {"FITSERVE_WORKER_CPU_DEVICES": "2", "FITSERVE_WORKER_MAX_JOBS_PER_CHILD": "0"}
+        worker = start_worker(settings, log, **env)
+        try:
+            yield settings, running.target, log
+        finally:
+            stop_process(worker)
 
 
 def _train(client: fitserve.Client, name: str, **kwargs: Any) -> fitserve.Job:

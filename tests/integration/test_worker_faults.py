@@ -19,9 +19,7 @@ import pytest
 import fitserve
 from fitserve.v1 import training_pb2
 from service.config import Settings
-from service.main import worker_argv
-from service.stack import free_port, start_redis
-from tests.conftest import ROOT, run_server, stop_process, stop_server, worker_env
+from tests.conftest import private_stack, start_worker, stop_process
 
 pytestmark = pytest.mark.integration
 EPOCHS = 40
@@ -31,39 +29,14 @@ VISIBILITY_TIMEOUT = 2
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[tuple[Settings, str]]:
     """Redis and an in-process server of our own: their settings and the server's address."""
-    port = free_port()
-    redis = start_redis(tmp_path / "redis", port)
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        redis_url=f"redis://127.0.0.1:{port}/0",
-        port=0,
-        metrics_port=0,
-        log_format="text",
-        grace_seconds=1.0,
-        job_visibility_timeout_seconds=VISIBILITY_TIMEOUT,
-    )
-    running, thread = run_server(settings)
-    yield settings, running.target
-    stop_server(running, thread)
-    redis.terminate()
-    redis.wait(10)
+    overrides = {"job_visibility_timeout_seconds": VISIBILITY_TIMEOUT}
+    with private_stack(tmp_path, **overrides) as (settings, running):
+        yield settings, running.target
 
 
 def _worker(settings: Settings, log: Path, **extra: str) -> subprocess.Popen[bytes]:
-    env = (
-        worker_env(settings)
-        | {"FITSERVE_JOB_VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY_TIMEOUT)}
-        | extra
-    )
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            worker_argv("train,cpu", 1, "INFO"),
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: killpg reaches the child too
-        )
+    timeout = {"FITSERVE_JOB_VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY_TIMEOUT)}
+    return start_worker(settings, log, **timeout, **extra)
 
 
 def test_a_killed_worker_s_job_resumes_on_a_new_worker(
