@@ -15,11 +15,12 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -204,11 +205,25 @@ class Metrics:
 
 def aggregate_registry(path: str) -> CollectorRegistry:
     """A registry reporting the metrics files every server process writes into ``path``."""
-    from prometheus_client.multiprocess import MultiProcessCollector
-
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    registry.register(_ProcessFiles(path))
     return registry
+
+
+class _ProcessFiles(Collector):
+    """prometheus_client's MultiProcessCollector, minus files still empty: a process that
+    is starting has created its file but not yet sized it, and reading that would fail
+    the whole scrape."""
+
+    def __init__(self, path: str) -> None:
+        self._path = Path(path)
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = [str(f) for f in self._path.glob("*.db") if f.stat().st_size > 0]
+        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, int]:

@@ -51,17 +51,20 @@ def served(tmp_path: Path, redis_url: str) -> Iterator[Served]:
     argv += ["--metrics-port", str(metrics_port)]
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    banner = BANNER.search(proc.stdout.readline())
-    assert banner, "fitserve serve did not print its processes"
-    pids = (int(banner.group(1)), int(banner.group(2)))
-    yield Served(proc, port, metrics_port, pids, Path(banner.group(3)))
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    for pid in pids:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    proc.stdout.close()
+    pids: tuple[int, int] = (0, 0)
+    try:
+        banner = BANNER.search(proc.stdout.readline())
+        assert banner, "fitserve serve did not print its processes"
+        pids = (int(banner.group(1)), int(banner.group(2)))
+        yield Served(proc, port, metrics_port, pids, Path(banner.group(3)))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in pids:
+            if pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.stdout.close()
 
 
 def _alive(pid: int) -> bool:
@@ -75,7 +78,7 @@ def _alive(pid: int) -> bool:
 def _served_by(metrics_dir: Path, pid: int) -> float:
     """Predict calls one process answered OK, read from its own metrics file."""
     path = metrics_dir / f"counter_{pid}.db"
-    if not path.exists():
+    if not path.exists() or path.stat().st_size == 0:  # not there yet, or being created
         return 0.0
     families = MultiProcessCollector.merge([str(path)])  # type: ignore[no-untyped-call]
     return _ok(s for f in families for s in f.samples)

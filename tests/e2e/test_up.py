@@ -65,14 +65,16 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     ]
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    banner = BANNER.search(proc.stdout.readline())
-    assert banner, "fitserve up did not print where it listens"
-    _wait_serving(port, proc)
-    yield Stack(proc, port, banner)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
+    try:
+        banner = BANNER.search(proc.stdout.readline())
+        assert banner, "fitserve up did not print where it listens"
+        _wait_serving(port, proc)
+        yield Stack(proc, port, banner)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
 
 def _port_open(port: int) -> bool:
