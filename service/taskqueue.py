@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis.asyncio as aioredis
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -67,8 +68,24 @@ def create_celery(settings: Settings, name: str = "fitserve") -> Celery:
 class TaskQueue:
     """Sends job tasks by name; the api's only contact with Celery."""
 
-    def __init__(self, app: Celery) -> None:
-        self._app = app
+    def __init__(self, app: Celery, broker: aioredis.Redis | None = None) -> None:
+        self._app, self._broker = app, broker
+
+    async def position(self, queue: str, job_id: str) -> int:
+        """Jobs ahead of ``job_id`` in its queue (0: next), or -1 when it is not waiting there.
+
+        Kombu's Redis transport keeps a queue as a list: producers LPUSH, workers BRPOP,
+        so the oldest message is at the right end. A message carries its task id, which is
+        the job id, so a scan finds it. O(queue length): a GetJob, not a hot path.
+        """
+        if self._broker is None:
+            return -1
+        messages = await self._broker.lrange(queue, 0, -1)
+        for index, message in enumerate(messages):
+            text = message if isinstance(message, str) else message.decode(errors="replace")
+            if job_id in text:
+                return len(messages) - 1 - index
+        return -1
 
     def submit(self, task_name: str, job_id: str, queue: str) -> None:
         """Queue a job; the Celery task id is the job id."""

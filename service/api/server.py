@@ -118,7 +118,7 @@ async def _add_api(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> 
     app.closers.append(client.aclose)
     datasets = DatasetStore(s.datasets_dir, s.max_dataset_bytes)
     models = ModelStore(s.models_dir)
-    queue = TaskQueue(create_celery(s, "fitserve-api"))
+    queue = TaskQueue(create_celery(s, "fitserve-api"), broker=client)
     jobs = AsyncJobStore(client)
     training = TrainingServicer(
         edge, jobs, queue, datasets, models, app.metrics, dataset_roots=s.dataset_roots

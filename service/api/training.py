@@ -90,7 +90,11 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     async def GetJob(
         self, request: training_pb2.GetJobRequest, context: Context
     ) -> training_pb2.Job:
-        return converters.job_to_proto(await self._jobs.get(_job_id(request.job_id)))
+        job = await self._jobs.get(_job_id(request.job_id))
+        reply = converters.job_to_proto(job)
+        if job.state is JobState.QUEUED:
+            reply.queue_position = await self._queue.position(job.queue, job.id)
+        return reply
 
     @unary
     async def ListJobs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -52,6 +53,10 @@ def test_upload_train_predict(
     loaded = tf.saved_model.load(str(version_dir))
     direct = loaded.signatures["serving_default"](x=tf.constant(x[:64]))["output_0"].numpy()
     np.testing.assert_allclose(direct, probs, rtol=1e-5, atol=1e-6)
+    # ... and as a Keras layer, the way Keras 3 reloads an exported SavedModel.
+    layer = keras.layers.TFSMLayer(str(version_dir), call_endpoint="serving_default")
+    via_keras = layer(tf.constant(x[:64]))["output_0"].numpy()
+    np.testing.assert_allclose(via_keras, probs, rtol=1e-5, atol=1e-6)
 
 
 def test_job_events_stream_in_order(
@@ -179,3 +184,25 @@ def test_a_retried_train_with_the_same_key_is_one_job(
     assert first.wait(timeout=120).model_version == 1
     assert [v.version for v in client.get_model("digits-retry").versions] == [1]
     assert len(list(client.list_jobs(model_name="digits-retry"))) == 1
+
+
+def test_a_queued_job_knows_its_place_in_the_queue(
+    client: fitserve.Client, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, y = digits
+    ds = client.upload_dataset("digits-queue", x=x[:32], y=y[:32])
+    args = {"layers": MLP_LAYERS, "loss": "sparse_categorical_crossentropy", "dataset": ds}
+    running = client.train("digits-q0", epochs=100_000, **args)  # type: ignore[arg-type]
+    try:
+        for event in running.events():  # the worker holds it: nothing else runs meanwhile
+            if event.HasField("epoch_ended"):
+                break
+        waiting = [client.train(f"digits-q{i}", **args) for i in (1, 2)]  # type: ignore[arg-type]
+        assert [job.refresh().queue_position for job in waiting] == [0, 1]
+        assert running.refresh().queue_position == -1  # running, not waiting
+        for job in waiting:
+            job.cancel()
+    finally:
+        running.cancel()
+    with pytest.raises(fitserve.JobCancelledError):
+        running.wait(timeout=120)
