@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.domain.dataset_sources import DEFAULT_URL_SCHEMES
 
 Role = Literal["api", "inference"]
 
@@ -192,8 +194,33 @@ class Settings(BaseSettings):
         "read arbitrary files. Empty: <data_dir>/external. JSON list, e.g. "
         "FITSERVE_DATASET_ROOTS='[\"/mnt/data\"]'.",
     )
+    dataset_url_schemes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_URL_SCHEMES),
+        description="fsspec protocols a DatasetRef.uri may name as a URL (s3://, gs://, "
+        "az://, ...); any other is refused. http, https, ftp and the like are left out on "
+        "purpose: a request must not make a worker fetch arbitrary URLs (or reach services "
+        "inside the cluster); add them only when every caller is trusted. Each protocol "
+        "needs its fsspec package on the api servers and the workers (s3fs, gcsfs, adlfs: "
+        "the s3, gcs and azure extras). JSON list, e.g. "
+        "FITSERVE_DATASET_URL_SCHEMES='[\"s3\"]'; empty: local paths only.",
+    )
+    dataset_cache_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="A dataset by uri whose files add up to at most this many bytes is "
+        "cached in worker memory as the first epoch reads it, so later epochs read no "
+        'files ("cache when it fits"); 0: never. Parsed elements can take more memory '
+        "than the files (TFRecord int64 features are varints), and training and "
+        "validation data are each cached.",
+    )
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+
+    @field_validator("dataset_url_schemes")
+    @classmethod
+    def _bare_protocols(cls, schemes: list[str]) -> list[str]:
+        """'S3://' and 's3' are the same protocol."""
+        return [s.strip().lower().removesuffix("://") for s in schemes if s.strip()]
 
     @model_validator(mode="after")
     def _default_dataset_roots(self) -> Settings:

@@ -6,6 +6,8 @@ the only argument. Settings follow what long GPU jobs need; see ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -72,21 +74,36 @@ class TaskQueue:
         self._app, self._broker = app, broker
 
     async def position(self, queue: str, job_id: str) -> int:
-        """Jobs ahead of ``job_id`` in its queue (0: next), or -1 when it is not waiting there.
+        """Jobs ahead of ``job_id`` in its queue (0: next), or -1 when it is not waiting there."""
+        return (await self.positions(queue, [job_id]))[job_id]
+
+    async def positions(self, queue: str, job_ids: Collection[str]) -> dict[str, int]:
+        """Each job's place in ``queue`` as ``position`` tells it, from one read of the queue.
 
         Kombu's Redis transport keeps a queue as a list: producers LPUSH, workers BRPOP,
-        so the oldest message is at the right end. A message carries its task id, which is
-        the job id, so a scan finds it. O(queue length): a GetJob, not a hot path.
+        so the oldest message is at the right end. A message's headers carry its task id,
+        which is the job id. O(queue length): a GetJob or ListJobs, not a hot path.
         """
-        if self._broker is None:
-            return -1
+        found = dict.fromkeys(job_ids, -1)
+        if self._broker is None or not found:
+            return found
         messages = await self._broker.lrange(queue, 0, -1)
         for index, message in enumerate(messages):
-            text = message if isinstance(message, str) else message.decode(errors="replace")
-            if job_id in text:
-                return len(messages) - 1 - index
-        return -1
+            if (task_id := _task_id(message)) in found:
+                found[task_id] = len(messages) - 1 - index
+        return found
 
     def submit(self, task_name: str, job_id: str, queue: str) -> None:
         """Queue a job; the Celery task id is the job id."""
         self._app.send_task(task_name, args=[job_id], task_id=job_id, queue=queue)
+
+
+def _task_id(message: str | bytes) -> str:
+    """The task id of a kombu message (Celery's message protocol 2 puts it in the
+    headers), or "" for one that is not a Celery task."""
+    try:
+        envelope = json.loads(message)
+        task_id = envelope["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return task_id if isinstance(task_id, str) else ""

@@ -13,10 +13,12 @@ from celery.signals import worker_process_init
 
 from service.config import Settings
 from service.taskqueue import create_celery
+from worker.runtime import Runtime
 
-settings = Settings()
+settings = Settings()  # the worker's composition root: read the environment once, here
 app = create_celery(settings, "fitserve-worker")
 app.conf.update(include=["worker.tasks"])
+runtime = Runtime(settings)
 log = logging.getLogger(__name__)
 
 

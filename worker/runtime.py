@@ -1,4 +1,4 @@
-"""What a worker child needs to run jobs: settings, stores, and the job lifecycle."""
+"""What a worker child needs to run jobs: the stores its settings name, and the job lifecycle."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import redis
 from service.config import Settings
 from service.domain.datasets import DatasetStore
 from service.domain.jobs import Job, JobKind, JobStore
+from service.domain.model_events import Publisher
 from service.domain.model_store import ModelStore
 from service.domain.workspace import Workspace
 from service.errors import FitserveError
@@ -19,43 +20,57 @@ from service.logs import job_id_var
 log = logging.getLogger(__name__)
 
 
-@functools.cache
-def workspace() -> tuple[Settings, Workspace]:
-    """Settings and the stores, built once per worker child."""
-    settings = Settings()
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    ws = Workspace(
-        jobs=JobStore(client),
-        datasets=DatasetStore(settings.datasets_dir, settings.max_dataset_bytes),
-        models=ModelStore(settings.models_dir),
-        jobs_dir=settings.jobs_dir,
-        dataset_roots=tuple(settings.dataset_roots),
-        keras_datasets_dir=settings.data_dir / "keras_datasets",
-    )
-    return settings, ws
+class Runtime:
+    """One worker child's settings, stores and job lifecycle.
 
+    Built by the composition root (``worker.app``) from its settings; the stores are made
+    at the first job, in the child, so no Redis connection is ever shared across a fork.
+    """
 
-def run_job(job_id: str) -> None:
-    """Start, run and finish one job; every failure ends as a FAILED job, never a lost one."""
-    settings, ws = workspace()
-    token = job_id_var.set(job_id)
-    try:
-        job = ws.jobs.start(job_id, settings.job_max_attempts)
-        if job is None:
-            log.info("job not started: cancelled or out of attempts")
-            return
-        log.info("job started", extra={"attempt": job.attempt, "kind": job.kind.value})
-        _run(job, ws)
-        log.info("job finished")
-    except FitserveError as exc:
-        log.info("job failed: %s", exc.message)
-        ws.jobs.fail(job_id, getattr(exc, "reason", "") or type(exc).__name__.upper(), exc.message)
-    except Exception as exc:
-        log.exception("job crashed")
-        ws.jobs.fail(job_id, "INTERNAL", f"{type(exc).__name__}: {exc}".strip()[:2000])
-        traceback.clear_frames(exc.__traceback__)
-    finally:
-        job_id_var.reset(token)
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @functools.cached_property
+    def workspace(self) -> Workspace:
+        """The stores every job of this child uses."""
+        settings = self.settings
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        return Workspace(
+            jobs=JobStore(client),
+            datasets=DatasetStore(settings.datasets_dir, settings.max_dataset_bytes),
+            models=ModelStore(settings.models_dir),
+            jobs_dir=settings.jobs_dir,
+            dataset_roots=tuple(settings.dataset_roots),
+            keras_datasets_dir=settings.data_dir / "keras_datasets",
+            dataset_url_schemes=tuple(settings.dataset_url_schemes),
+            dataset_cache_bytes=settings.dataset_cache_bytes,
+            dataset_cache_dir=settings.data_dir / "dataset_cache",
+            model_events=Publisher(settings.redis_url),
+        )
+
+    def run_job(self, job_id: str) -> None:
+        """Start, run and finish one job; every failure ends as a FAILED job, never a
+        lost one."""
+        ws = self.workspace
+        token = job_id_var.set(job_id)
+        try:
+            job = ws.jobs.start(job_id, self.settings.job_max_attempts)
+            if job is None:
+                log.info("job not started: cancelled or out of attempts")
+                return
+            log.info("job started", extra={"attempt": job.attempt, "kind": job.kind.value})
+            _run(job, ws)
+            log.info("job finished")
+        except FitserveError as exc:
+            log.info("job failed: %s", exc.message)
+            reason = getattr(exc, "reason", "") or type(exc).__name__.upper()
+            ws.jobs.fail(job_id, reason, exc.message)
+        except Exception as exc:
+            log.exception("job crashed")
+            ws.jobs.fail(job_id, "INTERNAL", f"{type(exc).__name__}: {exc}".strip()[:2000])
+            traceback.clear_frames(exc.__traceback__)
+        finally:
+            job_id_var.reset(token)
 
 
 def _run(job: Job, ws: Workspace) -> None:

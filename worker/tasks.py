@@ -7,7 +7,7 @@ from typing import Any
 from celery import Task
 
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN
-from worker.app import app
+from worker.app import app, runtime
 
 
 class JobTask(Task[[str], None]):
@@ -20,23 +20,17 @@ class JobTask(Task[[str], None]):
 
 @app.task(name=TASK_TRAIN, base=JobTask)
 def train(job_id: str) -> None:
-    from worker.runtime import run_job
-
-    run_job(job_id)
+    runtime.run_job(job_id)
 
 
 @app.task(name=TASK_EVALUATE, base=JobTask)
 def evaluate(job_id: str) -> None:
-    from worker.runtime import run_job
-
-    run_job(job_id)
+    runtime.run_job(job_id)
 
 
 @app.task(name=TASK_FINE_TUNE, base=JobTask)
 def fine_tune(job_id: str) -> None:
-    from worker.runtime import run_job
-
-    run_job(job_id)
+    runtime.run_job(job_id)
 
 
 __all__: list[Any] = ["evaluate", "fine_tune", "train"]

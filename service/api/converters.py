@@ -101,8 +101,9 @@ def train_request_data(request: training_pb2.TrainRequest) -> dict[str, Any]:
     return data
 
 
-def job_to_proto(job: Job) -> training_pb2.Job:
-    """The wire form of a job record."""
+def job_to_proto(job: Job, queue_position: int = -1) -> training_pb2.Job:
+    """The wire form of a job record; ``queue_position`` is the caller's to find (-1:
+    unknown, which every job not waiting in its queue is)."""
     return training_pb2.Job(
         id=job.id,
         kind=training_pb2.JobKind.Value(f"JOB_KIND_{job.kind.value}"),
@@ -110,7 +111,7 @@ def job_to_proto(job: Job) -> training_pb2.Job:
         attempt=job.attempt,
         model_name=job.model_name,
         queue=job.queue,
-        queue_position=-1,
+        queue_position=queue_position,
         history=[training_pb2.EpochRecord(epoch=e["epoch"], logs=e["logs"]) for e in job.history],
         metrics=job.metrics,
         model_version=job.model_version,

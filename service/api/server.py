@@ -121,7 +121,14 @@ async def _add_api(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> 
     queue = TaskQueue(create_celery(s, "fitserve-api"), broker=client)
     jobs = AsyncJobStore(client)
     training = TrainingServicer(
-        edge, jobs, queue, datasets, models, app.metrics, dataset_roots=s.dataset_roots
+        edge,
+        jobs,
+        queue,
+        datasets,
+        models,
+        app.metrics,
+        dataset_roots=s.dataset_roots,
+        dataset_url_schemes=s.dataset_url_schemes,
     )
     training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(

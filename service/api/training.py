@@ -46,12 +46,14 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         models: ModelStore,
         metrics: Metrics,
         dataset_roots: Sequence[Path] = (),
+        dataset_url_schemes: Sequence[str] = dataset_sources.DEFAULT_URL_SCHEMES,
     ) -> None:
         super().__init__(edge)
         self._jobs, self._queue, self._metrics = jobs, queue, metrics
         self._datasets, self._models = datasets, models
         # Settings.dataset_roots; its default, when the composition root passes none.
         self._dataset_roots = list(dataset_roots) or [datasets.root.parent / "external"]
+        self._dataset_url_schemes = tuple(dataset_url_schemes)
 
     @unary
     async def Train(
@@ -91,10 +93,8 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         self, request: training_pb2.GetJobRequest, context: Context
     ) -> training_pb2.Job:
         job = await self._jobs.get(_job_id(request.job_id))
-        reply = converters.job_to_proto(job)
-        if job.state is JobState.QUEUED:
-            reply.queue_position = await self._queue.position(job.queue, job.id)
-        return reply
+        positions = await self._queue_positions([job])
+        return converters.job_to_proto(job, positions.get(job.id, -1))
 
     @unary
     async def ListJobs(
@@ -102,8 +102,9 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     ) -> training_pb2.ListJobsResponse:
         filters = _list_filters(request)
         jobs, next_offset = await self._jobs.query(**filters)
+        positions = await self._queue_positions(jobs)
         return training_pb2.ListJobsResponse(
-            jobs=[converters.job_to_proto(j) for j in jobs],
+            jobs=[converters.job_to_proto(j, positions.get(j.id, -1)) for j in jobs],
             next_page_token=str(next_offset) if next_offset else "",
         )
 
@@ -132,6 +133,18 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     ) -> training_pb2.Job:
         return converters.job_to_proto(await self._jobs.cancel(_job_id(request.job_id)))
 
+    async def _queue_positions(self, jobs: Sequence[Job]) -> dict[str, int]:
+        """The place of each QUEUED job among ``jobs`` in its queue, from one read of each
+        queue involved; other jobs are left out (their position is unknown: -1)."""
+        waiting: dict[str, list[str]] = {}
+        for job in jobs:
+            if job.state is JobState.QUEUED:
+                waiting.setdefault(job.queue, []).append(job.id)
+        positions: dict[str, int] = {}
+        for queue, ids in waiting.items():
+            positions |= await self._queue.positions(queue, ids)
+        return positions
+
     def _resolve(self, spec: EvaluateSpec) -> EvaluateSpec:
         """Pin the version now: NOT_FOUND for an unknown model, version or alias."""
         version = self._models.resolve(spec.model_name, spec.version, spec.alias)
@@ -155,7 +168,7 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         if ref.dataset:
             self._datasets.get(ref.dataset)
         elif ref.uri:
-            dataset_sources.check_uri(ref, self._dataset_roots, field)
+            dataset_sources.check_uri(ref, self._dataset_roots, field, self._dataset_url_schemes)
 
     async def _queue_job(self, task: str, job: Job, idempotency_key: str = "") -> Job:
         """Record the job and send its task; a repeated idempotency key returns the first

@@ -1,13 +1,29 @@
 """A job's data in the form Keras takes (worker side: imports TensorFlow).
 
-Uploaded and built-in datasets are arrays (small enough to hold: Keras batches and
-splits them itself); a uri is read lazily through tf.data (``Dataset.load`` or
-TFRecord files), batched and prefetched, so data larger than memory streams through.
+Uploaded and built-in datasets are arrays, small enough to hold: they go to ``fit`` as
+they are and Keras batches, shuffles and splits them itself (through its own tf.data
+adapter). A uri is read lazily through tf.data, so data larger than memory streams
+through, whether local (under the dataset_roots) or at an fsspec URL:
+
+- TFRecord files: local ones through ``tf.data.TFRecordDataset``; at a URL through
+  ``Dataset.from_generator`` over records read from fsspec file objects by
+  ``service.domain.tfrecord_frames`` (TensorFlow reads only its own filesystems). Files
+  are interleaved in a fixed order either way, so the same files give the same elements.
+- A ``tf.data.Dataset.save`` folder: loaded in place when local; at a URL, copied first
+  into the worker's dataset cache folder (``Workspace.dataset_cache_dir``, once per URL
+  and listing, renamed into place when complete), since ``Dataset.load`` reads only
+  through TensorFlow's filesystems, then loaded from the copy.
+
+The elements of a uri dataset whose files add up to at most ``dataset_cache_bytes`` are
+cached in memory as the first epoch reads them ("cache when it fits"), so later epochs
+read no files; then come the seeded shuffle, batch and prefetch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +31,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from service.domain import dataset_sources, shapes
+from service import errors
+from service.domain import dataset_sources, shapes, tfrecord_frames
 from service.domain.datasets import DatasetStore
 from service.domain.keras_datasets import load_builtin
 from service.domain.requests import CompileSpec, DatasetRef, parse_feature
@@ -23,6 +40,9 @@ from service.domain.workspace import Workspace
 from service.errors import InvalidRequest
 
 SHUFFLE_BUFFER = 10_000
+PARALLEL_FILES = 4  # TFRecord files read at once; fixed, so the element order is too
+_FUNCTION_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*")
+_RAISED = re.compile(r"^service\.errors\.(\w+): (.*)$", re.MULTILINE)
 _TF_DTYPES = {"float32": tf.float32, "int64": tf.int64, "string": tf.string}
 
 
@@ -33,6 +53,7 @@ class FitData:
     x: Any
     y: Any = None
     sample_weight: Any = None
+    uri: str = ""  # where a stream reads, for errors
 
     @property
     def streamed(self) -> bool:
@@ -53,16 +74,34 @@ def load(
 ) -> FitData:
     """The data a ref names; a stream is shuffled through a buffer when asked."""
     if ref.uri:
-        stream = _stream(ws, ref, sample_weight_key)
+        stream, source = _stream(ws, ref, sample_weight_key)
+        _probe(stream.batch(batch_size), ref)
+        if 0 < source.size_bytes <= ws.dataset_cache_bytes:
+            stream = stream.cache()
         if shuffle:
             stream = stream.shuffle(SHUFFLE_BUFFER, seed=seed)
-        return FitData(_batched(stream, batch_size, ref))
+        return FitData(stream.batch(batch_size).prefetch(tf.data.AUTOTUNE), uri=ref.uri)
     if ref.builtin:
         if sample_weight_key:
             raise InvalidRequest("fit.sample_weight_key is not available for built-in datasets")
         x, y = load_builtin(ws.keras_datasets_dir, ref.builtin, ref.split or "train")
         return FitData(x, y)
     return FitData(*load_arrays(ws.datasets, ref, sample_weight_key))
+
+
+@contextlib.contextmanager
+def read_errors(*datas: FitData | None) -> Iterator[None]:
+    """Around fit or evaluate: a uri dataset that fails to read past its first batch (a
+    corrupt or vanished file, storage gone) fails the job with the reader's own error,
+    naming the uri and the file, instead of TensorFlow's traceback."""
+    uris = [d.uri for d in datas if d is not None and d.uri]
+    try:
+        yield
+    except tf.errors.OpError as exc:
+        failure = _read_failure(exc, " or ".join(map(repr, uris))) if uris else None
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def check(model: keras.Model, compile_spec: CompileSpec, data: FitData) -> None:
@@ -105,29 +144,45 @@ def _keys(
     return inputs, targets
 
 
-def _stream(ws: Workspace, ref: DatasetRef, sample_weight_key: str) -> tf.data.Dataset:
-    """The elements of a uri as ``(x, y[, w])``, unbatched."""
-    path = dataset_sources.check_uri(ref, ws.dataset_roots)
-    if dataset_sources.uri_format(path) is dataset_sources.UriFormat.SAVED:
-        ds = tf.data.Dataset.load(str(path))
+def _stream(
+    ws: Workspace, ref: DatasetRef, sample_weight_key: str
+) -> tuple[tf.data.Dataset, dataset_sources.UriSource]:
+    """The elements of a uri as ``(x, y[, w])``, unbatched, and what the uri holds."""
+    source = dataset_sources.resolve(ref, ws.dataset_roots, ws.dataset_url_schemes)
+    if source.format is dataset_sources.UriFormat.SAVED:
+        ds = tf.data.Dataset.load(str(dataset_sources.local_copy(source, ws.dataset_cache_dir)))
     else:
-        ds = _tfrecords(ref, dataset_sources.tfrecord_files(path))
-    return ds.map(_selector(ref, ds.element_spec, sample_weight_key), tf.data.AUTOTUNE)
+        ds = _tfrecords(ref, source)
+    return ds.map(_selector(ref, ds.element_spec, sample_weight_key), tf.data.AUTOTUNE), source
 
 
-def _batched(ds: tf.data.Dataset, batch_size: int, ref: DatasetRef) -> tf.data.Dataset:
-    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    _probe(ds, ref)
-    return ds
-
-
-def _tfrecords(ref: DatasetRef, files: list[Any]) -> tf.data.Dataset:
+def _tfrecords(ref: DatasetRef, source: dataset_sources.UriSource) -> tf.data.Dataset:
     features = {}
     for name, text in ref.feature_spec.items():
         dtype, shape = parse_feature(text)
         features[name] = tf.io.FixedLenFeature(shape, _TF_DTYPES[dtype])
-    records = tf.data.TFRecordDataset([str(f) for f in files], num_parallel_reads=tf.data.AUTOTUNE)
+    files = tf.data.Dataset.from_tensor_slices([f.name for f in source.files])
+    records = files.interleave(
+        tf.data.TFRecordDataset if source.local else _url_records(source),
+        cycle_length=min(PARALLEL_FILES, len(source.files)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     return records.map(lambda r: tf.io.parse_single_example(r, features), tf.data.AUTOTUNE)
+
+
+def _url_records(source: dataset_sources.UriSource) -> Any:
+    """One file's records as a dataset, read through fsspec a record at a time."""
+    files = {f.name: f for f in source.files}
+
+    def records(name: bytes) -> Iterator[bytes]:
+        file = files[name.decode()]
+        url = source.url(file)
+        with dataset_sources.storage_errors(url, "file"), source.open(file) as stream:
+            yield from tfrecord_frames.read_records(stream, url)
+
+    spec = tf.TensorSpec((), tf.string)
+    return lambda name: tf.data.Dataset.from_generator(records, args=(name,), output_signature=spec)
 
 
 def _selector(ref: DatasetRef, spec: Any, sample_weight_key: str) -> Any:
@@ -151,16 +206,36 @@ def _selector(ref: DatasetRef, spec: Any, sample_weight_key: str) -> Any:
 
 
 def _probe(ds: tf.data.Dataset, ref: DatasetRef) -> None:
-    """Read one batch now: a wrong feature_spec or a corrupt file fails the job here,
-    naming the uri, not deep inside fit."""
+    """Read one batch now: a wrong feature_spec, a corrupt file or unreadable storage fails
+    the job here, naming the uri, not deep inside fit."""
     try:
         next(iter(ds.take(1)))
     except StopIteration:
         raise InvalidRequest(f"dataset.uri {ref.uri!r} holds no examples") from None
     except tf.errors.OpError as exc:
+        failure = _read_failure(exc, repr(ref.uri))
+        if failure is not None:
+            raise failure from None
         raise InvalidRequest(
             f"dataset.uri {ref.uri!r} could not be read with its feature_spec: {exc.message}"
         ) from None
+
+
+def _read_failure(exc: tf.errors.OpError, uris: str) -> errors.FitserveError | None:
+    """The domain error a file reader raised inside tf.data (TensorFlow passes on only its
+    text, around a traceback), or the data loss its own TFRecord reader found; None for
+    any other error."""
+    raised = _RAISED.findall(exc.message)
+    if raised:
+        name, message = raised[-1]
+        kind = getattr(errors, name, InvalidRequest)
+        if not (isinstance(kind, type) and issubclass(kind, errors.FitserveError)):
+            kind = InvalidRequest
+        return kind(f"dataset.uri {uris} could not be read: {message}")
+    if isinstance(exc, tf.errors.DataLossError):
+        message = _FUNCTION_NODE.sub("", exc.message).strip()
+        return InvalidRequest(f"dataset.uri {uris} could not be read: {message}")
+    return None
 
 
 def _example_arrays(data: FitData) -> tuple[Any, Any]:

@@ -1,24 +1,55 @@
-"""Datasets referenced by URI, checked without TensorFlow (the api role imports none).
+"""Datasets referenced by URI: the rules both roles check, and what a uri holds.
 
 A ``DatasetRef.uri`` names a folder written by ``tf.data.Dataset.save`` or TFRecord
-files (one file, or a folder of them). Only local paths under the configured
-``dataset_roots`` are read, so a request cannot make a worker open any file it can
-reach; fsspec URLs are refused until they are supported. The api and the worker run the
-same check: the api to answer at once, the worker because it is the one that reads.
+files (one file, or a folder of them), as a local path or as an fsspec URL:
+
+- A local path (or ``file://`` URL) must lie under one of the ``dataset_roots``, so a
+  request cannot make a worker open any file it can reach.
+- A URL's protocol must be one of the ``dataset_url_schemes`` (object stores by
+  default), so a request cannot make a worker fetch arbitrary URLs, and its fsspec
+  package (s3fs, gcsfs, adlfs) must be installed. Credentials come from the process
+  environment, read by those packages as usual. A URL names one TFRecord file when it
+  ends in one of ``TFRECORD_SUFFIXES``, else a folder.
+
+The api runs :func:`check_uri` to answer at once; for a URL that covers only what needs
+no storage access (the api need not hold storage credentials). The worker runs
+:func:`resolve`, which lists the storage, since it is the one that reads. Nothing here
+imports TensorFlow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import hashlib
+import shutil
+import tempfile
 import urllib.parse
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import known_implementations
 
 from service.domain.requests import DatasetRef
-from service.errors import InvalidRequest, NotFound
+from service.errors import FailedPrecondition, FitserveError, InvalidRequest, NotFound, Unavailable
 
 SAVED_SPEC_FILE = "dataset_spec.pb"  # what tf.data.Dataset.save writes first
 TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfrec")
+DEFAULT_URL_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+# The extra of fitserve-server that installs a protocol's package, where there is one.
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"} | dict.fromkeys(
+    ("az", "abfs", "abfss"), "azure"
+)
+# Protocols fsspec knows only once their package is installed.
+_PACKAGES = {"abfss": "adlfs"}
+# HTTP servers need not answer range requests: stream http(s) files front to back.
+_OPEN_OPTIONS: dict[str, dict[str, Any]] = {"http": {"block_size": 0}, "https": {"block_size": 0}}
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "LastModified", "Last-Modified", "updated", "mtime")
+COPY_CHUNK = 4 * 1024 * 1024
 
 
 class UriFormat(enum.StrEnum):
@@ -26,15 +57,92 @@ class UriFormat(enum.StrEnum):
     TFRECORD = "tfrecord"
 
 
-def local_path(uri: str, roots: Sequence[Path], field: str = "dataset.uri") -> Path:
-    """The resolved local path of a uri, which must lie under one of ``roots``."""
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.scheme not in ("", "file"):
+@dataclass(frozen=True)
+class StoredFile:
+    """One file of a uri as its storage lists it; ``version`` tells a rewrite apart."""
+
+    name: str
+    size: int
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class UriSource:
+    """What a uri holds, from one listing of its storage: the TFRecord files, or every
+    file of a Dataset.save folder."""
+
+    uri: str
+    format: UriFormat
+    fs: Any  # fsspec.AbstractFileSystem
+    path: str
+    files: tuple[StoredFile, ...]
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def url(self, file: StoredFile) -> str:
+        """A file's full URL, for messages."""
+        return str(self.fs.unstrip_protocol(file.name))
+
+    def open(self, file: StoredFile) -> BinaryIO:
+        """A file opened for reading front to back, a block at a time."""
+        protocol = url_scheme(self.uri)
+        stream: BinaryIO = self.fs.open(file.name, "rb", **_OPEN_OPTIONS.get(protocol, {}))
+        return stream
+
+
+def url_scheme(uri: str) -> str:
+    """The fsspec protocol a uri names; "" for a local path or a file:// URL."""
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    return "" if scheme in ("", "file") else scheme
+
+
+def check_url(uri: str, url_schemes: Collection[str], field: str = "dataset.uri") -> None:
+    """A URL the settings allow, whose fsspec implementation is installed here."""
+    scheme = url_scheme(uri)
+    if "::" in uri:
         raise InvalidRequest(
-            f"{field} {uri!r}: {parsed.scheme}:// URLs are not supported yet; copy the data "
-            "under one of the dataset_roots (FITSERVE_DATASET_ROOTS) and give its local path",
+            f"{field} {uri!r}: chained fsspec URLs (with '::') are not accepted; give the "
+            "URL of the data itself",
             field=field,
         )
+    if scheme not in url_schemes:
+        allowed = ", ".join(f"{s}://" for s in url_schemes) or "none"
+        raise InvalidRequest(
+            f"{field} {uri!r}: {scheme}:// URLs are not allowed here (allowed: {allowed}); "
+            "use one of those, a local path under the dataset_roots, or ask the operator to "
+            "add the protocol to the dataset_url_schemes setting (FITSERVE_DATASET_URL_SCHEMES)",
+            field=field,
+        )
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as exc:
+        raise FailedPrecondition(_missing_package(uri, scheme, exc, field)) from None
+
+
+def _missing_package(uri: str, scheme: str, exc: Exception, field: str) -> str:
+    known = known_implementations.get(scheme, {})
+    package = _PACKAGES.get(scheme) or str(known.get("class", "")).partition(".")[0]
+    hint = f"pip install {package}" if package and package != "fsspec" else "install it"
+    if scheme in _EXTRAS:
+        hint = f"pip install 'fitserve-server[{_EXTRAS[scheme]}]' (or {hint})"
+    return (
+        f"{field} {uri!r}: {scheme}:// URLs need an fsspec implementation that is not "
+        f"installed on this server ({known.get('err') or exc}); {hint} on the api servers "
+        "and the workers"
+    )
+
+
+def local_path(uri: str, roots: Sequence[Path], field: str = "dataset.uri") -> Path:
+    """The resolved local path of a uri, which must lie under one of ``roots``."""
+    if url_scheme(uri):
+        raise InvalidRequest(f"{field} {uri!r} is a URL, not a local path", field=field)
+    parsed = urllib.parse.urlsplit(uri)
     raw = Path(urllib.parse.unquote(parsed.path) if parsed.scheme else uri)
     if not raw.is_absolute():
         raise InvalidRequest(f"{field} {uri!r} must be an absolute path", field=field)
@@ -51,41 +159,164 @@ def local_path(uri: str, roots: Sequence[Path], field: str = "dataset.uri") -> P
     return path
 
 
-def uri_format(path: Path) -> UriFormat:
-    """A tf.data.Dataset.save folder, else TFRecord files."""
-    return UriFormat.SAVED if (path / SAVED_SPEC_FILE).is_file() else UriFormat.TFRECORD
+def check_uri(
+    ref: DatasetRef,
+    roots: Sequence[Path],
+    field: str = "dataset",
+    url_schemes: Collection[str] = DEFAULT_URL_SCHEMES,
+) -> None:
+    """Everything about a uri source the api can know at once: for a local path, all
+    that :func:`resolve` checks; for a URL, what needs no storage access."""
+    if not url_scheme(ref.uri):
+        resolve(ref, roots, url_schemes, field)
+        return
+    check_url(ref.uri, url_schemes, f"{field}.uri")
+    if _names_one_file(ref.uri):
+        _check_feature_spec(ref, UriFormat.TFRECORD, field)
 
 
-def tfrecord_files(path: Path, field: str = "dataset.uri") -> list[Path]:
-    """The file itself, or the TFRecord files of a folder, sorted."""
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TFRECORD_SUFFIXES)
-    if not files:
+def resolve(
+    ref: DatasetRef, roots: Sequence[Path], url_schemes: Collection[str], field: str = "dataset"
+) -> UriSource:
+    """Check a uri and list what it holds (NotFound, or Unavailable naming the uri when its
+    storage cannot be read)."""
+    uri = ref.uri
+    if url_scheme(uri):
+        check_url(uri, url_schemes, f"{field}.uri")
+        with storage_errors(uri, f"{field}.uri"):
+            fs, path = fsspec.core.url_to_fs(uri)
+            fs.invalidate_cache()  # a long-lived worker must see the storage as it is now
+            source = _listing(uri, fs, path, _names_one_file(uri), f"{field}.uri")
+    else:
+        local = local_path(uri, roots, f"{field}.uri")
+        source = _listing(uri, LocalFileSystem(), str(local), local.is_file(), f"{field}.uri")
+    _check_feature_spec(ref, source.format, field)
+    return source
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str, field: str = "dataset.uri") -> Iterator[None]:
+    """Storage failures as errors that name the uri: NotFound, else Unavailable."""
+    try:
+        yield
+    except FitserveError:
+        raise
+    except FileNotFoundError as exc:
+        # fsspec's http reports a host it cannot reach as a missing file
+        if not isinstance(exc.__cause__, OSError):
+            raise NotFound(f"{field} {uri!r} does not exist") from None
+        raise Unavailable(_unreadable(uri, exc.__cause__, field)) from None
+    except Exception as exc:
+        raise Unavailable(_unreadable(uri, exc, field)) from None
+
+
+def _unreadable(uri: str, exc: BaseException, field: str) -> str:
+    return (
+        f"{field} {uri!r} could not be read from its storage ({type(exc).__name__}: {exc}); "
+        "check that the workers can reach it and hold credentials for it"
+    )
+
+
+def _names_one_file(uri: str) -> bool:
+    return urllib.parse.urlsplit(uri).path.endswith(TFRECORD_SUFFIXES)
+
+
+def _listing(uri: str, fs: Any, path: str, one_file: bool, field: str) -> UriSource:
+    if one_file:
+        return UriSource(uri, UriFormat.TFRECORD, fs, path, (_stored(fs, fs.info(path)),))
+    entries = fs.ls(path, detail=True)
+    if any(_basename(e["name"]) == SAVED_SPEC_FILE for e in entries):
+        files = fs.find(path, detail=True).values()
+        return UriSource(uri, UriFormat.SAVED, fs, path, _stored_all(fs, files))
+    records = sorted(
+        (e for e in entries if e["type"] == "file" and e["name"].endswith(TFRECORD_SUFFIXES)),
+        key=lambda e: str(e["name"]),
+    )
+    if not records:
         raise InvalidRequest(
-            f"{field}: {str(path)!r} is neither a tf.data.Dataset.save folder (no "
+            f"{field}: {uri!r} is neither a tf.data.Dataset.save folder (no "
             f"{SAVED_SPEC_FILE}) nor holds TFRecord files ({', '.join(TFRECORD_SUFFIXES)})",
             field=field,
         )
-    return files
+    return UriSource(uri, UriFormat.TFRECORD, fs, path, _stored_all(fs, records))
 
 
-def check_uri(ref: DatasetRef, roots: Sequence[Path], field: str = "dataset") -> Path:
-    """Everything about a uri source that can be known without reading it."""
-    path = local_path(ref.uri, roots, f"{field}.uri")
-    if uri_format(path) is UriFormat.SAVED:
-        if ref.feature_spec:
-            raise InvalidRequest(
-                f"{field}.feature_spec is for TFRecord files; {ref.uri!r} is a "
-                "tf.data.Dataset.save folder, which carries its own element spec",
-                field=f"{field}.feature_spec",
-            )
-        return path
-    tfrecord_files(path, f"{field}.uri")
-    if not ref.feature_spec:
+def _stored_all(fs: Any, entries: Any) -> tuple[StoredFile, ...]:
+    return tuple(_stored(fs, e) for e in entries)
+
+
+def _stored(fs: Any, entry: dict[str, Any]) -> StoredFile:
+    """A listing entry with its size: listings over http carry none, so ask for it."""
+    if entry.get("size") is None:
+        entry = fs.info(entry["name"])
+    version = next((str(entry[k]) for k in _VERSION_KEYS if entry.get(k)), "")
+    return StoredFile(str(entry["name"]), int(entry["size"]), version)
+
+
+def _basename(name: str) -> str:
+    return name.rstrip("/").rpartition("/")[2]
+
+
+def _check_feature_spec(ref: DatasetRef, fmt: UriFormat, field: str) -> None:
+    if fmt is UriFormat.SAVED and ref.feature_spec:
+        raise InvalidRequest(
+            f"{field}.feature_spec is for TFRecord files; {ref.uri!r} is a "
+            "tf.data.Dataset.save folder, which carries its own element spec",
+            field=f"{field}.feature_spec",
+        )
+    if fmt is UriFormat.TFRECORD and not ref.feature_spec:
         raise InvalidRequest(
             f"{field}.feature_spec is required for TFRecord files: name each feature with "
             "its 'dtype:shape', e.g. {'x': 'float32:28,28', 'y': 'int64:'}",
             field=f"{field}.feature_spec",
         )
-    return path
+
+
+def local_copy(source: UriSource, cache_dir: Path) -> Path:
+    """A local folder with the source's files: the folder itself when local, else a copy
+    under ``cache_dir``, made once per URL and listing (a changed folder is copied anew).
+    The copy is written to a temporary folder and renamed into place, so a half copy is
+    never used, and a worker that loses the race to another uses the winner's."""
+    if source.local:
+        return Path(source.path)
+    digest = hashlib.sha256(source.uri.encode())
+    for file in source.files:
+        digest.update(f"\n{_relative(source, file)}\t{file.size}\t{file.version}".encode())
+    dest = cache_dir / digest.hexdigest()[:32]
+    if dest.is_dir():
+        return dest
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=cache_dir))
+    try:
+        for file in source.files:
+            _copy(source, file, tmp / _relative(source, file))
+        tmp.rename(dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _copy(source: UriSource, file: StoredFile, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        storage_errors(source.url(file), "file"),
+        source.open(file) as src,
+        target.open("wb") as out,
+    ):
+        shutil.copyfileobj(src, out, COPY_CHUNK)
+
+
+def _relative(source: UriSource, file: StoredFile) -> str:
+    """A file's path inside the source folder; a listing that points elsewhere (an http
+    page linking to ../) is refused rather than copied out of the cache folder."""
+    root = source.path.rstrip("/") + "/"
+    rel = PurePosixPath(file.name[len(root) :]) if file.name.startswith(root) else None
+    if rel is None or rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise InvalidRequest(
+            f"dataset.uri {source.uri!r} lists {source.url(file)!r}, which is not inside "
+            "the folder; a Dataset.save folder holds only its own files"
+        )
+    return str(rel)

@@ -3,13 +3,15 @@
 ``configure`` runs once as a child starts, before TensorFlow initializes its devices:
 memory growth on every GPU (so a process does not grab a whole card up front), and
 optionally the CPU split into logical devices, which lets MirroredStrategy run on a
-machine without GPUs. Per job, ``strategy`` picks the distribution strategy and
-``precision`` holds the mixed-precision policy for the job's duration only.
+machine without GPUs. ``strategy`` is the child's distribution strategy, shared by its
+jobs; per job, ``precision`` holds the mixed-precision policy for the job's duration
+only, and ``set_precision`` applies it to a model whose layers name their own policy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 
@@ -20,6 +22,9 @@ from service.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 FLOAT32 = "float32"
+# The policies a job's run.mixed_precision chooses between; set_precision leaves others
+# (float64, bfloat16, quantized) alone, as a deliberate choice of the model's author.
+JOB_POLICIES = frozenset({FLOAT32, "mixed_float16", "mixed_bfloat16"})
 
 
 class MixedFloat16NeedsGpu(FailedPrecondition):
@@ -38,9 +43,16 @@ def configure(cpu_devices: int) -> None:
         tf.config.set_logical_device_configuration(cpu, logical)
 
 
+@functools.cache
 def strategy() -> tf.distribute.Strategy:
     """MirroredStrategy over the GPUs when there are several, else over the logical CPU
-    devices when the CPU was split, else TensorFlow's default (one device)."""
+    devices when the CPU was split, else TensorFlow's default (one device).
+
+    One per child, made at its first job (its devices never change): each new
+    MirroredStrategy numbers its all-reduce ops from the same start, so a later job whose
+    gradients differ in size from an earlier one's would fail with a collective shape
+    mismatch.
+    """
     gpus = tf.config.list_logical_devices("GPU")
     devices = gpus if gpus else tf.config.list_logical_devices("CPU")
     if len(devices) > 1:
@@ -68,6 +80,35 @@ def precision(policy: str) -> Iterator[None]:
         yield
     finally:
         keras.mixed_precision.set_global_policy(FLOAT32)
+
+
+def set_precision(model: keras.Model, policy: str) -> None:
+    """Make a built model compute in ``policy`` (empty: float32), its outputs in float32.
+
+    The global policy only reaches layers created without a dtype; a model loaded from
+    model.keras, or built from a Keras config, gives each layer the policy it was saved
+    with (float32 when it was trained without mixed precision). So each layer under a
+    policy of ``JOB_POLICIES`` takes ``policy`` here, but the layers that give the model's
+    outputs, which take float32 (the loss and the exported signature need it).
+    """
+    _set_precision(model, policy or FLOAT32, keep_outputs=True)
+
+
+def _set_precision(model: keras.Model, policy: str, keep_outputs: bool) -> None:
+    outputs = _output_layer_names(model) if keep_outputs else set()
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):  # a nested model: its own layers decide
+            _set_precision(layer, policy, keep_outputs=layer.name in outputs)
+        elif layer.dtype_policy.name in JOB_POLICIES:
+            layer.dtype_policy = FLOAT32 if layer.name in outputs else policy
+
+
+def _output_layer_names(model: keras.Model) -> set[str]:
+    if isinstance(model, keras.Sequential):
+        return {model.layers[-1].name} if model.layers else set()
+    return set(getattr(model, "output_names", None) or ())
 
 
 def float32_outputs(model: keras.Model) -> keras.Model:

@@ -27,7 +27,8 @@ def run_evaluate(job: Job, spec: EvaluateSpec, ws: Workspace) -> None:
     eval_data = data.load(ws, spec.dataset, spec.batch_size)
     data.check(model, compile_spec, eval_data)
     if eval_data.streamed:  # batched by tf.data
-        results = model.evaluate(eval_data.x, return_dict=True, verbose=0)
+        with data.read_errors(eval_data):
+            results = model.evaluate(eval_data.x, return_dict=True, verbose=0)
     else:
         results = model.evaluate(
             eval_data.x, eval_data.y, batch_size=spec.batch_size, return_dict=True, verbose=0

@@ -11,7 +11,6 @@ import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from service.config import Settings
 from service.domain import model_events
 from service.domain.arrays import WIRE_DTYPES
 from service.domain.files import write_json_atomic
@@ -19,9 +18,15 @@ from service.domain.model_store import KERAS_FILE, METADATA_FILE, ModelStore
 
 
 def export_version(
-    model: keras.Model, store: ModelStore, name: str, job_id: str, metadata: dict[str, Any]
+    model: keras.Model,
+    store: ModelStore,
+    name: str,
+    job_id: str,
+    metadata: dict[str, Any],
+    events: model_events.Publisher | None = None,
 ) -> int:
-    """Stage the whole version, then publish it by rename; once per job id."""
+    """Stage the whole version, then publish it by rename; once per job id. ``events``
+    announces it to inference servers (None: they find it by polling the store)."""
     if (version := store.published_version(name, job_id)) is not None:
         return version
     staging = store.staging_dir(name, job_id)
@@ -30,7 +35,8 @@ def export_version(
     metadata = metadata | {"signature": read_signature(str(staging))}
     write_json_atomic(staging / METADATA_FILE, metadata)
     version = store.publish(name, job_id, staging)
-    model_events.publish(Settings().redis_url, model_events.ModelEvent(name, version))
+    if events is not None:
+        events.publish(model_events.ModelEvent(name, version))
     return version
 
 

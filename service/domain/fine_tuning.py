@@ -32,15 +32,17 @@ PHASE2_BACKUP = "backup-phase2"
 def run_fine_tune(job: Job, spec: FineTuneSpec, ws: Workspace) -> None:
     """Fit a stored version under the request's freeze strategy and publish the result.
 
-    Under mixed precision the stored model is loaded under the policy (its layers then
-    compute in it) and the output is wrapped in a float32 Activation only when it is not
-    float32 already, as for a Keras config in training.
+    ``run.mixed_precision`` decides how the new version computes, whatever the base did:
+    the stored layers are switched to it (each keeps the policy it was saved with
+    otherwise), its output layers and a new head stay float32.
     """
     job_dir = training.prepare(job, ws, spec.fit.seed)
     base_version = ws.models.resolve(spec.base.name, spec.base.version, spec.base.alias)
     mixed = spec.run.mixed_precision
     with devices.precision(mixed), training.job_strategy(ws, job).scope():
-        model, body = prepare_model(_load(ws, spec.base.name, base_version), spec.freeze)
+        base = _load(ws, spec.base.name, base_version)
+        devices.set_precision(base, mixed)
+        model, body = prepare_model(base, spec.freeze)
         model = devices.float32_outputs(model) if mixed else model
         progress, cancel = _fit_phases(job, spec, ws, job_dir, model, body)
     if cancel.cancelled:
@@ -62,7 +64,8 @@ def _fit_phases(
 ) -> tuple[JobProgress, CancelWatcher]:
     """Compile and fit the first phase, then the optional unfreeze phase."""
     building.compile_model(model, spec.compile)
-    first_rate = float(model.optimizer.learning_rate)
+    # Under MirroredStrategy the rate is a mirrored variable, which float() refuses.
+    first_rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
     train_data, validation = training.load_fit_data(ws, spec.dataset, spec.fit, model, spec.compile)
     progress, cancel = training.job_reporting(ws, job, spec.total_epochs, spec.fit.initial_epoch)
     batches = training.batch_reporting(ws, job, spec.callbacks)
@@ -102,7 +105,8 @@ def freeze_all_but_last(model: keras.Model, n: int) -> None:
 
 def with_new_head(model: keras.Model, head: NewHeadSpec) -> tuple[keras.Model, keras.Model]:
     """The stored model without its last layer, frozen and called in inference mode,
-    under a new Dense head of ``num_classes`` units."""
+    under a new Dense head of ``num_classes`` units (float32, as an output layer is
+    under mixed precision)."""
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise InvalidRequest(
             "freeze.new_head needs a base model with one input and one output; use "
@@ -116,7 +120,10 @@ def with_new_head(model: keras.Model, head: NewHeadSpec) -> tuple[keras.Model, k
     x = body(inputs, training=False)
     if head.dropout:
         x = keras.layers.Dropout(head.dropout, name="head_dropout")(x)
-    outputs = keras.layers.Dense(head.num_classes, activation=head.activation, name="head")(x)
+    dense = keras.layers.Dense(
+        head.num_classes, activation=head.activation, dtype=devices.FLOAT32, name="head"
+    )
+    outputs = dense(x)
     return keras.Model(inputs, outputs, name=f"{model.name}_fine_tuned"), body
 
 

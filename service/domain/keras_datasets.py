@@ -1,22 +1,27 @@
 """Built-in Keras datasets, cached under ``<data_dir>/keras_datasets`` (worker side).
 
 The folder is laid out as a Keras home (``datasets/mnist.npz``, ...), so a file put there
-by hand is found, and one downloaded by ``keras.datasets.<name>.load_data`` elsewhere can
-be copied in. Files Keras reads with pickle (cifar, imdb, reuters) are only ever read by
-Keras itself, which checks their hash; the plain array files (mnist, fashion_mnist,
-boston_housing) are read directly when present, so an operator may provide any file with
-the same arrays. A download that fails (no internet) fails the job as
+by hand is found, and one that ``keras.datasets.<name>.load_data`` downloaded into
+``~/.keras`` can be copied in. Files are fetched with ``keras.utils.get_file`` into that
+folder and read here as ``keras.datasets`` reads them (same shuffles, splits and word
+indices), so no Keras global state is touched. The plain array files (mnist,
+fashion_mnist, boston_housing) are read as they are when present, so an operator may
+provide any file with the same arrays; a file that holds pickles (cifar, imdb, reuters)
+is read only once its sha256 matches the published one, and even then nothing but numpy
+arrays is unpickled. A download that fails (no internet) fails the job as
 DATASET_UNAVAILABLE with the exact path to put the file at.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-from collections.abc import Callable, Iterator
+import io
+import pickle
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import keras
 import numpy as np
@@ -25,6 +30,8 @@ from service.errors import FailedPrecondition
 
 ORIGIN = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
 SEQUENCE_LENGTH = 200  # imdb/reuters reviews are ragged; padded as Keras's examples do
+SEED = 113  # the shuffle seed of Keras's loaders
+START, OOV, INDEX_FROM = 1, 2, 3  # Keras's word-index defaults: 0 stays padding
 Split = tuple[Any, Any]
 
 
@@ -35,11 +42,76 @@ class DatasetUnavailable(FailedPrecondition):
 
 
 @dataclass(frozen=True)
-class _Files:
-    """Plain array files read directly: (name in the cache, sha256 for a download)."""
+class Source:
+    """One file of a built-in dataset, where ``keras.datasets`` keeps it in a Keras home.
 
-    files: tuple[tuple[str, str | None], ...]
+    ``sha256`` is checked on download; a file it ``guards`` is checked on every use too.
+    An ``archive`` is a tar.gz that is extracted next to it on every use, as Keras does.
+    """
+
+    fname: str
+    origin: str
+    sha256: str | None = None
+    subdir: str = "datasets"
+    guards: bool = False
+    archive: bool = False
+
+    def path(self, cache: Path) -> Path:
+        """Where the downloaded file lives in ``cache`` (get_file's naming)."""
+        return cache / self.subdir / (f"{self.fname}_archive" if self.archive else self.fname)
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A dataset's files and the reader that turns them into Keras's train/test split."""
+
+    sources: tuple[Source, ...]
     read: Callable[[list[Path]], tuple[Split, Split]]
+
+
+def load_builtin(cache: Path, name: str, split: str) -> tuple[Any, Any]:
+    """``(x, y)`` of one split of a built-in dataset, downloading it on first use."""
+    builtin = BUILTINS[name]
+    train, test = builtin.read([fetch(cache, name, source) for source in builtin.sources])
+    x, y = test if split == "test" else train
+    if name in ("imdb", "reuters"):
+        x = keras.utils.pad_sequences(x, maxlen=SEQUENCE_LENGTH)
+    return x, y
+
+
+def fetch(cache: Path, name: str, source: Source) -> Path:
+    """The file (or an archive's extracted folder) in the cache; downloaded when it is
+    missing, or when it guards pickles and its hash does not match."""
+    path = source.path(cache)
+    if path.is_file() and not source.guards:
+        return path
+    folder = cache / source.subdir
+    folder.mkdir(parents=True, exist_ok=True)  # get_file falls back to /tmp for a missing one
+    try:
+        found = keras.utils.get_file(
+            source.fname,
+            origin=source.origin,
+            file_hash=source.sha256,
+            cache_dir=str(cache),
+            cache_subdir=source.subdir,
+            extract=source.archive,
+        )
+    except Exception as exc:
+        raise _unavailable(name, path, source, exc) from None
+    return Path(found)
+
+
+def _unavailable(name: str, path: Path, source: Source, exc: Exception) -> DatasetUnavailable:
+    reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    digest = f", sha256 {source.sha256}" if source.guards else ""
+    return DatasetUnavailable(
+        f"built-in dataset {name!r} is not cached on the worker and could not be downloaded "
+        f"({reason}); provide it instead: put {path.name} (from {source.origin}{digest}) "
+        f"at {path}, or upload the arrays with UploadDataset and use the dataset by name"
+    )
+
+
+# -- readers: each returns what keras.datasets.<name>.load_data() returns ---------------
 
 
 def _read_mnist(paths: list[Path]) -> tuple[Split, Split]:
@@ -58,129 +130,215 @@ def _read_fashion(paths: list[Path]) -> tuple[Split, Split]:
 
 
 def _read_boston(paths: list[Path]) -> tuple[Split, Split]:
-    """Keras's split: shuffled with seed 113, the last 20 % for test."""
+    """Shuffled with the seed, the last 20 % for test."""
     with np.load(paths[0], allow_pickle=False) as f:
         x, y = f["x"], f["y"]
     order = np.arange(len(x))
-    np.random.RandomState(113).shuffle(order)
-    cut = int(len(x) * 0.8)
+    np.random.RandomState(SEED).shuffle(order)
+    cut = int(len(x) * (1 - 0.2))
     return (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]])
 
 
-_FASHION = "datasets/fashion-mnist/"
-_PLAIN = {
-    "mnist": _Files(
+def _read_cifar10(paths: list[Path]) -> tuple[Split, Split]:
+    """Five training batches and a test batch; uint8 images and (n, 1) uint8 labels."""
+    folder = paths[0] / "cifar-10-batches-py"
+    batches = [_cifar_batch(folder / f"data_batch_{i}", "labels") for i in range(1, 6)]
+    x_train = np.concatenate([x for x, _ in batches]).astype(np.uint8)
+    y_train = np.concatenate([np.asarray(y) for _, y in batches]).astype(np.uint8)
+    x_test, y_test = _cifar_batch(folder / "test_batch", "labels")
+    return _cifar(x_train, y_train), _cifar(x_test.astype(np.uint8), np.asarray(y_test, np.uint8))
+
+
+def _read_cifar100(paths: list[Path]) -> tuple[Split, Split]:
+    """The 100 fine labels (Keras's default label_mode), as (n, 1) arrays."""
+    folder = paths[0] / "cifar-100-python"
+    x_train, y_train = _cifar_batch(folder / "train", "fine_labels")
+    x_test, y_test = _cifar_batch(folder / "test", "fine_labels")
+    return _cifar(x_train, np.asarray(y_train)), _cifar(x_test, np.asarray(y_test))
+
+
+def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, Any]:
+    with path.open("rb") as f:
+        batch = {
+            k.decode("utf8"): v for k, v in _NumpyUnpickler(f, encoding="bytes").load().items()
+        }
+    data = batch["data"]
+    return data.reshape(data.shape[0], 3, 32, 32), batch[label_key]
+
+
+def _cifar(x: np.ndarray, y: np.ndarray) -> Split:
+    if keras.config.image_data_format() == "channels_last":
+        x = x.transpose(0, 2, 3, 1)
+    return x, y.reshape(len(y), 1)
+
+
+def _read_imdb(paths: list[Path]) -> tuple[Split, Split]:
+    """Train and test each shuffled (one generator, train first), words re-indexed."""
+    arrays = _load_npz(paths[0])
+    rng = np.random.RandomState(SEED)
+    shuffled = []
+    for part in ("train", "test"):
+        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+        order = np.arange(len(x))
+        rng.shuffle(order)
+        shuffled.append((x[order], y[order]))
+    (x_train, y_train), (x_test, y_test) = shuffled
+    words_train, words_test = _index_words([x_train, x_test])
+    return (_ragged(words_train), y_train), (_ragged(words_test), y_test)
+
+
+def _read_reuters(paths: list[Path]) -> tuple[Split, Split]:
+    """Shuffled, words re-indexed, the last 20 % for test."""
+    arrays = _load_npz(paths[0])
+    order = np.arange(len(arrays["x"]))
+    np.random.RandomState(SEED).shuffle(order)
+    [words] = _index_words([arrays["x"][order]])
+    labels = arrays["y"][order]
+    cut = int(len(words) * (1 - 0.2))
+    return (
+        (_ragged(words[:cut]), np.array(labels[:cut])),
+        (_ragged(words[cut:]), np.array(labels[cut:])),
+    )
+
+
+def _index_words(parts: Sequence[Any]) -> list[list[list[int]]]:
+    """Keras's defaults: each sequence starts with START and every word id moves up by
+    INDEX_FROM; ``num_words=None`` makes the vocabulary the highest id over all parts,
+    exclusive, so that one id becomes OOV (as in Keras)."""
+    shifted = [[[START] + [w + INDEX_FROM for w in x] for x in part] for part in parts]
+    top = max(max(x) for part in shifted for x in part)
+    return [[[w if 0 <= w < top else OOV for w in x] for x in part] for part in shifted]
+
+
+def _ragged(sequences: list[list[int]]) -> np.ndarray:
+    return np.array(sequences, dtype="object")
+
+
+# -- pickles: numpy arrays only -----------------------------------------------------------
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers, refusing every other global (a
+    tampered file cannot run code through ``__reduce__``), as Keras's loaders do."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a dataset file")
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` whose ragged (object) arrays are pickled."""
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            if member.endswith(".npy"):
+                with archive.open(member) as raw:
+                    arrays[member.removesuffix(".npy")] = _read_npy(io.BytesIO(raw.read()))
+    return arrays
+
+
+def _read_npy(f: BinaryIO) -> np.ndarray:
+    try:
+        return np.lib.format.read_array(f, allow_pickle=False)
+    except ValueError:  # an object array: a pickle after the header
+        f.seek(0)
+        major, _ = np.lib.format.read_magic(f)
+        if major == 1:
+            np.lib.format.read_array_header_1_0(f)
+        else:  # 2.0 and 3.0 lay the header out alike
+            np.lib.format.read_array_header_2_0(f)
+        array: np.ndarray = _NumpyUnpickler(f).load()
+        return array
+
+
+_FASHION = (
+    "train-labels-idx1-ubyte.gz",
+    "train-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+)
+_TORONTO = "https://www.cs.toronto.edu/~kriz/"
+
+BUILTINS: dict[str, Builtin] = {
+    "mnist": Builtin(
         (
-            (
-                "datasets/mnist.npz",
+            Source(
+                "mnist.npz",
+                ORIGIN + "mnist.npz",
                 "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1",
             ),
         ),
         _read_mnist,
     ),
-    "fashion_mnist": _Files(
-        tuple(
-            (_FASHION + f, None)
-            for f in (
-                "train-labels-idx1-ubyte.gz",
-                "train-images-idx3-ubyte.gz",
-                "t10k-labels-idx1-ubyte.gz",
-                "t10k-images-idx3-ubyte.gz",
-            )
-        ),
+    "fashion_mnist": Builtin(
+        tuple(Source(f, ORIGIN + f, subdir="datasets/fashion-mnist") for f in _FASHION),
         _read_fashion,
     ),
-    "boston_housing": _Files(
+    "cifar10": Builtin(
         (
-            (
-                "datasets/boston_housing.npz",
+            Source(
+                "cifar-10-batches-py-target",
+                _TORONTO + "cifar-10-python.tar.gz",
+                "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+                guards=True,
+                archive=True,
+            ),
+        ),
+        _read_cifar10,
+    ),
+    "cifar100": Builtin(
+        (
+            Source(
+                "cifar-100-python-target",
+                _TORONTO + "cifar-100-python.tar.gz",
+                "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
+                guards=True,
+                archive=True,
+            ),
+        ),
+        _read_cifar100,
+    ),
+    "imdb": Builtin(
+        (
+            Source(
+                "imdb.npz",
+                ORIGIN + "imdb.npz",
+                "69664113be75683a8fe16e3ed0ab59fda8886cb3cd7ada244f7d9544e4676b9f",
+                guards=True,
+            ),
+        ),
+        _read_imdb,
+    ),
+    "reuters": Builtin(
+        (
+            Source(
+                "reuters.npz",
+                ORIGIN + "reuters.npz",
+                "d6586e694ee56d7a4e65172e12b3e987c03096cb01eab99753921ef915959916",
+                guards=True,
+            ),
+        ),
+        _read_reuters,
+    ),
+    "boston_housing": Builtin(
+        (
+            Source(
+                "boston_housing.npz",
+                ORIGIN + "boston_housing.npz",
                 "f553886a1f8d56431e820c5b82552d9d95cfcb96d1e678153f8839538947dff5",
             ),
         ),
         _read_boston,
     ),
 }
-# Where Keras's own loaders keep each file in its home, and where they download it from.
-_KERAS_FILES = {
-    "cifar10": (
-        "datasets/cifar-10-batches-py-target_archive",
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-    ),
-    "cifar100": (
-        "datasets/cifar-100-python-target_archive",
-        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-    ),
-    "imdb": ("datasets/imdb.npz", ORIGIN + "imdb.npz"),
-    "reuters": ("datasets/reuters.npz", ORIGIN + "reuters.npz"),
-}
-
-
-def load_builtin(cache: Path, name: str, split: str) -> tuple[Any, Any]:
-    """``(x, y)`` of one split of a built-in dataset, downloading it on first use."""
-    train, test = _load_plain(cache, name) if name in _PLAIN else _load_by_keras(cache, name)
-    x, y = test if split == "test" else train
-    if name in ("imdb", "reuters"):
-        x = keras.utils.pad_sequences(x, maxlen=SEQUENCE_LENGTH)
-    return x, y
-
-
-def _load_plain(cache: Path, name: str) -> tuple[Split, Split]:
-    entry = _PLAIN[name]
-    paths = [_fetch(cache, name, file, sha) for file, sha in entry.files]
-    return entry.read(paths)
-
-
-def _fetch(cache: Path, name: str, file: str, sha256: str | None) -> Path:
-    """The cached file; downloaded (and its hash checked) only when it is missing."""
-    path = cache / file
-    if path.is_file():
-        return path
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)  # get_file falls back to /tmp for a missing one
-    try:
-        keras.utils.get_file(
-            path.name,
-            origin=ORIGIN + path.name,
-            file_hash=sha256,
-            cache_dir=str(folder),
-            cache_subdir="",
-        )
-    except Exception as exc:
-        raise _unavailable(name, path, ORIGIN + path.name, exc) from None
-    return path
-
-
-def _load_by_keras(cache: Path, name: str) -> tuple[Split, Split]:
-    """Keras's own loader, with its cache folder pointed at ours."""
-    loader = getattr(keras.datasets, name).load_data
-    try:
-        with _keras_home(cache):
-            result: tuple[Split, Split] = loader()
-    except Exception as exc:
-        file, origin = _KERAS_FILES[name]
-        raise _unavailable(name, cache / file, origin, exc) from None
-    return result
-
-
-@contextlib.contextmanager
-def _keras_home(cache: Path) -> Iterator[None]:
-    """``load_data`` takes no cache folder: it reads Keras's home (``KERAS_HOME``, read
-    once at import), so point that at ours while it runs (one job at a time per child)."""
-    from keras.src.backend import config
-
-    cache.mkdir(parents=True, exist_ok=True)
-    previous = config._KERAS_DIR
-    config._KERAS_DIR = str(cache)
-    try:
-        yield
-    finally:
-        config._KERAS_DIR = previous
-
-
-def _unavailable(name: str, path: Path, origin: str, exc: Exception) -> DatasetUnavailable:
-    reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-    return DatasetUnavailable(
-        f"built-in dataset {name!r} is not cached on the worker and could not be downloaded "
-        f"({reason}); provide it instead: put {path.name} (from {origin}) at "
-        f"{path}, or upload the arrays with UploadDataset and use the dataset by name"
-    )
+"""Every built-in, by the name a request gives (``builtin:<name>[:test]``)."""

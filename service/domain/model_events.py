@@ -44,10 +44,18 @@ class ModelEvent:
             return None
 
 
-def publish(redis_url: str, event: ModelEvent) -> None:
-    """Publish one event from synchronous code (a worker publishing a version)."""
-    try:
-        with redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2) as r:
-            r.publish(CHANNEL, event.encode())
-    except redis.RedisError as exc:
-        log.warning("could not publish %s (servers pick it up by polling): %s", event, exc)
+class Publisher:
+    """Publishes events from synchronous code (a worker announcing a version it wrote)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self._redis_url = redis_url
+
+    def publish(self, event: ModelEvent) -> None:
+        """Publish one event; a failure is logged, not raised (servers also poll)."""
+        try:
+            with redis.Redis.from_url(
+                self._redis_url, socket_connect_timeout=2, socket_timeout=2
+            ) as client:
+                client.publish(CHANNEL, event.encode())
+        except redis.RedisError as exc:
+            log.warning("could not publish %s (servers pick it up by polling): %s", event, exc)

@@ -57,14 +57,17 @@ def run_train(job: Job, spec: TrainSpec, ws: Workspace) -> None:
 def build(spec: ModelSpec, mixed_precision: str) -> keras.Model:
     """The model of a spec; under mixed precision its output computes in float32, as the
     loss and the exported signature need. A layer list is our own format, so its last
-    layer simply gets ``dtype="float32"`` (unless the request set one); a Keras config
-    is the user's model, so it is only wrapped when its output is not float32 already."""
+    layer simply gets ``dtype="float32"`` (unless the request set one). A Keras config
+    names each layer's policy (``to_json`` writes float32 for a float32 model), so its
+    float32 layers are switched to the job's policy, its output layers kept float32."""
     if not mixed_precision:
         return building.build_model(spec)
     if spec.layers:
         last = {"dtype": devices.FLOAT32} | spec.layers[-1]
         return building.build_model(spec.model_copy(update={"layers": [*spec.layers[:-1], last]}))
-    return devices.float32_outputs(building.build_model(spec))
+    model = building.build_model(spec)
+    devices.set_precision(model, mixed_precision)
+    return devices.float32_outputs(model)
 
 
 def job_strategy(ws: Workspace, job: Job) -> tf.distribute.Strategy:
@@ -135,7 +138,7 @@ def publish(
     if not logs and (history := ws.jobs.get(job.id).history):
         logs = history[-1]["logs"]  # resumed after the last epoch: nothing left to fit
     metadata = metadata | {"metrics": plain_logs(logs), "num_layers": len(trainable_layers(model))}
-    version = export_version(model, ws.models, name, job.id, metadata)
+    version = export_version(model, ws.models, name, job.id, metadata, ws.model_events)
     ws.jobs.succeed(job.id, logs, version)
 
 
@@ -167,18 +170,19 @@ def fit(
         "verbose": 0,
     }
     started = time.monotonic()
-    if train_data.streamed:  # batched and shuffled by tf.data already
-        model.fit(train_data.x, **common)
-    else:
-        model.fit(
-            train_data.x,
-            train_data.y,
-            sample_weight=train_data.sample_weight,
-            batch_size=fit_spec.batch_size,
-            shuffle=fit_spec.shuffle,
-            validation_split=fit_spec.validation_split,
-            **common,
-        )
+    with data.read_errors(train_data, validation):
+        if train_data.streamed:  # batched and shuffled by tf.data already
+            model.fit(train_data.x, **common)
+        else:
+            model.fit(
+                train_data.x,
+                train_data.y,
+                sample_weight=train_data.sample_weight,
+                batch_size=fit_spec.batch_size,
+                shuffle=fit_spec.shuffle,
+                validation_split=fit_spec.validation_split,
+                **common,
+            )
     log.info("fit finished", extra={"seconds": round(time.monotonic() - started, 3)})
 
 

@@ -94,7 +94,8 @@ def test_bad_uris_answer_before_a_job_exists(
     cases: list[tuple[Any, type[Exception], str]] = [
         (str(tmp_path), fitserve.InvalidArgumentError, "outside the dataset_roots setting"),
         (f"{external}/../../x", fitserve.InvalidArgumentError, "outside the dataset_roots"),
-        ("s3://bucket/data", fitserve.InvalidArgumentError, "not supported yet"),
+        ("s3://bucket/data", fitserve.FailedPreconditionError, r"\(or pip install s3fs\)"),
+        ("https://host/data", fitserve.InvalidArgumentError, "FITSERVE_DATASET_URL_SCHEMES"),
         (str(external / "missing"), fitserve.NotFoundError, "does not exist"),
         (str(external / "records"), fitserve.InvalidArgumentError, "feature_spec is required"),
     ]

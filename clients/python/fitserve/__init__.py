@@ -12,7 +12,7 @@ The wire contract (request and response messages, stubs) is in `fitserve.v1`.
 
 from importlib import metadata as _metadata
 
-from fitserve._client import Client, Job, Prediction
+from fitserve._client import Client, Prediction
 from fitserve._errors import (
     AlreadyExistsError,
     CancelledError,
@@ -30,6 +30,7 @@ from fitserve._errors import (
     UnavailableError,
     UnimplementedError,
 )
+from fitserve._job import Job
 from fitserve._tensors import to_numpy, to_tensor
 
 try:

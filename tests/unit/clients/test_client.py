@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import json_format
 
 import fitserve
-from fitserve import _client, cli
+from fitserve import _job, cli
 from fitserve.v1 import (
     dataset_pb2,
     dataset_pb2_grpc,
@@ -528,14 +528,14 @@ def test_wait_resumes_a_dropped_stream_from_the_last_event(client, fakes):
 
 
 def test_a_lasting_outage_raises_unavailable_after_bounded_retries(client, fakes, monkeypatch):
-    monkeypatch.setattr(_client, "_WATCH_BACKOFF_SECONDS", 0.001)
+    monkeypatch.setattr(_job, "_WATCH_BACKOFF_SECONDS", 0.001)
     fakes.training.always_unavailable = True
     fakes.training.jobs["job-1"] = training_pb2.Job(id="job-1", state=JobState.JOB_STATE_RUNNING)
 
     with pytest.raises(fitserve.UnavailableError, match="redis is down"):
         list(client.get_job("job-1").events())
 
-    assert len(fakes.training.watch_requests) == _client._WATCH_RETRIES + 1
+    assert len(fakes.training.watch_requests) == _job._WATCH_RETRIES + 1
 
 
 def test_wait_times_out_while_the_job_runs(client, fakes):

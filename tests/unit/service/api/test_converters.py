@@ -153,7 +153,8 @@ def test_a_finished_job_maps_every_field():
 
     assert proto.id == "j1"
     assert (proto.model_name, proto.queue, proto.attempt) == ("mnist", "cpu", 2)
-    assert proto.queue_position == -1
+    assert proto.queue_position == -1  # unknown unless the caller found it
+    assert job_to_proto(job, queue_position=4).queue_position == 4
     assert dict(proto.metrics) == {"loss": 0.25}
     assert proto.model_version == 3
     assert (proto.error.reason, proto.error.message) == ("INVALIDREQUEST", "bad layer")

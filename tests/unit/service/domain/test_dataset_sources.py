@@ -1,25 +1,46 @@
-"""Uri checks without TensorFlow: only local paths under the roots, in a known format."""
+"""Uri checks without TensorFlow: local paths under the roots, URLs of allowed and
+installed fsspec protocols, in a known format; Dataset.save folders copied atomically."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from service.domain import dataset_sources
+from service.domain.dataset_sources import UriFormat
 from service.domain.requests import DatasetRef
-from service.errors import InvalidRequest, NotFound
+from service.errors import FailedPrecondition, InvalidRequest, NotFound, Unavailable
+
+SPEC = {"x": "float32:2"}
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    (tmp_path / "root" / "saved").mkdir(parents=True)
-    (tmp_path / "root" / "saved" / "dataset_spec.pb").write_bytes(b"")
+    (tmp_path / "root" / "saved" / "shard").mkdir(parents=True)
+    (tmp_path / "root" / "saved" / "dataset_spec.pb").write_bytes(b"spec")
+    (tmp_path / "root" / "saved" / "shard" / "0.snapshot").write_bytes(b"12345")
     (tmp_path / "root" / "records").mkdir()
-    (tmp_path / "root" / "records" / "b.tfrecord").write_bytes(b"")
-    (tmp_path / "root" / "records" / "a.tfrecord").write_bytes(b"")
-    (tmp_path / "root" / "records" / "README").write_text("")
+    (tmp_path / "root" / "records" / "b.tfrecord").write_bytes(b"bb")
+    (tmp_path / "root" / "records" / "a.tfrecord").write_bytes(b"a")
+    (tmp_path / "root" / "records" / "README").write_text("not a record file")
     (tmp_path / "root" / "empty").mkdir()
     (tmp_path / "outside").mkdir()
     return tmp_path / "root"
+
+
+@pytest.fixture
+def memory() -> Iterator[fsspec.AbstractFileSystem]:
+    """fsspec's in-memory filesystem, as a stand-in for an object store."""
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/bucket/saved/dataset_spec.pb": b"spec", "/bucket/saved/7/0.snapshot": b"data"})
+    fs.pipe({"/bucket/records/p-1.tfrec": b"1", "/bucket/records/p-0.tfrec": b"00"})
+    yield fs
+    fs.rm("/bucket", recursive=True)
+
+
+def resolve(uri: str, roots: list[Path], **ref: object) -> dataset_sources.UriSource:
+    return dataset_sources.resolve(DatasetRef(uri=uri, **ref), roots, ("memory",))
 
 
 def test_local_paths_and_file_urls_under_a_root(root: Path):
@@ -30,13 +51,11 @@ def test_local_paths_and_file_urls_under_a_root(root: Path):
 @pytest.mark.parametrize(
     ("uri", "message"),
     [
-        ("s3://bucket/x", "s3:// URLs are not supported yet"),
-        ("gs://bucket/x", "gs:// URLs are not supported yet"),
         ("relative/path", "must be an absolute path"),
         ("{root}/../outside", "is outside the dataset_roots setting (FITSERVE_DATASET_ROOTS"),
     ],
 )
-def test_refused_uris_name_the_setting_or_the_rule(root: Path, uri: str, message: str):
+def test_refused_paths_name_the_setting_or_the_rule(root: Path, uri: str, message: str):
     with pytest.raises(InvalidRequest) as info:
         dataset_sources.local_path(uri.format(root=root), [root])
     assert message in info.value.message
@@ -54,21 +73,143 @@ def test_a_missing_path_is_not_found(root: Path):
         dataset_sources.local_path(str(root / "nope"), [root])
 
 
-def test_formats_and_tfrecord_files(root: Path):
-    assert dataset_sources.uri_format(root / "saved") is dataset_sources.UriFormat.SAVED
-    assert dataset_sources.uri_format(root / "records") is dataset_sources.UriFormat.TFRECORD
-    files = dataset_sources.tfrecord_files(root / "records")
-    assert [f.name for f in files] == ["a.tfrecord", "b.tfrecord"]
+def test_url_schemes():
+    assert dataset_sources.url_scheme("/data/x") == ""
+    assert dataset_sources.url_scheme("file:///data/x") == ""
+    assert dataset_sources.url_scheme("S3://bucket/x") == "s3"
+
+
+@pytest.mark.parametrize(
+    ("uri", "allowed", "message"),
+    [
+        (
+            "http://host/x",
+            ("s3", "gs"),
+            "http:// URLs are not allowed here (allowed: s3://, gs://)",
+        ),
+        ("memory://x", ("s3",), "memory:// URLs are not allowed here (allowed: s3://)"),
+        ("gs://bucket/x", (), "gs:// URLs are not allowed here (allowed: none)"),
+        ("s3://b/x::http://h/y", ("s3", "http"), "chained fsspec URLs (with '::')"),
+    ],
+)
+def test_a_scheme_outside_the_allowlist_names_the_setting(uri, allowed, message):
+    with pytest.raises(InvalidRequest) as info:
+        dataset_sources.check_url(uri, allowed)
+    assert message in info.value.message
+    assert info.value.field == "dataset.uri"
+    if "::" not in uri:
+        assert "FITSERVE_DATASET_URL_SCHEMES" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("uri", "package", "extra"),
+    [
+        ("s3://bucket/x", "s3fs", "s3"),
+        ("gs://b/x", "gcsfs", "gcs"),
+        ("abfss://c@a/x", "adlfs", "azure"),
+    ],
+)
+def test_an_allowed_scheme_without_its_package_names_the_package(uri, package, extra):
+    with pytest.raises(FailedPrecondition) as info:
+        dataset_sources.check_url(uri, dataset_sources.DEFAULT_URL_SCHEMES)
+    assert (
+        f"pip install 'fitserve-server[{extra}]' (or pip install {package})" in info.value.message
+    )
+    assert uri in info.value.message
+
+
+def test_the_api_check_of_a_url_reads_no_storage():
+    """A missing object at an allowed URL passes: only the worker, which reads, lists it."""
+    ref = DatasetRef(uri="memory://bucket/never-written", feature_spec=SPEC)
+    dataset_sources.check_uri(ref, [], url_schemes=("memory",))
+    one_file = DatasetRef(uri="memory://bucket/never-written.tfrecord")
+    with pytest.raises(InvalidRequest, match="feature_spec is required for TFRecord files"):
+        dataset_sources.check_uri(one_file, [], url_schemes=("memory",))
+
+
+def test_local_formats_and_sizes(root: Path):
+    saved = resolve(str(root / "saved"), [root])
+    assert (saved.format, saved.local, saved.size_bytes) == (UriFormat.SAVED, True, 9)
+    records = resolve(str(root / "records"), [root], feature_spec=SPEC)
+    assert records.format is UriFormat.TFRECORD
+    assert [Path(f.name).name for f in records.files] == ["a.tfrecord", "b.tfrecord"]
+    assert records.size_bytes == 3
+    one = resolve(str(root / "records" / "b.tfrecord"), [root], feature_spec=SPEC)
+    assert [f.size for f in one.files] == [2]
     with pytest.raises(InvalidRequest, match=r"neither a tf\.data\.Dataset\.save folder"):
-        dataset_sources.tfrecord_files(root / "empty")
+        resolve(str(root / "empty"), [root], feature_spec=SPEC)
+
+
+def test_url_formats_and_sizes(memory: fsspec.AbstractFileSystem):
+    saved = resolve("memory://bucket/saved", [])
+    assert (saved.format, saved.local, saved.size_bytes) == (UriFormat.SAVED, False, 8)
+    records = resolve("memory://bucket/records", [], feature_spec=SPEC)
+    assert [records.url(f) for f in records.files] == [
+        "memory:///bucket/records/p-0.tfrec",
+        "memory:///bucket/records/p-1.tfrec",
+    ]
+    assert records.size_bytes == 3
+    with records.open(records.files[0]) as f:
+        assert f.read() == b"00"
+
+
+def test_a_missing_url_is_not_found(memory: fsspec.AbstractFileSystem):
+    with pytest.raises(NotFound, match=r"dataset\.uri 'memory://bucket/nope' does not exist"):
+        resolve("memory://bucket/nope", [], feature_spec=SPEC)
+    with pytest.raises(NotFound, match="does not exist"):
+        resolve("memory://bucket/nope.tfrecord", [], feature_spec=SPEC)
+
+
+def test_storage_errors_name_the_uri():
+    missing = pytest.raises(NotFound, match="'s3://b/x' does not exist")
+    with missing, dataset_sources.storage_errors("s3://b/x"):
+        raise FileNotFoundError("b/x")
+    unreachable = FileNotFoundError("http://h/x")
+    unreachable.__cause__ = ConnectionRefusedError("connect call failed")
+    with pytest.raises(Unavailable) as info, dataset_sources.storage_errors("http://h/x"):
+        raise unreachable
+    assert "'http://h/x' could not be read from its storage (ConnectionRefusedError" in str(
+        info.value
+    )
 
 
 def test_feature_spec_is_required_for_tfrecords_and_refused_for_saved_folders(root: Path):
     with pytest.raises(InvalidRequest) as info:
         dataset_sources.check_uri(DatasetRef(uri=str(root / "records")), [root])
     assert info.value.field == "dataset.feature_spec"
-    ref = DatasetRef(uri=str(root / "saved"), feature_spec={"x": "float32:2"})
+    ref = DatasetRef(uri=str(root / "saved"), feature_spec=SPEC)
     with pytest.raises(InvalidRequest, match="carries its own element spec"):
         dataset_sources.check_uri(ref, [root])
-    ok = DatasetRef(uri=str(root / "records"), feature_spec={"x": "float32:2"})
-    assert dataset_sources.check_uri(ok, [root]) == root / "records"
+    dataset_sources.check_uri(DatasetRef(uri=str(root / "records"), feature_spec=SPEC), [root])
+
+
+def test_a_saved_folder_at_a_url_is_copied_once(memory: fsspec.AbstractFileSystem, tmp_path: Path):
+    cache = tmp_path / "cache"
+    copy = dataset_sources.local_copy(resolve("memory://bucket/saved", []), cache)
+    assert (copy / "dataset_spec.pb").read_bytes() == b"spec"
+    assert (copy / "7" / "0.snapshot").read_bytes() == b"data"
+    assert dataset_sources.local_copy(resolve("memory://bucket/saved", []), cache) == copy
+    assert [p.name for p in cache.iterdir()] == [copy.name]  # no temporary folder left
+
+    memory.pipe("/bucket/saved/7/0.snapshot", b"rewritten")  # a changed folder: a new copy
+    again = dataset_sources.local_copy(resolve("memory://bucket/saved", []), cache)
+    assert again != copy
+    assert (again / "7" / "0.snapshot").read_bytes() == b"rewritten"
+
+
+def test_a_copy_that_fails_leaves_nothing_behind(memory: fsspec.AbstractFileSystem, tmp_path: Path):
+    source = resolve("memory://bucket/saved", [])
+    memory.rm("/bucket/saved/7/0.snapshot")  # gone between the listing and the copy
+    with pytest.raises(NotFound, match=r"memory:///bucket/saved/7/0\.snapshot' does not exist"):
+        dataset_sources.local_copy(source, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_listing_that_points_out_of_the_folder_is_refused(tmp_path: Path):
+    escaping = dataset_sources.StoredFile("http://h/saved/../../etc/passwd", 1)
+    source = dataset_sources.UriSource(
+        "http://h/saved", UriFormat.SAVED, fsspec.filesystem("http"), "http://h/saved", (escaping,)
+    )
+    with pytest.raises(InvalidRequest, match="which is not inside the folder"):
+        dataset_sources.local_copy(source, tmp_path / "cache")
+    assert not (tmp_path / "etc").exists()
