@@ -107,6 +107,13 @@ class InferenceSettings(BaseModel):
     feedback_ttl_seconds: int = Field(
         24 * 3600, ge=1, description="How long a request id accepts Feedback, on any replica."
     )
+    max_queue_wait_ms: float | None = Field(
+        100.0,
+        gt=0,
+        description="Load shedding: while calls wait longer than this in gRPC's own queue "
+        "before a handler takes them, Predict calls are refused with RESOURCE_EXHAUSTED "
+        "and a retry hint (see service.api.gate). Unset: never shed.",
+    )
 
 
 class Settings(BaseSettings):
@@ -149,7 +156,7 @@ class Settings(BaseSettings):
         ge=4 * 1024 * 1024,
         description="Largest gRPC message the server sends or receives "
         "(FITSERVE_MAX_MESSAGE_BYTES). A larger request is refused with RESOURCE_EXHAUSTED "
-        "naming this setting (see service.api.status.MessageSizeLimit).",
+        "naming this setting (see service.api.gate.CallGate).",
     )
     max_dataset_bytes: int = Field(
         4 * 1024**3, ge=1, description="Largest dataset an upload may hold."

@@ -4,8 +4,9 @@ With ``fitserve serve --processes N``, every server process runs with
 ``PROMETHEUS_MULTIPROC_DIR`` set (prometheus_client then keeps each value in a per-process
 file there) and the supervisor serves ``aggregate_registry`` of that folder: counters and
 histograms are summed over processes, and each gauge says how in ``multiprocess_mode``.
-Gauges set by a function (queue depth, in flight) are read at scrape time in their own
-process, so they are only exported by a single-process server.
+A gauge set by a function is read at scrape time in its own process, which the aggregate
+never reaches: with several processes the server samples queue depth and in-flight counts
+into the files instead (``ServingModels.sample_gauges``, every second).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _JOB_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600)
 
 
+def multiprocess() -> bool:
+    """Whether metrics go to per-process files for an aggregated /metrics."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+
 class _Gauge(Gauge):
     """A Gauge whose removed series read 0 in multiprocess mode.
 
@@ -53,7 +59,7 @@ class _Gauge(Gauge):
     """
 
     def remove(self, *labelvalues: Any) -> None:
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        if not multiprocess():
             super().remove(*labelvalues)
             return
         self.labels(*labelvalues).set(0)
@@ -149,7 +155,8 @@ class Metrics:
         )
         self.rejections = Counter(
             "fitserve_predict_rejections_total",
-            "Predict requests refused before compute, by reason (queue_full, deadline, unloading).",
+            "Predict requests refused before compute, by reason (queue_full, deadline, "
+            "unloading; overloaded, with empty model and version: shed before parsing).",
             [*mv, "reason"],
             registry=r,
         )
@@ -180,6 +187,19 @@ class Metrics:
             mv,
             buckets=_JOB_BUCKETS,
             registry=r,
+        )
+        self.grpc_queued_calls = Gauge(
+            "fitserve_grpc_queued_calls",
+            "Calls waiting in gRPC's own queue before a handler takes them (load shedding).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.grpc_queue_wait = Gauge(
+            "fitserve_grpc_queue_wait_seconds",
+            "Estimated wait in gRPC's queue before a handler; Predict is shed past "
+            "FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS.",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self._add_feedback_metrics(r)
 

@@ -27,15 +27,23 @@ from fitserve.v1 import (
     training_pb2_grpc,
 )
 from service.api.datasets import DatasetServicer
+from service.api.gate import (
+    Backlog,
+    CallGate,
+    channelz_counts,
+    channelz_server_ids,
+    transport_limit,
+    watch_backlog,
+)
 from service.api.models import ModelServicer
-from service.api.status import Edge, MessageSizeLimit, transport_limit
+from service.api.status import Edge
 from service.api.training import TrainingServicer
 from service.config import Settings
 from service.domain.datasets import DatasetStore
 from service.domain.jobs import AsyncJobStore
 from service.domain.model_store import ModelStore
 from service.job_metrics import register_store_collectors
-from service.metrics import Metrics, serve_metrics, stop_metrics
+from service.metrics import Metrics, multiprocess, serve_metrics, stop_metrics
 from service.taskqueue import TaskQueue, create_celery
 
 log = logging.getLogger(__name__)
@@ -55,10 +63,16 @@ class FitserveServer:
     closers: list[Any] = field(default_factory=list)
     metrics_server: WSGIServer | None = None
     metrics_port: int = 0
+    backlog: Backlog | None = None
+    _watch: asyncio.Task[None] | None = None
 
     async def start(self, *, serve_metrics_http: bool = True) -> None:
         """Start serving gRPC (and /metrics over HTTP unless told not to)."""
         await self.grpc_server.start()
+        if self.backlog is not None:
+            self._watch = asyncio.get_running_loop().create_task(
+                watch_backlog(self.backlog, self.metrics)
+            )
         if serve_metrics_http:
             self.metrics_server, self.metrics_port = serve_metrics(
                 self.metrics.registry, self.settings.host, self.settings.metrics_port
@@ -68,6 +82,8 @@ class FitserveServer:
         """Refuse new calls, let in-flight ones finish for ``grace`` seconds, close the rest."""
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace)
+        if self._watch is not None:
+            self._watch.cancel()
         for close in reversed(self.closers):
             await close()
         if self.metrics_server is not None:
@@ -88,10 +104,15 @@ async def create_server(
         ("grpc.so_reuseport", 1),
     ]
     edge = Edge(metrics)
-    limit = MessageSizeLimit(settings.max_message_bytes, edge)
-    server = grpc.aio.server(options=options, interceptors=[limit])
+    gate = CallGate(settings.max_message_bytes, edge)
+    before = channelz_server_ids()
+    server = grpc.aio.server(options=options, interceptors=[gate])
     health_servicer = health.aio.HealthServicer()
     app = FitserveServer(server, settings, metrics, health_servicer)
+    max_wait = settings.inference.max_queue_wait_ms
+    if "inference" in settings.roles and max_wait is not None:
+        app.backlog = gate.backlog = _backlog(before)
+        gate.max_wait = max_wait / 1000
     names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     if "api" in settings.roles:
         names += await _add_api(server, app, edge)
@@ -110,6 +131,16 @@ async def create_server(
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     return app, port
+
+
+def _backlog(before: set[int]) -> Backlog | None:
+    """The backlog of the server created since ``before`` was read, via channelz."""
+    new = channelz_server_ids() - before
+    if len(new) != 1:
+        log.warning("load shedding is off: gRPC's channelz does not show this server")
+        return None
+    server_id = new.pop()
+    return Backlog(lambda: channelz_counts(server_id))
 
 
 async def _add_api(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> list[str]:
@@ -161,6 +192,8 @@ def _add_inference(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> 
     feedback = FeedbackLog(client, s.inference.feedback_ttl_seconds, app.metrics)
     app.closers += [client.aclose, feedback.close, models.close]
     start_reloading(models, client, s.inference.reload_poll_seconds)
+    if multiprocess():
+        models.spawn(models.sample_gauges())
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(edge, models, feedback), server
     )

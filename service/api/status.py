@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeAlias, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -153,79 +153,3 @@ def stream_out(
         self.edge.ok(method, started)
 
     return wrapper
-
-
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
-
-
-class MessageSizeLimit(grpc.aio.ServerInterceptor):
-    """Refuses request messages over ``limit`` bytes with a status that names the setting.
-
-    gRPC's own refusal ("received message larger than max") names neither the server's
-    limit nor how to raise it, so the transport is configured with headroom (see
-    ``transport_limit``) and this check, on the raw bytes before they are parsed, gives
-    the answer. Unary and client-streaming requests (every fitserve RPC that can carry
-    tensors or data) are checked; wrapped handlers are built once per method.
-    """
-
-    def __init__(self, limit: int, edge: Edge) -> None:
-        self._limit, self._edge = limit, edge
-        self._wrapped: dict[str, Handler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        method: str = handler_call_details.method
-        if (wrapped := self._wrapped.get(method)) is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.response_streaming:
-            return handler
-        wrapped = self._wrap(handler, method.rsplit("/", 1)[-1])
-        self._wrapped[method] = wrapped
-        return wrapped
-
-    def too_big(self, size: int) -> errors.ResourceExhausted:
-        """The error of a request message of ``size`` bytes over the limit."""
-        return errors.ResourceExhausted(
-            f"request message is {size} bytes, over this server's limit of {self._limit} "
-            f"bytes; send less per call (fewer rows, smaller chunks), or raise the server's "
-            f"FITSERVE_MAX_MESSAGE_BYTES (and the client's max_message_bytes)"
-        )
-
-    def _wrap(self, handler: Handler, method: str) -> Handler:
-        parse = handler.request_deserializer or (lambda raw: raw)
-        serialize = handler.response_serializer
-        if handler.request_streaming:
-            inner_stream: Any = handler.stream_unary  # typed for the sync server
-
-            async def stream_unary(requests: AsyncIterator[bytes], context: Context) -> Any:
-                return await inner_stream(self._checked_stream(requests, parse), context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serialize)
-        inner: Any = handler.unary_unary
-
-        async def unary_unary(raw: bytes, context: Context) -> Any:
-            if len(raw) > self._limit:
-                await self._edge.fail(context, method, self.too_big(len(raw)))
-            return await inner(parse(raw), context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
-
-    async def _checked_stream(
-        self, requests: AsyncIterator[bytes], parse: Callable[[bytes], Any]
-    ) -> AsyncIterator[Any]:
-        """The parsed messages of a request stream; the handler's edge maps the refusal."""
-        async for raw in requests:
-            if len(raw) > self._limit:
-                raise self.too_big(len(raw))
-            yield parse(raw)
-
-
-def transport_limit(limit: int) -> int:
-    """gRPC's own receive limit: room above ``limit`` so MessageSizeLimit sees the
-    oversize requests (up to twice the limit) and names the setting; beyond that, gRPC
-    refuses by itself before the message reaches Python. gRPC takes a signed 32-bit int."""
-    return min(2 * limit, 2**31 - 1)

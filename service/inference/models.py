@@ -29,9 +29,10 @@ from service.domain.model_store import ModelStore
 from service.errors import InvalidRequest, NotFound, Unavailable
 from service.inference.batcher import Batcher, BatchPolicy, BatchStats
 from service.inference.servable import Servable, TensorSpec
-from service.metrics import Metrics
+from service.metrics import Metrics, multiprocess
 
 log = logging.getLogger(__name__)
+GAUGE_PERIOD = 1.0  # seconds between samples of the gauges with --processes
 
 Key = tuple[str, int]
 Route = tuple[str, int, str]
@@ -166,6 +167,21 @@ class ServingModels:
         for key in list(self._loaded):
             self._retire(key)
         await asyncio.gather(*self._unloads, return_exceptions=True)
+
+    async def sample_gauges(self, period: float = GAUGE_PERIOD) -> None:
+        """Copy queue depth and in-flight counts into their gauges every ``period`` s.
+
+        With ``serve --processes N`` the gauges live in per-process files, which a gauge
+        read by a function at scrape time never reaches; there this task keeps them
+        current instead (spawned by the server when metrics are aggregated).
+        """
+        m = self._metrics
+        while True:
+            for (name, version), loaded in list(self._loaded.items()):
+                labels = (name, str(version))
+                m.queue_depth.labels(*labels).set(loaded.batcher.depth)
+                m.in_flight.labels(*labels).set(loaded.holders)
+            await asyncio.sleep(period)  # a sampling period, not a wait for a condition
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run background work owned by this object (cancelled by ``close``)."""
@@ -311,8 +327,9 @@ class ServingModels:
         m.model_load_seconds.labels(*labels).observe(seconds)
         m.loaded_versions.labels(*labels).set(1)
         m.loaded_bytes.labels(*labels).set(loaded.servable.nbytes)
-        m.queue_depth.labels(*labels).set_function(_getter(lambda: loaded.batcher.depth))
-        m.in_flight.labels(*labels).set_function(_getter(lambda: loaded.holders))
+        if not multiprocess():
+            m.queue_depth.labels(*labels).set_function(_getter(lambda: loaded.batcher.depth))
+            m.in_flight.labels(*labels).set_function(_getter(lambda: loaded.holders))
         log.info("loaded %s version %d in %.2f s", *key, seconds)
 
     def _untrack(self, key: Key) -> None:

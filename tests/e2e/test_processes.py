@@ -99,6 +99,14 @@ def _aggregated(metrics_port: int) -> float:
     return _ok(s for f in families for s in f.samples)
 
 
+def _gauges(metrics_port: int) -> set[str]:
+    """Names of the per-version gauges the aggregated /metrics has for the model."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        families = text_string_to_metric_families(response.read().decode())
+    return {s.name for f in families for s in f.samples if s.labels.get("model") == MODEL}
+
+
 def _predict_on_a_new_connection(port: int, x: np.ndarray) -> bool:
     """One Predict over its own TCP connection, so the kernel picks a process for it."""
     options = [("grpc.use_local_subchannel_pool", 1)]
@@ -122,6 +130,12 @@ def test_two_processes_share_the_port_and_metrics_add_up(served: Served) -> None
     per_process = [_served_by(served.metrics_dir, pid) for pid in served.pids]
     assert sum(per_process) == answered
     assert _aggregated(served.metrics_port) == answered
+    # the gauges read live in one process reach the aggregate too, sampled each second
+    while not {"fitserve_predict_queue_depth", "fitserve_predict_in_flight"} <= _gauges(
+        served.metrics_port
+    ):
+        assert time.monotonic() < deadline, "queue depth and in flight never aggregated"
+        time.sleep(0.2)  # the polling period
 
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(60) == 0

@@ -79,7 +79,8 @@ def inference(settings: Settings) -> Iterator[RunningServer]:
         update={
             "roles": ["inference"],
             "batching": batching,
-            "inference": InferenceSettings(reload_poll_seconds=3600),
+            # the batcher's own bounds are tested here; shedding has a test of its own
+            "inference": InferenceSettings(reload_poll_seconds=3600, max_queue_wait_ms=None),
         }
     )
     running, thread = run_server(custom)
@@ -155,6 +156,54 @@ def test_overload_is_refused_with_a_retry_hint_and_the_server_keeps_serving(
     assert _metric(
         inference, "fitserve_predict_requests_total", model=name, code="RESOURCE_EXHAUSTED"
     ) == len(refused)
+
+
+def test_calls_waiting_in_grpcs_queue_are_shed_and_control_calls_never_are(
+    versions: dict[str, int], settings: Settings, digits: Digits
+) -> None:
+    """With a queue-wait bound of 1 µs, any backlog in gRPC's own queue sheds Predict."""
+    shedding = settings.model_copy(
+        update={
+            "roles": ["inference"],
+            "inference": InferenceSettings(reload_poll_seconds=3600, max_queue_wait_ms=0.001),
+        }
+    )
+    running, thread = run_server(shedding)
+    name, x = "inf-batching", digits[0][:1]
+    refused: list[grpc.RpcError] = []
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            sdk = fitserve.Client(channel=channel)
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            _poll(lambda: _admitted(sdk, name, x), "an idle server to admit a Predict")
+            deadline = time.monotonic() + WAIT
+            while not refused:  # bursts until calls queue up in gRPC before the handlers
+                assert time.monotonic() < deadline, "no burst left calls waiting in gRPC"
+                refused += _burst(lambda: sdk.predict(name, x), 64)
+                reply = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # once the burst has drained, the next call is admitted: the server kept serving
+            _poll(lambda: _admitted(sdk, name, x), "the server to admit Predict again")
+        error = refused[0]
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        message = error.details()  # type: ignore[attr-defined]
+        assert "server overloaded: calls now wait about" in message
+        assert "FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS" in message
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        assert status is not None
+        assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+        assert _metric(running, "fitserve_predict_rejections_total", reason="overloaded") >= len(
+            refused
+        )
+    finally:
+        stop_server(running, thread)
+
+
+def _admitted(sdk: fitserve.Client, name: str, x: np.ndarray) -> bool:
+    try:
+        return sdk.predict(name, x).shape == (1, 10)
+    except fitserve.ResourceExhaustedError:
+        return False
 
 
 def _burst(call: Callable[[], object], callers: int) -> list[grpc.RpcError]:

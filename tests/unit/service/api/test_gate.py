@@ -1,0 +1,139 @@
+"""The pure logic of load shedding: the backlog estimate and the share of calls refused.
+
+The counts come from a function, as channelz gives them; the integration test
+(tests/integration/test_inference.py) runs the same code against a real server.
+"""
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from service.api.gate import (
+    MAX_SHED_SHARE,
+    Backlog,
+    CallGate,
+    channelz_counts,
+    channelz_server_ids,
+    shed_share,
+)
+from service.api.status import Edge
+from service.metrics import Metrics
+
+
+class Core:
+    """What channelz would report: calls started, succeeded, failed."""
+
+    def __init__(self) -> None:
+        self.started = self.succeeded = self.failed = 0
+
+    def counts(self) -> tuple[int, int, int]:
+        return self.started, self.succeeded, self.failed
+
+
+def test_an_idle_server_hit_by_a_burst_estimates_no_wait_until_it_has_drained_once():
+    core = Core()
+    backlog = Backlog(core.counts)
+    backlog.update(now=0.0)
+    core.started = 64  # a burst arrives; no drain rate has been measured yet
+
+    backlog.update(now=0.005)
+
+    assert backlog.waiting == 64
+    assert backlog.wait_seconds == 0.0
+
+
+def test_the_wait_is_the_calls_waiting_over_the_rate_they_drain():
+    core = Core()
+    backlog = Backlog(core.counts)
+    core.started = 100
+    backlog.update(now=0.0)  # 100 waiting
+    for step in range(1, 40):  # 10 calls reach a handler every 5 ms: 2000 calls/s
+        backlog.arrived += 10
+        core.started += 10  # as many new ones arrive, so 100 keep waiting
+        core.succeeded = backlog.arrived  # and each finishes within the interval
+        backlog.update(now=step * 0.005)
+
+    assert backlog.waiting == 100
+    assert backlog.drain_rate == pytest.approx(2000.0)
+    assert backlog.wait_seconds == pytest.approx(100 / 2000)
+
+
+def test_calls_inside_handlers_and_finished_calls_do_not_count_as_waiting():
+    core = Core()
+    backlog = Backlog(core.counts)
+    core.started, core.succeeded, core.failed = 50, 30, 5  # 15 still open in the core
+    backlog.active = 15  # all of them are inside handlers (a watch stream, say)
+
+    backlog.update(now=0.0)
+
+    assert backlog.waiting == 0
+    assert backlog.wait_seconds == 0.0
+
+
+def test_a_drain_rate_measured_only_while_calls_wait():
+    core = Core()
+    backlog = Backlog(core.counts)
+    backlog.update(now=0.0)
+    backlog.arrived += 1  # one call in 1 s on an idle server: not a drain rate
+    core.started = core.succeeded = 1
+    backlog.update(now=1.0)
+
+    assert backlog.drain_rate is None
+
+
+def test_a_stuck_server_estimates_a_long_wait():
+    core = Core()
+    backlog = Backlog(core.counts)
+    core.started = 10
+    backlog.update(now=0.0)
+    for step in range(1, 100):  # calls wait and none reaches a handler
+        backlog.update(now=step * 0.005)
+
+    assert backlog.drain_rate == pytest.approx(0.0, abs=1e-3)
+    assert backlog.wait_seconds == pytest.approx(10.0)  # 10 calls at the 1 call/s floor
+
+
+@pytest.mark.parametrize(
+    ("wait", "share"),
+    [(0.05, 0.0), (0.1, 0.0), (0.125, 0.5), (0.15, MAX_SHED_SHARE), (10.0, MAX_SHED_SHARE)],
+)
+def test_the_share_refused_rises_past_the_bound_and_never_reaches_all(wait, share):
+    assert shed_share(wait, 0.1) == pytest.approx(share)
+
+
+def test_the_gate_refuses_only_with_a_backlog_over_the_bound_and_names_the_setting():
+    core = Core()
+    backlog = Backlog(core.counts)
+    gate = CallGate(1024, Edge(Metrics()), backlog, max_wait=0.01)
+    assert gate.overloaded() is None
+
+    backlog.wait_seconds = 1.0  # far past the bound: the share refused is the maximum
+    refusals = [gate.overloaded() for _ in range(2000)]
+    refused = [r for r in refusals if r is not None]
+
+    assert 0.9 < len(refused) / len(refusals) < 0.99
+    assert "FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS" in refused[0].message
+    assert refused[0].retry_after_seconds == 1.0
+    assert CallGate(1024, Edge(Metrics())).overloaded() is None  # shedding off
+
+
+def test_channelz_reports_the_calls_of_a_real_server():
+    asyncio.run(_three_health_checks())
+
+
+async def _three_health_checks() -> None:
+    before = channelz_server_ids()
+    server = grpc.aio.server()
+    (server_id,) = channelz_server_ids() - before
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for _ in range(3):
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert channelz_counts(server_id) == (3, 3, 0)
+    finally:
+        await server.stop(None)
