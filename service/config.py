@@ -29,11 +29,12 @@ class BatchingSettings(BaseModel):
 
     max_batch_size: int = Field(64, ge=1, description="Most rows one model call takes.")
     batch_timeout_ms: float = Field(
-        1.0,
+        5.0,
         ge=0,
         description="Longest a queued request waits for others to join its batch. Only "
-        "spent when more requests are known to be coming (see service.inference.batcher); "
-        "a lone request on an idle model never waits.",
+        "spent when more requests are known to be coming: calls the server holds that have "
+        "not reached the batcher yet (see service.inference.batcher); a lone request on an "
+        "idle model never waits.",
     )
     max_queue: int = Field(
         1024, ge=1, description="Queued requests per version before RESOURCE_EXHAUSTED."

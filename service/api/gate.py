@@ -104,6 +104,11 @@ class Backlog:
         self.drain_rate: float | None = None  # calls/s reaching handlers while some wait
         self._last: tuple[float, int] | None = None
 
+    def count_waiting(self) -> int:
+        """Calls in the core not at a handler yet, read now (any thread; ~0.1 ms)."""
+        started, succeeded, failed = self._read()
+        return max(0, started - succeeded - failed - self.active)
+
     def update(self, now: float | None = None) -> None:
         """Read the core's counts and re-estimate the wait (called every few ms)."""
         now = time.monotonic() if now is None else now

@@ -109,10 +109,10 @@ async def create_server(
     server = grpc.aio.server(options=options, interceptors=[gate])
     health_servicer = health.aio.HealthServicer()
     app = FitserveServer(server, settings, metrics, health_servicer)
-    max_wait = settings.inference.max_queue_wait_ms
-    if "inference" in settings.roles and max_wait is not None:
+    if "inference" in settings.roles:
         app.backlog = gate.backlog = _backlog(before)
-        gate.max_wait = max_wait / 1000
+        max_wait = settings.inference.max_queue_wait_ms
+        gate.max_wait = None if max_wait is None else max_wait / 1000
     names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     if "api" in settings.roles:
         names += await _add_api(server, app, edge)
@@ -188,7 +188,8 @@ def _add_inference(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> 
 
     s = app.settings
     client = aioredis.Redis.from_url(s.redis_url)
-    models = ServingModels(ModelStore(s.models_dir), s.batching, s.inference, app.metrics)
+    arriving = app.backlog.count_waiting if app.backlog is not None else None
+    models = ServingModels(ModelStore(s.models_dir), s.batching, s.inference, app.metrics, arriving)
     feedback = FeedbackLog(client, s.inference.feedback_ttl_seconds, app.metrics)
     app.closers += [client.aclose, feedback.close, models.close]
     start_reloading(models, client, s.inference.reload_poll_seconds)

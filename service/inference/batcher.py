@@ -5,12 +5,21 @@ Requests queue up; dedicated threads (``threads`` of them) take queued requests,
 
 * A batch goes out when it is full, or when its oldest request has waited
   ``batch_timeout``.
-* The timeout is only spent when more requests are known to be coming: others are queued
-  behind the oldest, or the previous batch held several requests (the model is under
-  concurrent load). A lone request on an idle model therefore goes out at once, and the
-  first lone request after a burst waits at most one timeout; after it, lone requests
-  go out at once again. Under load, batches also grow by themselves: whatever queues while
-  the model is busy forms the next batch.
+* The timeout is only spent when more requests are known to be coming. A lone request
+  on an idle model (nothing else queued, the previous batch held one request) goes out at
+  once. Otherwise, when the server says how many calls it holds that have not reached the
+  batcher yet (``arriving``: on a gRPC server, the calls waiting in gRPC's own queue, see
+  ``service.api.gate``), the batch waits for those and no more: a busy server, whose
+  callers' next calls are already queued in gRPC, fills big batches, and a server with a
+  few callers does not wait for callers that do not exist. Without ``arriving``, the
+  batch waits for a full batch. Under load, batches also grow by themselves: whatever
+  queues while the model is busy forms the next batch.
+
+  Why it matters: on one core the per-batch work (the TensorFlow call, the wake-ups) takes
+  the interpreter from the event loop that decodes requests, so larger batches are more
+  requests per second. Measured with ``make bench`` (64 closed-loop callers, 1 row): 1 ms
+  timeout without ``arriving`` ~2,000 rps; 5 ms with it ~3,200 rps, and 8 callers gain
+  too (~1,800 -> ~2,600 rps) where a fixed 5 ms wait without ``arriving`` halves them.
 
 The queue is bounded: past ``max_queue`` waiting requests, ``submit`` refuses with
 ``QueueFull`` (RESOURCE_EXHAUSTED) carrying a retry hint, the time the queue needs to
@@ -99,8 +108,10 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] = lambda _: None,
         on_reject: Callable[[str], None] = lambda _: None,
         label: str = "this model",
+        arriving: Callable[[], int] | None = None,
     ) -> None:
         self._run, self._policy, self._label = run, policy, label
+        self._arriving = arriving
         self._on_batch, self._on_reject = on_batch, on_reject
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
@@ -190,12 +201,23 @@ class Batcher:
 
     def _wait_to_fill(self) -> None:
         """Hold the oldest request up to the timeout, when more are known to be coming."""
-        p = self._policy
-        coming = len(self._queue) > 1 or self._last_requests > 1
-        if not coming or self._timeout <= 0:
-            return
+        if self._timeout <= 0 or (len(self._queue) <= 1 and self._last_requests <= 1):
+            return  # a lone request on an idle model goes out at once
+        fill = self._policy.max_batch_size
+        if self._arriving is not None:
+            # Calls the server holds that have not reached the batcher yet: wait for them
+            # (up to the timeout), and for nothing more. Read without the lock, so
+            # requests keep queueing meanwhile.
+            self._cond.release()
+            try:
+                arriving = self._arriving()
+            finally:
+                self._cond.acquire()
+            if not self._queue:
+                return
+            fill = min(fill, self._queued_rows + arriving)
         until = self._queue[0].enqueued + self._timeout
-        while self._queue and not self._closed and self._queued_rows < p.max_batch_size:
+        while self._queue and not self._closed and self._queued_rows < fill:
             left = until - time.monotonic()
             if left <= 0:
                 return

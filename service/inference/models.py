@@ -86,8 +86,10 @@ class ServingModels:
         batching: BatchingSettings,
         inference: InferenceSettings,
         metrics: Metrics,
+        arriving: Callable[[], int] | None = None,
     ) -> None:
         self._store, self._batching, self._settings = store, batching, inference
+        self._arriving = arriving  # calls the server holds that are not at a handler yet
         self._metrics = metrics
         self._loaded: OrderedDict[Key, _Loaded] = OrderedDict()
         self._loading: dict[Key, asyncio.Task[None]] = {}
@@ -319,6 +321,7 @@ class ServingModels:
             on_batch=on_batch,
             on_reject=on_reject,
             label=servable.where,
+            arriving=self._arriving,
         )
 
     def _track(self, key: Key, loaded: _Loaded, seconds: float) -> None:

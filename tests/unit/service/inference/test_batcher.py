@@ -44,7 +44,7 @@ def closing():
     made: list[Batcher] = []
 
     def make(run, **kwargs) -> Batcher:
-        hooks = {k: kwargs.pop(k) for k in ("on_batch", "on_reject") if k in kwargs}
+        hooks = {k: kwargs.pop(k) for k in ("on_batch", "on_reject", "arriving") if k in kwargs}
         policy = BatchPolicy(**{"max_batch_size": 64, "max_queue": 100, **kwargs})
         made.append(Batcher(run, policy, label="model 'm' version 1", **hooks))
         return made[-1]
@@ -263,6 +263,47 @@ def test_under_load_a_batch_waits_to_fill_and_goes_out_when_full(closing):
 
     assert model.sizes == [1, 4]  # without the timeout: [1, 2, 2]
     assert [int(r["first"][0, 0]) for r in results] == [0, 1, 2, 3, 4]
+
+
+def test_told_what_is_arriving_a_batch_waits_for_those_requests_and_no_more(closing):
+    gate = threading.Event()
+    model = Model(gate=gate)
+    arriving = [2]  # what the server reports as held, not yet at the batcher
+    batcher = closing(model, batch_timeout=3600.0, arriving=lambda: arriving[0])
+
+    async def main():
+        first = asyncio.create_task(batcher.submit(rows(0), 1))
+        await started(model)
+        queued = [asyncio.create_task(batcher.submit(rows(i), 1)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        gate.set()  # the next batch: 2 queued + 2 arriving; it waits for exactly those
+        await asyncio.sleep(0.05)
+        assert model.sizes == [1]  # still waiting: the two have not come yet
+        arriving[0] = 0
+        late = [asyncio.create_task(batcher.submit(rows(i), 1)) for i in (3, 4)]
+        return await asyncio.wait_for(asyncio.gather(first, *queued, *late), TIMEOUT)
+
+    asyncio.run(main())
+
+    assert model.sizes == [1, 4]  # not held for the full batch of 64 or the hour
+
+
+def test_told_nothing_is_arriving_a_batch_goes_out_without_waiting(closing):
+    gate = threading.Event()
+    model = Model(gate=gate)
+    batcher = closing(model, batch_timeout=3600.0, arriving=lambda: 0)
+
+    async def main():
+        first = asyncio.create_task(batcher.submit(rows(0), 1))
+        await started(model)
+        queued = [asyncio.create_task(batcher.submit(rows(i), 1)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        gate.set()  # two queued, none arriving: no wait (an hour would hang the test)
+        return await asyncio.wait_for(asyncio.gather(first, *queued), TIMEOUT)
+
+    asyncio.run(main())
+
+    assert model.sizes == [1, 2]
 
 
 def test_a_request_past_its_deadline_is_refused_before_queueing(closing):
