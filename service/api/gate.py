@@ -282,7 +282,7 @@ class CallGate(grpc.aio.ServerInterceptor):
             yield parse(raw)
 
 
-async def watch_backlog(backlog: Backlog, metrics: Metrics, interval: float = 0.005) -> None:
+async def watch_backlog(backlog: Backlog, metrics: Metrics, interval: float = 0.01) -> None:
     """Keep ``backlog`` and its gauges current until cancelled."""
     while True:
         await asyncio.sleep(interval)  # a sampling period, not a wait for a condition

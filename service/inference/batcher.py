@@ -116,6 +116,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
         self._last_requests = 0
+        self._filling = 0  # rows a thread waits to fill a batch with (0: none waits)
         self._batch_seconds = 0.0  # moving average, for the retry hint
         self._timeout = policy.batch_timeout
         self._controller = (
@@ -148,7 +149,8 @@ class Batcher:
             self._admit(pending)
             self._queue.append(pending)
             self._queued_rows += rows
-            self._cond.notify()
+            if self._queued_rows >= self._filling:  # wake a batch thread only when it is due
+                self._cond.notify()
         return await pending.future
 
     def close(self) -> None:
@@ -217,11 +219,15 @@ class Batcher:
                 return
             fill = min(fill, self._queued_rows + arriving)
         until = self._queue[0].enqueued + self._timeout
-        while self._queue and not self._closed and self._queued_rows < fill:
-            left = until - time.monotonic()
-            if left <= 0:
-                return
-            self._cond.wait(left)
+        self._filling = fill  # submit wakes this thread once the batch has filled
+        try:
+            while self._queue and not self._closed and self._queued_rows < fill:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+        finally:
+            self._filling = 0
 
     def _take(self) -> list[_Pending]:
         """Pop up to a full batch, failing requests whose deadline has passed."""
