@@ -8,6 +8,7 @@ else into INTERNAL with the request id, logging the traceback instead of sending
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -70,7 +71,22 @@ def to_status(exc: errors.FitserveError) -> grpc.Status:
         hint.retry_delay.FromNanoseconds(int(retry_after * 1e9))
         status.details.add().Pack(hint)
     result: grpc.Status = rpc_status.to_status(status)
+    if retry_after is not None:
+        # gRPC's own retry policy (the SDK's, or any client's service config) waits this
+        # long before its next attempt: server pushback, gRFC A6.
+        pushback = (PUSHBACK_KEY, str(max(1, round(retry_after * 1000))))
+        result = _Status(result.code, result.details, (*result.trailing_metadata, pushback))
     return result
+
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 class Edge:

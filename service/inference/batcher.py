@@ -206,6 +206,8 @@ class Batcher:
         if self._timeout <= 0 or (len(self._queue) <= 1 and self._last_requests <= 1):
             return  # a lone request on an idle model goes out at once
         fill = self._policy.max_batch_size
+        if self._queued_rows >= fill:
+            return
         if self._arriving is not None:
             # Calls the server holds that have not reached the batcher yet: wait for them
             # (up to the timeout), and for nothing more. Read without the lock, so

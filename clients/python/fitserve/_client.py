@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,12 +63,44 @@ def _translated_errors() -> Iterator[None]:
         raise from_rpc_error(error) from error
 
 
+def _service_config(attempts: int) -> str:
+    """gRPC's retry policy for Predict: on RESOURCE_EXHAUSTED (a full queue, a shed call)
+    and UNAVAILABLE, retry with exponential backoff, or after the server's pushback when it
+    sends one. Retries pause while calls keep failing (retry throttling: a bucket of 10
+    tokens, -1 per failure, +0.1 per success, retrying above 5), so an overloaded server is
+    not hit harder."""
+    if attempts < 2:
+        return json.dumps({})
+    policy = {
+        "maxAttempts": attempts,
+        "initialBackoff": "0.05s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
+    }
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": "fitserve.v1.InferenceService", "method": "Predict"}],
+                    "retryPolicy": policy,
+                }
+            ],
+            "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+        }
+    )
+
+
 def _open_channel(
-    target: str, max_message_bytes: int, credentials: grpc.ChannelCredentials | None
+    target: str,
+    max_message_bytes: int,
+    credentials: grpc.ChannelCredentials | None,
+    predict_attempts: int,
 ) -> grpc.Channel:
-    options = [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.service_config", _service_config(predict_attempts)),
     ]
     if credentials is None:
         return grpc.insecure_channel(target, options=options)
@@ -100,17 +133,22 @@ class Client:
         max_message_bytes: int = 256 * 1024 * 1024,
         metadata: Sequence[tuple[str, str]] = (),
         credentials: grpc.ChannelCredentials | None = None,
+        predict_attempts: int = 3,
     ) -> None:
         """Connect to `target`, or use `channel` as given (the caller then closes it).
 
         `metadata` goes with every call, e.g. `[("authorization", "Bearer <token>")]`;
         `credentials` (e.g. `grpc.ssl_channel_credentials()`) switches to TLS. A request
         over `max_message_bytes` fails here, before sending, with `ResourceExhaustedError`
-        (with `channel`, pass the limit that channel was made with).
+        (with `channel`, pass the limit that channel was made with). A Predict refused as
+        RESOURCE_EXHAUSTED (queue full, server overloaded) or UNAVAILABLE is tried up to
+        `predict_attempts` times in all, after the server's retry hint or an exponential
+        backoff, within the call's timeout (1: never retried; not with `channel`, whose
+        own service config decides).
         """
         self._owns_channel = channel is None
         if channel is None:
-            channel = _open_channel(target, max_message_bytes, credentials)
+            channel = _open_channel(target, max_message_bytes, credentials, predict_attempts)
         self._channel = channel
         self._timeout = timeout
         self._max_message_bytes = max_message_bytes

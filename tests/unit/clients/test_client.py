@@ -2,8 +2,10 @@
 
 import hashlib
 import io
+import itertools
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from fitserve.v1 import (
     training_pb2,
     training_pb2_grpc,
 )
+from service.api.status import to_status
+from service.inference.batcher import QueueFull
 
 JobState = training_pb2.JobState
 MNIST_LAYERS = [
@@ -178,12 +182,18 @@ class FakeModels(model_pb2_grpc.ModelServiceServicer):
 class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self) -> None:
         self.requests: list[object] = []
+        self.times: list[float] = []
+        self.refusals = 0  # how many Predicts to model "busy" are refused first
         self.outputs: dict[str, np.ndarray] = {}
 
     def Predict(self, request, context):
         self.requests.append(request)
+        self.times.append(time.monotonic())
         if request.model.name == "slow":
             _block_until_cancelled(context)
+        if request.model.name == "busy" and len(self.requests) <= self.refusals:
+            # what fitserve's server sends for a full queue: RetryInfo and gRPC pushback
+            context.abort_with_status(to_status(QueueFull("queue is full", 0.2)))
         return inference_pb2.PredictResponse(
             model_name=request.model.name,
             version=4,
@@ -790,3 +800,34 @@ def test_cli_server_commands_exec_the_server_with_their_arguments(monkeypatch):
     ((path, argv),) = calls
     assert path == cli.sys.executable
     assert argv == [cli.sys.executable, "-m", "service.main", "up", "--port", "9000", "-v"]
+
+
+def test_a_refused_predict_is_retried_after_the_servers_pushback(client, fakes):
+    fakes.inference.refusals = 2
+    fakes.inference.outputs = {"y": np.zeros((1, 2), np.float32)}
+
+    assert client.predict("busy", np.zeros((1, 3), np.float32)).shape == (1, 2)
+
+    times = fakes.inference.times
+    assert len(times) == 3  # two refusals, then the answer
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.15  # the 0.2 s hint
+
+
+def test_predict_attempts_bound_the_retries(fakes):
+    fakes.inference.refusals = 5
+    with (
+        fitserve.Client(fakes.target, timeout=10, predict_attempts=2) as client,
+        pytest.raises(fitserve.ResourceExhaustedError, match="queue is full"),
+    ):
+        client.predict("busy", np.zeros((1, 3), np.float32))
+    assert len(fakes.inference.requests) == 2
+
+
+def test_predict_attempts_of_one_never_retry(fakes):
+    fakes.inference.refusals = 5
+    with (
+        fitserve.Client(fakes.target, timeout=10, predict_attempts=1) as client,
+        pytest.raises(fitserve.ResourceExhaustedError),
+    ):
+        client.predict("busy", np.zeros((1, 3), np.float32))
+    assert len(fakes.inference.requests) == 1
