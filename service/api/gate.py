@@ -50,6 +50,8 @@ SHED_METHODS = frozenset(
 )
 DRAIN_SMOOTHING = 0.1  # weight of each interval's drain rate in the moving average
 MAX_SHED_SHARE = 0.95
+SHED_LOG_SECONDS = 10.0
+RATE_TTL = 1.0  # seconds a measured drain rate is trusted without a new measurement
 MIN_DRAIN_RATE = 1.0  # calls/s: a server draining slower than this counts as this slow
 
 
@@ -90,9 +92,12 @@ class Backlog:
     """How many calls wait in gRPC's core before a handler, and for how long.
 
     The wait is the calls waiting divided by the rate calls leave the core's queue while it
-    has calls in it (an idle server's arrival rate says nothing of how fast it drains, so
-    only intervals that began with calls waiting are measured). Until one has been
-    measured, nothing is estimated: a burst on an idle server is never shed.
+    stays busy. An interval is measured only when calls still wait at its end and the
+    calls waiting at its start were enough for all it took: then the server was taking
+    calls all along, and the rate is its capacity, not the rate callers happen to send at
+    (a lightly loaded server, or the interval in which a burst lands, is not measured).
+    A rate older than ``RATE_TTL`` is forgotten; without a rate nothing is estimated, so a
+    burst on a server that has not been saturated lately is not shed.
     """
 
     def __init__(self, read_counts: Callable[[], tuple[int, int, int]]) -> None:
@@ -102,27 +107,36 @@ class Backlog:
         self.waiting = 0  # calls in the core, not yet at a handler
         self.wait_seconds = 0.0
         self.drain_rate: float | None = None  # calls/s reaching handlers while some wait
+        self._rate_at = 0.0  # when drain_rate was last measured
         self._last: tuple[float, int] | None = None
 
     def count_waiting(self) -> int:
-        """Calls in the core not at a handler yet, read now (any thread; ~0.1 ms)."""
-        started, succeeded, failed = self._read()
+        """Calls in the core not at a handler yet, read now (any thread; ~0.1 ms; 0 when
+        the counts cannot be read, e.g. once the server has stopped)."""
+        try:
+            started, succeeded, failed = self._read()
+        except Exception:
+            return 0
         return max(0, started - succeeded - failed - self.active)
 
     def update(self, now: float | None = None) -> None:
         """Read the core's counts and re-estimate the wait (called every few ms)."""
         now = time.monotonic() if now is None else now
         started, succeeded, failed = self._read()
-        if self._last is not None and self.waiting:  # the interval began with a backlog
-            then, arrived = self._last
-            if now > then:
-                sample = (self.arrived - arrived) / (now - then)
-                rate = self.drain_rate
-                self.drain_rate = (
-                    sample if rate is None else rate + DRAIN_SMOOTHING * (sample - rate)
-                )
+        waiting = max(0, started - succeeded - failed - self.active)
+        then, arrived = self._last or (now, self.arrived)
+        taken = self.arrived - arrived
+        # Busy the whole interval: the calls waiting at its start were enough for all it
+        # took, and calls still wait at its end.
+        if now > then and waiting and self.waiting and self.waiting >= taken:
+            sample = taken / (now - then)
+            rate = self.drain_rate
+            self.drain_rate = sample if rate is None else rate + DRAIN_SMOOTHING * (sample - rate)
+            self._rate_at = now
+        elif self.drain_rate is not None and now - self._rate_at > RATE_TTL:
+            self.drain_rate = None
         self._last = (now, self.arrived)
-        self.waiting = max(0, started - succeeded - failed - self.active)
+        self.waiting = waiting
         rate = self.drain_rate
         if not self.waiting or rate is None:
             self.wait_seconds = 0.0
@@ -156,6 +170,7 @@ class CallGate(grpc.aio.ServerInterceptor):
     ) -> None:
         self._limit, self._edge = limit, edge
         self.backlog, self.max_wait = backlog, max_wait
+        self._shed_count, self._shed_logged = 0, -SHED_LOG_SECONDS
         self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
@@ -196,6 +211,15 @@ class CallGate(grpc.aio.ServerInterceptor):
             wait,
         )
 
+    def _shed(self, refusal: Overloaded) -> None:
+        """Count a refusal; log one line per ``SHED_LOG_SECONDS`` at most, not one per call."""
+        self._edge.metrics.rejections.labels("", "", "overloaded").inc()
+        self._shed_count += 1
+        now = time.monotonic()
+        if now - self._shed_logged >= SHED_LOG_SECONDS:
+            log.warning("shedding Predict calls (%d so far): %s", self._shed_count, refusal.message)
+            self._shed_logged = now
+
     def _wrap(self, handler: Handler, method: str) -> Handler:
         name = method.rsplit("/", 1)[-1]
         shed = method in SHED_METHODS and self.backlog is not None
@@ -209,8 +233,8 @@ class CallGate(grpc.aio.ServerInterceptor):
                 if len(raw) > self._limit:
                     await self._edge.fail(context, name, self.too_big(len(raw)))
                 if shed and (refusal := self.overloaded()) is not None:
-                    self._edge.metrics.rejections.labels("", "", "overloaded").inc()
-                    await self._edge.fail(context, name, refusal)
+                    self._shed(refusal)
+                    await self._edge.fail(context, name, refusal, quiet=True)
                 return await inner(parse(raw), context)
 
             return grpc.unary_unary_rpc_method_handler(

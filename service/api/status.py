@@ -95,11 +95,15 @@ class Edge:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def fail(self, context: Context, method: str, exc: BaseException) -> NoReturn:
-        """Abort the call with the status ``exc`` maps to."""
+    async def fail(
+        self, context: Context, method: str, exc: BaseException, *, quiet: bool = False
+    ) -> NoReturn:
+        """Abort the call with the status ``exc`` maps to (``quiet``: count it, log nothing;
+        for refusals that come by the thousand and have their own metric)."""
         if isinstance(exc, errors.FitserveError):
             self._count(method, code_of(exc))
-            log.info("%s: %s", method, exc.message, extra={"code": code_of(exc).name})
+            if not quiet:
+                log.info("%s: %s", method, exc.message, extra={"code": code_of(exc).name})
             await context.abort_with_status(to_status(exc))
         self._count(method, grpc.StatusCode.INTERNAL)
         log.error("%s failed", method, exc_info=exc)

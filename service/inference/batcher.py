@@ -11,9 +11,11 @@ Requests queue up; dedicated threads (``threads`` of them) take queued requests,
   batcher yet (``arriving``: on a gRPC server, the calls waiting in gRPC's own queue, see
   ``service.api.gate``), the batch waits for those and no more: a busy server, whose
   callers' next calls are already queued in gRPC, fills big batches, and a server with a
-  few callers does not wait for callers that do not exist. Without ``arriving``, the
-  batch waits for a full batch. Under load, batches also grow by themselves: whatever
-  queues while the model is busy forms the next batch.
+  few callers does not wait for callers that do not exist. The count is the server's,
+  not this model's: with several busy models, a batch may wait out the timeout for calls
+  that go to another. Without ``arriving``, the batch waits for a full batch. Under load,
+  batches also grow by themselves: whatever queues while the model is busy forms the next
+  batch.
 
   Why it matters: on one core the per-batch work (the TensorFlow call, the wake-ups) takes
   the interpreter from the event loop that decodes requests, so larger batches are more
@@ -211,15 +213,16 @@ class Batcher:
         if self._arriving is not None:
             # Calls the server holds that have not reached the batcher yet: wait for them
             # (up to the timeout), and for nothing more. Read without the lock, so
-            # requests keep queueing meanwhile.
+            # requests keep queueing meanwhile (those are in ``arriving`` already).
+            rows = self._queued_rows
             self._cond.release()
             try:
-                arriving = self._arriving()
+                arriving = self._read_arriving()
             finally:
                 self._cond.acquire()
-            if not self._queue:
+            if not self._queue or self._closed:
                 return
-            fill = min(fill, self._queued_rows + arriving)
+            fill = min(fill, rows + arriving)
         until = self._queue[0].enqueued + self._timeout
         self._filling = fill  # submit wakes this thread once the batch has filled
         try:
@@ -230,6 +233,23 @@ class Batcher:
                 self._cond.wait(left)
         finally:
             self._filling = 0
+
+    def _read_arriving(self) -> int:
+        """``arriving()``; a failing reader is dropped (logged once), never the thread."""
+        reader = self._arriving
+        if reader is None:
+            return 0
+        try:
+            return reader()
+        except Exception as exc:
+            self._arriving = None
+            log.warning(
+                "%s: cannot read the calls arriving (%s); batches wait for a full batch "
+                "or the timeout from now on",
+                self._label,
+                exc,
+            )
+            return 0
 
     def _take(self) -> list[_Pending]:
         """Pop up to a full batch, failing requests whose deadline has passed."""

@@ -63,6 +63,9 @@ def _translated_errors() -> Iterator[None]:
         raise from_rpc_error(error) from error
 
 
+RETRY_BUFFER_BYTES = 16 * 1024 * 1024  # larger Predict requests are not retried
+
+
 def _service_config(attempts: int) -> str:
     """gRPC's retry policy for Predict: on RESOURCE_EXHAUSTED (a full queue, a shed call)
     and UNAVAILABLE, retry with exponential backoff, or after the server's pushback when it
@@ -101,6 +104,8 @@ def _open_channel(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.service_config", _service_config(predict_attempts)),
+        # gRPC keeps a request for retrying only up to this size (its default: 256 KiB)
+        ("grpc.per_rpc_retry_buffer_size", min(max_message_bytes, RETRY_BUFFER_BYTES)),
     ]
     if credentials is None:
         return grpc.insecure_channel(target, options=options)
@@ -143,8 +148,8 @@ class Client:
         (with `channel`, pass the limit that channel was made with). A Predict refused as
         RESOURCE_EXHAUSTED (queue full, server overloaded) or UNAVAILABLE is tried up to
         `predict_attempts` times in all, after the server's retry hint or an exponential
-        backoff, within the call's timeout (1: never retried; not with `channel`, whose
-        own service config decides).
+        backoff, within the call's timeout (1: never retried; requests over 16 MiB are
+        not retried; with `channel`, that channel's own service config decides).
         """
         self._owns_channel = channel is None
         if channel is None:

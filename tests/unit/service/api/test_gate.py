@@ -60,6 +60,51 @@ def test_the_wait_is_the_calls_waiting_over_the_rate_they_drain():
     assert backlog.wait_seconds == pytest.approx(100 / 2000)
 
 
+def test_a_lightly_loaded_server_learns_no_rate_and_its_bursts_are_not_shed():
+    core = Core()
+    backlog = Backlog(core.counts)
+    for step in range(100):  # 500 calls/s; the queue holds one call at every other reading
+        core.started += 5
+        backlog.arrived = core.succeeded = core.started - (step % 2)
+        backlog.update(now=step * 0.01)
+    assert backlog.drain_rate is None  # never busy from one reading to the next
+
+    core.started += 65  # a fan-out of 60 calls lands while the server takes 5
+    backlog.arrived = core.succeeded = backlog.arrived + 5
+    backlog.update(now=1.0)
+
+    assert backlog.waiting >= 60
+    assert backlog.drain_rate is None  # the interval the burst landed in says nothing
+    assert backlog.wait_seconds == 0.0
+
+
+def test_a_drain_rate_is_forgotten_once_the_server_has_not_been_busy_for_a_while():
+    core = Core()
+    backlog = Backlog(core.counts)
+    core.started = 100
+    for step in range(20):  # saturated: 100 keep waiting, 2000 calls/s get through
+        backlog.arrived += 20
+        core.started += 20
+        core.succeeded = backlog.arrived
+        backlog.update(now=step * 0.01)
+    assert backlog.drain_rate == pytest.approx(2000.0)
+    backlog.arrived = core.succeeded = core.started  # the queue drains, then stays empty
+    for step in range(20, 140):
+        backlog.update(now=step * 0.01)
+
+    assert backlog.drain_rate is None
+    core.started += 60
+    backlog.update(now=1.4)
+    assert backlog.wait_seconds == 0.0
+
+
+def test_a_failed_reading_counts_nothing_arriving():
+    def broken() -> tuple[int, int, int]:
+        raise ValueError("Failed to get the server")  # what channelz says once stopped
+
+    assert Backlog(broken).count_waiting() == 0
+
+
 def test_calls_inside_handlers_and_finished_calls_do_not_count_as_waiting():
     core = Core()
     backlog = Backlog(core.counts)

@@ -266,10 +266,14 @@ def test_under_load_a_batch_waits_to_fill_and_goes_out_when_full(closing):
 
 
 def test_told_what_is_arriving_a_batch_waits_for_those_requests_and_no_more(closing):
-    gate = threading.Event()
+    gate, asked = threading.Event(), threading.Event()
+
+    def arriving() -> int:  # what the server reports as held, not yet at the batcher
+        asked.set()
+        return 2
+
     model = Model(gate=gate)
-    arriving = [2]  # what the server reports as held, not yet at the batcher
-    batcher = closing(model, batch_timeout=3600.0, arriving=lambda: arriving[0])
+    batcher = closing(model, batch_timeout=3600.0, arriving=arriving)
 
     async def main():
         first = asyncio.create_task(batcher.submit(rows(0), 1))
@@ -277,15 +281,37 @@ def test_told_what_is_arriving_a_batch_waits_for_those_requests_and_no_more(clos
         queued = [asyncio.create_task(batcher.submit(rows(i), 1)) for i in (1, 2)]
         await asyncio.sleep(0)
         gate.set()  # the next batch: 2 queued + 2 arriving; it waits for exactly those
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(asked.wait, TIMEOUT)
         assert model.sizes == [1]  # still waiting: the two have not come yet
-        arriving[0] = 0
         late = [asyncio.create_task(batcher.submit(rows(i), 1)) for i in (3, 4)]
         return await asyncio.wait_for(asyncio.gather(first, *queued, *late), TIMEOUT)
 
     asyncio.run(main())
 
     assert model.sizes == [1, 4]  # not held for the full batch of 64 or the hour
+
+
+def test_a_failing_arriving_reader_is_dropped_and_the_batches_still_go_out(closing):
+    gate = threading.Event()
+    model = Model(gate=gate)
+
+    def arriving() -> int:
+        raise ValueError("Failed to get the server")  # channelz after the server stopped
+
+    batcher = closing(model, batch_timeout=0.05, arriving=arriving)
+
+    async def main():
+        first = asyncio.create_task(batcher.submit(rows(0), 1))
+        await started(model)
+        queued = [asyncio.create_task(batcher.submit(rows(i), 1)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.wait_for(asyncio.gather(first, *queued), TIMEOUT)
+
+    results = asyncio.run(main())
+
+    assert [int(r["first"][0, 0]) for r in results] == [0, 1, 2]
+    assert model.sizes == [1, 2]  # the batch waited the 50 ms timeout, then went out
 
 
 def test_told_nothing_is_arriving_a_batch_goes_out_without_waiting(closing):
