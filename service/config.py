@@ -134,6 +134,12 @@ class Settings(BaseSettings):
         description="Redis for job records, events and the Celery broker. `fitserve up` "
         "starts an embedded one and sets this unless FITSERVE_REDIS_URL is given.",
     )
+    redis_max_connections: int = Field(
+        100,
+        ge=1,
+        description="Redis connections an api process opens at most; past them a call "
+        "waits for one (job watchers hold none while they wait).",
+    )
     host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(

@@ -47,6 +47,7 @@ from service.metrics import Metrics, multiprocess, serve_metrics, stop_metrics
 from service.taskqueue import TaskQueue, create_celery
 
 log = logging.getLogger(__name__)
+REDIS_POOL_WAIT = 10.0  # seconds a call waits for a free Redis connection
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -145,12 +146,20 @@ def _backlog(before: set[int]) -> Backlog | None:
 
 async def _add_api(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> list[str]:
     s = app.settings
-    client = aioredis.Redis.from_url(s.redis_url, decode_responses=True)
+    # Calls wait up to REDIS_POOL_WAIT s for a connection when all are busy, not fail.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        s.redis_url,
+        decode_responses=True,
+        max_connections=s.redis_max_connections,
+        timeout=REDIS_POOL_WAIT,
+    )
+    client = aioredis.Redis.from_pool(pool)
     app.closers.append(client.aclose)
     datasets = DatasetStore(s.datasets_dir, s.max_dataset_bytes)
     models = ModelStore(s.models_dir)
     queue = TaskQueue(create_celery(s, "fitserve-api"), broker=client)
     jobs = AsyncJobStore(client)
+    app.closers.append(jobs.notifier.close)
     training = TrainingServicer(
         edge,
         jobs,

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+import redis
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -105,6 +106,13 @@ class Edge:
             if not quiet:
                 log.info("%s: %s", method, exc.message, extra={"code": code_of(exc).name})
             await context.abort_with_status(to_status(exc))
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            unavailable = errors.Unavailable(
+                f"Redis did not answer ({type(exc).__name__}: {exc}); retry shortly"
+            )
+            log.warning("%s: %s", method, unavailable.message)
+            self._count(method, grpc.StatusCode.UNAVAILABLE)
+            await context.abort_with_status(to_status(unavailable))
         self._count(method, grpc.StatusCode.INTERNAL)
         log.error("%s failed", method, exc_info=exc)
         await context.abort(

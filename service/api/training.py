@@ -31,7 +31,7 @@ from service.metrics import Metrics
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN, TaskQueue
 
 MAX_PAGE = 1000
-WATCH_BLOCK_MS = 2000  # below the Redis client's socket timeout
+WATCH_WAIT_SECONDS = 2.0  # a watcher re-reads the job's state at least this often
 
 
 class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
@@ -116,9 +116,9 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         after = request.after_event_id
         while True:
             # Read the state first: once it is terminal, every event is already in the
-            # stream, so read without blocking and end when nothing is left.
+            # stream, so end when nothing is left to read.
             finished = (await self._jobs.state(job_id)).terminal
-            events = await self._jobs.events(job_id, after, None if finished else WATCH_BLOCK_MS)
+            events = await self._jobs.events(job_id, after)
             for event in events:
                 after = event.id
                 yield converters.event_to_proto(job_id, event)
@@ -126,6 +126,8 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
                     return
             if finished and not events:
                 return
+            if not events:  # wait without holding a Redis connection (one read per process)
+                await self._jobs.wait_for_events(job_id, after, WATCH_WAIT_SECONDS)
 
     @unary
     async def CancelJob(

@@ -20,6 +20,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 
+from service.domain.job_watch import StreamNotifier
 from service.errors import FailedPrecondition, NotFound, Unavailable
 
 PREFIX = "fitserve:"
@@ -204,6 +205,7 @@ class AsyncJobStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self._r = client
         self._transition = client.register_script(_TRANSITION)
+        self.notifier = StreamNotifier(client)
 
     async def create(self, job: Job, idempotency_key: str = "") -> Job:
         """Store a new QUEUED job; with a key, a repeat returns the first job instead."""
@@ -268,12 +270,15 @@ class AsyncJobStore:
             raise NotFound(f"job {job_id!r} not found")
         return JobState(str(value))
 
-    async def events(self, job_id: str, after: str, block_ms: int | None) -> list[JobEvent]:
-        """Events after ``after`` ("" : from the start), waiting up to block_ms for one
-        (None: do not wait)."""
-        reply = await self._r.xread({events_key(job_id): after or "0-0"}, count=100, block=block_ms)
+    async def events(self, job_id: str, after: str) -> list[JobEvent]:
+        """Events after ``after`` ("" : from the start), without waiting."""
+        reply = await self._r.xread({events_key(job_id): after or "0-0"}, count=100)
         streams = cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply)
         return [_event(eid, f) for _stream, entries in streams for eid, f in entries]
+
+    async def wait_for_events(self, job_id: str, after: str, longest: float) -> None:
+        """Return once the job has an event after ``after``, or after ``longest`` s."""
+        await self.notifier.wait(events_key(job_id), after, longest)
 
     async def cancel(self, job_id: str) -> Job:
         """QUEUED -> CANCELLED at once; RUNNING -> CANCELLING, the worker stops it."""

@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+import redis
 
 from fitserve.v1 import model_pb2, model_pb2_grpc
 from service.api.status import Context, Edge, Servicer, unary
@@ -20,6 +21,8 @@ class Broken(Servicer, model_pb2_grpc.ModelServiceServicer):
     ) -> model_pb2.Model:
         if request.name == "missing":
             raise NotFound("model 'missing' not found")
+        if request.name == "no-redis":
+            raise redis.ConnectionError("No connection available.")
         raise RuntimeError("secret internal detail")
 
 
@@ -55,3 +58,16 @@ def test_domain_error_keeps_its_code_and_message() -> None:
     error = asyncio.run(_call("missing", metrics))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert error.details() == "model 'missing' not found"
+
+
+def test_redis_out_of_reach_is_unavailable_not_internal() -> None:
+    metrics = Metrics()
+    error = asyncio.run(_call("no-redis", metrics))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Redis did not answer (ConnectionError: No connection available.)" in (
+        error.details() or ""
+    )
+    count = metrics.registry.get_sample_value(
+        "fitserve_rpc_requests_total", {"method": "GetModel", "code": "UNAVAILABLE"}
+    )
+    assert count == 1.0
