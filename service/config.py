@@ -108,6 +108,14 @@ class InferenceSettings(BaseModel):
     feedback_ttl_seconds: int = Field(
         24 * 3600, ge=1, description="How long a request id accepts Feedback, on any replica."
     )
+    feedback_sample_rate: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of predictions kept in Redis for Feedback (each ~240 bytes for "
+        "the TTL: at 1,000 Predicts/s and a day's TTL, ~20 GB). Feedback for one not kept "
+        "answers NOT_FOUND saying so; 0: none kept.",
+    )
     max_queue_wait_ms: float | None = Field(
         100.0,
         gt=0,

@@ -199,7 +199,9 @@ def _add_inference(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> 
     client = aioredis.Redis.from_url(s.redis_url)
     arriving = app.backlog.count_waiting if app.backlog is not None else None
     models = ServingModels(ModelStore(s.models_dir), s.batching, s.inference, app.metrics, arriving)
-    feedback = FeedbackLog(client, s.inference.feedback_ttl_seconds, app.metrics)
+    feedback = FeedbackLog(
+        client, s.inference.feedback_ttl_seconds, app.metrics, s.inference.feedback_sample_rate
+    )
     app.closers += [client.aclose, feedback.close, models.close]
     start_reloading(models, client, s.inference.reload_poll_seconds)
     if multiprocess():

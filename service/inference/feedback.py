@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,15 +61,25 @@ def summarize(output: np.ndarray) -> dict[str, Any]:
 class FeedbackLog:
     """Remembers predictions in Redis and scores true labels against them."""
 
-    def __init__(self, client: aioredis.Redis, ttl_seconds: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ttl_seconds: int,
+        metrics: Metrics,
+        sample_rate: float = 1.0,
+    ) -> None:
         self._redis, self._ttl, self._metrics = client, ttl_seconds, metrics
+        self._sample_rate = sample_rate  # the share of predictions kept for feedback
         self._pending: dict[str, asyncio.Task[None]] = {}
         self._buffer: dict[str, str] = {}
         self._flush: asyncio.Task[None] | None = None
         self._set_all = client.register_script(_SET_ALL)
 
     def remember(self, request_id: str, model: str, version: int, output: np.ndarray) -> None:
-        """Keep one prediction for ``ttl`` seconds, without making Predict wait."""
+        """Keep one prediction for ``ttl`` seconds, without making Predict wait (only a
+        ``sample_rate`` share of them: each costs ~240 bytes of Redis for the TTL)."""
+        if self._sample_rate < 1.0 and random.random() >= self._sample_rate:
+            return
         record = {"model": model, "version": version, **summarize(output)}
         self._buffer[request_id] = json.dumps(record)
         if self._flush is None:
@@ -138,10 +149,16 @@ class FeedbackLog:
             raise self._unknown(request_id)
 
     def _unknown(self, request_id: str) -> NotFound:
+        sampled = (
+            f"; only {self._sample_rate:.0%} of predictions are kept for feedback "
+            "(FITSERVE_INFERENCE__FEEDBACK_SAMPLE_RATE)"
+            if self._sample_rate < 1.0
+            else ""
+        )
         return NotFound(
             f"no prediction with request id {request_id!r} in the last {self._ttl} s; "
             "feedback is accepted once per request id, within "
-            "FITSERVE_INFERENCE__FEEDBACK_TTL_SECONDS",
+            f"FITSERVE_INFERENCE__FEEDBACK_TTL_SECONDS{sampled}",
             field="request_id",
         )
 

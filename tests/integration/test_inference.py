@@ -337,6 +337,28 @@ def test_feedback_reaches_any_replica_and_checks_the_labels(
     assert reply.rows == 3
 
 
+def test_predictions_not_sampled_for_feedback_answer_not_found_saying_so(
+    versions: dict[str, int], settings: Settings, digits: Digits
+) -> None:
+    unsampled = settings.model_copy(
+        update={
+            "roles": ["inference"],
+            "inference": InferenceSettings(reload_poll_seconds=3600, feedback_sample_rate=0.0),
+        }
+    )
+    running, thread = run_server(unsampled)
+    try:
+        with fitserve.Client(running.target, timeout=60) as sdk:
+            prediction = sdk.predict_full("inf-batching", digits[0][:2])
+            assert prediction.outputs["output_0"].shape == (2, 10)  # Predict itself is served
+            with pytest.raises(
+                fitserve.NotFoundError, match="only 0% of predictions are kept for feedback"
+            ):
+                sdk.feedback(prediction.request_id, np.array([1, 2]))
+    finally:
+        stop_server(running, thread)
+
+
 # ---- inputs ------------------------------------------------------------------------------
 
 
