@@ -11,7 +11,7 @@ through, whether local (under the dataset_roots) or at an fsspec URL:
   are interleaved in a fixed order either way, so the same files give the same elements.
 - A ``tf.data.Dataset.save`` folder: loaded in place when local; at a URL, copied first
   into the worker's dataset cache folder (``Workspace.dataset_cache_dir``, once per URL
-  and listing, renamed into place when complete), since ``Dataset.load`` reads only
+  and listing, by ``service.domain.dataset_cache``), since ``Dataset.load`` reads only
   through TensorFlow's filesystems, then loaded from the copy.
 
 The elements of a uri dataset whose files add up to at most ``dataset_cache_bytes`` are
@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from service import errors
-from service.domain import dataset_sources, shapes, tfrecord_frames
+from service.domain import dataset_cache, dataset_sources, shapes, tfrecord_frames
 from service.domain.datasets import DatasetStore
 from service.domain.keras_datasets import load_builtin
 from service.domain.requests import CompileSpec, DatasetRef, parse_feature
@@ -150,7 +150,7 @@ def _stream(
     """The elements of a uri as ``(x, y[, w])``, unbatched, and what the uri holds."""
     source = dataset_sources.resolve(ref, ws.dataset_roots, ws.dataset_url_schemes)
     if source.format is dataset_sources.UriFormat.SAVED:
-        ds = tf.data.Dataset.load(str(dataset_sources.local_copy(source, ws.dataset_cache_dir)))
+        ds = tf.data.Dataset.load(str(dataset_cache.local_copy(source, ws.dataset_cache_dir)))
     else:
         ds = _tfrecords(ref, source)
     return ds.map(_selector(ref, ds.element_spec, sample_weight_key), tf.data.AUTOTUNE), source
@@ -179,7 +179,7 @@ def _url_records(source: dataset_sources.UriSource) -> Any:
         file = files[name.decode()]
         url = source.url(file)
         with dataset_sources.storage_errors(url, "file"), source.open(file) as stream:
-            yield from tfrecord_frames.read_records(stream, url)
+            yield from tfrecord_frames.read_records(stream, url, file.size)
 
     spec = tf.TensorSpec((), tf.string)
     return lambda name: tf.data.Dataset.from_generator(records, args=(name,), output_signature=spec)

@@ -5,29 +5,28 @@ files (one file, or a folder of them), as a local path or as an fsspec URL:
 
 - A local path (or ``file://`` URL) must lie under one of the ``dataset_roots``, so a
   request cannot make a worker open any file it can reach.
-- A URL's protocol must be one of the ``dataset_url_schemes`` (object stores by
-  default), so a request cannot make a worker fetch arbitrary URLs, and its fsspec
-  package (s3fs, gcsfs, adlfs) must be installed. Credentials come from the process
-  environment, read by those packages as usual. A URL names one TFRecord file when it
-  ends in one of ``TFRECORD_SUFFIXES``, else a folder.
+- A URL is written ``scheme://...`` (fsspec reads ``s3:x`` as a local path). Its scheme,
+  in any case, must be one of the ``dataset_url_schemes`` (object stores by default), so
+  a request cannot make a worker fetch arbitrary URLs, and its fsspec package (s3fs,
+  gcsfs, adlfs) must be installed and open remote storage, not local files. Credentials
+  come from the process environment, read by those packages as usual. A URL names one
+  TFRecord file when it ends in one of ``TFRECORD_SUFFIXES``, else a folder.
 
 The api runs :func:`check_uri` to answer at once; for a URL that covers only what needs
 no storage access (the api need not hold storage credentials). The worker runs
-:func:`resolve`, which lists the storage, since it is the one that reads. Nothing here
-imports TensorFlow.
+:func:`resolve`, which lists the storage, since it is the one that reads, and copies what
+it cannot stream with ``service.domain.dataset_cache``. Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
-import hashlib
-import shutil
-import tempfile
+import re
 import urllib.parse
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import fsspec
@@ -49,7 +48,7 @@ _PACKAGES = {"abfss": "adlfs"}
 # HTTP servers need not answer range requests: stream http(s) files front to back.
 _OPEN_OPTIONS: dict[str, dict[str, Any]] = {"http": {"block_size": 0}, "https": {"block_size": 0}}
 _VERSION_KEYS = ("ETag", "etag", "md5Hash", "LastModified", "Last-Modified", "updated", "mtime")
-COPY_CHUNK = 4 * 1024 * 1024
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class UriFormat(enum.StrEnum):
@@ -97,9 +96,17 @@ class UriSource:
 
 
 def url_scheme(uri: str) -> str:
-    """The fsspec protocol a uri names; "" for a local path or a file:// URL."""
-    scheme = urllib.parse.urlsplit(uri).scheme.lower()
-    return "" if scheme in ("", "file") else scheme
+    """The fsspec protocol a uri names, in lowercase; "" for a local path or a file:// URL.
+    Only ``scheme://`` makes a URL: fsspec reads ``s3:x`` as a relative local path."""
+    match = _URL.match(uri)
+    scheme = match.group(1).lower() if match else ""
+    return "" if scheme == "file" else scheme
+
+
+def normalised(uri: str) -> str:
+    """A URL with its scheme in lowercase, the only case fsspec knows ("S3://" is s3://)."""
+    scheme = url_scheme(uri)
+    return scheme + uri[len(scheme) :] if scheme else uri
 
 
 def check_url(uri: str, url_schemes: Collection[str], field: str = "dataset.uri") -> None:
@@ -120,9 +127,33 @@ def check_url(uri: str, url_schemes: Collection[str], field: str = "dataset.uri"
             field=field,
         )
     try:
-        fsspec.get_filesystem_class(scheme)
+        filesystem = fsspec.get_filesystem_class(scheme)
     except (ImportError, ValueError) as exc:
         raise FailedPrecondition(_missing_package(uri, scheme, exc, field)) from None
+    check_filesystem(uri, filesystem, field)
+
+
+def check_filesystem(
+    uri: str, filesystem: type[fsspec.AbstractFileSystem], field: str = "dataset.uri"
+) -> None:
+    """The fsspec filesystem that opens a URL must be the remote one its scheme names: a
+    URL that opens local files would escape the dataset_roots."""
+    scheme = url_scheme(uri)
+    if issubclass(filesystem, LocalFileSystem):
+        raise InvalidRequest(
+            f"{field} {uri!r}: {scheme}:// URLs open local files; give local data as an "
+            "absolute path under the dataset_roots (FITSERVE_DATASET_ROOTS), and ask the "
+            f"operator to remove {scheme!r} from the dataset_url_schemes setting",
+            field=field,
+        )
+    protocol = filesystem.protocol
+    protocols = protocol if isinstance(protocol, tuple) else (protocol,)
+    if scheme not in protocols and not issubclass(filesystem, fsspec.get_filesystem_class(scheme)):
+        raise InvalidRequest(
+            f"{field} {uri!r} opens as {filesystem.__name__}, not as a {scheme}:// URL; "
+            f"expected {scheme}://<bucket>/<path>",
+            field=field,
+        )
 
 
 def _missing_package(uri: str, scheme: str, exc: Exception, field: str) -> str:
@@ -143,6 +174,12 @@ def local_path(uri: str, roots: Sequence[Path], field: str = "dataset.uri") -> P
     if url_scheme(uri):
         raise InvalidRequest(f"{field} {uri!r} is a URL, not a local path", field=field)
     parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme not in ("", "file") and not _URL.match(uri):
+        raise InvalidRequest(
+            f"{field} {uri!r} is neither a URL nor a local path: write a URL with '//' "
+            f"({parsed.scheme}://<bucket>/<path>) and a local path as an absolute path",
+            field=field,
+        )
     raw = Path(urllib.parse.unquote(parsed.path) if parsed.scheme else uri)
     if not raw.is_absolute():
         raise InvalidRequest(f"{field} {uri!r} must be an absolute path", field=field)
@@ -180,11 +217,12 @@ def resolve(
 ) -> UriSource:
     """Check a uri and list what it holds (NotFound, or Unavailable naming the uri when its
     storage cannot be read)."""
-    uri = ref.uri
+    uri = normalised(ref.uri)
     if url_scheme(uri):
         check_url(uri, url_schemes, f"{field}.uri")
         with storage_errors(uri, f"{field}.uri"):
             fs, path = fsspec.core.url_to_fs(uri)
+            check_filesystem(uri, type(fs), f"{field}.uri")
             fs.invalidate_cache()  # a long-lived worker must see the storage as it is now
             source = _listing(uri, fs, path, _names_one_file(uri), f"{field}.uri")
     else:
@@ -270,53 +308,3 @@ def _check_feature_spec(ref: DatasetRef, fmt: UriFormat, field: str) -> None:
             "its 'dtype:shape', e.g. {'x': 'float32:28,28', 'y': 'int64:'}",
             field=f"{field}.feature_spec",
         )
-
-
-def local_copy(source: UriSource, cache_dir: Path) -> Path:
-    """A local folder with the source's files: the folder itself when local, else a copy
-    under ``cache_dir``, made once per URL and listing (a changed folder is copied anew).
-    The copy is written to a temporary folder and renamed into place, so a half copy is
-    never used, and a worker that loses the race to another uses the winner's."""
-    if source.local:
-        return Path(source.path)
-    digest = hashlib.sha256(source.uri.encode())
-    for file in source.files:
-        digest.update(f"\n{_relative(source, file)}\t{file.size}\t{file.version}".encode())
-    dest = cache_dir / digest.hexdigest()[:32]
-    if dest.is_dir():
-        return dest
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=cache_dir))
-    try:
-        for file in source.files:
-            _copy(source, file, tmp / _relative(source, file))
-        tmp.rename(dest)
-    except OSError:
-        if not dest.is_dir():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def _copy(source: UriSource, file: StoredFile, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        storage_errors(source.url(file), "file"),
-        source.open(file) as src,
-        target.open("wb") as out,
-    ):
-        shutil.copyfileobj(src, out, COPY_CHUNK)
-
-
-def _relative(source: UriSource, file: StoredFile) -> str:
-    """A file's path inside the source folder; a listing that points elsewhere (an http
-    page linking to ../) is refused rather than copied out of the cache folder."""
-    root = source.path.rstrip("/") + "/"
-    rel = PurePosixPath(file.name[len(root) :]) if file.name.startswith(root) else None
-    if rel is None or rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise InvalidRequest(
-            f"dataset.uri {source.uri!r} lists {source.url(file)!r}, which is not inside "
-            "the folder; a Dataset.save folder holds only its own files"
-        )
-    return str(rel)

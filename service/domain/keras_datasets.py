@@ -2,21 +2,31 @@
 
 The folder is laid out as a Keras home (``datasets/mnist.npz``, ...), so a file put there
 by hand is found, and one that ``keras.datasets.<name>.load_data`` downloaded into
-``~/.keras`` can be copied in. Files are fetched with ``keras.utils.get_file`` into that
-folder and read here as ``keras.datasets`` reads them (same shuffles, splits and word
-indices), so no Keras global state is touched. The plain array files (mnist,
-fashion_mnist, boston_housing) are read as they are when present, so an operator may
-provide any file with the same arrays; a file that holds pickles (cifar, imdb, reuters)
-is read only once its sha256 matches the published one, and even then nothing but numpy
-arrays is unpickled. A download that fails (no internet) fails the job as
-DATASET_UNAVAILABLE with the exact path to put the file at.
+``~/.keras`` can be copied in. Files are read here as ``keras.datasets`` reads them (same
+shuffles, splits and word indices), so no Keras global state is touched.
+
+A missing file is fetched with ``keras.utils.get_file`` into a private temporary folder,
+checked, and renamed into place, so workers sharing the folder never read a half-written
+file and a worker killed mid-download leaves none. Every file with a published sha256
+(all but fashion_mnist's) is used only while it matches it, whoever put it there: a file
+that does not match is reported with both hashes and left alone, never deleted. Pickles
+(cifar, imdb, reuters) are unpickled as numpy arrays only. A cifar archive is extracted
+once, into a folder named by its hash, and reused. A download that fails (no internet)
+fails the job as DATASET_UNAVAILABLE with the exact path to put the file at. Hashing
+costs about 1 ms per MB (the largest file read on every use, imdb's, is 17 MB), so it is
+done on every use rather than remembered.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import os
 import pickle
+import shutil
+import tarfile
+import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,20 +55,24 @@ class DatasetUnavailable(FailedPrecondition):
 class Source:
     """One file of a built-in dataset, where ``keras.datasets`` keeps it in a Keras home.
 
-    ``sha256`` is checked on download; a file it ``guards`` is checked on every use too.
-    An ``archive`` is a tar.gz that is extracted next to it on every use, as Keras does.
+    A file with a ``sha256`` is used only while it matches. An ``archive`` is a tar.gz,
+    extracted once next to it.
     """
 
     fname: str
     origin: str
     sha256: str | None = None
     subdir: str = "datasets"
-    guards: bool = False
     archive: bool = False
 
     def path(self, cache: Path) -> Path:
         """Where the downloaded file lives in ``cache`` (get_file's naming)."""
         return cache / self.subdir / (f"{self.fname}_archive" if self.archive else self.fname)
+
+    def extracted(self, cache: Path) -> Path:
+        """Where an archive is extracted: named by its hash, so a folder of that name
+        holds all of this very archive (Keras's own name may hold a half extraction)."""
+        return cache / self.subdir / f"{self.fname}.{(self.sha256 or 'unchecked')[:16]}"
 
 
 @dataclass(frozen=True)
@@ -80,30 +94,87 @@ def load_builtin(cache: Path, name: str, split: str) -> tuple[Any, Any]:
 
 
 def fetch(cache: Path, name: str, source: Source) -> Path:
-    """The file (or an archive's extracted folder) in the cache; downloaded when it is
-    missing, or when it guards pickles and its hash does not match."""
-    path = source.path(cache)
-    if path.is_file() and not source.guards:
-        return path
-    folder = cache / source.subdir
-    folder.mkdir(parents=True, exist_ok=True)  # get_file falls back to /tmp for a missing one
-    try:
-        found = keras.utils.get_file(
-            source.fname,
-            origin=source.origin,
-            file_hash=source.sha256,
-            cache_dir=str(cache),
-            cache_subdir=source.subdir,
-            extract=source.archive,
+    """The file (or an archive's extracted folder) in the cache, downloaded when missing;
+    a file with a published hash only while it matches."""
+    if source.archive:
+        return _extracted(cache, name, source)
+    return _checked(name, source, source.path(cache))
+
+
+def _checked(name: str, source: Source, path: Path) -> Path:
+    if not path.is_file():
+        _download(name, source, path)
+    _check_hash(name, source, path)
+    return path
+
+
+def _download(name: str, source: Source, path: Path) -> None:
+    """Fetch into a private temporary folder, check, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}-", dir=path.parent) as tmp:
+        try:
+            got = keras.utils.get_file(
+                path.name, origin=source.origin, cache_dir=tmp, cache_subdir=tmp
+            )
+        except Exception as exc:
+            raise _unavailable(name, path, source, exc) from None
+        digest = _sha256(Path(got))
+        if source.sha256 is not None and digest != source.sha256:
+            raise DatasetUnavailable(
+                f"built-in dataset {name!r}: the download from {source.origin} has the wrong "
+                f"sha256 (expected {source.sha256}, got {digest}); nothing was cached, retry "
+                f"the job or put the published file at {path}"
+            )
+        os.replace(got, path)
+
+
+def _check_hash(name: str, source: Source, path: Path) -> None:
+    if source.sha256 is None:
+        return
+    digest = _sha256(path)
+    if digest != source.sha256:
+        raise DatasetUnavailable(
+            f"built-in dataset {name!r}: the file at {path} has the wrong sha256 (expected "
+            f"{source.sha256}, got {digest}; cut short, or not the published file); it was "
+            f"left in place: replace it with {path.name} from {source.origin}, or remove it "
+            "and the worker downloads it again"
         )
-    except Exception as exc:
-        raise _unavailable(name, path, source, exc) from None
-    return Path(found)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _extracted(cache: Path, name: str, source: Source) -> Path:
+    """An archive's folder: extracted once into a temporary folder, renamed into place."""
+    folder = source.extracted(cache)
+    if folder.is_dir():
+        return folder
+    archive = _checked(name, source, source.path(cache))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")  # nothing outside tmp, no links out
+        tmp.rename(folder)
+    except (OSError, tarfile.TarError) as exc:
+        if not folder.is_dir():  # else another worker renamed its extraction in first
+            raise DatasetUnavailable(
+                f"built-in dataset {name!r}: {archive} could not be extracted into "
+                f"{folder.parent} ({type(exc).__name__}: {exc}); free space there, or "
+                "replace the archive with the published one"
+            ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _unavailable(name: str, path: Path, source: Source, exc: Exception) -> DatasetUnavailable:
     reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-    digest = f", sha256 {source.sha256}" if source.guards else ""
+    digest = f", sha256 {source.sha256}" if source.sha256 else ""
     return DatasetUnavailable(
         f"built-in dataset {name!r} is not cached on the worker and could not be downloaded "
         f"({reason}); provide it instead: put {path.name} (from {source.origin}{digest}) "
@@ -218,8 +289,9 @@ def _ragged(sequences: list[list[int]]) -> np.ndarray:
 
 
 class _NumpyUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and plain containers, refusing every other global (a
-    tampered file cannot run code through ``__reduce__``), as Keras's loaders do."""
+    """Unpickles numpy arrays and plain containers, refusing every other global, so a
+    tampered file cannot run code through ``__reduce__`` (Keras's own loaders unpickle
+    these files unrestricted; here the hash check comes first, and this on top)."""
 
     ALLOWED = frozenset(
         {
@@ -290,7 +362,6 @@ BUILTINS: dict[str, Builtin] = {
                 "cifar-10-batches-py-target",
                 _TORONTO + "cifar-10-python.tar.gz",
                 "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
-                guards=True,
                 archive=True,
             ),
         ),
@@ -302,7 +373,6 @@ BUILTINS: dict[str, Builtin] = {
                 "cifar-100-python-target",
                 _TORONTO + "cifar-100-python.tar.gz",
                 "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
-                guards=True,
                 archive=True,
             ),
         ),
@@ -314,7 +384,6 @@ BUILTINS: dict[str, Builtin] = {
                 "imdb.npz",
                 ORIGIN + "imdb.npz",
                 "69664113be75683a8fe16e3ed0ab59fda8886cb3cd7ada244f7d9544e4676b9f",
-                guards=True,
             ),
         ),
         _read_imdb,
@@ -325,7 +394,6 @@ BUILTINS: dict[str, Builtin] = {
                 "reuters.npz",
                 ORIGIN + "reuters.npz",
                 "d6586e694ee56d7a4e65172e12b3e987c03096cb01eab99753921ef915959916",
-                guards=True,
             ),
         ),
         _read_reuters,

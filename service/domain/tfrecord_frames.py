@@ -8,9 +8,12 @@ framed as (little-endian)::
 
 Both checksums are checked, as TensorFlow's own reader does, so a truncated, compressed
 or corrupt file fails naming the file and the byte where its bad record starts, instead
-of handing garbage to parsing. Reads are bounded by one record: a file is never held
-whole. CRC-32C in pure Python runs at about 20 MB/s on one core; the dataset cache
-(``dataset_cache_bytes``) makes that a cost of the first epoch only.
+of handing garbage to parsing. Reads are bounded by one record, and a record by the file's
+size (from its listing) or else by ``MAX_RECORD_BYTES``, before it is read: a length that
+passes its checksum but claims more than the file holds (a crafted file) fails instead of
+reading the rest of the file into memory. CRC-32C in pure Python runs at about 20 MB/s
+on one core; the dataset cache (``dataset_cache_bytes``) makes that a cost of the first
+epoch only.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
 _MASK_DELTA = 0xA282EAD8
 _POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
+MAX_RECORD_BYTES = 256 * 1024 * 1024  # one record of a file whose size is unknown
 
 
 class Readable(Protocol):
@@ -77,8 +81,9 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def read_records(file: Readable, name: str) -> Iterator[bytes]:
-    """The records of a TFRecord file, one at a time; ``name`` is for error messages."""
+def read_records(file: Readable, name: str, size: int | None = None) -> Iterator[bytes]:
+    """The records of a TFRecord file of ``size`` bytes (None: unknown), one at a time;
+    ``name`` is for error messages."""
     offset = 0
     while header := _read_exactly(file, _HEADER.size):
         if len(header) < _HEADER.size:
@@ -90,6 +95,7 @@ def read_records(file: Readable, name: str) -> Iterator[bytes]:
                 offset,
                 "the record length fails its checksum (not an uncompressed TFRecord file?)",
             )
+        _check_length(name, offset, length, size)
         body = _read_exactly(file, length + _FOOTER.size)
         if len(body) < length + _FOOTER.size:
             raise _corrupt(
@@ -100,6 +106,25 @@ def read_records(file: Readable, name: str) -> Iterator[bytes]:
             raise _corrupt(name, offset, "the record data fails its checksum")
         yield data
         offset += _HEADER.size + len(body)
+
+
+def _check_length(name: str, offset: int, length: int, size: int | None) -> None:
+    """Refuse a record before reading it when it cannot fit the file, or is too big to
+    hold when the file's size is unknown."""
+    end = offset + _HEADER.size + length + _FOOTER.size
+    if size is not None and end > size:
+        raise _corrupt(
+            name,
+            offset,
+            f"the file ends inside a record of {length} bytes (cut short? the record would "
+            f"end at byte {end}, the file has {size} bytes)",
+        )
+    if size is None and length > MAX_RECORD_BYTES:
+        raise InvalidRequest(
+            f"TFRecord file {name!r} has a record of {length} bytes at byte {offset}, more "
+            f"than the {MAX_RECORD_BYTES} bytes read as one record from a file of unknown "
+            "size; write smaller records (tf.train.Example per example), or the file is corrupt"
+        )
 
 
 def _read_exactly(file: Readable, size: int) -> bytes:

@@ -3,6 +3,7 @@ datasets, end to end: the same data gives the same results as an upload."""
 
 from __future__ import annotations
 
+import gzip
 import socket
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ def test_unknown_builtin_lists_the_valid_names(client: fitserve.Client) -> None:
         client.train("builtin-bad", layers=LAYERS, loss=LOSS, dataset="builtin:svhn")
 
 
-def test_builtin_mnist_offline_then_provided_at_the_cache_path(
+def test_builtin_mnist_offline_then_a_file_that_is_not_the_published_one_is_refused(
     client: fitserve.Client, settings: Settings
 ) -> None:
     cache = settings.data_dir / "keras_datasets" / "datasets" / "mnist.npz"
@@ -133,21 +134,48 @@ def test_builtin_mnist_offline_then_provided_at_the_cache_path(
         assert "put mnist.npz (from https://storage.googleapis.com/" in str(exc.value)
         assert f"at {cache}" in str(exc.value)
 
-    rng = np.random.default_rng(3)
-    fake = {
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **_fake_digits(rng=np.random.default_rng(3)))
+    with pytest.raises(fitserve.JobFailedError) as exc:
+        client.train("builtin-mnist", dataset="builtin:mnist", **args).wait(timeout=120)
+    assert exc.value.job.error.reason == "DATASET_UNAVAILABLE"
+    assert f"the file at {cache} has the wrong sha256 (expected 731c5ac6" in str(exc.value)
+    assert cache.is_file()  # the operator's file is left alone
+
+
+def test_builtin_fashion_mnist_provided_at_the_cache_path(
+    client: fitserve.Client, settings: Settings
+) -> None:
+    """fashion_mnist has no published hash: any files with its arrays are used."""
+    folder = settings.data_dir / "keras_datasets" / "datasets" / "fashion-mnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    fake = _fake_digits(rng=np.random.default_rng(4))
+    for split, keras_split in (("train", "train"), ("test", "t10k")):
+        labels, images = fake[f"y_{split}"], fake[f"x_{split}"]
+        (folder / f"{keras_split}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(bytes(8) + labels.tobytes())
+        )
+        (folder / f"{keras_split}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(bytes(16) + images.tobytes())
+        )
+    args: dict[str, Any] = {"layers": MLP_LAYERS, "loss": LOSS, "epochs": 1, "seed": 0}
+    train = client.train("builtin-fashion", dataset="builtin:fashion_mnist", **args)
+    assert train.wait(timeout=120).state == training_pb2.JOB_STATE_SUCCEEDED
+
+    test_split = "builtin:fashion_mnist:test"
+    on_test = client.evaluate("builtin-fashion", dataset=test_split).wait(timeout=120)
+    same = client.upload_dataset("fashion-fake-test", x=fake["x_test"], y=fake["y_test"])
+    on_upload = client.evaluate("builtin-fashion", dataset=same).wait(timeout=120)
+    assert on_test.metrics["loss"] == pytest.approx(on_upload.metrics["loss"], rel=1e-6)
+
+
+def _fake_digits(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """28x28 uint8 images with labels 0-9, as mnist and fashion_mnist hold them."""
+    return {
         f"{a}_{s}": rng.integers(0, 10, (n, 28, 28) if a == "x" else n).astype(np.uint8)
         for s, n in (("train", 32), ("test", 8))
         for a in ("x", "y")
     }
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **fake)
-    job = client.train("builtin-mnist", dataset="builtin:mnist", **args).wait(timeout=120)
-    assert job.state == training_pb2.JOB_STATE_SUCCEEDED
-
-    on_test = client.evaluate("builtin-mnist", dataset="builtin:mnist:test").wait(timeout=120)
-    same = client.upload_dataset("mnist-fake-test", x=fake["x_test"], y=fake["y_test"])
-    on_upload = client.evaluate("builtin-mnist", dataset=same).wait(timeout=120)
-    assert on_test.metrics["loss"] == pytest.approx(on_upload.metrics["loss"], rel=1e-6)
 
 
 def _online() -> bool:

@@ -188,7 +188,8 @@ def test_saved_folder_over_http_is_copied_once_and_trains_like_the_local_folder(
     assert _history(by_url) == pytest.approx(_history(by_path), rel=1e-6)
     assert "val_loss" in by_url.history[-1].logs
     cache = stack.settings.data_dir / "dataset_cache"
-    [copy] = cache.iterdir()  # training and validation data share one copy
+    [of_url] = cache.iterdir()
+    [copy] = of_url.iterdir()  # training and validation data share one copy
     assert (copy / "dataset_spec.pb").read_bytes() == (
         stack.root / "saved/dataset_spec.pb"
     ).read_bytes()

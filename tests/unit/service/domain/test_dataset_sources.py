@@ -1,5 +1,5 @@
 """Uri checks without TensorFlow: local paths under the roots, URLs of allowed and
-installed fsspec protocols, in a known format; Dataset.save folders copied atomically."""
+installed fsspec protocols that open remote storage, in a known format."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +46,7 @@ def resolve(uri: str, roots: list[Path], **ref: object) -> dataset_sources.UriSo
 def test_local_paths_and_file_urls_under_a_root(root: Path):
     assert dataset_sources.local_path(str(root / "saved"), [root]) == root / "saved"
     assert dataset_sources.local_path(f"file://{root}/saved", [root]) == root / "saved"
+    assert dataset_sources.local_path(f"file:{root}/saved", [root]) == root / "saved"
 
 
 @pytest.mark.parametrize(
@@ -77,6 +78,49 @@ def test_url_schemes():
     assert dataset_sources.url_scheme("/data/x") == ""
     assert dataset_sources.url_scheme("file:///data/x") == ""
     assert dataset_sources.url_scheme("S3://bucket/x") == "s3"
+    assert dataset_sources.url_scheme("s3:bucket/x") == ""  # no '//': not a URL to fsspec
+
+
+def test_an_uppercase_scheme_reads_like_the_lowercase_one(memory: fsspec.AbstractFileSystem):
+    """The api accepts S3://; the worker must then open it, not fail 'Protocol not known'."""
+    upper = resolve("MEMORY://bucket/records", [], feature_spec=SPEC)
+    lower = resolve("memory://bucket/records", [], feature_spec=SPEC)
+    assert (upper.uri, upper.files) == (lower.uri, lower.files)
+    assert upper.url(upper.files[0]) == "memory:///bucket/records/p-0.tfrec"
+
+
+@pytest.mark.parametrize("uri", ["memory:/../", "memory:.", "memory:{cwd}"])
+def test_a_scheme_without_slashes_is_refused_not_read_from_the_working_folder(
+    uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """fsspec reads 'memory:/../' as a path relative to the cwd: it must not list it."""
+    (tmp_path / "memory:").mkdir()
+    (tmp_path / "secret.tfrecord").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    ref = DatasetRef(uri=uri.format(cwd=tmp_path), feature_spec=SPEC)
+    for check in (
+        lambda: dataset_sources.resolve(ref, [], ("memory",)),
+        lambda: dataset_sources.check_uri(ref, [], url_schemes=("memory",)),
+    ):
+        with pytest.raises(InvalidRequest) as info:
+            check()
+        assert "neither a URL nor a local path" in info.value.message
+        assert "memory://<bucket>/<path>" in info.value.message
+        assert info.value.field == "dataset.uri"
+
+
+def test_a_scheme_that_opens_local_files_is_refused(root: Path):
+    """An operator who allows fsspec's 'local' protocol must not open the roots check."""
+    uri = f"local://{root.parent / 'outside'}"
+    (root.parent / "outside" / "secret.tfrecord").write_bytes(b"x")
+    ref = DatasetRef(uri=uri, feature_spec=SPEC)
+    with pytest.raises(InvalidRequest) as info:
+        dataset_sources.resolve(ref, [root], ("local",))
+    assert "local:// URLs open local files" in info.value.message
+    assert "absolute path under the dataset_roots" in info.value.message
+    assert info.value.field == "dataset.uri"
+    with pytest.raises(InvalidRequest, match="open local files"):
+        dataset_sources.check_uri(ref, [root], url_schemes=("local",))
 
 
 @pytest.mark.parametrize(
@@ -181,35 +225,3 @@ def test_feature_spec_is_required_for_tfrecords_and_refused_for_saved_folders(ro
     with pytest.raises(InvalidRequest, match="carries its own element spec"):
         dataset_sources.check_uri(ref, [root])
     dataset_sources.check_uri(DatasetRef(uri=str(root / "records"), feature_spec=SPEC), [root])
-
-
-def test_a_saved_folder_at_a_url_is_copied_once(memory: fsspec.AbstractFileSystem, tmp_path: Path):
-    cache = tmp_path / "cache"
-    copy = dataset_sources.local_copy(resolve("memory://bucket/saved", []), cache)
-    assert (copy / "dataset_spec.pb").read_bytes() == b"spec"
-    assert (copy / "7" / "0.snapshot").read_bytes() == b"data"
-    assert dataset_sources.local_copy(resolve("memory://bucket/saved", []), cache) == copy
-    assert [p.name for p in cache.iterdir()] == [copy.name]  # no temporary folder left
-
-    memory.pipe("/bucket/saved/7/0.snapshot", b"rewritten")  # a changed folder: a new copy
-    again = dataset_sources.local_copy(resolve("memory://bucket/saved", []), cache)
-    assert again != copy
-    assert (again / "7" / "0.snapshot").read_bytes() == b"rewritten"
-
-
-def test_a_copy_that_fails_leaves_nothing_behind(memory: fsspec.AbstractFileSystem, tmp_path: Path):
-    source = resolve("memory://bucket/saved", [])
-    memory.rm("/bucket/saved/7/0.snapshot")  # gone between the listing and the copy
-    with pytest.raises(NotFound, match=r"memory:///bucket/saved/7/0\.snapshot' does not exist"):
-        dataset_sources.local_copy(source, tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []
-
-
-def test_a_listing_that_points_out_of_the_folder_is_refused(tmp_path: Path):
-    escaping = dataset_sources.StoredFile("http://h/saved/../../etc/passwd", 1)
-    source = dataset_sources.UriSource(
-        "http://h/saved", UriFormat.SAVED, fsspec.filesystem("http"), "http://h/saved", (escaping,)
-    )
-    with pytest.raises(InvalidRequest, match="which is not inside the folder"):
-        dataset_sources.local_copy(source, tmp_path / "cache")
-    assert not (tmp_path / "etc").exists()

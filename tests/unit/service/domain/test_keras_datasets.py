@@ -9,15 +9,20 @@ accepted here by giving the fake's sha256 to the catalogue.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import gzip
 import hashlib
+import http.server
 import importlib
 import io
 import pickle
 import socket
 import tarfile
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +64,9 @@ def _fake_reuters(path: Path) -> None:
     np.savez(path, x=_ragged(rng, 41), y=rng.integers(0, 46, 41))
 
 
-def _fake_boston(path: Path) -> None:
+def _fake_boston(path: Path, n: int = 23) -> None:
     rng = np.random.default_rng(3)
-    np.savez(path, x=rng.random((23, 13)), y=rng.random(23))
+    np.savez(path, x=rng.random((n, 13)), y=rng.random(n))
 
 
 def _cifar_pickle(n: int, labels: dict[str, list[int]], start: int) -> bytes:
@@ -134,7 +139,10 @@ def _provide(cache: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> dict[st
     else:
         FAKES[name](sources[0].path(cache))
     _accept_hashes(cache, name, monkeypatch)
-    return {s.fname: str(cache / s.subdir / s.fname) for s in sources}
+    return {
+        s.fname: str(s.extracted(cache) if s.archive else s.path(cache))
+        for s in BUILTINS[name].sources
+    }
 
 
 def _accept_hashes(cache: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,7 +224,7 @@ def test_offline_names_the_archive_to_put_at_the_cache_path_with_its_hash(
     assert "could not be downloaded (URL fetch failure" in info.value.message
 
 
-def test_a_pickle_file_whose_hash_differs_is_never_read(
+def test_a_pickle_file_whose_hash_differs_is_never_read_nor_deleted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tmp_path / "keras_datasets"
@@ -224,9 +232,58 @@ def test_a_pickle_file_whose_hash_differs_is_never_read(
     path = BUILTINS["imdb"].sources[0].path(cache)
     path.parent.mkdir(parents=True)
     _fake_imdb(path)  # a file of the right shape, but not the published one
+    provided = path.read_bytes()
 
-    with pytest.raises(DatasetUnavailable, match=f"put imdb.npz \\(from {origin}, sha256 "):
+    with pytest.raises(DatasetUnavailable) as info:
         load_builtin(cache, "imdb", "train")
+
+    expected = BUILTINS["imdb"].sources[0].sha256
+    assert (
+        f"the file at {path} has the wrong sha256 (expected {expected}, got {_sha256(path)};"
+    ) in info.value.message
+    assert f"replace it with imdb.npz from {origin}, or remove it" in info.value.message
+    assert "not cached on the worker" not in info.value.message
+    assert path.read_bytes() == provided  # the operator's file stays
+
+
+def test_a_file_cut_short_is_refused_with_both_hashes_though_it_holds_no_pickles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download an older worker was killed in, or a bad copy: never read as data."""
+    cache = tmp_path / "keras_datasets"
+    _unreachable_origin("boston_housing", monkeypatch)
+    path = BUILTINS["boston_housing"].sources[0].path(cache)
+    path.parent.mkdir(parents=True)
+    _fake_boston(path)
+    path.write_bytes(path.read_bytes()[:200])
+
+    with pytest.raises(DatasetUnavailable) as info:
+        load_builtin(cache, "boston_housing", "train")
+
+    published = "f553886a1f8d56431e820c5b82552d9d95cfcb96d1e678153f8839538947dff5"
+    assert f"has the wrong sha256 (expected {published}, got {_sha256(path)};" in (
+        info.value.message
+    )
+    assert len(path.read_bytes()) == 200
+
+
+def test_an_archive_is_extracted_once_and_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "keras_datasets"
+    archive = BUILTINS["cifar100"].sources[0].path(cache)
+    archive.parent.mkdir(parents=True)
+    _fake_cifar100(archive)
+    _accept_hashes(cache, "cifar100", monkeypatch)
+    x, y = load_builtin(cache, "cifar100", "test")
+    assert len(list(cache.glob("datasets/*/cifar-100-python"))) == 1
+    assert not list(cache.glob("datasets/.*"))  # no temporary folder left
+
+    archive.unlink()  # neither read nor fetched again
+    _unreachable_origin("cifar100", monkeypatch)
+    again_x, again_y = load_builtin(cache, "cifar100", "test")
+    np.testing.assert_array_equal(again_x, x)
+    np.testing.assert_array_equal(again_y, y)
 
 
 class Gadget:
@@ -246,3 +303,109 @@ def test_a_pickle_file_holding_anything_but_arrays_is_refused(
 
     with pytest.raises(pickle.UnpicklingError, match=r"refusing to unpickle .*Gadget"):
         load_builtin(cache, "imdb", "train")
+
+
+SERVED_ROWS = 500
+
+
+@dataclass
+class Origin:
+    """A local HTTP server that sends ``body`` in two halves, waiting between them until
+    ``go_on`` is set."""
+
+    url: str
+    body: bytes = b""
+    half_sent: threading.Event = field(default_factory=threading.Event)
+    go_on: threading.Event = field(default_factory=threading.Event)
+
+
+@pytest.fixture
+def origin() -> Iterator[Origin]:
+    served = Origin("")
+
+    class Paused(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(served.body)))
+            self.end_headers()
+            half = len(served.body) // 2
+            self.wfile.write(served.body[:half])
+            self.wfile.flush()
+            served.half_sent.set()
+            served.go_on.wait(timeout=30)
+            self.wfile.write(served.body[half:])
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Paused)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    served.url = f"http://127.0.0.1:{server.server_address[1]}/boston_housing.npz"
+    try:
+        yield served
+    finally:
+        served.go_on.set()
+        server.shutdown()
+        server.server_close()
+
+
+def _serve_boston(
+    origin: Origin, tmp_path: Path, sha256: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serve a fake boston_housing from ``origin``; the catalogue expects ``sha256``
+    (None: the fake's)."""
+    fake = tmp_path / "served.npz"
+    _fake_boston(fake, SERVED_ROWS)  # big enough to be written in several blocks
+    origin.body = fake.read_bytes()
+    builtin = BUILTINS["boston_housing"]
+    [source] = builtin.sources
+    served = dataclasses.replace(source, origin=origin.url, sha256=sha256 or _sha256(fake))
+    monkeypatch.setitem(BUILTINS, "boston_housing", dataclasses.replace(builtin, sources=(served,)))
+
+
+def _partial_download(cache: Path, at_least: int) -> Path:
+    """The half-written download in its temporary folder, once that much is on disk."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for part in cache.glob("datasets/.boston_housing.npz-*/*"):
+            if part.stat().st_size >= at_least:
+                return part
+        time.sleep(0.01)
+    raise AssertionError("the download never reached its temporary folder")
+
+
+def test_a_download_appears_at_its_path_only_once_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, origin: Origin
+) -> None:
+    """Another worker sharing the folder never reads a half-written file; a worker killed
+    mid-download leaves none at the path."""
+    cache = tmp_path / "keras_datasets"
+    _serve_boston(origin, tmp_path, None, monkeypatch)
+    path = BUILTINS["boston_housing"].sources[0].path(cache)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(load_builtin, cache, "boston_housing", "train")
+        assert origin.half_sent.wait(timeout=30)
+        _partial_download(cache, 8192)  # urlretrieve's block
+        assert not path.exists()
+        origin.go_on.set()
+        x, _ = loading.result(timeout=60)
+
+    assert path.read_bytes() == origin.body
+    assert len(x) == int(SERVED_ROWS * 0.8)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_download_with_the_wrong_hash_is_not_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, origin: Origin
+) -> None:
+    cache = tmp_path / "keras_datasets"
+    _serve_boston(origin, tmp_path, "0" * 64, monkeypatch)
+    origin.go_on.set()
+
+    with pytest.raises(DatasetUnavailable) as info:
+        load_builtin(cache, "boston_housing", "train")
+
+    expected = f"the download from {origin.url} has the wrong sha256 (expected {'0' * 64}"
+    assert expected in info.value.message
+    assert list((cache / "datasets").iterdir()) == []

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from service.domain.tfrecord_frames import crc32c, masked_crc32c, read_records
+from service.domain.tfrecord_frames import (
+    MAX_RECORD_BYTES,
+    crc32c,
+    masked_crc32c,
+    read_records,
+)
 from service.errors import InvalidRequest
 
 RECORDS = [b"", b"x", b"hello world", bytes(range(256)) * 40]
@@ -83,3 +88,43 @@ def test_a_huge_length_fails_its_checksum_before_anything_is_read():
     header = struct.pack("<Q", 2**62) + b"\0\0\0\0"
     with pytest.raises(InvalidRequest, match="record length fails its checksum"):
         next(read_records(io.BytesIO(header + b"rest"), "f"))
+
+
+def _claiming(length: int) -> bytes:
+    """A record header whose length passes its checksum: a crafted or damaged file."""
+    raw = struct.pack("<Q", length)
+    return raw + struct.pack("<I", masked_crc32c(raw))
+
+
+def test_a_record_longer_than_the_file_fails_before_it_is_read(written: bytes, tmp_path: Path):
+    path = tmp_path / "crafted.tfrecord"
+    path.write_bytes(written + _claiming(2**40) + bytes(1000))
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        records = read_records(f, "s3://b/crafted.tfrecord", size)
+        assert [next(records) for _ in RECORDS] == RECORDS
+        with pytest.raises(InvalidRequest) as info:
+            next(records)
+        assert f.tell() == len(written) + 12  # the header, not the rest of the file
+    assert f"'s3://b/crafted.tfrecord' is corrupt at byte {len(written)}" in info.value.message
+    assert f"a record of {2**40} bytes" in info.value.message
+    assert f"the file has {size} bytes" in info.value.message
+
+
+def test_a_whole_file_is_read_with_its_size(written: bytes):
+    assert list(read_records(io.BytesIO(written), "part", len(written))) == RECORDS
+    with pytest.raises(InvalidRequest, match="ends inside a record of 10240 bytes"):
+        list(read_records(io.BytesIO(written), "part", len(written) - 1))
+
+
+def test_a_record_over_the_limit_of_a_file_of_unknown_size_is_refused(tmp_path: Path):
+    path = tmp_path / "huge.tfrecord"
+    path.write_bytes(_claiming(MAX_RECORD_BYTES + 1) + bytes(1000))
+    with path.open("rb") as f:
+        with pytest.raises(InvalidRequest) as info:
+            next(read_records(f, "http://h/huge.tfrecord"))
+        assert f.tell() == 12
+    assert (
+        f"'http://h/huge.tfrecord' has a record of {MAX_RECORD_BYTES + 1} bytes at byte 0, "
+        f"more than the {MAX_RECORD_BYTES} bytes"
+    ) in info.value.message
