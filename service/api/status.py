@@ -72,12 +72,18 @@ def to_status(exc: errors.FitserveError) -> grpc.Status:
         hint.retry_delay.FromNanoseconds(int(retry_after * 1e9))
         status.details.add().Pack(hint)
     result: grpc.Status = rpc_status.to_status(status)
+    # Server pushback (gRFC A6) for gRPC's own retry policy (the SDK's, or any client's
+    # service config): wait this long before the next attempt; a negative value: do not
+    # retry, for RESOURCE_EXHAUSTED that waiting cannot cure (a request over the size limit).
     if retry_after is not None:
-        # gRPC's own retry policy (the SDK's, or any client's service config) waits this
-        # long before its next attempt: server pushback, gRFC A6.
-        pushback = (PUSHBACK_KEY, str(max(1, round(retry_after * 1000))))
-        result = _Status(result.code, result.details, (*result.trailing_metadata, pushback))
-    return result
+        pushback = str(max(1, round(retry_after * 1000)))
+    elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        pushback = "-1"
+    else:
+        return result
+    return _Status(
+        result.code, result.details, (*result.trailing_metadata, (PUSHBACK_KEY, pushback))
+    )
 
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"

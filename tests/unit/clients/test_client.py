@@ -28,6 +28,7 @@ from fitserve.v1 import (
     training_pb2_grpc,
 )
 from service.api.status import to_status
+from service.errors import ResourceExhausted
 from service.inference.batcher import QueueFull
 
 JobState = training_pb2.JobState
@@ -191,6 +192,8 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
         self.times.append(time.monotonic())
         if request.model.name == "slow":
             _block_until_cancelled(context)
+        if request.model.name == "too-big":
+            context.abort_with_status(to_status(ResourceExhausted("request over the limit")))
         if request.model.name == "busy" and len(self.requests) <= self.refusals:
             # what fitserve's server sends for a full queue: RetryInfo and gRPC pushback
             context.abort_with_status(to_status(QueueFull("queue is full", 0.2)))
@@ -831,3 +834,9 @@ def test_predict_attempts_of_one_never_retry(fakes):
     ):
         client.predict("busy", np.zeros((1, 3), np.float32))
     assert len(fakes.inference.requests) == 1
+
+
+def test_a_refusal_that_waiting_cannot_cure_is_not_retried(client, fakes):
+    with pytest.raises(fitserve.ResourceExhaustedError, match="over the limit"):
+        client.predict("too-big", np.zeros((1, 3), np.float32))
+    assert len(fakes.inference.requests) == 1  # the server's pushback of -1: no retry
