@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import re
@@ -44,6 +45,11 @@ async def serve(settings: Settings) -> None:
     server, port = await create_server(settings)
     aggregated = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # a child of serve_processes
     await server.start(serve_metrics_http=not aggregated)
+    # What is alive now (TensorFlow, gRPC, the whole import graph) lives as long as the
+    # process: keep it out of the cyclic GC, whose full passes over it paused the server
+    # for ~190 ms at a time under load (measured; none with the freeze).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
