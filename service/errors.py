@@ -44,7 +44,15 @@ class FailedPrecondition(FitserveError):
 
 
 class ResourceExhausted(FitserveError):
-    """A queue or size limit is reached; retry later or with less."""
+    """A queue or size limit is reached; retry later or with less.
+
+    ``retry_after_seconds``: when a retry may succeed (sent as RetryInfo and gRPC
+    pushback); None: waiting will not help (a request over a size limit).
+    """
+
+    def __init__(self, message: str, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
 
 
 class DeadlineExceeded(FitserveError):

@@ -58,10 +58,6 @@ MIN_DRAIN_RATE = 1.0  # calls/s: a server draining slower than this counts as th
 class Overloaded(errors.ResourceExhausted):
     """Calls wait too long in gRPC's queue; ``retry_after_seconds`` is that wait."""
 
-    def __init__(self, message: str, retry_after_seconds: float) -> None:
-        super().__init__(message)
-        self.retry_after_seconds = retry_after_seconds
-
 
 def _cygrpc() -> Any:
     """grpcio's core binding: what grpcio-channelz's servicer reads channelz from, too

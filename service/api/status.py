@@ -66,7 +66,7 @@ def to_status(exc: errors.FitserveError) -> grpc.Status:
         )
         detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
         status.details.append(detail)
-    retry_after = getattr(exc, "retry_after_seconds", None)
+    retry_after = exc.retry_after_seconds if isinstance(exc, errors.ResourceExhausted) else None
     if retry_after is not None:
         hint = error_details_pb2.RetryInfo()
         hint.retry_delay.FromNanoseconds(int(retry_after * 1e9))

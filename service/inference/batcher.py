@@ -56,10 +56,6 @@ Arrays = dict[str, np.ndarray]
 class QueueFull(ResourceExhausted):
     """The version's queue is full; ``retry_after_seconds`` is when it should have room."""
 
-    def __init__(self, message: str, retry_after_seconds: float) -> None:
-        super().__init__(message)
-        self.retry_after_seconds = retry_after_seconds
-
 
 class BatchFailed(Unavailable):
     """The model failed on a batch; every request of the batch gets this, and may retry."""
