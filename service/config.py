@@ -132,7 +132,10 @@ class Settings(BaseSettings):
     (``FITSERVE_BATCHING__MAX_BATCH_SIZE=128``).
     """
 
-    model_config = SettingsConfigDict(env_prefix="FITSERVE_", env_nested_delimiter="__")
+    # FITSERVE_X=null unsets an optional setting (FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS=null)
+    model_config = SettingsConfigDict(
+        env_prefix="FITSERVE_", env_nested_delimiter="__", env_parse_none_str="null"
+    )
 
     data_dir: Path = Field(
         Path("data"), description="Root of the artifact store: datasets/, models/, jobs/."
@@ -193,6 +196,16 @@ class Settings(BaseSettings):
         "worker: this is how a job whose worker was killed gets redelivered. Production "
         "needs it above the longest job, or a running job is delivered twice; tests set it "
         "low to see redelivery quickly.",
+    )
+    job_retention_seconds: int | None = Field(
+        30 * 24 * 3600,
+        ge=1,
+        description="How long a finished job (succeeded, failed or cancelled) stays in Redis: "
+        "its record, history and event stream expire this long after it finished, and its "
+        "id then leaves the job index, so GetJob answers NOT_FOUND. Queued and running jobs "
+        "never expire. Published model versions are files in the model store and are kept "
+        "regardless. Unset (FITSERVE_JOB_RETENTION_SECONDS=null): jobs are kept for ever, "
+        "about 10 KB of Redis each (docs/scaling.md).",
     )
     worker_max_jobs_per_child: int = Field(
         10,

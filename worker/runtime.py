@@ -36,7 +36,7 @@ class Runtime:
         settings = self.settings
         client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
         return Workspace(
-            jobs=JobStore(client),
+            jobs=JobStore(client, retention_seconds=settings.job_retention_seconds),
             datasets=DatasetStore(settings.datasets_dir, settings.max_dataset_bytes),
             models=ModelStore(settings.models_dir),
             jobs_dir=settings.jobs_dir,

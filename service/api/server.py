@@ -158,7 +158,7 @@ async def _add_api(server: grpc.aio.Server, app: FitserveServer, edge: Edge) -> 
     datasets = DatasetStore(s.datasets_dir, s.max_dataset_bytes)
     models = ModelStore(s.models_dir)
     queue = TaskQueue(create_celery(s, "fitserve-api"), broker=client)
-    jobs = AsyncJobStore(client)
+    jobs = AsyncJobStore(client, retention_seconds=s.job_retention_seconds)
     app.closers.append(jobs.notifier.close)
     training = TrainingServicer(
         edge,

@@ -5,6 +5,11 @@ Per job: a hash ``fitserve:job:<id>`` (state, attempt, request, result), a list
 are compare-and-set in one Lua script that also appends the state event, so a watcher
 never misses a transition and two processes never both move a job on.
 
+With a retention, the step to a finished state also sets an expiry on all three keys, so
+a finished job is kept that long and queued or running ones for ever. The index of all
+jobs (``fitserve:jobs``) forgets the ids whose record has expired: those ListJobs reads
+past, and a few of the oldest at each new job (``_SWEEP``).
+
 ``AsyncJobStore`` serves the api (grpc.aio); ``JobStore`` serves the worker (sync Celery).
 """
 
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +33,7 @@ PREFIX = "fitserve:"
 INDEX = f"{PREFIX}jobs"
 IDEMPOTENCY = f"{PREFIX}jobs:idempotency:"
 STREAM_MAXLEN = 10_000
+SWEEP = 16  # index entries a new job checks for expired records
 
 
 class JobState(enum.StrEnum):
@@ -80,8 +87,11 @@ class JobEvent:
     time: float
 
 
+JOB_PREFIX = f"{PREFIX}job:"
+
+
 def job_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
+    return f"{JOB_PREFIX}{job_id}"
 
 
 def history_key(job_id: str) -> str:
@@ -96,25 +106,26 @@ STATS = f"{PREFIX}jobstats"
 JOB_BUCKETS = (1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 48 * 3600)
 _BUCKETS_LUA = ", ".join(map(str, JOB_BUCKETS))
 
-# KEYS: job hash, events stream, job statistics hash. ARGV: allowed from-states (JSON
-# list), new state, event JSON, now, then field/value pairs to set. Returns the previous
-# state, or {err} when the job is missing, or the current state prefixed with "!" when
-# refused. Statistics for operators are counted in the same step (``service.job_metrics``).
+# KEYS: job hash, events stream, job statistics hash, history list. ARGV: retention in
+# seconds ("": for ever), allowed from-states (JSON list), new state, event JSON, now, then
+# field/value pairs to set. Returns the previous state, or {err} when the job is missing,
+# or the current state prefixed with "!" when refused. Statistics for operators are counted
+# in the same step (``service.job_metrics``), and a finished job's keys get their expiry.
 _TRANSITION = (
     """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return redis.error_reply('NOTFOUND') end
-local allowed = cjson.decode(ARGV[1])
+local allowed = cjson.decode(ARGV[2])
 local ok = false
 for _, s in ipairs(allowed) do if s == state then ok = true end end
 if not ok then return '!' .. state end
-redis.call('HSET', KEYS[1], 'state', ARGV[2])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'state', ARGV[3])
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', '10000', '*',
-           'type', 'state', 'time', ARGV[4], 'data', ARGV[3])
+           'type', 'state', 'time', ARGV[5], 'data', ARGV[4])
 local fields = redis.call('HMGET', KEYS[1], 'kind', 'created_at', 'started_at')
 local kind, created, started = fields[1], fields[2], fields[3]
-local now, new = tonumber(ARGV[4]), ARGV[2]
+local now, new = tonumber(ARGV[5]), ARGV[3]
 local function observe(name, seconds)
   for _, le in ipairs({"""
     + _BUCKETS_LUA
@@ -135,10 +146,32 @@ if new == 'SUCCEEDED' or new == 'FAILED' or new == 'CANCELLED' then
     redis.call('HINCRBY', KEYS[3], 'running:' .. kind, -1)
     observe('run', now - tonumber(started))
   end
+  if ARGV[1] ~= '' then
+    for _, key in ipairs({KEYS[1], KEYS[2], KEYS[4]}) do redis.call('EXPIRE', key, ARGV[1]) end
+  end
 end
 return state
 """
 )
+
+# KEYS: the index. ARGV: created-before time, a random fraction, how many to check, job key
+# prefix. Checks up to that many ids created before the time (only those can have expired:
+# a record is kept the retention after its job finished) and drops those whose record is
+# gone. The window starts at a random place among them, so old jobs still queued or
+# running at the front cannot stop the sweep. Reads job records by name, not KEYS: the
+# transition already spans keys of several slots, so fitserve needs a single Redis anyway.
+_SWEEP = """
+local older = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. ARGV[1])
+if older == 0 then return 0 end
+local count = tonumber(ARGV[3])
+local start = math.floor(tonumber(ARGV[2]) * (math.max(older - count, 0) + 1))
+local gone = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], start, math.min(start + count, older) - 1)) do
+  if redis.call('EXISTS', ARGV[4] .. id) == 0 then gone[#gone + 1] = id end
+end
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+return #gone
+"""
 
 
 def _encode(job: Job) -> dict[str, str]:
@@ -190,6 +223,14 @@ def _transition_args(
     return [json.dumps([s.value for s in allowed]), to.value, data, repr(time.time()), *pairs]
 
 
+def _transition_keys(job_id: str) -> list[str]:
+    return [job_key(job_id), events_key(job_id), STATS, history_key(job_id)]
+
+
+def _retention_arg(seconds: int | None) -> str:
+    return "" if seconds is None else str(seconds)
+
+
 def _event(entry_id: str, fields: Mapping[str, str]) -> JobEvent:
     return JobEvent(entry_id, fields["type"], json.loads(fields["data"]), float(fields["time"]))
 
@@ -200,18 +241,24 @@ def _previous_state(result: str) -> JobState | None:
 
 
 class AsyncJobStore:
-    """The api's view of jobs: create, read, list, watch, cancel."""
+    """The api's view of jobs: create, read, list, watch, cancel.
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    ``retention_seconds``: how long a job's records outlive its finish (None: for ever).
+    """
+
+    def __init__(self, client: aioredis.Redis, *, retention_seconds: int | None = None) -> None:
         self._r = client
+        self._retention = retention_seconds
         self._transition = client.register_script(_TRANSITION)
+        self._sweep = client.register_script(_SWEEP)
         self.notifier = StreamNotifier(client)
 
     async def create(self, job: Job, idempotency_key: str = "") -> Job:
         """Store a new QUEUED job; with a key, a repeat returns the first job instead."""
+        await self.sweep()
         if idempotency_key:
             key = IDEMPOTENCY + idempotency_key
-            if not await self._r.set(key, job.id, nx=True, ex=7 * 24 * 3600):
+            if not await self._r.set(key, job.id, nx=True, ex=self._idempotency_seconds()):
                 existing = await self._r.get(key)
                 return await self.get(str(existing))
         job.created_at = time.time()
@@ -248,20 +295,36 @@ class AsyncJobStore:
     ) -> tuple[list[Job], int]:
         """Jobs newest first matching the filters; returns them and the next offset (0: end)."""
         found: list[Job] = []
+        expired: list[str] = []
         position = offset
         while len(found) < limit:
             ids = await self._r.zrevrange(INDEX, position, position + 4 * limit - 1)
             if not ids:
-                return found, 0
+                break
             for job_id in ids:
                 position += 1
                 job = await self._maybe_get(str(job_id))
-                if job and _matches(job, state, kind, model_name):
+                if job is None:
+                    expired.append(str(job_id))
+                elif _matches(job, state, kind, model_name):
                     found.append(job)
                     if len(found) == limit:
                         break
+        if expired:  # their records are gone; the next page starts that much earlier
+            await self._r.zrem(INDEX, *expired)
+            position -= len(expired)
         more = await self._r.zcard(INDEX) > position
         return found, position if more else 0
+
+    async def sweep(self) -> int:
+        """Drop from the index up to ``SWEEP`` ids of jobs whose records have expired, among
+        those created before the retention; returns how many. Each new job calls it, so
+        ids of expired jobs leave the index even when nobody lists that far back."""
+        if self._retention is None:
+            return 0
+        cutoff = time.time() - self._retention
+        args = [repr(cutoff), repr(random.random()), str(SWEEP), JOB_PREFIX]
+        return int(await self._sweep(keys=[INDEX], args=args))
 
     async def state(self, job_id: str) -> JobState:
         """The current state of a job."""
@@ -312,13 +375,19 @@ class AsyncJobStore:
     async def _run(self, job_id: str, args: list[str]) -> JobState | None:
         try:
             result = await self._transition(
-                keys=[job_key(job_id), events_key(job_id), STATS], args=args
+                keys=_transition_keys(job_id), args=[_retention_arg(self._retention), *args]
             )
         except redis.ResponseError as exc:
             if "NOTFOUND" in str(exc):
                 raise NotFound(f"job {job_id!r} not found") from None
             raise
         return _previous_state(str(result))
+
+    def _idempotency_seconds(self) -> int:
+        """A week, but never past the retention: the key then expires before the job it
+        names (which is kept the retention after it finished), so a repeat finds the job."""
+        week = 7 * 24 * 3600
+        return week if self._retention is None else min(week, self._retention)
 
     async def _maybe_get(self, job_id: str) -> Job | None:
         try:
@@ -336,10 +405,14 @@ def _matches(job: Job, state: str, kind: str, model_name: str) -> bool:
 
 
 class JobStore:
-    """The worker's view of jobs: start, report progress, finish."""
+    """The worker's view of jobs: start, report progress, finish.
 
-    def __init__(self, client: redis.Redis) -> None:
+    ``retention_seconds``: how long a job's records outlive its finish (None: for ever).
+    """
+
+    def __init__(self, client: redis.Redis, *, retention_seconds: int | None = None) -> None:
         self._r = client
+        self._retention = retention_seconds
         self._transition = client.register_script(_TRANSITION)
 
     def get(self, job_id: str) -> Job:
@@ -350,8 +423,13 @@ class JobStore:
         return _decode(h, cast(list[str], self._r.lrange(history_key(job_id), 0, -1)))
 
     def start(self, job_id: str, max_attempts: int) -> Job | None:
-        """Move a job to RUNNING and count the attempt; None when it must not run."""
-        state = self.state(job_id)
+        """Move a job to RUNNING and count the attempt; None when it must not run (also
+        when its record is gone: a task of a job cancelled while queued, taken after the
+        retention)."""
+        try:
+            state = self.state(job_id)
+        except NotFound:
+            return None
         if state is JobState.CANCELLING:
             self._run(job_id, _transition_args([state], JobState.CANCELLED, {}, _now_done()))
         if state not in (JobState.QUEUED, JobState.RUNNING):
@@ -432,7 +510,9 @@ class JobStore:
 
     def _run(self, job_id: str, args: list[str]) -> JobState | None:
         try:
-            result = self._transition(keys=[job_key(job_id), events_key(job_id), STATS], args=args)
+            result = self._transition(
+                keys=_transition_keys(job_id), args=[_retention_arg(self._retention), *args]
+            )
         except redis.ResponseError as exc:
             if "NOTFOUND" in str(exc):
                 raise NotFound(f"job {job_id!r} not found") from None
