@@ -50,8 +50,10 @@ class ResourceExhausted(FitserveError):
     pushback); None: waiting will not help (a request over a size limit).
     """
 
-    def __init__(self, message: str, retry_after_seconds: float | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, retry_after_seconds: float | None = None, *, field: str | None = None
+    ) -> None:
+        super().__init__(message, field=field)
         self.retry_after_seconds = retry_after_seconds
 
 

@@ -50,6 +50,7 @@ SHED_METHODS = frozenset(
 )
 DRAIN_SMOOTHING = 0.1  # weight of each interval's drain rate in the moving average
 MAX_SHED_SHARE = 0.95
+MAX_RETRY_HINT = 5.0  # seconds; the longest retry hint a refusal sends, as the batcher's
 SHED_LOG_SECONDS = 10.0
 RATE_TTL = 1.0  # seconds a measured drain rate is trusted without a new measurement
 MIN_DRAIN_RATE = 1.0  # calls/s: a server draining slower than this counts as this slow
@@ -204,7 +205,7 @@ class CallGate(grpc.aio.ServerInterceptor):
             f"({self.backlog.waiting} calls) before a handler, over this server's "
             f"{self.max_wait * 1000:.0f} ms (FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS); retry "
             "with backoff, or add replicas",
-            wait,
+            min(wait, MAX_RETRY_HINT),
         )
 
     def _shed(self, refusal: Overloaded) -> None:

@@ -86,7 +86,10 @@ class FitserveServer:
         if self._watch is not None:
             self._watch.cancel()
         for close in reversed(self.closers):
-            await close()
+            try:
+                await close()
+            except Exception:  # one part failing to close must not keep the others open
+                log.exception("closing %s failed", getattr(close, "__qualname__", close))
         if self.metrics_server is not None:
             stop_metrics(self.metrics_server)
 

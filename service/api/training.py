@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from service.metrics import Metrics
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN, TaskQueue
 
 MAX_PAGE = 1000
+EVENT_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 WATCH_WAIT_SECONDS = 2.0  # a watcher re-reads the job's state at least this often
 
 
@@ -113,7 +115,7 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         self, request: training_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[training_pb2.JobEvent]:
         job_id = _job_id(request.job_id)
-        after = request.after_event_id
+        after = _event_id(request.after_event_id)
         while True:
             # Read the state first: once it is terminal, every event is already in the
             # stream, so end when nothing is left to read.
@@ -237,6 +239,18 @@ def _job_id(value: str) -> str:
         raise InvalidRequest("job_id is required", field="job_id")
     if len(value) > 64 or not value.isalnum():
         raise InvalidRequest(f"job_id {value!r} is not a job id", field="job_id")
+    return value
+
+
+def _event_id(value: str) -> str:
+    """An event id a client saw (``<ms>-<seq>``), or "" for the start."""
+    if value and not EVENT_ID.fullmatch(value):
+        raise InvalidRequest(
+            f"after_event_id {value[:64]!r} is not an event id; send the event_id of the "
+            "last event you received (like '1700000000000-0'), or nothing to start from the "
+            "first event",
+            field="after_event_id",
+        )
     return value
 
 

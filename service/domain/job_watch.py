@@ -26,7 +26,10 @@ RETRY_SECONDS = 0.5  # pause after a failed read, so a Redis outage is not a bus
 
 
 def _order(event_id: str) -> tuple[int, int]:
+    """Stream ids in Redis's order; anything else sorts first (read from the start)."""
     ms, _, seq = event_id.partition("-")
+    if not (ms.isdigit() and (seq.isdigit() or not seq)):
+        return (0, 0)
     return int(ms), int(seq or 0)
 
 
@@ -37,6 +40,7 @@ class StreamNotifier:
         self._r = client
         self._waiting: dict[str, list[tuple[str, asyncio.Event]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def watched(self) -> int:
@@ -46,7 +50,11 @@ class StreamNotifier:
     async def wait(self, key: str, after: str, longest: float) -> None:
         """Return once stream ``key`` has an entry after id ``after`` ("": any entry), or
         after ``longest`` seconds, whichever is first. The caller reads the entries."""
-        entry = (after or "0-0", asyncio.Event())
+        if self._closed:
+            return
+        if _order(after) == (0, 0):
+            after = "0-0"
+        entry = (after, asyncio.Event())
         self._waiting.setdefault(key, []).append(entry)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
@@ -61,19 +69,21 @@ class StreamNotifier:
                     del self._waiting[key]
 
     async def close(self) -> None:
-        """Stop reading (the watchers' own timeouts end their waits)."""
+        """Stop reading for good; waiting watchers are woken to end their waits."""
+        self._closed = True
+        self._wake(list(self._waiting))
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     async def _run(self) -> None:
-        while self._waiting:
-            streams: Any = {
-                key: min((after for after, _ in entries), key=_order)
-                for key, entries in self._waiting.items()
-            }
+        while self._waiting and not self._closed:
             try:
+                streams: Any = {
+                    key: min((after for after, _ in entries), key=_order)
+                    for key, entries in self._waiting.items()
+                }
                 reply: Any = await self._r.xread(streams, count=1, block=BLOCK_MS)
             except Exception as exc:  # Redis trouble: let every watcher read (and report) it
                 log.warning("reading the watched job streams failed: %s", exc)

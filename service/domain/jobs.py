@@ -311,8 +311,7 @@ class AsyncJobStore:
                     if len(found) == limit:
                         break
         if expired:  # their records are gone; the next page starts that much earlier
-            await self._r.zrem(INDEX, *expired)
-            position -= len(expired)
+            position -= int(await self._r.zrem(INDEX, *expired))  # as many as this call removed
         more = await self._r.zcard(INDEX) > position
         return found, position if more else 0
 

@@ -158,6 +158,16 @@ def test_job_id_must_look_like_one(channel: grpc.Channel) -> None:
     assert exc.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("after", ["$", "+", "1700000000000-x", "-1"])
+def test_watch_from_something_not_an_event_id_is_refused(channel: grpc.Channel, after: str) -> None:
+    stub = training_pb2_grpc.TrainingServiceStub(channel)
+    request = training_pb2.WatchJobRequest(job_id="0" * 32, after_event_id=after)
+    with pytest.raises(grpc.RpcError) as exc:
+        list(stub.WatchJob(request, timeout=30))
+    assert exc.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "is not an event id" in exc.value.details()  # type: ignore[attr-defined]
+
+
 def test_an_empty_fine_tune_request_names_the_base(channel: grpc.Channel) -> None:
     stub = training_pb2_grpc.TrainingServiceStub(channel)
     with pytest.raises(grpc.RpcError) as exc:

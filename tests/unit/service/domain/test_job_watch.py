@@ -84,3 +84,33 @@ def test_hundreds_of_waiters_share_one_connection_and_each_wakes_on_its_stream(
             await asyncio.gather(*waits[150:], return_exceptions=True)
 
     asyncio.run(_with_notifier(redis_url, body))
+
+
+def test_a_waiter_with_a_cursor_that_is_not_an_id_breaks_no_one(redis_url: str) -> None:
+    async def body(client: aioredis.Redis, notifier: StreamNotifier) -> None:
+        odd, key = _key(), _key()
+        odd_wait = asyncio.create_task(notifier.wait(odd, "$", WAIT))
+        seen = await client.xadd(key, {"n": "1"})
+        waiting = asyncio.create_task(notifier.wait(key, seen, WAIT))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        await client.xadd(key, {"n": "2"})
+        await asyncio.wait_for(waiting, WAIT)
+        assert time.monotonic() - started < 2.0  # the shared read still runs
+        await client.xadd(odd, {"n": "1"})  # "$" counts as "from the start"
+        await asyncio.wait_for(odd_wait, WAIT)
+
+    asyncio.run(_with_notifier(redis_url, body))
+
+
+def test_closing_wakes_the_waiters_and_later_waits_return_at_once(redis_url: str) -> None:
+    async def body(client: aioredis.Redis, notifier: StreamNotifier) -> None:
+        key = _key()
+        seen = await client.xadd(key, {"n": "1"})
+        waiting = asyncio.create_task(notifier.wait(key, seen, 3600))
+        await asyncio.sleep(0.2)
+        await notifier.close()
+        await asyncio.wait_for(waiting, WAIT)  # not the hour
+        await asyncio.wait_for(notifier.wait(key, seen, 3600), WAIT)
+
+    asyncio.run(_with_notifier(redis_url, body))
