@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import cast
 
 import grpc
@@ -162,16 +163,9 @@ def test_calls_waiting_in_grpcs_queue_are_shed_and_control_calls_never_are(
     versions: dict[str, int], settings: Settings, digits: Digits
 ) -> None:
     """With a queue-wait bound of 1 µs, any backlog in gRPC's own queue sheds Predict."""
-    shedding = settings.model_copy(
-        update={
-            "roles": ["inference"],
-            "inference": InferenceSettings(reload_poll_seconds=3600, max_queue_wait_ms=0.001),
-        }
-    )
-    running, thread = run_server(shedding)
     name, x = "inf-batching", digits[0][:1]
     refused: list[grpc.RpcError] = []
-    try:
+    with _inference_server(settings, max_queue_wait_ms=0.001) as running:
         with grpc.insecure_channel(running.target) as channel:
             sdk = fitserve.Client(channel=channel)
             health_stub = health_pb2_grpc.HealthStub(channel)
@@ -195,6 +189,20 @@ def test_calls_waiting_in_grpcs_queue_are_shed_and_control_calls_never_are(
         assert _metric(running, "fitserve_predict_rejections_total", reason="overloaded") >= len(
             refused
         )
+
+
+@contextmanager
+def _inference_server(settings: Settings, **inference: object) -> Iterator[RunningServer]:
+    """An inference-only server of one test's own, with these inference settings."""
+    own = settings.model_copy(
+        update={
+            "roles": ["inference"],
+            "inference": InferenceSettings(reload_poll_seconds=3600, **inference),  # type: ignore[arg-type]
+        }
+    )
+    running, thread = run_server(own)
+    try:
+        yield running
     finally:
         stop_server(running, thread)
 
@@ -340,23 +348,16 @@ def test_feedback_reaches_any_replica_and_checks_the_labels(
 def test_predictions_not_sampled_for_feedback_answer_not_found_saying_so(
     versions: dict[str, int], settings: Settings, digits: Digits
 ) -> None:
-    unsampled = settings.model_copy(
-        update={
-            "roles": ["inference"],
-            "inference": InferenceSettings(reload_poll_seconds=3600, feedback_sample_rate=0.0),
-        }
-    )
-    running, thread = run_server(unsampled)
-    try:
-        with fitserve.Client(running.target, timeout=60) as sdk:
-            prediction = sdk.predict_full("inf-batching", digits[0][:2])
-            assert prediction.outputs["output_0"].shape == (2, 10)  # Predict itself is served
-            with pytest.raises(
-                fitserve.NotFoundError, match="only 0% of predictions are kept for feedback"
-            ):
-                sdk.feedback(prediction.request_id, np.array([1, 2]))
-    finally:
-        stop_server(running, thread)
+    with (
+        _inference_server(settings, feedback_sample_rate=0.0) as running,
+        fitserve.Client(running.target, timeout=60) as sdk,
+    ):
+        prediction = sdk.predict_full("inf-batching", digits[0][:2])
+        assert prediction.outputs["output_0"].shape == (2, 10)  # Predict itself is served
+        with pytest.raises(
+            fitserve.NotFoundError, match="only 0% of predictions are kept for feedback"
+        ):
+            sdk.feedback(prediction.request_id, np.array([1, 2]))
 
 
 # ---- inputs ------------------------------------------------------------------------------
