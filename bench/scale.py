@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import numpy as np
@@ -29,7 +29,7 @@ import redis
 
 from bench import procs
 from bench.report import machine
-from bench.training import LAYERS
+from bench.training import train_reference
 
 EPOCH_LOG_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 CHECKPOINTS = 10  # queue lengths at which GetJob and ListJobs are sampled
@@ -183,19 +183,8 @@ def jobs(work: Path, n_jobs: int, epochs: int) -> dict[str, Any]:
             ds = client.upload_dataset("tiny", x=x, y=np.arange(64) % 10)
 
             def train(i: int) -> str:
-                job = client.train(
-                    f"scale-{i % 10}",
-                    layers=cast(list[dict[str, Any]], LAYERS),
-                    optimizer="adam",
-                    loss="sparse_categorical_crossentropy",
-                    metrics=["accuracy"],
-                    dataset=ds,
-                    epochs=epochs,
-                    batch_size=32,
-                    validation_split=0.1,
-                    seed=0,
-                )
-                return job.id
+                job = train_reference(client, ds, epochs, f"scale-{i % 10}", validation_split=0.1)
+                return str(job.id)
 
             control = train(-1)  # a job taken out of the queue: GetJob without the scan
             client.cancel_job(control)

@@ -105,9 +105,9 @@ class _Stack:
             procs.stop(proc)
 
 
-def _train(client: Any, ds: Any, epochs: int, name: str) -> tuple[Any, float, float]:
-    called = time.time()
-    job = client.train(
+def train_reference(client: Any, ds: Any, epochs: int, name: str, **fit: Any) -> Any:
+    """Submit the reference MLP job (the plain script's model, compile and fit)."""
+    return client.train(
         name,
         layers=LAYERS,
         optimizer="adam",
@@ -117,7 +117,13 @@ def _train(client: Any, ds: Any, epochs: int, name: str) -> tuple[Any, float, fl
         epochs=epochs,
         batch_size=32,
         seed=0,
+        **fit,
     )
+
+
+def _train(client: Any, ds: Any, epochs: int, name: str) -> tuple[Any, float, float]:
+    called = time.time()
+    job = train_reference(client, ds, epochs, name)
     returned = time.time()
     return job, called, returned
 
