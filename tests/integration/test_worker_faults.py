@@ -34,6 +34,15 @@ def stack(tmp_path: Path) -> Iterator[tuple[Settings, str]]:
         yield settings, running.target
 
 
+@pytest.fixture
+def plain_stack(tmp_path: Path) -> Iterator[tuple[Settings, str]]:
+    """Like ``stack`` with the default visibility timeout: a message must not come back
+    while a fresh child imports TensorFlow (several seconds), or it is redelivered to the
+    next fresh child, and again, for ever."""
+    with private_stack(tmp_path) as (settings, running):
+        yield settings, running.target
+
+
 def _worker(settings: Settings, log: Path, **extra: str) -> subprocess.Popen[bytes]:
     timeout = {"FITSERVE_JOB_VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY_TIMEOUT)}
     return start_worker(settings, log, **timeout, **extra)
@@ -108,11 +117,11 @@ def _first_epoch_of_attempt(events: list[training_pb2.JobEvent], attempt: int) -
 
 
 def test_a_worker_child_is_replaced_after_its_job_limit_and_comes_up_warm(
-    stack: tuple[Settings, str], tmp_path: Path
+    plain_stack: tuple[Settings, str], tmp_path: Path
 ) -> None:
-    settings, target = stack
+    settings, target = plain_stack
     log = tmp_path / "worker.log"
-    worker = _worker(settings, log, FITSERVE_WORKER_MAX_JOBS_PER_CHILD="1")
+    worker = start_worker(settings, log, FITSERVE_WORKER_MAX_JOBS_PER_CHILD="1")
     x = np.random.default_rng(0).random((32, 4), dtype=np.float32)
     try:
         with fitserve.Client(target, timeout=120) as client:
