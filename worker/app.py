@@ -29,7 +29,7 @@ def warm_child(**_: Any) -> None:
     import keras  # noqa: F401
     import tensorflow  # noqa: F401
 
-    from service.domain import devices
+    from service.training import devices
 
     devices.configure(settings.worker_cpu_devices)
     log.info("worker child ready (TensorFlow imported)")

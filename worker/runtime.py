@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import traceback
+from typing import assert_never
 
 import redis
 
 from service.config import Settings
-from service.domain.datasets import DatasetStore
-from service.domain.jobs import Job, JobKind, JobStore
+from service.domain.datasets.store import DatasetStore
+from service.domain.job_store import JobStore
+from service.domain.jobs import Job, JobKind
 from service.domain.model_events import Publisher
 from service.domain.model_store import ModelStore
 from service.domain.workspace import Workspace
@@ -86,20 +88,21 @@ def _run(job: Job, ws: Workspace) -> None:
 
 
 def _dispatch(job: Job, ws: Workspace) -> None:
-    if job.kind is JobKind.TRAIN:
-        from service.domain.requests import TrainSpec
-        from service.domain.training import run_train
+    match job.kind:
+        case JobKind.TRAIN:
+            from service.domain.job_specs import TrainSpec
+            from service.training.train import run_train
 
-        run_train(job, TrainSpec.model_validate(job.request), ws)
-    elif job.kind is JobKind.EVALUATE:
-        from service.domain.evaluating import run_evaluate
-        from service.domain.requests import EvaluateSpec
+            run_train(job, TrainSpec.model_validate(job.request), ws)
+        case JobKind.EVALUATE:
+            from service.domain.job_specs import EvaluateSpec
+            from service.training.evaluate import run_evaluate
 
-        run_evaluate(job, EvaluateSpec.model_validate(job.request), ws)
-    elif job.kind is JobKind.FINE_TUNE:
-        from service.domain.fine_tuning import run_fine_tune
-        from service.domain.requests import FineTuneSpec
+            run_evaluate(job, EvaluateSpec.model_validate(job.request), ws)
+        case JobKind.FINE_TUNE:
+            from service.domain.job_specs import FineTuneSpec
+            from service.training.fine_tune import run_fine_tune
 
-        run_fine_tune(job, FineTuneSpec.model_validate(job.request), ws)
-    else:
-        ws.jobs.fail(job.id, "UNIMPLEMENTED", f"{job.kind.value} jobs are not implemented yet")
+            run_fine_tune(job, FineTuneSpec.model_validate(job.request), ws)
+        case _:
+            assert_never(job.kind)

@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from fitserve.v1 import dataset_pb2, model_pb2, tensor_pb2, training_pb2
-from service.domain.datasets import DatasetInfo
+from service.domain.datasets.store import DatasetInfo
 from service.domain.jobs import Job, JobEvent
 from service.errors import InvalidRequest
 
@@ -93,7 +93,7 @@ def message_to_data(message: Message) -> dict[str, Any]:
 
 
 def train_request_data(request: training_pb2.TrainRequest) -> dict[str, Any]:
-    """A TrainRequest as plain data in the shape ``service.domain.requests`` validates."""
+    """A TrainRequest as plain data in the shape ``service.domain.job_specs`` validates."""
     data = message_to_data(request)
     model = data.get("model", {})
     if "layers" in model:

@@ -8,26 +8,28 @@ from typing import Any, TypeVar
 
 from fitserve.v1 import dataset_pb2, dataset_pb2_grpc
 from service.api import converters
-from service.api.status import Context, Edge, Servicer, unary
-from service.domain.datasets import DatasetStore, DatasetUpload
+from service.api.paging import page
+from service.api.status import Context, RpcOutcomes, Servicer, unary
+from service.domain.datasets.store import DatasetStore, DatasetUpload
 from service.errors import InvalidRequest
 from service.metrics import Metrics
 
-MAX_PAGE = 1000
 T = TypeVar("T")
 
 
 class DatasetServicer(Servicer, dataset_pb2_grpc.DatasetServiceServicer):
     """Thin handlers over the dataset store; file work runs in threads."""
 
-    def __init__(self, edge: Edge, store: DatasetStore, metrics: Metrics) -> None:
-        super().__init__(edge)
+    def __init__(self, outcomes: RpcOutcomes, store: DatasetStore, metrics: Metrics) -> None:
+        super().__init__(outcomes)
         self._store, self._metrics = store, metrics
 
     @unary
     async def UploadDataset(
         self, request_iterator: AsyncIterator[dataset_pb2.UploadDatasetRequest], context: Context
     ) -> dataset_pb2.Dataset:
+        """Store a client-streamed .npz (a header, then chunks) content-addressed by sha256; a
+        bad header or archive is INVALID_ARGUMENT and leaves nothing behind."""
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("header"):
             raise InvalidRequest(
@@ -50,6 +52,7 @@ class DatasetServicer(Servicer, dataset_pb2_grpc.DatasetServiceServicer):
     async def GetDataset(
         self, request: dataset_pb2.GetDatasetRequest, context: Context
     ) -> dataset_pb2.Dataset:
+        """A stored dataset by id or name; NOT_FOUND when there is none."""
         info = await asyncio.to_thread(self._store.get, _ref(request.dataset))
         return converters.dataset_to_proto(info)
 
@@ -57,19 +60,19 @@ class DatasetServicer(Servicer, dataset_pb2_grpc.DatasetServiceServicer):
     async def ListDatasets(
         self, request: dataset_pb2.ListDatasetsRequest, context: Context
     ) -> dataset_pb2.ListDatasetsResponse:
-        offset, size = page(request.page_size, request.page_token)
-        infos = await asyncio.to_thread(self._store.list)
-        chunk = infos[offset : offset + size]
-        more = offset + size < len(infos)
+        """Stored datasets, newest first, a page at a time; INVALID_ARGUMENT for a page_size
+        over the maximum or a page_token this server did not issue."""
+        wanted = page(request.page_size, request.page_token)
+        chunk, token = wanted.of(await asyncio.to_thread(self._store.list))
         return dataset_pb2.ListDatasetsResponse(
-            datasets=[converters.dataset_to_proto(i) for i in chunk],
-            next_page_token=str(offset + size) if more else "",
+            datasets=[converters.dataset_to_proto(i) for i in chunk], next_page_token=token
         )
 
     @unary
     async def DeleteDataset(
         self, request: dataset_pb2.DeleteDatasetRequest, context: Context
     ) -> dataset_pb2.DeleteDatasetResponse:
+        """Delete a stored dataset; NOT_FOUND when there is none."""
         await asyncio.to_thread(self._store.delete, _ref(request.dataset))
         return dataset_pb2.DeleteDatasetResponse()
 
@@ -93,12 +96,3 @@ def _ref(value: str) -> str:
     if not value:
         raise InvalidRequest("dataset is required (an id 'sha256:...' or a name)", field="dataset")
     return value
-
-
-def page(page_size: int, page_token: str) -> tuple[int, int]:
-    """Offset and size of a page request; tokens are offsets this server issued."""
-    if page_size < 0 or page_size > MAX_PAGE:
-        raise InvalidRequest(f"page_size must be 1..{MAX_PAGE}", field="page_size")
-    if page_token and not page_token.isdigit():
-        raise InvalidRequest("page_token is not one this server issued", field="page_token")
-    return int(page_token or 0), page_size or 50

@@ -9,11 +9,11 @@ import redis.asyncio as aioredis
 
 from fitserve.v1 import model_pb2, model_pb2_grpc
 from service.api import converters
-from service.api.datasets import page
-from service.api.status import Context, Edge, Servicer, unary
+from service.api.paging import page
+from service.api.status import Context, RpcOutcomes, Servicer, unary
 from service.domain.model_events import CHANNEL, ModelEvent
 from service.domain.model_store import ModelStore
-from service.domain.names import check_name
+from service.domain.resource_names import check_name
 from service.errors import InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
     """Thin handlers over the model store; file work runs in threads."""
 
-    def __init__(self, edge: Edge, store: ModelStore, events: aioredis.Redis | None = None) -> None:
-        super().__init__(edge)
+    def __init__(
+        self, outcomes: RpcOutcomes, store: ModelStore, events: aioredis.Redis | None = None
+    ) -> None:
+        super().__init__(outcomes)
         self._store = store
         self._events = events
 
@@ -40,25 +42,26 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
     async def ListModels(
         self, request: model_pb2.ListModelsRequest, context: Context
     ) -> model_pb2.ListModelsResponse:
-        offset, size = page(request.page_size, request.page_token)
-        names = await asyncio.to_thread(self._store.models)
-        chunk = names[offset : offset + size]
+        """Models by name with their latest version and aliases, a page at a time;
+        INVALID_ARGUMENT for a page_size over the maximum or a page_token not issued here."""
+        wanted = page(request.page_size, request.page_token)
+        chunk, token = wanted.of(await asyncio.to_thread(self._store.models))
         summaries = await asyncio.to_thread(lambda: [self._summary(n) for n in chunk])
-        more = offset + size < len(names)
-        return model_pb2.ListModelsResponse(
-            models=summaries, next_page_token=str(offset + size) if more else ""
-        )
+        return model_pb2.ListModelsResponse(models=summaries, next_page_token=token)
 
     @unary
     async def GetModel(
         self, request: model_pb2.GetModelRequest, context: Context
     ) -> model_pb2.Model:
+        """A model's versions (with metadata and metrics) and aliases; NOT_FOUND when unknown."""
         return await asyncio.to_thread(self._model, _name(request.name))
 
     @unary
     async def SetAlias(
         self, request: model_pb2.SetAliasRequest, context: Context
     ) -> model_pb2.SetAliasResponse:
+        """Point an alias (stable, canary, ...) at an existing version, so callers that name
+        the alias switch without a redeploy; NOT_FOUND for an unknown model or version."""
         name = _name(request.model_name)
         if request.version <= 0:
             raise InvalidRequest("version must be a positive version number", field="version")
@@ -74,6 +77,7 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
     async def DeleteAlias(
         self, request: model_pb2.DeleteAliasRequest, context: Context
     ) -> model_pb2.DeleteAliasResponse:
+        """Remove an alias; NOT_FOUND when the model has no such alias."""
         name = _name(request.model_name)
         await asyncio.to_thread(self._store.delete_alias, name, request.alias)
         await self._publish(ModelEvent(name, 0, request.alias))
@@ -83,6 +87,8 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
     async def DeleteVersion(
         self, request: model_pb2.DeleteVersionRequest, context: Context
     ) -> model_pb2.DeleteVersionResponse:
+        """Delete a version; NOT_FOUND when there is none, FAILED_PRECONDITION while an alias
+        points at it (move the alias first)."""
         if request.version <= 0:
             raise InvalidRequest("version must be a positive version number", field="version")
         name = _name(request.model_name)

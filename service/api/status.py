@@ -1,7 +1,7 @@
 """Maps domain errors to gRPC status at the edge, and wraps every RPC the same way.
 
-Each handler is wrapped by ``unary``, ``stream_out`` or ``stream_in``: the wrapper gives the
-call a request id, counts and times it, turns a ``FitserveError`` into its status code
+Each handler is wrapped by ``unary`` or ``stream_out``: the wrapper gives the call a request
+id, counts and times it, turns a ``FitserveError`` into the status its ``code`` names
 (INVALID_ARGUMENT carries a google.rpc.BadRequest naming the field), and turns anything
 else into INTERNAL with the request id, logging the traceback instead of sending it.
 """
@@ -17,8 +17,8 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 import redis
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf import message
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service import errors
@@ -27,66 +27,54 @@ from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-CODES: dict[type[errors.FitserveError], grpc.StatusCode] = {
-    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-}
-
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Self = TypeVar("Self")
 Context = grpc.aio.ServicerContext[Any, Any]
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 def code_of(exc: errors.FitserveError) -> grpc.StatusCode:
-    """The gRPC code of a domain error."""
-    for cls in type(exc).__mro__:
-        if cls in CODES:
-            return CODES[cls]
-    return grpc.StatusCode.INTERNAL
+    """The gRPC code of a domain error, which names it in ``code``."""
+    return grpc.StatusCode[exc.code]
 
 
 def to_status(exc: errors.FitserveError) -> grpc.Status:
     """A rich status: code, message, BadRequest field details when a field is known, and
     RetryInfo when the error says when to retry (a full queue)."""
-    code = code_of(exc)
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=exc.message)
-    if exc.field:
-        detail = any_pb2.Any()
-        violation = error_details_pb2.BadRequest.FieldViolation(
-            field=exc.field, description=exc.message
-        )
-        detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-        status.details.append(detail)
     retry_after = exc.retry_after_seconds if isinstance(exc, errors.ResourceExhausted) else None
-    if retry_after is not None:
-        hint = error_details_pb2.RetryInfo()
-        hint.retry_delay.FromNanoseconds(int(retry_after * 1e9))
-        status.details.add().Pack(hint)
+    status = status_pb2.Status(code=code_of(exc).value[0], message=exc.message)
+    for detail in _details(exc, retry_after):
+        status.details.add().Pack(detail)
     result: grpc.Status = rpc_status.to_status(status)
-    # Server pushback (gRFC A6) for gRPC's own retry policy (the SDK's, or any client's
-    # service config): wait this long before the next attempt; a negative value: do not
-    # retry, for RESOURCE_EXHAUSTED that waiting cannot cure (a request over the size limit).
-    if retry_after is not None:
-        pushback = str(max(1, round(retry_after * 1000)))
-    elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        pushback = "-1"
-    else:
+    if (pushback := _pushback(exc, retry_after)) is None:
         return result
     return _Status(
         result.code, result.details, (*result.trailing_metadata, (PUSHBACK_KEY, pushback))
     )
 
 
-PUSHBACK_KEY = "grpc-retry-pushback-ms"
+def _details(exc: errors.FitserveError, retry_after: float | None) -> list[message.Message]:
+    """The field at fault (BadRequest) and when to retry (RetryInfo), those that are known."""
+    details: list[message.Message] = []
+    if exc.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=exc.field, description=exc.message
+        )
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    if retry_after is not None:
+        hint = error_details_pb2.RetryInfo()
+        hint.retry_delay.FromNanoseconds(int(retry_after * 1e9))
+        details.append(hint)
+    return details
+
+
+def _pushback(exc: errors.FitserveError, retry_after: float | None) -> str | None:
+    """Server pushback (gRFC A6) for gRPC's own retry policy (the SDK's, or any client's
+    service config): wait this long before the next attempt; a negative value: do not
+    retry, for RESOURCE_EXHAUSTED that waiting cannot cure (a request over the size limit)."""
+    if retry_after is not None:
+        return str(max(1, round(retry_after * 1000)))
+    return "-1" if exc.code == "RESOURCE_EXHAUSTED" else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +84,9 @@ class _Status(grpc.Status):
     trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
-class Edge:
-    """Per-server state the wrappers need: the metrics object."""
+class RpcOutcomes:
+    """How every RPC ends: counted and timed on success (``ok``), or aborted with the
+    status its error maps to, counted and logged (``fail``). One per server."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -107,19 +96,18 @@ class Edge:
     ) -> NoReturn:
         """Abort the call with the status ``exc`` maps to (``quiet``: count it, log nothing;
         for refusals that come by the thousand and have their own metric)."""
-        if isinstance(exc, errors.FitserveError):
-            self._count(method, code_of(exc))
-            if not quiet:
-                log.info("%s: %s", method, exc.message, extra={"code": code_of(exc).name})
-            await context.abort_with_status(to_status(exc))
         if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-            unavailable = errors.Unavailable(
+            exc = errors.Unavailable(
                 f"Redis did not answer ({type(exc).__name__}: {exc}); retry shortly"
             )
-            log.warning("%s: %s", method, unavailable.message)
-            self._count(method, grpc.StatusCode.UNAVAILABLE)
-            await context.abort_with_status(to_status(unavailable))
-        self._count(method, grpc.StatusCode.INTERNAL)
+            log.warning("%s: %s", method, exc.message)  # logged louder than a caller's mistake
+            quiet = True
+        if isinstance(exc, errors.FitserveError):
+            self._count(method, exc.code)
+            if not quiet:
+                log.info("%s: %s", method, exc.message, extra={"code": exc.code})
+            await context.abort_with_status(to_status(exc))
+        self._count(method, "INTERNAL")
         log.error("%s failed", method, exc_info=exc)
         await context.abort(
             grpc.StatusCode.INTERNAL,
@@ -128,18 +116,19 @@ class Edge:
         raise AssertionError("unreachable")  # abort raises
 
     def ok(self, method: str, started: float) -> None:
-        self._count(method, grpc.StatusCode.OK)
+        """Count a call that returned, and time it from ``started`` (monotonic)."""
+        self._count(method, "OK")
         self.metrics.rpc_latency.labels(method).observe(time.monotonic() - started)
 
-    def _count(self, method: str, code: grpc.StatusCode) -> None:
-        self.metrics.rpc_requests.labels(method, code.name).inc()
+    def _count(self, method: str, code: str) -> None:
+        self.metrics.rpc_requests.labels(method, code).inc()
 
 
 class Servicer:
-    """Base of fitserve servicers: holds the Edge the wrappers use."""
+    """Base of fitserve servicers: holds the RpcOutcomes the wrappers use."""
 
-    def __init__(self, edge: Edge) -> None:
-        self.edge = edge
+    def __init__(self, outcomes: RpcOutcomes) -> None:
+        self.outcomes = outcomes
 
 
 S = TypeVar("S", bound=Servicer)
@@ -158,10 +147,10 @@ def unary(
         try:
             response = await fn(self, request, context)
         except Exception as exc:
-            await self.edge.fail(context, method, exc)
+            await self.outcomes.fail(context, method, exc)
         finally:
             request_id_var.reset(token)
-        self.edge.ok(method, started)
+        self.outcomes.ok(method, started)
         return response
 
     return wrapper
@@ -183,7 +172,7 @@ def stream_out(
             async for item in fn(self, request, context):
                 yield item
         except Exception as exc:
-            await self.edge.fail(context, method, exc)
-        self.edge.ok(method, started)
+            await self.outcomes.fail(context, method, exc)
+        self.outcomes.ok(method, started)
 
     return wrapper

@@ -11,12 +11,12 @@ from typing import Any
 
 from fitserve.v1 import training_pb2, training_pb2_grpc
 from service.api import converters
-from service.api.status import Context, Edge, Servicer, stream_out, unary
-from service.domain import dataset_sources
-from service.domain.datasets import DatasetStore
-from service.domain.jobs import AsyncJobStore, Job, JobKind, JobState
-from service.domain.model_store import ModelStore
-from service.domain.requests import (
+from service.api.paging import next_token, page
+from service.api.status import Context, RpcOutcomes, Servicer, stream_out, unary
+from service.domain.config_check import check_model_spec
+from service.domain.datasets import sources
+from service.domain.datasets.store import DatasetStore
+from service.domain.job_specs import (
     DatasetRef,
     EvaluateSpec,
     FineTuneSpec,
@@ -26,12 +26,13 @@ from service.domain.requests import (
     parse_fine_tune,
     parse_train,
 )
-from service.domain.specs import check_model_spec
+from service.domain.job_store import AsyncJobStore
+from service.domain.jobs import Job, JobKind, JobState
+from service.domain.model_store import ModelStore
 from service.errors import InvalidRequest, Unavailable
 from service.metrics import Metrics
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN, TaskQueue
 
-MAX_PAGE = 1000
 EVENT_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 WATCH_WAIT_SECONDS = 2.0  # a watcher re-reads the job's state at least this often
 
@@ -41,16 +42,16 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
 
     def __init__(
         self,
-        edge: Edge,
+        outcomes: RpcOutcomes,
         jobs: AsyncJobStore,
         queue: TaskQueue,
         datasets: DatasetStore,
         models: ModelStore,
         metrics: Metrics,
         dataset_roots: Sequence[Path] = (),
-        dataset_url_schemes: Sequence[str] = dataset_sources.DEFAULT_URL_SCHEMES,
+        dataset_url_schemes: Sequence[str] = sources.DEFAULT_URL_SCHEMES,
     ) -> None:
-        super().__init__(edge)
+        super().__init__(outcomes)
         self._jobs, self._queue, self._metrics = jobs, queue, metrics
         self._datasets, self._models = datasets, models
         # Settings.dataset_roots; its default, when the composition root passes none.
@@ -61,6 +62,8 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     async def Train(
         self, request: training_pb2.TrainRequest, context: Context
     ) -> training_pb2.TrainResponse:
+        """Validate a training request and queue it as a job (idempotent per
+        idempotency_key); INVALID_ARGUMENT names the first bad field."""
         spec = parse_train(converters.train_request_data(request))
         check_model_spec(spec.model)
         await self._check_datasets(spec.dataset, spec.fit.validation_data)
@@ -72,6 +75,8 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     async def FineTune(
         self, request: training_pb2.FineTuneRequest, context: Context
     ) -> training_pb2.FineTuneResponse:
+        """Queue a job that continues training a stored version (last N layers, or a new
+        head on a frozen base); NOT_FOUND when the base version does not exist."""
         spec = parse_fine_tune(converters.fine_tune_request_data(request))
         spec = await asyncio.to_thread(self._resolve_base, spec)
         await self._check_datasets(spec.dataset, spec.fit.validation_data)
@@ -83,6 +88,8 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     async def Evaluate(
         self, request: training_pb2.EvaluateRequest, context: Context
     ) -> training_pb2.EvaluateResponse:
+        """Queue a job that evaluates a stored version on a dataset, its metrics recorded on
+        the version; NOT_FOUND for an unknown model, version, alias or dataset."""
         spec = parse_evaluate(converters.evaluate_request_data(request))
         spec = await asyncio.to_thread(self._resolve, spec)
         await self._check_datasets(spec.dataset)
@@ -94,6 +101,8 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     async def GetJob(
         self, request: training_pb2.GetJobRequest, context: Context
     ) -> training_pb2.Job:
+        """A job's record, with its place in its queue while QUEUED; NOT_FOUND when unknown
+        or expired."""
         job = await self._jobs.get(_job_id(request.job_id))
         positions = await self._queue_positions([job])
         return converters.job_to_proto(job, positions.get(job.id, -1))
@@ -102,18 +111,22 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     async def ListJobs(
         self, request: training_pb2.ListJobsRequest, context: Context
     ) -> training_pb2.ListJobsResponse:
+        """Jobs, newest first, filtered by state, kind and model, a page at a time;
+        INVALID_ARGUMENT for a page_size over the maximum or a page_token not issued here."""
         filters = _list_filters(request)
         jobs, next_offset = await self._jobs.query(**filters)
         positions = await self._queue_positions(jobs)
         return training_pb2.ListJobsResponse(
             jobs=[converters.job_to_proto(j, positions.get(j.id, -1)) for j in jobs],
-            next_page_token=str(next_offset) if next_offset else "",
+            next_page_token=next_token(next_offset),
         )
 
     @stream_out
     async def WatchJob(
         self, request: training_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[training_pb2.JobEvent]:
+        """Stream a job's events after after_event_id until it ends, so a client that lost
+        the stream resumes where it left off; NOT_FOUND for an unknown job."""
         job_id = _job_id(request.job_id)
         after = _event_id(request.after_event_id)
         while True:
@@ -135,6 +148,8 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     async def CancelJob(
         self, request: training_pb2.CancelJobRequest, context: Context
     ) -> training_pb2.Job:
+        """Ask a job to stop (a queued one never starts); FAILED_PRECONDITION once it has
+        finished."""
         return converters.job_to_proto(await self._jobs.cancel(_job_id(request.job_id)))
 
     async def _queue_positions(self, jobs: Sequence[Job]) -> dict[str, int]:
@@ -172,7 +187,7 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         if ref.dataset:
             self._datasets.get(ref.dataset)
         elif ref.uri:
-            dataset_sources.check_uri(ref, self._dataset_roots, field, self._dataset_url_schemes)
+            sources.check_uri(ref, self._dataset_roots, field, self._dataset_url_schemes)
 
     async def _queue_job(self, task: str, job: Job, idempotency_key: str = "") -> Job:
         """Record the job and send its task; a repeated idempotency key returns the first
@@ -255,17 +270,13 @@ def _event_id(value: str) -> str:
 
 
 def _list_filters(request: training_pb2.ListJobsRequest) -> dict[str, Any]:
-    if request.page_size < 0 or request.page_size > MAX_PAGE:
-        raise InvalidRequest(f"page_size must be 1..{MAX_PAGE}", field="page_size")
-    token = request.page_token
-    if token and not token.isdigit():
-        raise InvalidRequest("page_token is not one this server issued", field="page_token")
+    wanted = page(request.page_size, request.page_token)
     state = training_pb2.JobState.Name(request.state).removeprefix("JOB_STATE_")
     kind = training_pb2.JobKind.Name(request.kind).removeprefix("JOB_KIND_")
     return {
         "state": "" if state == "UNSPECIFIED" else state,
         "kind": "" if kind == "UNSPECIFIED" else kind,
         "model_name": request.model_name,
-        "offset": int(token or 0),
-        "limit": request.page_size or 50,
+        "offset": wanted.offset,
+        "limit": wanted.size,
     }

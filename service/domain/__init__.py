@@ -1,1 +1,5 @@
-"""The domain: request types, model building, training, and the stores. No transport here."""
+"""TensorFlow-free: request and job types, the stores (jobs, models, datasets) and their rules.
+
+Shared by every role, the api role above all, so nothing here imports TensorFlow, Keras,
+grpc, Celery or generated code (import contracts in pyproject.toml).
+"""

@@ -1,7 +1,7 @@
 """The Keras classes and identifiers a client may name, checked without importing Keras.
 
 The api role validates requests without TensorFlow, so the allowlist is written down here;
-``tests/unit/service/domain/test_keras_names.py`` checks every entry against Keras itself.
+``tests/unit/service/domain/test_allowed_keras.py`` checks every entry against Keras itself.
 Left out on purpose: ``Lambda`` (arbitrary code), ``TFSMLayer`` (loads any SavedModel path),
 ``JaxLayer``/``FlaxLayer``/``TorchModuleWrapper`` (foreign code), and the lookup and text
 layers whose vocabulary may name a file on the server.
@@ -259,6 +259,9 @@ METRICS = frozenset(
     ]
 )
 
+# Keras 3 serializes its own classes with ``module`` set to their private home
+# (``keras.src.layers.core.dense``), so configs from ``model.to_json()`` name ``keras.src.``;
+# the class name is still checked against the lists above.
 ALLOWED_MODULE_PREFIXES = (
     "keras.layers",
     "keras.src.",

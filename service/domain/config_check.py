@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from service.domain import keras_names
-from service.domain.requests import ModelSpec
+from service.domain import allowed_keras
+from service.domain.job_specs import ModelSpec
 from service.errors import InvalidRequest
 
 MAX_LAYERS = 1000
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
-_ALLOWED = keras_names.LAYERS | keras_names.MODELS | keras_names.CONFIG_OBJECTS
+_ALLOWED = allowed_keras.LAYERS | allowed_keras.MODELS | allowed_keras.CONFIG_OBJECTS
 _FORBIDDEN_KEYS = frozenset({"function", "function_type", "module_path", "__lambda__"})
 
 
@@ -38,7 +38,7 @@ def _check_layer_list(layers: list[dict[str, Any]]) -> None:
             raise InvalidRequest(
                 f"{field} has no 'type' (a Keras layer class name such as 'Dense')", field=field
             )
-        _check_class(kind, field, keras_names.LAYERS)
+        _check_class(kind, field, allowed_keras.LAYERS)
         _walk(layer, field)
 
 
@@ -51,7 +51,7 @@ def _check_keras_config(text: str) -> None:
         raise InvalidRequest(
             f"model.keras_json is not JSON: {exc}", field="model.keras_json"
         ) from None
-    if not isinstance(config, dict) or config.get("class_name") not in keras_names.MODELS:
+    if not isinstance(config, dict) or config.get("class_name") not in allowed_keras.MODELS:
         raise InvalidRequest(
             "model.keras_json must be a Keras model config as model.to_json() returns it, "
             "with class_name Sequential or Functional",
@@ -111,5 +111,5 @@ def _check_class(name: Any, where: str, allowed: frozenset[str] = _ALLOWED) -> N
 def _check_module(module: Any, where: str) -> None:
     if module is None or module == "keras":
         return
-    if not isinstance(module, str) or not module.startswith(keras_names.ALLOWED_MODULE_PREFIXES):
+    if not isinstance(module, str) or not module.startswith(allowed_keras.ALLOWED_MODULE_PREFIXES):
         raise InvalidRequest(f"{where}: module {module!r} is not allowed; only Keras modules")

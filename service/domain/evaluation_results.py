@@ -2,7 +2,7 @@
 
 A version's ``fitserve.json`` holds a list ``evaluations`` of
 ``{"dataset", "metrics", "job_id", "created_at"}``. The worker appends to it
-(``evaluating.run_evaluate``); the api exports the latest result per dataset as the
+(``service.training.evaluate.run_evaluate``); the api exports the latest result per dataset as the
 Prometheus gauge ``fitserve_model_evaluation_metric`` at scrape time.
 """
 

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.domain import keras_names
-from service.domain.names import check_name
+from service.domain import allowed_keras
+from service.domain.resource_names import check_name
 from service.errors import InvalidRequest
 
 
@@ -52,24 +52,24 @@ class CompileSpec(_Spec):
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, v: NamedConfig) -> NamedConfig:
-        return _known(v, keras_names.OPTIMIZERS, "optimizer")
+        return _known(v, allowed_keras.OPTIMIZERS, "optimizer")
 
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, v: NamedConfig | None) -> NamedConfig | None:
-        return None if v is None else _known(v, keras_names.LOSSES, "loss")
+        return None if v is None else _known(v, allowed_keras.LOSSES, "loss")
 
     @field_validator("metrics", "weighted_metrics")
     @classmethod
     def _known_metrics(cls, v: list[NamedConfig]) -> list[NamedConfig]:
-        return [_known(m, keras_names.METRICS, "metric") for m in v]
+        return [_known(m, allowed_keras.METRICS, "metric") for m in v]
 
     @model_validator(mode="after")
     def _has_loss(self) -> CompileSpec:
         if self.loss is None and not self.output_losses:
             raise ValueError("compile.loss is required, e.g. 'sparse_categorical_crossentropy'")
         for loss in self.output_losses.values():
-            _known(loss, keras_names.LOSSES, "loss")
+            _known(loss, allowed_keras.LOSSES, "loss")
         return self
 
 

@@ -2,8 +2,8 @@
 
 A ``WatchJob`` call that waited on its own stream (``XREAD BLOCK``) would hold a Redis
 connection for as long as it waits, so an api process could serve only as many watchers as
-its connection pool has connections (measured: past 100 open watchers every other call failed
-too, see docs/scaling.md). Here a watcher with nothing new to read registers the stream and
+its connection pool has connections, and past that every other call failed too
+(docs/scaling.md). Here a watcher with nothing new to read registers the stream and
 the last event id it has seen; one task per process reads every registered stream in a
 single ``XREAD BLOCK`` and wakes the watchers of the streams that have new entries, which then
 read their events themselves with a short, non-blocking call. Watchers cost no connection

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from service.domain.files import read_json, write_json_atomic
-from service.domain.names import check_alias, check_name
-from service.errors import FailedPrecondition, InvalidRequest, NotFound
+from service.domain.resource_names import check_alias, check_name
+from service.errors import FailedPrecondition, NotFound
 
 METADATA_FILE = "fitserve.json"
 KERAS_FILE = "model.keras"
@@ -170,10 +170,3 @@ def _span(versions: list[int]) -> str:
     return (
         f"versions {versions[0]}..{versions[-1]}" if len(versions) > 1 else f"version {versions[0]}"
     )
-
-
-def check_version(version: int, field: str = "version") -> int:
-    """Versions are positive integers."""
-    if version < 0:
-        raise InvalidRequest(f"{field} must be a positive integer, got {version}", field=field)
-    return version

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.domain.dataset_sources import DEFAULT_URL_SCHEMES
-from service.domain.datasets import DatasetStore
-from service.domain.jobs import JobStore
+from service.domain.datasets.sources import DEFAULT_URL_SCHEMES
+from service.domain.datasets.store import DatasetStore
+from service.domain.job_store import JobStore
 from service.domain.model_events import Publisher
 from service.domain.model_store import ModelStore
 
@@ -19,7 +19,7 @@ class Workspace:
     (``keras_datasets_dir``) live, and where a new version is announced (``model_events``;
     None: servers poll the store). Datasets by uri no bigger than ``dataset_cache_bytes``
     are cached in memory, and Dataset.save folders at a URL are copied to
-    ``dataset_cache_dir`` first (see service.domain.data)."""
+    ``dataset_cache_dir`` first (see service.training.data)."""
 
     jobs: JobStore
     datasets: DatasetStore

@@ -9,7 +9,7 @@ Requests queue up; dedicated threads (``threads`` of them) take queued requests,
   on an idle model (nothing else queued, the previous batch held one request) goes out at
   once. Otherwise, when the server says how many calls it holds that have not reached the
   batcher yet (``arriving``: on a gRPC server, the calls waiting in gRPC's own queue, see
-  ``service.api.gate``), the batch waits for those and no more: a busy server, whose
+  ``service.api``'s backlog estimator), the batch waits for those and no more: a busy server, whose
   callers' next calls are already queued in gRPC, fills big batches, and a server with a
   few callers does not wait for callers that do not exist. The count is the server's,
   not this model's: with several busy models, a batch may wait out the timeout for calls
@@ -19,9 +19,7 @@ Requests queue up; dedicated threads (``threads`` of them) take queued requests,
 
   Why it matters: on one core the per-batch work (the TensorFlow call, the wake-ups) takes
   the interpreter from the event loop that decodes requests, so larger batches are more
-  requests per second. Measured with ``make bench`` (64 closed-loop callers, 1 row): 1 ms
-  timeout without ``arriving`` ~2,000 rps; 5 ms with it ~3,200 rps, and 8 callers gain
-  too (~1,800 -> ~2,600 rps) where a fixed 5 ms wait without ``arriving`` halves them.
+  requests per second (the numbers: bench/README.md, "What changed").
 
 The queue is bounded: past ``max_queue`` waiting requests, ``submit`` refuses with
 ``QueueFull`` (RESOURCE_EXHAUSTED) carrying a retry hint, the time the queue needs to

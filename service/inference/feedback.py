@@ -4,7 +4,7 @@ At Predict time, what the model predicted (a class per row, or a value per row) 
 Redis under the request id for ``ttl`` seconds, so any replica can accept the feedback. The
 write is not awaited by Predict (it would add a Redis round trip to every call), and the
 predictions of ``FLUSH_SECONDS`` go out together in one script call: a Redis command per
-Predict cost 40 % of the server's throughput (measured with ``make bench``). A Feedback
+Predict cost a large share of the server's throughput. A Feedback
 that reaches the same replica before the write waits for it; on another replica, a
 Feedback for a request id younger than the flush window waits the window out (request ids
 carry their creation time, see ``service.logs.new_request_id``). A request id

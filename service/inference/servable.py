@@ -21,9 +21,6 @@ class TensorSpec:
     shape: tuple[int, ...]
 
 
-InputSpec = TensorSpec
-
-
 class Servable:
     """A SavedModel's ``serving_default`` signature, called on numpy batches."""
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import keras
 
-from service.domain.requests import CompileSpec, ModelSpec, NamedConfig
-from service.domain.specs import check_model_spec
+from service.domain.config_check import check_model_spec
+from service.domain.job_specs import CompileSpec, ModelSpec, NamedConfig
 from service.errors import InvalidRequest
 
 DEFAULT_INPUT_NAME = "x"

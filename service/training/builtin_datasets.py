@@ -13,7 +13,7 @@ that does not match is reported with both hashes and left alone, never deleted. 
 (cifar, imdb, reuters) are unpickled as numpy arrays only. A cifar archive is extracted
 once, into a folder named by its hash, and reused. A download that fails (no internet)
 fails the job as DATASET_UNAVAILABLE with the exact path to put the file at. Hashing
-costs about 1 ms per MB (the largest file read on every use, imdb's, is 17 MB), so it is
+is cheap next to loading (the largest file read on every use, imdb's, is 17 MB), so it is
 done on every use rather than remembered.
 """
 

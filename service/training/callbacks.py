@@ -18,7 +18,8 @@ from typing import Any
 
 import keras
 
-from service.domain.jobs import JobState, JobStore
+from service.domain.job_store import JobStore
+from service.domain.jobs import JobState
 
 log = logging.getLogger(__name__)
 
@@ -155,4 +156,6 @@ class JobBackup(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
         except (OSError, ValueError):
             log.warning("the job's backup is unreadable; starting the fit over", exc_info=True)
             shutil.rmtree(self.backup_dir, ignore_errors=True)
+            # A private attribute: BackupAndRestore tells fit where to resume only through
+            # it (no public API), and a failed restore must not leave a stale epoch there.
             self.model._initial_epoch = None

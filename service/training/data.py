@@ -7,11 +7,11 @@ through, whether local (under the dataset_roots) or at an fsspec URL:
 
 - TFRecord files: local ones through ``tf.data.TFRecordDataset``; at a URL through
   ``Dataset.from_generator`` over records read from fsspec file objects by
-  ``service.domain.tfrecord_frames`` (TensorFlow reads only its own filesystems). Files
+  ``service.domain.datasets.tfrecord_frames`` (TensorFlow reads only its own filesystems). Files
   are interleaved in a fixed order either way, so the same files give the same elements.
 - A ``tf.data.Dataset.save`` folder: loaded in place when local; at a URL, copied first
   into the worker's dataset cache folder (``Workspace.dataset_cache_dir``, once per URL
-  and listing, by ``service.domain.dataset_cache``), since ``Dataset.load`` reads only
+  and listing, by ``service.domain.datasets.cache``), since ``Dataset.load`` reads only
   through TensorFlow's filesystems, then loaded from the copy.
 
 The elements of a uri dataset whose files add up to at most ``dataset_cache_bytes`` are
@@ -32,12 +32,13 @@ import numpy as np
 import tensorflow as tf
 
 from service import errors
-from service.domain import dataset_cache, dataset_sources, shapes, tfrecord_frames
-from service.domain.datasets import DatasetStore
-from service.domain.keras_datasets import load_builtin
-from service.domain.requests import CompileSpec, DatasetRef, parse_feature
+from service.domain import shapes
+from service.domain.datasets import cache, sources, tfrecord_frames
+from service.domain.datasets.store import DatasetStore
+from service.domain.job_specs import CompileSpec, DatasetRef, parse_feature
 from service.domain.workspace import Workspace
 from service.errors import InvalidRequest
+from service.training.builtin_datasets import load_builtin
 
 SHUFFLE_BUFFER = 10_000
 PARALLEL_FILES = 4  # TFRecord files read at once; fixed, so the element order is too
@@ -146,17 +147,17 @@ def _keys(
 
 def _stream(
     ws: Workspace, ref: DatasetRef, sample_weight_key: str
-) -> tuple[tf.data.Dataset, dataset_sources.UriSource]:
+) -> tuple[tf.data.Dataset, sources.UriSource]:
     """The elements of a uri as ``(x, y[, w])``, unbatched, and what the uri holds."""
-    source = dataset_sources.resolve(ref, ws.dataset_roots, ws.dataset_url_schemes)
-    if source.format is dataset_sources.UriFormat.SAVED:
-        ds = tf.data.Dataset.load(str(dataset_cache.local_copy(source, ws.dataset_cache_dir)))
+    source = sources.resolve(ref, ws.dataset_roots, ws.dataset_url_schemes)
+    if source.format is sources.UriFormat.SAVED:
+        ds = tf.data.Dataset.load(str(cache.local_copy(source, ws.dataset_cache_dir)))
     else:
         ds = _tfrecords(ref, source)
     return ds.map(_selector(ref, ds.element_spec, sample_weight_key), tf.data.AUTOTUNE), source
 
 
-def _tfrecords(ref: DatasetRef, source: dataset_sources.UriSource) -> tf.data.Dataset:
+def _tfrecords(ref: DatasetRef, source: sources.UriSource) -> tf.data.Dataset:
     features = {}
     for name, text in ref.feature_spec.items():
         dtype, shape = parse_feature(text)
@@ -171,14 +172,14 @@ def _tfrecords(ref: DatasetRef, source: dataset_sources.UriSource) -> tf.data.Da
     return records.map(lambda r: tf.io.parse_single_example(r, features), tf.data.AUTOTUNE)
 
 
-def _url_records(source: dataset_sources.UriSource) -> Any:
+def _url_records(source: sources.UriSource) -> Any:
     """One file's records as a dataset, read through fsspec a record at a time."""
     files = {f.name: f for f in source.files}
 
     def records(name: bytes) -> Iterator[bytes]:
         file = files[name.decode()]
         url = source.url(file)
-        with dataset_sources.storage_errors(url, "file"), source.open(file) as stream:
+        with sources.storage_errors(url, "file"), source.open(file) as stream:
             yield from tfrecord_frames.read_records(stream, url, file.size)
 
     spec = tf.TensorSpec((), tf.string)

@@ -7,13 +7,13 @@ from typing import Any
 
 import keras
 
-from service.domain import building, data
-from service.domain.callbacks import plain_logs
-from service.domain.evaluation import record_evaluation
+from service.domain.evaluation_results import record_evaluation
+from service.domain.job_specs import CompileSpec, EvaluateSpec
 from service.domain.jobs import Job
 from service.domain.model_store import KERAS_FILE
-from service.domain.requests import CompileSpec, EvaluateSpec
 from service.domain.workspace import Workspace
+from service.training import building, data
+from service.training.callbacks import plain_logs
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from service.domain import model_events
-from service.domain.arrays import WIRE_DTYPES
+from service.domain.dtypes import WIRE_DTYPES
 from service.domain.files import write_json_atomic
 from service.domain.model_store import KERAS_FILE, METADATA_FILE, ModelStore
 

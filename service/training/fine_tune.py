@@ -18,13 +18,13 @@ from typing import Any
 
 import keras
 
-from service.domain import building, devices, training
-from service.domain.callbacks import CancelWatcher, JobProgress
+from service.domain.job_specs import CompileSpec, FineTuneSpec, FreezeSpec, NewHeadSpec
 from service.domain.jobs import Job
 from service.domain.model_store import KERAS_FILE
-from service.domain.requests import CompileSpec, FineTuneSpec, FreezeSpec, NewHeadSpec
 from service.domain.workspace import Workspace
 from service.errors import InvalidRequest
+from service.training import building, devices, train
+from service.training.callbacks import CancelWatcher, JobProgress
 
 PHASE2_BACKUP = "backup-phase2"
 
@@ -36,10 +36,10 @@ def run_fine_tune(job: Job, spec: FineTuneSpec, ws: Workspace) -> None:
     the stored layers are switched to it (each keeps the policy it was saved with
     otherwise), its output layers and a new head stay float32.
     """
-    job_dir = training.prepare(job, ws, spec.fit.seed)
+    job_dir = train.prepare(job, ws, spec.fit.seed)
     base_version = ws.models.resolve(spec.base.name, spec.base.version, spec.base.alias)
     mixed = spec.run.mixed_precision
-    with devices.precision(mixed), training.job_strategy(ws, job).scope():
+    with devices.precision(mixed), train.job_strategy(ws, job).scope():
         base = _load(ws, spec.base.name, base_version)
         devices.set_precision(base, mixed)
         model, body = prepare_model(base, spec.freeze)
@@ -49,7 +49,7 @@ def run_fine_tune(job: Job, spec: FineTuneSpec, ws: Workspace) -> None:
         ws.jobs.cancelled(job.id)
         return
     metadata = _metadata(job, spec, base_version)
-    training.publish(job, ws, model, spec.model_name, progress.last_logs, metadata)
+    train.publish(job, ws, model, spec.model_name, progress.last_logs, metadata)
     for backup in ("backup", PHASE2_BACKUP):
         shutil.rmtree(job_dir / backup, ignore_errors=True)
 
@@ -66,16 +66,16 @@ def _fit_phases(
     building.compile_model(model, spec.compile)
     # Under MirroredStrategy the rate is a mirrored variable, which float() refuses.
     first_rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-    train_data, validation = training.load_fit_data(ws, spec.dataset, spec.fit, model, spec.compile)
-    progress, cancel = training.job_reporting(ws, job, spec.total_epochs, spec.fit.initial_epoch)
-    batches = training.batch_reporting(ws, job, spec.callbacks)
-    callbacks = [progress, cancel, *training.keras_callbacks(spec.callbacks, job_dir), *batches]
-    training.fit(model, spec.fit, train_data, validation, callbacks)
+    train_data, validation = train.load_fit_data(ws, spec.dataset, spec.fit, model, spec.compile)
+    progress, cancel = train.job_reporting(ws, job, spec.total_epochs, spec.fit.initial_epoch)
+    batches = train.batch_reporting(ws, job, spec.callbacks)
+    callbacks = [progress, cancel, *train.keras_callbacks(spec.callbacks, job_dir), *batches]
+    train.fit(model, spec.fit, train_data, validation, callbacks)
     if spec.freeze.second_phase and not cancel.cancelled:
         unfreeze_top(body, spec.freeze.unfreeze_top_k)
         building.compile_model(model, second_compile(spec, first_rate))
         callbacks = [progress, cancel, *_second_callbacks(spec, job_dir), *batches]
-        training.fit(
+        train.fit(
             model,
             spec.fit,
             train_data,
@@ -97,7 +97,7 @@ def prepare_model(base: keras.Model, freeze: FreezeSpec) -> tuple[keras.Model, k
 
 def freeze_all_but_last(model: keras.Model, n: int) -> None:
     """Only the last ``n`` layers train; a frozen BatchNorm runs in inference mode."""
-    layers = training.trainable_layers(model)
+    layers = train.trainable_layers(model)
     _check_count(n, layers, "freeze.train_last_n_layers", "the base model")
     for i, layer in enumerate(layers):
         layer.trainable = i >= len(layers) - n
@@ -130,7 +130,7 @@ def with_new_head(model: keras.Model, head: NewHeadSpec) -> tuple[keras.Model, k
 def unfreeze_top(body: keras.Model, k: int) -> None:
     """Unfreeze the top ``k`` layers of ``body``, leaving BatchNorm frozen; layers that
     trained already keep training."""
-    layers = training.trainable_layers(body)
+    layers = train.trainable_layers(body)
     _check_count(k, layers, "freeze.unfreeze_top_k", "the part of the model below the head")
     was = [layer.trainable for layer in layers]
     body.trainable = True  # a frozen parent hides its layers' flags: set them one by one
@@ -167,7 +167,7 @@ def _check_count(n: int, layers: list[Any], field: str, what: str) -> None:
 def _second_callbacks(spec: FineTuneSpec, job_dir: Path) -> list[keras.callbacks.Callback]:
     """Fresh Keras callbacks for the second fit, with its own backup; the CSV history
     continues rather than starting over."""
-    callbacks = training.keras_callbacks(spec.callbacks, job_dir, PHASE2_BACKUP)
+    callbacks = train.keras_callbacks(spec.callbacks, job_dir, PHASE2_BACKUP)
     for callback in callbacks:
         if isinstance(callback, keras.callbacks.CSVLogger):
             callback.append = True

@@ -12,17 +12,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from service.domain import building, data, devices
-from service.domain.callbacks import (
-    BatchProgress,
-    CancelWatcher,
-    JobBackup,
-    JobProgress,
-    plain_logs,
-)
-from service.domain.exporting import export_version
-from service.domain.jobs import Job
-from service.domain.requests import (
+from service.domain.job_specs import (
     CallbackSpec,
     CompileSpec,
     DatasetRef,
@@ -30,8 +20,18 @@ from service.domain.requests import (
     ModelSpec,
     TrainSpec,
 )
+from service.domain.jobs import Job
 from service.domain.workspace import Workspace
 from service.errors import FailedPrecondition
+from service.training import building, data, devices
+from service.training.callbacks import (
+    BatchProgress,
+    CancelWatcher,
+    JobBackup,
+    JobProgress,
+    plain_logs,
+)
+from service.training.exporting import export_version
 
 log = logging.getLogger(__name__)
 

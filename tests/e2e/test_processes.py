@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import grpc
 import numpy as np
@@ -21,12 +22,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import fitserve
 from bench.models import MODEL, publish_reference
-from service.stack import free_port
+from service.launch.ready import wait_ready
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 FITSERVE = str(Path(sys.executable).parent / "fitserve")
-BANNER = re.compile(r"2 processes on 127\.0\.0\.1:\d+ \(pids (\d+), (\d+)\).*\(from (\S+)\)")
+BANNER = re.compile(
+    r"2 processes on 127\.0\.0\.1:(\d+) \(pids (\d+), (\d+)\); "
+    r"aggregated metrics: http://127\.0\.0\.1:(\d+)/metrics \(from (\S+)\)"
+)
 WAIT = 120.0  # seconds; a bound on polls for two servers importing TensorFlow
 REQUESTS = "fitserve_predict_requests_total"
 
@@ -42,21 +46,28 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path, redis_url: str) -> Iterator[Served]:
+    """``serve --processes 2`` on ports it picks itself, once both children listen."""
     publish_reference(tmp_path / "data" / "models", versions=1)
-    port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FITSERVE_")}
     env |= {"FITSERVE_REDIS_URL": redis_url, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    ready_file = tmp_path / "ready.json"
     argv = [FITSERVE, "serve", "--processes", "2", "--roles", "inference"]
-    argv += ["--data-dir", str(tmp_path / "data"), "--port", str(port)]
-    argv += ["--metrics-port", str(metrics_port)]
+    argv += ["--data-dir", str(tmp_path / "data"), "--port", "0", "--metrics-port", "0"]
+    argv += ["--ready-file", str(ready_file)]
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     pids: tuple[int, int] = (0, 0)
     try:
-        banner = BANNER.search(proc.stdout.readline())
-        assert banner, "fitserve serve did not print its processes"
-        pids = (int(banner.group(1)), int(banner.group(2)))
-        yield Served(proc, port, metrics_port, pids, Path(banner.group(3)))
+        banner = _banner(proc.stdout)
+        pids = (int(banner.group(2)), int(banner.group(3)))
+        (ready,) = wait_ready([ready_file], [("fitserve serve", proc)], WAIT)
+        assert (ready.port, ready.metrics_port, ready.pid) == (
+            int(banner.group(1)),
+            int(banner.group(4)),
+            proc.pid,
+        )
+        assert ready.port != 0
+        yield Served(proc, ready.port, int(banner.group(4)), pids, Path(banner.group(5)))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -65,6 +76,15 @@ def served(tmp_path: Path, redis_url: str) -> Iterator[Served]:
             if pid and _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.stdout.close()
+
+
+def _banner(stdout: IO[str]) -> re.Match[str]:
+    """The supervisor's line naming its port and processes (the children share its stdout)."""
+    for line in stdout:
+        banner = BANNER.search(line)
+        if banner:
+            return banner
+    raise AssertionError("fitserve serve did not print its processes")
 
 
 def _alive(pid: int) -> bool:

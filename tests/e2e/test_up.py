@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import grpc
 import numpy as np
@@ -18,19 +19,31 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import fitserve
-from service.stack import free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 FITSERVE = str(Path(sys.executable).parent / "fitserve")
-BANNER = re.compile(r"Redis at redis://127\.0\.0\.1:(\d+)/0.*server pid (\d+), worker pid (\d+)")
+BANNER = re.compile(
+    r"Redis at redis://127\.0\.0\.1:(\d+)/0; gRPC on 127\.0\.0\.1:(\d+); metrics on port (\d+) "
+    r"\(redis pid \d+, server pid (\d+), worker pid (\d+)\)"
+)
 
 
 class Stack:
-    def __init__(self, proc: subprocess.Popen[str], port: int, banner: re.Match[str]) -> None:
-        self.proc, self.port = proc, port
-        self.redis_port = int(banner.group(1))
-        self.server_pid, self.worker_pid = int(banner.group(2)), int(banner.group(3))
+    def __init__(self, proc: subprocess.Popen[str], banner: re.Match[str]) -> None:
+        self.proc = proc
+        self.redis_port, self.port, self.metrics_port = (int(banner.group(i)) for i in (1, 2, 3))
+        self.server_pid, self.worker_pid = int(banner.group(4)), int(banner.group(5))
+
+
+def _banner(stdout: IO[str]) -> re.Match[str]:
+    """The line where ``fitserve up`` says where it listens (its children share its
+    stdout, and the server may print first)."""
+    for line in stdout:
+        banner = BANNER.search(line)
+        if banner:
+            return banner
+    raise AssertionError("fitserve up exited without printing where it listens")
 
 
 def _wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = 90.0) -> None:
@@ -50,26 +63,18 @@ def _wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = 90.0)
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FITSERVE_")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    argv = [
-        FITSERVE,
-        "up",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(free_port()),
-    ]
+    argv = [FITSERVE, "up", "--data-dir", str(tmp_path / "data"), "--port", "0"]
+    argv += ["--metrics-port", "0"]
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     try:
-        banner = BANNER.search(proc.stdout.readline())
-        assert banner, "fitserve up did not print where it listens"
-        _wait_serving(port, proc)
-        yield Stack(proc, port, banner)
+        stack = Stack(proc, _banner(proc.stdout))
+        assert stack.port != 0
+        assert stack.metrics_port != 0
+        _wait_serving(stack.port, proc)
+        yield stack
     finally:
         if proc.poll() is None:
             proc.kill()

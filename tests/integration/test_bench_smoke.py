@@ -12,7 +12,7 @@ import pytest
 from bench import procs, serving
 from bench.models import publish_reference
 from service.config import Settings
-from service.stack import free_port
+from service.launch.supervision import terminate
 from tests.conftest import RunningServer
 
 pytestmark = pytest.mark.integration
@@ -43,16 +43,12 @@ def _check(result: dict[str, object], rows: int) -> None:
 @pytest.mark.parametrize("kind", ["echo", "naive"])
 def test_reference_servers_answer_the_load_generator(kind: str, tmp_path: Path) -> None:
     model_dir = publish_reference(tmp_path / "models", versions=1)
-    port = free_port()
-    argv = procs.python("bench.servers", kind, "--port", str(port), "--model-dir", str(model_dir))
-    proc = procs.start(argv, tmp_path / "server.log")
+    target, proc = serving.start_reference(kind, model_dir, tmp_path / "server.log")
     try:
-        procs.grpc_ready(f"127.0.0.1:{port}", proc, tmp_path / "server.log")
-        _check(
-            serving.load(f"127.0.0.1:{port}", serving.request_file(tmp_path, 2), 2, 4, PLAN), rows=2
-        )
+        procs.grpc_ready(target, proc, tmp_path / "server.log")
+        _check(serving.load(target, serving.request_file(tmp_path, 2), 2, 4, PLAN), rows=2)
     finally:
-        procs.stop(proc)
+        terminate([proc])
 
 
 def test_fitserve_answers_the_load_generator(

@@ -27,8 +27,7 @@ import tensorflow as tf
 import fitserve
 from fitserve.v1 import training_pb2
 from service.config import Settings
-from service.stack import free_port
-from tests.conftest import private_stack, start_worker, stop_process
+from tests.conftest import private_stack, refused_port, start_worker, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -205,9 +204,10 @@ def test_a_missing_url_fails_the_job_naming_it(client: fitserve.Client, stack: S
 
 
 def test_an_unreachable_host_fails_the_job_naming_the_url(client: fitserve.Client) -> None:
-    uri = f"http://127.0.0.1:{free_port()}/records"  # nothing listens there
-    with pytest.raises(fitserve.JobFailedError) as exc:
-        _train(client, "url-unreachable", _ref(uri, SPEC))
+    with refused_port() as port:
+        uri = f"http://127.0.0.1:{port}/records"  # nothing listens there
+        with pytest.raises(fitserve.JobFailedError) as exc:
+            _train(client, "url-unreachable", _ref(uri, SPEC))
     assert exc.value.reason == "UNAVAILABLE"
     assert f"dataset.uri {uri!r} could not be read from its storage" in str(exc.value)
     assert "check that the workers can reach it" in str(exc.value)

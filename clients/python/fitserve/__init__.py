@@ -31,6 +31,7 @@ from fitserve._errors import (
     UnimplementedError,
 )
 from fitserve._job import Job
+from fitserve._options import TrainingOptions
 from fitserve._tensors import to_numpy, to_tensor
 
 try:
@@ -54,6 +55,7 @@ __all__ = [
     "PermissionDeniedError",
     "Prediction",
     "ResourceExhaustedError",
+    "TrainingOptions",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

@@ -9,15 +9,16 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 import grpc
 import numpy.typing as npt
 
 from fitserve import _specs
 from fitserve._errors import ResourceExhaustedError, from_rpc_error
-from fitserve._job import Job
-from fitserve._specs import ConfigLike, DatasetLike, KerasModel, LossLike
+from fitserve._job import Job, JobEventStream
+from fitserve._options import TrainingOptions, request_fields
+from fitserve._specs import DatasetLike, KerasModel
 from fitserve._tensors import to_numpy, to_tensor
 from fitserve.v1 import (
     dataset_pb2,
@@ -186,6 +187,11 @@ class Client:
     ) -> None:
         self.close()
 
+    @property
+    def timeout(self) -> float | None:
+        """Seconds each call may take unless it is given its own `timeout=`."""
+        return self._timeout
+
     # -- plumbing ------------------------------------------------------------------
 
     def _timeout_for(self, timeout: float | None) -> float | None:
@@ -210,12 +216,6 @@ class Client:
                 f"{self._max_message_bytes}; send fewer rows per call, or raise "
                 "Client(max_message_bytes=...) and the server's FITSERVE_MAX_MESSAGE_BYTES"
             )
-
-    def _watch_call(
-        self, job_id: str, after_event_id: str, timeout: float | None
-    ) -> grpc._CallIterator[training_pb2.JobEvent]:
-        request = training_pb2.WatchJobRequest(job_id=job_id, after_event_id=after_event_id)
-        return self._training.WatchJob(request, timeout=timeout, metadata=self._metadata)
 
     # -- datasets ------------------------------------------------------------------
 
@@ -303,62 +303,28 @@ class Client:
         *,
         layers: Sequence[Mapping[str, Any]] | None = None,
         model: str | KerasModel | None = None,
-        optimizer: ConfigLike = "adam",
-        loss: LossLike | None = None,
-        metrics: ConfigLike | Iterable[ConfigLike] = (),
-        weighted_metrics: ConfigLike | Iterable[ConfigLike] = (),
-        loss_weights: Mapping[str, float] | None = None,
         dataset: DatasetLike,
-        validation_data: DatasetLike | None = None,
-        validation_split: float = 0.0,
-        epochs: int = 1,
-        batch_size: int = 32,
-        shuffle: bool = True,
-        class_weight: Mapping[int, float] | None = None,
-        sample_weight_key: str = "",
         initial_epoch: int = 0,
         steps_per_epoch: int = 0,
-        seed: int | None = None,
-        callbacks: Mapping[str, Any] | None = None,
-        queue: str = "",
-        mixed_precision: str = "",
-        labels: Mapping[str, str] | None = None,
-        idempotency_key: str = "",
         timeout: float | None = None,
+        **options: Unpack[TrainingOptions],
     ) -> Job:
         """Queue a training job and return at once; follow it with `Job.wait()`.
 
-        The arguments mirror Keras' compile and fit. The architecture is `layers` (a
-        Sequential model as dicts) or `model` (a Keras model, or its `to_json()`), never
-        pickled code: the server rebuilds it from an allowlist of Keras classes. Pass an
-        `idempotency_key` to make retrying this call safe.
+        The arguments mirror Keras' compile and fit (`TrainingOptions` lists them with
+        their defaults). The architecture is `layers` (a Sequential model as dicts) or
+        `model` (a Keras model, or its `to_json()`), never pickled code: the server
+        rebuilds it from an allowlist of Keras classes. Pass an `idempotency_key` to make
+        retrying this call safe.
         """
+        fields = request_fields(
+            "train", options, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch
+        )
         request = training_pb2.TrainRequest(
             model_name=model_name,
             model=_specs.model_spec(layers, model),
-            compile=_specs.compile_options(
-                optimizer=optimizer,
-                loss=loss,
-                metrics=metrics,
-                weighted_metrics=weighted_metrics,
-                loss_weights=loss_weights,
-            ),
             dataset=_specs.dataset_ref(dataset),
-            fit=_specs.fit_options(
-                validation_data=validation_data,
-                validation_split=validation_split,
-                epochs=epochs,
-                batch_size=batch_size,
-                shuffle=shuffle,
-                class_weight=class_weight,
-                sample_weight_key=sample_weight_key,
-                initial_epoch=initial_epoch,
-                steps_per_epoch=steps_per_epoch,
-                seed=seed,
-            ),
-            callbacks=_specs.callback_options(callbacks),
-            run=_specs.run_options(queue=queue, mixed_precision=mixed_precision, labels=labels),
-            idempotency_key=idempotency_key,
+            **fields,
         )
         return Job(self, self._call(self._training.Train, request, timeout).job)
 
@@ -374,26 +340,9 @@ class Client:
         unfreeze_top_k: int = 0,
         unfreeze_learning_rate: float = 0.0,
         unfreeze_epochs: int = 0,
-        optimizer: ConfigLike = "adam",
-        loss: LossLike | None = None,
-        metrics: ConfigLike | Iterable[ConfigLike] = (),
-        weighted_metrics: ConfigLike | Iterable[ConfigLike] = (),
-        loss_weights: Mapping[str, float] | None = None,
         dataset: DatasetLike,
-        validation_data: DatasetLike | None = None,
-        validation_split: float = 0.0,
-        epochs: int = 1,
-        batch_size: int = 32,
-        shuffle: bool = True,
-        class_weight: Mapping[int, float] | None = None,
-        sample_weight_key: str = "",
-        seed: int | None = None,
-        callbacks: Mapping[str, Any] | None = None,
-        queue: str = "",
-        mixed_precision: str = "",
-        labels: Mapping[str, str] | None = None,
-        idempotency_key: str = "",
         timeout: float | None = None,
+        **options: Unpack[TrainingOptions],
     ) -> Job:
         """Queue a job that continues training a stored version on new data.
 
@@ -401,6 +350,7 @@ class Client:
         freeze the whole base and add `new_head` (a class count, or a dict with
         num_classes, activation, dropout). `unfreeze_*` adds a second, gentler phase.
         The result is published under `model_name` (default: `base_model`), with lineage.
+        Compile and fit options are those of `train` (`TrainingOptions`).
         """
         request = training_pb2.FineTuneRequest(
             base=_specs.model_ref(base_model, version, alias),
@@ -412,29 +362,8 @@ class Client:
                 unfreeze_learning_rate=unfreeze_learning_rate,
                 unfreeze_epochs=unfreeze_epochs,
             ),
-            compile=_specs.compile_options(
-                optimizer=optimizer,
-                loss=loss,
-                metrics=metrics,
-                weighted_metrics=weighted_metrics,
-                loss_weights=loss_weights,
-            ),
             dataset=_specs.dataset_ref(dataset),
-            fit=_specs.fit_options(
-                validation_data=validation_data,
-                validation_split=validation_split,
-                epochs=epochs,
-                batch_size=batch_size,
-                shuffle=shuffle,
-                class_weight=class_weight,
-                sample_weight_key=sample_weight_key,
-                initial_epoch=0,
-                steps_per_epoch=0,
-                seed=seed,
-            ),
-            callbacks=_specs.callback_options(callbacks),
-            run=_specs.run_options(queue=queue, mixed_precision=mixed_precision, labels=labels),
-            idempotency_key=idempotency_key,
+            **request_fields("fine_tune", options),
         )
         return Job(self, self._call(self._training.FineTune, request, timeout).job)
 
@@ -461,11 +390,24 @@ class Client:
 
     def get_job(self, job_id: str, *, timeout: float | None = None) -> Job:
         """A handle on an existing job, e.g. one started by another process."""
-        return Job(self, self._get_job_info(job_id, timeout))
+        return Job(self, self.job_record(job_id, timeout=timeout))
 
-    def _get_job_info(self, job_id: str, timeout: float | None) -> training_pb2.Job:
+    def job_record(self, job_id: str, *, timeout: float | None = None) -> training_pb2.Job:
+        """The job's record as the server has it now (`get_job` wraps it in a `Job`)."""
         request = training_pb2.GetJobRequest(job_id=job_id)
         return self._call(self._training.GetJob, request, timeout)
+
+    def watch_job(
+        self, job_id: str, after_event_id: str = "", *, timeout: float | None = None
+    ) -> JobEventStream:
+        """The raw WatchJob stream of events after `after_event_id`; cancel it when done.
+
+        Unlike other calls, a failure arrives untranslated, as `grpc.RpcError` while
+        iterating; `Job.events()` adds resuming, retries and translated errors on top.
+        """
+        request = training_pb2.WatchJobRequest(job_id=job_id, after_event_id=after_event_id)
+        timeout = self._timeout_for(timeout)
+        return self._training.WatchJob(request, timeout=timeout, metadata=self._metadata)
 
     def list_jobs(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 
@@ -16,9 +16,6 @@ from fitserve._errors import (
     from_rpc_error,
 )
 from fitserve.v1 import training_pb2
-
-if TYPE_CHECKING:
-    from fitserve._client import Client
 
 __all__ = ["Job"]
 
@@ -32,6 +29,29 @@ _WATCH_BACKOFF_SECONDS = 0.2
 _WATCH_BACKOFF_MAX_SECONDS = 5.0
 
 
+class JobEventStream(Protocol):
+    """An open WatchJob stream: iterate it for events, cancel it when done."""
+
+    def __iter__(self) -> Iterator[training_pb2.JobEvent]: ...
+
+    def cancel(self) -> bool: ...
+
+
+class JobCalls(Protocol):
+    """What a `Job` needs of a client: the public job calls of `fitserve.Client`."""
+
+    @property
+    def timeout(self) -> float | None: ...
+
+    def job_record(self, job_id: str, *, timeout: float | None = None) -> training_pb2.Job: ...
+
+    def cancel_job(self, job_id: str, *, timeout: float | None = None) -> training_pb2.Job: ...
+
+    def watch_job(
+        self, job_id: str, after_event_id: str = "", *, timeout: float | None = None
+    ) -> JobEventStream: ...
+
+
 class Job:
     """A handle on a server-side job: follow its events, wait for it, or cancel it.
 
@@ -39,7 +59,7 @@ class Job:
     server holds the truth, so a handle is cheap and many can point at one job.
     """
 
-    def __init__(self, client: Client, info: training_pb2.Job) -> None:
+    def __init__(self, client: JobCalls, info: training_pb2.Job) -> None:
         self._client = client
         self._info = info
         self._last_event_id = ""
@@ -64,7 +84,7 @@ class Job:
 
     def refresh(self, *, timeout: float | None = None) -> training_pb2.Job:
         """Fetch the job record again, and return it."""
-        self._info = self._client._get_job_info(self.id, timeout)
+        self._info = self._client.job_record(self.id, timeout=timeout)
         return self._info
 
     def cancel(self, *, timeout: float | None = None) -> training_pb2.Job:
@@ -120,7 +140,8 @@ class Job:
     ) -> Generator[training_pb2.JobEvent, None, None]:
         failures = 0
         while True:
-            call = self._client._watch_call(self.id, after_event_id, self._call_timeout(deadline))
+            timeout = self._call_timeout(deadline)
+            call = self._client.watch_job(self.id, after_event_id, timeout=timeout)
             try:
                 for event in call:
                     after_event_id = self._last_event_id = event.event_id
@@ -145,7 +166,7 @@ class Job:
 
     def _call_timeout(self, deadline: float | None) -> float | None:
         """The client's per-call timeout, cut to what is left before `deadline`."""
-        default = self._client._timeout
+        default = self._client.timeout
         if deadline is None:
             return default
         remaining = deadline - time.monotonic()

@@ -23,9 +23,9 @@ from tensorflow_serving.apis import (  # type: ignore[import-untyped]
     prediction_service_pb2_grpc,
 )
 
-from service.api.inference import deadline_of, filtered, predict_counted
-from service.api.status import Context, Edge, Servicer, unary
-from service.domain.names import check_name
+from service.api.serving.predicting import CountedPredictor, deadline_of, filtered
+from service.api.status import Context, RpcOutcomes, Servicer, unary
+from service.domain.resource_names import check_name
 from service.errors import InvalidRequest
 from service.inference.models import ServingModels
 from service.inference.servable import TensorSpec
@@ -40,26 +40,20 @@ _PREDICT_METHOD = "tensorflow/serving/predict"
 class PredictionServicer(Servicer, prediction_service_pb2_grpc.PredictionServiceServicer):  # type: ignore[misc]
     """TF Serving's Predict and GetModelMetadata; its other methods answer UNIMPLEMENTED."""
 
-    def __init__(self, edge: Edge, models: ServingModels) -> None:
-        super().__init__(edge)
+    def __init__(self, outcomes: RpcOutcomes, models: ServingModels) -> None:
+        super().__init__(outcomes)
         self._models = models
+        self._predictor = CountedPredictor(models, outcomes.metrics, "tfserving.Predict")
 
     @unary
     async def Predict(self, request: Any, context: Context) -> Any:
-        """TF Serving Predict: TensorProto inputs in, TensorProto outputs out."""
+        """TF Serving's Predict, so its clients work unchanged: TensorProtos in and out;
+        NOT_FOUND for an unknown model or version, RESOURCE_EXHAUSTED on a full queue."""
         name, selector = _model_spec(request.model_spec)
         if not request.inputs:
             raise InvalidRequest("inputs is empty; send at least one named tensor", field="inputs")
         inputs = {k: _to_array(k, t) for k, t in request.inputs.items()}
-        result = await predict_counted(
-            self._models,
-            self.edge.metrics,
-            "tfserving.Predict",
-            name,
-            selector,
-            inputs,
-            deadline_of(context),
-        )
+        result = await self._predictor.predict(name, selector, inputs, deadline_of(context))
         outputs = filtered(result.outputs, request.output_filter)
         response = predict_pb2.PredictResponse(model_spec=_spec_of(name, result.version))
         for key, value in outputs.items():
@@ -68,7 +62,8 @@ class PredictionServicer(Servicer, prediction_service_pb2_grpc.PredictionService
 
     @unary
     async def GetModelMetadata(self, request: Any, context: Context) -> Any:
-        """The serving signature, as TF Serving reports it (metadata_field signature_def)."""
+        """The serving signature as TF Serving reports it, for clients that build requests from
+        it; NOT_FOUND for an unknown model or version, INVALID_ARGUMENT for other metadata."""
         name, selector = _model_spec(request.model_spec)
         unsupported = sorted(set(request.metadata_field) - {"signature_def"})
         if unsupported or not request.metadata_field:

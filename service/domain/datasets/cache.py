@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from service.domain.dataset_sources import StoredFile, UriSource, storage_errors
+from service.domain.datasets.sources import StoredFile, UriSource, storage_errors
 from service.errors import FitserveError, InvalidRequest, Unavailable
 
 COPY_CHUNK = 4 * 1024 * 1024

@@ -1,4 +1,4 @@
-"""Reads .npz array headers without loading the arrays, and maps numpy dtypes to names."""
+"""Reads .npz array headers without loading the arrays."""
 
 from __future__ import annotations
 
@@ -8,24 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.domain.dtypes import WIRE_DTYPES
 from service.errors import InvalidRequest
-
-# numpy dtype name -> the DataType name used on the wire (DATA_TYPE_<NAME>).
-WIRE_DTYPES = {
-    "float32": "FLOAT32",
-    "float64": "FLOAT64",
-    "float16": "FLOAT16",
-    "bfloat16": "BFLOAT16",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "bool": "BOOL",
-}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ files (one file, or a folder of them), as a local path or as an fsspec URL:
 The api runs :func:`check_uri` to answer at once; for a URL that covers only what needs
 no storage access (the api need not hold storage credentials). The worker runs
 :func:`resolve`, which lists the storage, since it is the one that reads, and copies what
-it cannot stream with ``service.domain.dataset_cache``. Nothing here imports TensorFlow.
+it cannot stream with ``service.domain.datasets.cache``. Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import known_implementations
 
-from service.domain.requests import DatasetRef
+from service.domain.job_specs import DatasetRef
 from service.errors import FailedPrecondition, FitserveError, InvalidRequest, NotFound, Unavailable
 
 SAVED_SPEC_FILE = "dataset_spec.pb"  # what tf.data.Dataset.save writes first

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from service.domain.arrays import ArrayHeader, read_npz_headers
+from service.domain.datasets.npz import ArrayHeader, read_npz_headers
 from service.domain.files import read_json, write_json_atomic
-from service.domain.names import check_name
+from service.domain.resource_names import check_name
 from service.errors import InvalidRequest, NotFound, ResourceExhausted
 
 ID_PREFIX = "sha256:"

@@ -11,8 +11,8 @@ or corrupt file fails naming the file and the byte where its bad record starts, 
 of handing garbage to parsing. Reads are bounded by one record, and a record by the file's
 size (from its listing) or else by ``MAX_RECORD_BYTES``, before it is read: a length that
 passes its checksum but claims more than the file holds (a crafted file) fails instead of
-reading the rest of the file into memory. CRC-32C in pure Python runs at about 20 MB/s
-on one core; the dataset cache (``dataset_cache_bytes``) makes that a cost of the first
+reading the rest of the file into memory. CRC-32C in pure Python is slow (the README
+gives the rate); the dataset cache (``dataset_cache_bytes``) makes that a cost of the first
 epoch only.
 """
 

@@ -1,6 +1,7 @@
 """fitserve.Client against fake servicers on a real gRPC server over loopback."""
 
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -16,7 +17,7 @@ import pytest
 from google.protobuf import json_format
 
 import fitserve
-from fitserve import _job, cli
+from fitserve import _job, _options, cli
 from fitserve.v1 import (
     dataset_pb2,
     dataset_pb2_grpc,
@@ -400,6 +401,29 @@ def test_fine_tune_builds_its_request(client, fakes):
     assert job.id == "job-2"
 
 
+def test_train_and_fine_tune_share_option_defaults(client, fakes):
+    client.train("a", layers=MNIST_LAYERS, loss="mse", dataset="d")
+    client.fine_tune("a", train_last_n_layers=1, loss="mse", dataset="d")
+
+    for request in fakes.training.requests:
+        assert request.compile.optimizer.name == "adam"
+        assert (request.fit.epochs, request.fit.batch_size, request.fit.shuffle) == (1, 32, True)
+        assert not request.fit.HasField("seed")
+        assert request.idempotency_key == ""
+
+
+@pytest.mark.parametrize("call", ["train", "fine_tune"])
+def test_an_unknown_option_is_a_type_error_before_calling(client, fakes, call):
+    with pytest.raises(TypeError, match=f"{call}\\(\\) got an unexpected keyword argument 'epoch'"):
+        getattr(client, call)("a", layers=MNIST_LAYERS, dataset="d", epoch=3)
+    assert fakes.training.requests == []
+
+
+def test_fine_tune_takes_no_initial_epoch(client, fakes):
+    with pytest.raises(TypeError, match="initial_epoch"):
+        client.fine_tune("a", dataset="d", initial_epoch=2)
+
+
 def test_evaluate_raises_unimplemented_when_the_server_lacks_it(client):
     with pytest.raises(fitserve.UnimplementedError) as caught:
         client.evaluate("mnist", dataset="builtin:mnist:test", version=2)
@@ -597,6 +621,56 @@ def test_cancel_of_a_finished_job_is_a_failed_precondition(client, fakes):
 
     with pytest.raises(fitserve.FailedPreconditionError, match="already SUCCEEDED"):
         client.get_job("job-1").cancel()
+
+
+class PublicCallsOnly:
+    """A stand-in client with only the public calls `Job` is documented to use."""
+
+    timeout = 5.0
+
+    def __init__(self, events: list[training_pb2.JobEvent], final: training_pb2.Job) -> None:
+        self.events, self.final, self.calls = events, final, []
+
+    def job_record(self, job_id, *, timeout=None):
+        self.calls.append(("job_record", job_id, timeout))
+        return self.final
+
+    def cancel_job(self, job_id, *, timeout=None):
+        self.calls.append(("cancel_job", job_id, timeout))
+        return self.final
+
+    def watch_job(self, job_id, after_event_id="", *, timeout=None):
+        self.calls.append(("watch_job", job_id, after_event_id))
+        return _Stream(self.events)
+
+
+class _Stream(list):
+    def cancel(self) -> bool:
+        return True
+
+
+def test_a_job_needs_only_the_public_client_calls():
+    final = training_pb2.Job(id="job-1", state=JobState.JOB_STATE_SUCCEEDED)
+    calls = PublicCallsOnly([state_event(1, JobState.JOB_STATE_SUCCEEDED)], final)
+    job = fitserve.Job(calls, training_pb2.Job(id="job-1"))
+
+    assert job.wait() == final
+    assert job.cancel(timeout=2) == final
+    assert calls.calls == [
+        ("watch_job", "job-1", ""),
+        ("job_record", "job-1", 5.0),
+        ("cancel_job", "job-1", 2),
+    ]
+
+
+def test_the_job_module_does_not_import_the_client_module():
+    source = inspect.getsource(_job)
+
+    assert "fitserve._client" not in source
+
+
+def test_every_training_option_has_a_default():
+    assert set(fitserve.TrainingOptions.__optional_keys__) == set(_options._DEFAULTS)
 
 
 # -- inference and models --------------------------------------------------------------

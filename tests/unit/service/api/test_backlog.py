@@ -1,4 +1,4 @@
-"""The pure logic of load shedding: the backlog estimate and the share of calls refused.
+"""The backlog estimate of load shedding and the share of calls refused.
 
 The counts come from a function, as channelz gives them; the integration test
 (tests/integration/test_inference.py) runs the same code against a real server.
@@ -10,16 +10,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service.api.gate import (
+from service.api.backlog import (
     MAX_SHED_SHARE,
     Backlog,
-    CallGate,
     channelz_counts,
     channelz_server_ids,
     shed_share,
 )
-from service.api.status import Edge
-from service.metrics import Metrics
 
 
 class Core:
@@ -146,22 +143,6 @@ def test_a_stuck_server_estimates_a_long_wait():
 )
 def test_the_share_refused_rises_past_the_bound_and_never_reaches_all(wait, share):
     assert shed_share(wait, 0.1) == pytest.approx(share)
-
-
-def test_the_gate_refuses_only_with_a_backlog_over_the_bound_and_names_the_setting():
-    core = Core()
-    backlog = Backlog(core.counts)
-    gate = CallGate(1024, Edge(Metrics()), backlog, max_wait=0.01)
-    assert gate.overloaded() is None
-
-    backlog.wait_seconds = 1.0  # far past the bound: the share refused is the maximum
-    refusals = [gate.overloaded() for _ in range(2000)]
-    refused = [r for r in refusals if r is not None]
-
-    assert 0.9 < len(refused) / len(refusals) < 0.99
-    assert "FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS" in refused[0].message
-    assert refused[0].retry_after_seconds == 1.0
-    assert CallGate(1024, Edge(Metrics())).overloaded() is None  # shedding off
 
 
 def test_channelz_reports_the_calls_of_a_real_server():

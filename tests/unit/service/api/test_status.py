@@ -3,7 +3,7 @@ import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from service import errors
-from service.api.status import code_of, to_status
+from service.api.status import PUSHBACK_KEY, code_of, to_status
 
 CODES = [
     (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -27,6 +27,12 @@ def details(status: grpc.Status) -> status_pb2.Status:
 @pytest.mark.parametrize(("cls", "code"), CODES, ids=[c.__name__ for c, _ in CODES])
 def test_each_domain_error_maps_to_its_code(cls, code):
     assert code_of(cls("x")) is code
+
+
+@pytest.mark.parametrize(("cls", "code"), CODES, ids=[c.__name__ for c, _ in CODES])
+def test_each_domain_error_names_its_code_without_grpc(cls, code):
+    assert type(cls.code) is str
+    assert cls.code == code.name
 
 
 def test_every_domain_error_has_a_code():
@@ -66,3 +72,21 @@ def test_to_status_with_a_field_carries_a_bad_request_detail():
     assert [(v.field, v.description) for v in bad.field_violations] == [
         ("fit.epochs", "fit.epochs: must be >= 1")
     ]
+
+
+def pushback(status: grpc.Status) -> list[str | bytes]:
+    return [v for k, v in status.trailing_metadata if k == PUSHBACK_KEY]
+
+
+def test_a_full_queue_sends_retry_info_and_pushback_in_ms():
+    status = to_status(errors.ResourceExhausted("queue full", retry_after_seconds=0.25))
+
+    hint = error_details_pb2.RetryInfo()
+    assert details(status).details[0].Unpack(hint)
+    assert hint.retry_delay.ToNanoseconds() == 250_000_000
+    assert pushback(status) == ["250"]
+
+
+def test_resource_exhausted_that_waiting_cannot_cure_says_do_not_retry():
+    assert pushback(to_status(errors.ResourceExhausted("over the size limit"))) == ["-1"]
+    assert pushback(to_status(errors.Unavailable("Redis is down"))) == []

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from fitserve.v1 import model_pb2, model_pb2_grpc
-from service.api.status import Context, Edge, Servicer, unary
+from service.api.status import Context, RpcOutcomes, Servicer, unary
 from service.errors import NotFound
 from service.metrics import Metrics
 
@@ -28,7 +28,7 @@ class Broken(Servicer, model_pb2_grpc.ModelServiceServicer):
 
 async def _call(name: str, metrics: Metrics) -> grpc.aio.AioRpcError:
     server = grpc.aio.server()
-    model_pb2_grpc.add_ModelServiceServicer_to_server(Broken(Edge(metrics)), server)
+    model_pb2_grpc.add_ModelServiceServicer_to_server(Broken(RpcOutcomes(metrics)), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -3,8 +3,8 @@ import json
 import keras
 import pytest
 
-from service.domain.requests import ModelSpec
-from service.domain.specs import MAX_LAYERS, check_model_spec
+from service.domain.config_check import MAX_LAYERS, check_model_spec
+from service.domain.job_specs import ModelSpec
 from service.errors import InvalidRequest
 
 

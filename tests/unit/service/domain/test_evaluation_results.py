@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from service.domain import evaluation
-from service.domain.evaluation import EvaluationSample, evaluation_samples, record_evaluation
+from service.domain import evaluation_results
+from service.domain.evaluation_results import (
+    EvaluationSample,
+    evaluation_samples,
+    record_evaluation,
+)
 from service.domain.files import write_json_atomic
+from service.domain.job_specs import parse_evaluate
 from service.domain.model_store import METADATA_FILE, ModelStore
-from service.domain.requests import parse_evaluate
 
 
 @pytest.fixture
@@ -32,7 +36,7 @@ def test_samples_hold_the_latest_result_per_version_and_dataset(
     store: ModelStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = itertools.count(100)
-    monkeypatch.setattr(evaluation.time, "time", lambda: float(next(clock)))
+    monkeypatch.setattr(evaluation_results.time, "time", lambda: float(next(clock)))
     record_evaluation(store, "m", 1, "holdout", {"loss": 0.9, "accuracy": 0.5}, "a")
     record_evaluation(store, "m", 1, "holdout", {"loss": 0.4, "accuracy": 0.8}, "b")
     record_evaluation(store, "m", 1, "train", {"loss": 0.1}, "c")

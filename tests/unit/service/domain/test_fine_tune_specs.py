@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.domain.requests import parse_feature, parse_fine_tune, parse_train
+from service.domain.job_specs import parse_feature, parse_fine_tune, parse_train
 from service.errors import InvalidRequest
 
 BASE = {

@@ -2,8 +2,8 @@ import copy
 
 import pytest
 
-from service.domain import keras_names
-from service.domain.requests import parse_train
+from service.domain import allowed_keras
+from service.domain.job_specs import parse_train
 from service.errors import InvalidRequest
 
 BASE = {
@@ -73,7 +73,7 @@ def test_unknown_names_are_refused_listing_the_valid_ones(changes, field, what, 
     assert err.field == field
     assert f"unknown {what}" in err.message
     listed = err.message.split("valid: ", 1)[1].split(", ")
-    assert set(listed) == getattr(keras_names, valid)
+    assert set(listed) == getattr(allowed_keras, valid)
 
 
 def test_an_unknown_loss_of_an_output_is_refused():

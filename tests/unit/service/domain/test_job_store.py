@@ -13,15 +13,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from service.domain.job_store import AsyncJobStore, JobStore
 from service.domain.jobs import (
     IDEMPOTENCY,
     INDEX,
     SWEEP,
-    AsyncJobStore,
     Job,
     JobKind,
     JobState,
-    JobStore,
     events_key,
     history_key,
     job_key,

@@ -12,10 +12,10 @@ import pytest
 import redis
 
 from service.domain import model_events
-from service.domain.exporting import export_version
 from service.domain.model_events import CHANNEL, ModelEvent, Publisher
 from service.domain.model_store import ModelStore
-from service.stack import free_port
+from service.training.exporting import export_version
+from tests.conftest import refused_port
 
 
 def test_a_published_event_reaches_a_subscriber(redis_url: str) -> None:
@@ -36,8 +36,8 @@ def test_a_published_event_reaches_a_subscriber(redis_url: str) -> None:
 def test_publishing_with_redis_down_warns_and_does_not_raise(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger=model_events.__name__):
-        Publisher(f"redis://127.0.0.1:{free_port()}/0").publish(ModelEvent("mnist", 1))
+    with caplog.at_level(logging.WARNING, logger=model_events.__name__), refused_port() as port:
+        Publisher(f"redis://127.0.0.1:{port}/0").publish(ModelEvent("mnist", 1))
     assert "could not publish" in caplog.text
     assert "servers pick it up by polling" in caplog.text
 

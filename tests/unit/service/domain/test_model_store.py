@@ -3,7 +3,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.domain.model_store import METADATA_FILE, ModelStore, check_version
+from service.domain.model_store import METADATA_FILE, ModelStore
 from service.errors import FailedPrecondition, InvalidRequest, NotFound
 
 
@@ -196,10 +196,3 @@ def test_concurrent_publishes_get_distinct_versions(store):
     assert store.versions("m") == list(range(1, 9))
     assert [store.published_version("m", f"job-{i}") for i in range(8)] == versions
     assert not any((store.root / "m" / ".staging").iterdir())
-
-
-def test_check_version():
-    assert check_version(3) == 3
-    with pytest.raises(InvalidRequest) as info:
-        check_version(-1, "request.version")
-    assert info.value.field == "request.version"

@@ -1,6 +1,6 @@
 import pytest
 
-from service.domain.names import check_alias, check_name
+from service.domain.resource_names import check_alias, check_name
 from service.errors import InvalidRequest
 
 

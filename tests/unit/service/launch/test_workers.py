@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.main import GpuChoiceError, chosen_gpus, plan_gpu_workers
+from service.launch.workers import GpuChoiceError, chosen_gpus, plan_gpu_workers
 from tests.conftest import ROOT
 
 FOUR = ["0", "1", "2", "3"]

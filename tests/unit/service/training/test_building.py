@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from service.domain.building import build_model, compile_model
-from service.domain.requests import CompileSpec, ModelSpec, NamedConfig
+from service.domain.job_specs import CompileSpec, ModelSpec, NamedConfig
 from service.errors import InvalidRequest
+from service.training.building import build_model, compile_model
 
 
 def layers_spec(*layers) -> ModelSpec:

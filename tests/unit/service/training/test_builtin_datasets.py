@@ -30,8 +30,8 @@ import keras
 import numpy as np
 import pytest
 
-from service.domain import keras_datasets
-from service.domain.keras_datasets import BUILTINS, DatasetUnavailable, load_builtin
+from service.training import builtin_datasets
+from service.training.builtin_datasets import BUILTINS, DatasetUnavailable, load_builtin
 
 Fake = Callable[[Path], None]
 
@@ -172,7 +172,7 @@ def test_each_builtin_reads_like_keras_datasets(
 
     for (x, y), (kx, ky) in zip(ours, theirs, strict=True):
         if name in ("imdb", "reuters"):
-            kx = keras.utils.pad_sequences(kx, maxlen=keras_datasets.SEQUENCE_LENGTH)
+            kx = keras.utils.pad_sequences(kx, maxlen=builtin_datasets.SEQUENCE_LENGTH)
         np.testing.assert_array_equal(x, kx)
         np.testing.assert_array_equal(y, ky)
         assert (x.dtype, y.dtype, y.shape) == (kx.dtype, ky.dtype, ky.shape)
@@ -184,15 +184,15 @@ def test_word_indices_are_shifted_with_a_start_mark_and_the_top_id_out_of_vocabu
     cache = tmp_path / "keras_datasets"
     _provide(cache, "reuters", monkeypatch)
     raw = np.load(BUILTINS["reuters"].sources[0].path(cache), allow_pickle=True)["x"]
-    top = max(max(seq) for seq in raw) + keras_datasets.INDEX_FROM
+    top = max(max(seq) for seq in raw) + builtin_datasets.INDEX_FROM
 
     x, _ = load_builtin(cache, "reuters", "train")
 
-    assert x.shape[1] == keras_datasets.SEQUENCE_LENGTH
+    assert x.shape[1] == builtin_datasets.SEQUENCE_LENGTH
     first = x[0][x[0] != 0]  # left-padded
-    assert first[0] == keras_datasets.START
+    assert first[0] == builtin_datasets.START
     assert top not in x  # the highest id counts as out of vocabulary, as in Keras
-    assert keras_datasets.OOV in x
+    assert builtin_datasets.OOV in x
 
 
 def _unreachable_origin(name: str, monkeypatch: pytest.MonkeyPatch) -> str:

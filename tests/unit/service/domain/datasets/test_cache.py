@@ -13,9 +13,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from service.domain import dataset_cache, dataset_sources
-from service.domain.dataset_sources import UriFormat
-from service.domain.requests import DatasetRef
+from service.domain.datasets import cache as dataset_cache
+from service.domain.datasets import sources as dataset_sources
+from service.domain.datasets.sources import UriFormat
+from service.domain.job_specs import DatasetRef
 from service.errors import InvalidRequest, NotFound, Unavailable
 
 URI = "memory://bucket/saved"

@@ -7,9 +7,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from service.domain import dataset_sources
-from service.domain.dataset_sources import UriFormat
-from service.domain.requests import DatasetRef
+from service.domain.datasets import sources
+from service.domain.datasets.sources import UriFormat
+from service.domain.job_specs import DatasetRef
 from service.errors import FailedPrecondition, InvalidRequest, NotFound, Unavailable
 
 SPEC = {"x": "float32:2"}
@@ -39,14 +39,14 @@ def memory() -> Iterator[fsspec.AbstractFileSystem]:
     fs.rm("/bucket", recursive=True)
 
 
-def resolve(uri: str, roots: list[Path], **ref: object) -> dataset_sources.UriSource:
-    return dataset_sources.resolve(DatasetRef(uri=uri, **ref), roots, ("memory",))
+def resolve(uri: str, roots: list[Path], **ref: object) -> sources.UriSource:
+    return sources.resolve(DatasetRef(uri=uri, **ref), roots, ("memory",))
 
 
 def test_local_paths_and_file_urls_under_a_root(root: Path):
-    assert dataset_sources.local_path(str(root / "saved"), [root]) == root / "saved"
-    assert dataset_sources.local_path(f"file://{root}/saved", [root]) == root / "saved"
-    assert dataset_sources.local_path(f"file:{root}/saved", [root]) == root / "saved"
+    assert sources.local_path(str(root / "saved"), [root]) == root / "saved"
+    assert sources.local_path(f"file://{root}/saved", [root]) == root / "saved"
+    assert sources.local_path(f"file:{root}/saved", [root]) == root / "saved"
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_local_paths_and_file_urls_under_a_root(root: Path):
 )
 def test_refused_paths_name_the_setting_or_the_rule(root: Path, uri: str, message: str):
     with pytest.raises(InvalidRequest) as info:
-        dataset_sources.local_path(uri.format(root=root), [root])
+        sources.local_path(uri.format(root=root), [root])
     assert message in info.value.message
     assert info.value.field == "dataset.uri"
 
@@ -66,19 +66,19 @@ def test_refused_paths_name_the_setting_or_the_rule(root: Path, uri: str, messag
 def test_a_symlink_out_of_the_root_is_outside(root: Path):
     (root / "link").symlink_to(root.parent / "outside")
     with pytest.raises(InvalidRequest, match="outside the dataset_roots"):
-        dataset_sources.local_path(str(root / "link"), [root])
+        sources.local_path(str(root / "link"), [root])
 
 
 def test_a_missing_path_is_not_found(root: Path):
     with pytest.raises(NotFound, match="does not exist"):
-        dataset_sources.local_path(str(root / "nope"), [root])
+        sources.local_path(str(root / "nope"), [root])
 
 
 def test_url_schemes():
-    assert dataset_sources.url_scheme("/data/x") == ""
-    assert dataset_sources.url_scheme("file:///data/x") == ""
-    assert dataset_sources.url_scheme("S3://bucket/x") == "s3"
-    assert dataset_sources.url_scheme("s3:bucket/x") == ""  # no '//': not a URL to fsspec
+    assert sources.url_scheme("/data/x") == ""
+    assert sources.url_scheme("file:///data/x") == ""
+    assert sources.url_scheme("S3://bucket/x") == "s3"
+    assert sources.url_scheme("s3:bucket/x") == ""  # no '//': not a URL to fsspec
 
 
 def test_an_uppercase_scheme_reads_like_the_lowercase_one(memory: fsspec.AbstractFileSystem):
@@ -99,8 +99,8 @@ def test_a_scheme_without_slashes_is_refused_not_read_from_the_working_folder(
     monkeypatch.chdir(tmp_path)
     ref = DatasetRef(uri=uri.format(cwd=tmp_path), feature_spec=SPEC)
     for check in (
-        lambda: dataset_sources.resolve(ref, [], ("memory",)),
-        lambda: dataset_sources.check_uri(ref, [], url_schemes=("memory",)),
+        lambda: sources.resolve(ref, [], ("memory",)),
+        lambda: sources.check_uri(ref, [], url_schemes=("memory",)),
     ):
         with pytest.raises(InvalidRequest) as info:
             check()
@@ -115,12 +115,12 @@ def test_a_scheme_that_opens_local_files_is_refused(root: Path):
     (root.parent / "outside" / "secret.tfrecord").write_bytes(b"x")
     ref = DatasetRef(uri=uri, feature_spec=SPEC)
     with pytest.raises(InvalidRequest) as info:
-        dataset_sources.resolve(ref, [root], ("local",))
+        sources.resolve(ref, [root], ("local",))
     assert "local:// URLs open local files" in info.value.message
     assert "absolute path under the dataset_roots" in info.value.message
     assert info.value.field == "dataset.uri"
     with pytest.raises(InvalidRequest, match="open local files"):
-        dataset_sources.check_uri(ref, [root], url_schemes=("local",))
+        sources.check_uri(ref, [root], url_schemes=("local",))
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ def test_a_scheme_that_opens_local_files_is_refused(root: Path):
 )
 def test_a_scheme_outside_the_allowlist_names_the_setting(uri, allowed, message):
     with pytest.raises(InvalidRequest) as info:
-        dataset_sources.check_url(uri, allowed)
+        sources.check_url(uri, allowed)
     assert message in info.value.message
     assert info.value.field == "dataset.uri"
     if "::" not in uri:
@@ -155,7 +155,7 @@ def test_a_scheme_outside_the_allowlist_names_the_setting(uri, allowed, message)
 )
 def test_an_allowed_scheme_without_its_package_names_the_package(uri, package, extra):
     with pytest.raises(FailedPrecondition) as info:
-        dataset_sources.check_url(uri, dataset_sources.DEFAULT_URL_SCHEMES)
+        sources.check_url(uri, sources.DEFAULT_URL_SCHEMES)
     assert (
         f"pip install 'fitserve-server[{extra}]' (or pip install {package})" in info.value.message
     )
@@ -165,10 +165,10 @@ def test_an_allowed_scheme_without_its_package_names_the_package(uri, package, e
 def test_the_api_check_of_a_url_reads_no_storage():
     """A missing object at an allowed URL passes: only the worker, which reads, lists it."""
     ref = DatasetRef(uri="memory://bucket/never-written", feature_spec=SPEC)
-    dataset_sources.check_uri(ref, [], url_schemes=("memory",))
+    sources.check_uri(ref, [], url_schemes=("memory",))
     one_file = DatasetRef(uri="memory://bucket/never-written.tfrecord")
     with pytest.raises(InvalidRequest, match="feature_spec is required for TFRecord files"):
-        dataset_sources.check_uri(one_file, [], url_schemes=("memory",))
+        sources.check_uri(one_file, [], url_schemes=("memory",))
 
 
 def test_local_formats_and_sizes(root: Path):
@@ -206,11 +206,11 @@ def test_a_missing_url_is_not_found(memory: fsspec.AbstractFileSystem):
 
 def test_storage_errors_name_the_uri():
     missing = pytest.raises(NotFound, match="'s3://b/x' does not exist")
-    with missing, dataset_sources.storage_errors("s3://b/x"):
+    with missing, sources.storage_errors("s3://b/x"):
         raise FileNotFoundError("b/x")
     unreachable = FileNotFoundError("http://h/x")
     unreachable.__cause__ = ConnectionRefusedError("connect call failed")
-    with pytest.raises(Unavailable) as info, dataset_sources.storage_errors("http://h/x"):
+    with pytest.raises(Unavailable) as info, sources.storage_errors("http://h/x"):
         raise unreachable
     assert "'http://h/x' could not be read from its storage (ConnectionRefusedError" in str(
         info.value
@@ -219,9 +219,9 @@ def test_storage_errors_name_the_uri():
 
 def test_feature_spec_is_required_for_tfrecords_and_refused_for_saved_folders(root: Path):
     with pytest.raises(InvalidRequest) as info:
-        dataset_sources.check_uri(DatasetRef(uri=str(root / "records")), [root])
+        sources.check_uri(DatasetRef(uri=str(root / "records")), [root])
     assert info.value.field == "dataset.feature_spec"
     ref = DatasetRef(uri=str(root / "saved"), feature_spec=SPEC)
     with pytest.raises(InvalidRequest, match="carries its own element spec"):
-        dataset_sources.check_uri(ref, [root])
-    dataset_sources.check_uri(DatasetRef(uri=str(root / "records"), feature_spec=SPEC), [root])
+        sources.check_uri(ref, [root])
+    sources.check_uri(DatasetRef(uri=str(root / "records"), feature_spec=SPEC), [root])

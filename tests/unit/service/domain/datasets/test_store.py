@@ -5,9 +5,9 @@ import types
 import numpy as np
 import pytest
 
-from service.domain import datasets
-from service.domain.arrays import ArrayHeader
-from service.domain.datasets import DatasetStore
+from service.domain.datasets import store as dataset_store
+from service.domain.datasets.npz import ArrayHeader
+from service.domain.datasets.store import DatasetStore
 from service.errors import InvalidRequest, NotFound, ResourceExhausted
 
 
@@ -29,7 +29,9 @@ def store(tmp_path):
 def clock(monkeypatch):
     """Upload times 100, 200, 300, ... so that 'newest first' is deterministic."""
     ticks = iter(range(100, 10_000, 100))
-    monkeypatch.setattr(datasets, "time", types.SimpleNamespace(time=lambda: float(next(ticks))))
+    monkeypatch.setattr(
+        dataset_store, "time", types.SimpleNamespace(time=lambda: float(next(ticks)))
+    )
 
 
 def upload(store, name, content=XY, chunk=100, **header):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from service.domain.tfrecord_frames import (
+from service.domain.datasets.tfrecord_frames import (
     MAX_RECORD_BYTES,
     crc32c,
     masked_crc32c,

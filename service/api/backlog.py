@@ -1,0 +1,156 @@
+"""The backlog estimator: how many calls wait in gRPC's core before a handler, and how long.
+
+Under overload a grpc.aio server does not queue calls where Python can see them: gRPC's C
+core holds the calls that have arrived until the server's accept loop takes them, one per
+event-loop turn. The batcher's queue stays short and the event loop does not lag, and yet
+each call waits long before any handler runs. ``Backlog`` measures
+that hidden queue: gRPC's channelz counts the calls the core has started and finished;
+calls that reached a handler and have not returned are counted by ``CallGate``
+(``service.api.gate``); the difference is the calls still waiting in the core. Divided by
+the rate calls reach the handlers (Little's law), it is how long a call arriving now waits.
+``shed_share`` turns that wait into the share of Predict calls to refuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from service import errors
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+DRAIN_SMOOTHING = 0.1  # weight of each interval's drain rate in the moving average
+MAX_SHED_SHARE = 0.95
+RATE_TTL = 1.0  # seconds a measured drain rate is trusted without a new measurement
+MIN_DRAIN_RATE = 1.0  # calls/s: a server draining slower than this counts as this slow
+
+
+class Overloaded(errors.ResourceExhausted):
+    """Calls wait too long in gRPC's queue; ``retry_after_seconds`` is that wait."""
+
+
+def _cygrpc() -> Any:
+    """grpcio's core binding, a private module, for its ``channelz_get_servers`` and
+    ``channelz_get_server`` (JSON) calls.
+
+    No public API serves: gRPC Python exposes channelz only as a gRPC service (the
+    grpcio-channelz package, whose servicer reads these same private calls, and which is
+    not published for every grpcio release), not as an in-process call. Imported by name so
+    that a grpcio without it turns shedding off (``channelz_server_ids``) instead of
+    failing the import of this module.
+    """
+    return importlib.import_module("grpc._cython.cygrpc")
+
+
+def channelz_counts(server_id: int) -> tuple[int, int, int]:
+    """Calls started, succeeded and failed of one gRPC server, from channelz."""
+    data = json.loads(_cygrpc().channelz_get_server(server_id))["server"]["data"]
+    return (
+        int(data.get("callsStarted", 0)),
+        int(data.get("callsSucceeded", 0)),
+        int(data.get("callsFailed", 0)),
+    )
+
+
+def channelz_server_ids() -> set[int]:
+    """The ids of the gRPC servers of this process (empty when channelz is unavailable)."""
+    try:
+        found = json.loads(_cygrpc().channelz_get_servers(0)).get("server", [])
+    except Exception:  # an unexpected grpcio build: shedding turns itself off
+        return set()
+    return {int(s["ref"]["serverId"]) for s in found}
+
+
+class Backlog:
+    """How many calls wait in gRPC's core before a handler, and for how long.
+
+    The wait is the calls waiting divided by the rate calls leave the core's queue while it
+    stays busy. An interval is measured only when calls still wait at its end and the
+    calls waiting at its start were enough for all it took: then the server was taking
+    calls all along, and the rate is its capacity, not the rate callers happen to send at
+    (a lightly loaded server, or the interval in which a burst lands, is not measured).
+    A rate older than ``RATE_TTL`` is forgotten; without a rate nothing is estimated, so a
+    burst on a server that has not been saturated lately is not shed.
+    """
+
+    def __init__(self, read_counts: Callable[[], tuple[int, int, int]]) -> None:
+        self._read = read_counts
+        self.active = 0  # calls inside a handler
+        self.arrived = 0  # calls that have reached a handler, ever
+        self.waiting = 0  # calls in the core, not yet at a handler
+        self.wait_seconds = 0.0
+        self.drain_rate: float | None = None  # calls/s reaching handlers while some wait
+        self._rate_at = 0.0  # when drain_rate was last measured
+        self._last: tuple[float, int] | None = None
+
+    def count_waiting(self) -> int:
+        """Calls in the core not at a handler yet, read now (from any thread; 0 when the
+        counts cannot be read, e.g. once the server has stopped)."""
+        try:
+            return self._waiting_now()
+        except Exception:
+            return 0
+
+    def update(self, now: float | None = None) -> None:
+        """Read the core's counts and re-estimate the wait (called every few ms)."""
+        now = time.monotonic() if now is None else now
+        waiting = self._waiting_now()
+        self._measure(now, waiting)
+        self._last = (now, self.arrived)
+        self.waiting = waiting
+        rate = self.drain_rate
+        if not self.waiting or rate is None:
+            self.wait_seconds = 0.0
+        else:
+            self.wait_seconds = self.waiting / max(rate, MIN_DRAIN_RATE)
+
+    def _waiting_now(self) -> int:
+        started, succeeded, failed = self._read()
+        return max(0, started - succeeded - failed - self.active)
+
+    def _measure(self, now: float, waiting: int) -> None:
+        """Fold the drain rate of the interval since the last reading into the average if
+        the server was busy all of it; forget a rate not measured for ``RATE_TTL``."""
+        then, arrived = self._last or (now, self.arrived)
+        taken = self.arrived - arrived
+        # Busy the whole interval: the calls waiting at its start were enough for all it
+        # took, and calls still wait at its end.
+        if now > then and waiting and self.waiting and self.waiting >= taken:
+            sample = taken / (now - then)
+            rate = self.drain_rate
+            self.drain_rate = sample if rate is None else rate + DRAIN_SMOOTHING * (sample - rate)
+            self._rate_at = now
+        elif self.drain_rate is not None and now - self._rate_at > RATE_TTL:
+            self.drain_rate = None
+
+
+def shed_share(wait: float, max_wait: float) -> float:
+    """The share of sheddable calls refused at an estimated ``wait``: none up to
+    ``max_wait``, rising to ``MAX_SHED_SHARE`` at 1.5 x ``max_wait``.
+
+    Never all: callers that retry at once without backing off keep gRPC's queue full
+    however fast refusals are, so refusing everything would serve no one. Refusing a share
+    settles the wait a little over ``max_wait`` and keeps serving the rest.
+    """
+    return min(MAX_SHED_SHARE, max(0.0, 2 * (wait - max_wait) / max_wait))
+
+
+async def watch_backlog(backlog: Backlog, metrics: Metrics, interval: float = 0.01) -> None:
+    """Keep ``backlog`` and its gauges current until cancelled."""
+    while True:
+        await asyncio.sleep(interval)  # a sampling period, not a wait for a condition
+        try:
+            backlog.update()
+        except Exception as exc:  # channelz changed shape: stop shedding, keep serving
+            log.warning("load shedding is off: cannot read gRPC's channelz counts (%s)", exc)
+            backlog.wait_seconds = 0.0
+            return
+        metrics.grpc_queued_calls.set(backlog.waiting)
+        metrics.grpc_queue_wait.set(backlog.wait_seconds)

@@ -1,0 +1,46 @@
+"""Paging of the List RPCs (ListDatasets, ListModels, ListJobs): one meaning for
+``page_size`` and ``page_token`` everywhere.
+
+A page token is the offset of the page's first item, as this server issued it; clients
+treat it as opaque. An empty next token means there is no further page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from service.errors import InvalidRequest
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 50
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page:
+    """Where a requested page starts and how many items it holds at most."""
+
+    offset: int
+    size: int
+
+    def of(self, items: Sequence[T]) -> tuple[Sequence[T], str]:
+        """This page of ``items`` (all of them, in order) and the next page's token."""
+        end = self.offset + self.size
+        return items[self.offset : end], next_token(end if end < len(items) else 0)
+
+
+def page(page_size: int, page_token: str) -> Page:
+    """The page a request asks for; INVALID_ARGUMENT for a size out of range or a token
+    this server did not issue."""
+    if page_size < 0 or page_size > MAX_PAGE:
+        raise InvalidRequest(f"page_size must be 1..{MAX_PAGE}", field="page_size")
+    if page_token and not page_token.isdigit():
+        raise InvalidRequest("page_token is not one this server issued", field="page_token")
+    return Page(int(page_token or 0), page_size or DEFAULT_PAGE)
+
+
+def next_token(offset: int) -> str:
+    """The token of the page starting at ``offset``; "" (no next page) for 0."""
+    return str(offset) if offset else ""

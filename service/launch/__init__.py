@@ -1,0 +1,1 @@
+"""Starting and supervising processes: servers, workers, Redis and the embedded stack."""

@@ -1,0 +1,237 @@
+"""The embedded stack: Redis, a server and a worker on this machine, as one object.
+
+``fitserve up`` runs all three supervised; the tests and the benchmarks start the parts they
+need (a Redis alone, a worker on a Redis of theirs, a pinned server). The server binds its own
+ports and reports them (``service.launch.ready``), so nothing picks a port it then hopes is
+still free. Stopping takes the server and the worker down together first and Redis last, so
+neither loses its Redis while it shuts down.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from service.config import Settings
+from service.launch.ready import READY_TIMEOUT, Ready
+from service.launch.redis_server import RedisServer, start_redis, wait_for_redis
+from service.launch.serving import serve_argv, start_server
+from service.launch.supervision import (
+    Child,
+    ChildExited,
+    Interrupted,
+    exited,
+    never,
+    stop_flag,
+    supervise,
+    terminate,
+)
+from service.launch.workers import start_worker
+
+
+@dataclass(frozen=True)
+class ServerPart:
+    """How a Stack runs its server (``python -m service.main serve``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: the server binds a free port and reports it
+    metrics_port: int = 0
+    args: Sequence[str] = ()  # more ``serve`` options, e.g. ("--roles", "api")
+    env: Mapping[str, str] = field(default_factory=dict)  # this child's own variables
+    prefix: Sequence[str] = ()  # before the command, e.g. ("taskset", "-c", "1")
+
+
+@dataclass(frozen=True)
+class WorkerPart:
+    """How a Stack runs its worker (one Celery worker process, prefork, one child)."""
+
+    queues: str = "train,cpu"
+    loglevel: str = "INFO"
+    env: Mapping[str, str] = field(default_factory=dict)
+    prefix: Sequence[str] = ()
+
+
+SERVER = ServerPart()
+WORKER = WorkerPart()
+
+
+class Stack:
+    """Redis, a server and a worker, each optional; a context manager that starts them
+    and stops them (server and worker together, then Redis).
+
+    ``work`` holds Redis's folder (``work/redis``, with its log) and, with ``logs``, each
+    child's output (``work/server.log``, ``work/worker.log``; else on this process's). With
+    ``redis_url`` no Redis is started. Every child gets ``env`` (default: this process's
+    environment) with FITSERVE_DATA_DIR and FITSERVE_REDIS_URL set, then its part's ``env``.
+    ``stopping`` is polled while the server starts: when it turns true, start raises
+    Interrupted.
+    """
+
+    def __init__(
+        self,
+        work: Path,
+        *,
+        data_dir: Path | None = None,
+        redis_url: str | None = None,
+        server: ServerPart | None = SERVER,
+        worker: WorkerPart | None = WORKER,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        logs: bool = True,
+        ready_timeout: float = READY_TIMEOUT,
+        stopping: Callable[[], bool] = never,
+    ) -> None:
+        self.work, self.data_dir = work, data_dir or work / "data"
+        self.redis_url = redis_url or ""
+        self._parts, self._base_env, self._cwd = (server, worker), env, cwd
+        self._timeout, self._stopping = ready_timeout, stopping
+        self.logs = {name: work / f"{name}.log" for name in ("server", "worker")} if logs else {}
+        self.redis: RedisServer | None = None
+        self.server: subprocess.Popen[bytes] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.ready: Ready | None = None  # what the server reported
+
+    def start(self) -> Stack:
+        """Start the parts; on any failure, stop what started and raise."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_redis()
+            self._start_worker()
+            self._start_server()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM the server and the worker together, Redis after them, each with a deadline."""
+        terminate([p for p in (self.server, self.worker) if p is not None])
+        if self.redis is not None:
+            terminate([self.redis.proc])
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def children(self) -> list[Child]:
+        """The processes started, by name: what a supervisor watches."""
+        procs = (
+            ("redis", self.redis.proc if self.redis else None),
+            ("server", self.server),
+            ("worker", self.worker),
+        )
+        return [(name, proc) for name, proc in procs if proc is not None]
+
+    def dead(self) -> ChildExited | None:
+        """The first child that has exited, naming it; None while all run."""
+        return exited(self.children)
+
+    @property
+    def target(self) -> str:
+        """host:port of the server."""
+        return f"{self._server_part().host}:{self._ready().port}"
+
+    @property
+    def port(self) -> int:
+        return self._ready().port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._ready().metrics_port
+
+    def _ready(self) -> Ready:
+        if self.ready is None:
+            raise RuntimeError("this stack runs no server (or it has not started)")
+        return self.ready
+
+    def _server_part(self) -> ServerPart:
+        if self._parts[0] is None:
+            raise RuntimeError("this stack runs no server")
+        return self._parts[0]
+
+    def _env(self, own: Mapping[str, str]) -> dict[str, str]:
+        base = dict(os.environ if self._base_env is None else self._base_env)
+        base |= {"FITSERVE_DATA_DIR": str(self.data_dir), "FITSERVE_REDIS_URL": self.redis_url}
+        return base | dict(own)
+
+    def _start_redis(self) -> None:
+        if self.redis_url:
+            wait_for_redis(self.redis_url)
+            return
+        self.redis = start_redis(self.work / "redis")
+        self.redis_url, self.logs["redis"] = self.redis.url, self.redis.log
+
+    def _start_worker(self) -> None:
+        part = self._parts[1]
+        if part is None:
+            return
+        self.worker = start_worker(
+            self._env(part.env),
+            self.logs.get("worker"),
+            self._cwd,
+            queues=part.queues,
+            loglevel=part.loglevel,
+            prefix=part.prefix,
+        )
+
+    def _start_server(self) -> None:
+        part = self._parts[0]
+        if part is None:
+            return
+        argv = serve_argv("--host", part.host, "--port", str(part.port))
+        argv += ["--metrics-port", str(part.metrics_port), *part.args]
+        self.server, self.ready = start_server(
+            argv,
+            self._env(part.env),
+            self.logs.get("server"),
+            self._cwd,
+            prefix=part.prefix,
+            timeout=self._timeout,
+            stopping=self._stopping,
+        )
+
+
+def run_stack(settings: Settings, *, explicit_redis: bool) -> int:
+    """Run the stack until Ctrl-C/SIGTERM (exit 0) or until a child dies (exit 1)."""
+    stopping = stop_flag()
+    data_dir = settings.data_dir.resolve()
+    stack = Stack(
+        data_dir,
+        data_dir=data_dir,
+        redis_url=settings.redis_url if explicit_redis else None,
+        server=ServerPart(settings.host, settings.port, settings.metrics_port),
+        worker=WorkerPart(loglevel=settings.log_level),
+        logs=False,
+        stopping=stopping,
+    )
+    try:
+        with stack:
+            print(_banner(stack), flush=True)
+            return supervise(stack.children, stopping, "fitserve up", "the stack")
+    except ChildExited as exc:
+        print(f"fitserve up: {exc}; stopping the stack", file=sys.stderr, flush=True)
+        return 1
+    except Interrupted:
+        print("fitserve up: stopping", flush=True)
+        return 0
+
+
+def _banner(stack: Stack) -> str:
+    pids = ", ".join(f"{name} pid {proc.pid}" for name, proc in stack.children)
+    return (
+        f"fitserve up: data in {stack.data_dir}; Redis at {stack.redis_url}; gRPC on "
+        f"{stack.target}; metrics on port {stack.metrics_port} ({pids}); Ctrl-C stops the stack"
+    )
