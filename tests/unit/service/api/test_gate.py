@@ -4,16 +4,7 @@ from service.api.backlog import Backlog
 from service.api.gate import CallGate
 from service.api.status import RpcOutcomes
 from service.metrics import Metrics
-
-
-class Core:
-    """What channelz would report: calls started, succeeded, failed."""
-
-    def __init__(self) -> None:
-        self.started = self.succeeded = self.failed = 0
-
-    def counts(self) -> tuple[int, int, int]:
-        return self.started, self.succeeded, self.failed
+from tests.unit.service.api.test_backlog import Core
 
 
 def test_the_gate_refuses_only_with_a_backlog_over_the_bound_and_names_the_setting():
