@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.domain.datasets.sources import DEFAULT_URL_SCHEMES
 
@@ -248,6 +249,13 @@ class Settings(BaseSettings):
         "than the files (TFRecord int64 features are varints), and training and "
         "validation data are each cached.",
     )
+    plugins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Python modules to load plugins from, besides the installed packages' "
+        "'fitserve.plugins' entry points: for plugin code that is not packaged. Comma "
+        "separated or a JSON list, e.g. FITSERVE_PLUGINS=my_company.losses,my_company.layers. "
+        "Servers and workers must load the same plugins (docs/plugins.md).",
+    )
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
 
@@ -256,6 +264,19 @@ class Settings(BaseSettings):
     def _bare_protocols(cls, schemes: list[str]) -> list[str]:
         """'S3://' and 's3' are the same protocol."""
         return [s.strip().lower().removesuffix("://") for s in schemes if s.strip()]
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _module_list(cls, value: object) -> object:
+        """A JSON list or comma-separated module names."""
+        if isinstance(value, str):
+            text = value.strip()
+            return (
+                json.loads(text)
+                if text.startswith("[")
+                else [m.strip() for m in text.split(",") if m.strip()]
+            )
+        return value
 
     @model_validator(mode="after")
     def _default_dataset_roots(self) -> Settings:

@@ -30,6 +30,9 @@ from service.launch.supervision import terminate
 from service.launch.workers import start_worker as start_worker_process
 
 ROOT = Path(__file__).resolve().parent.parent
+# Test plugins that are not packaged, loaded by the session's server and worker as an
+# operator's FITSERVE_PLUGINS would be; the example package comes by its entry point.
+TEST_PLUGINS = ["tests.plugins.faults"]
 
 
 @dataclass
@@ -64,6 +67,7 @@ def settings(data_dir: Path, redis_url: str) -> Settings:
         metrics_port=0,
         log_format="text",
         grace_seconds=1.0,
+        plugins=TEST_PLUGINS,
     )
 
 
@@ -76,6 +80,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         FITSERVE_LOG_FORMAT="text",
         TF_CPP_MIN_LOG_LEVEL="2",
         PYTHONPATH=str(ROOT),
+        FITSERVE_PLUGINS=",".join(settings.plugins),
     )
 
 

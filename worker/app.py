@@ -32,4 +32,5 @@ def warm_child(**_: Any) -> None:
     from service.training import devices
 
     devices.configure(settings.worker_cpu_devices)
-    log.info("worker child ready (TensorFlow imported)")
+    plugins = runtime.plugins
+    log.info("worker child ready (TensorFlow imported); %d plugin objects", len(plugins.plugins))

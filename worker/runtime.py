@@ -18,6 +18,8 @@ from service.domain.model_store import ModelStore
 from service.domain.workspace import Workspace
 from service.errors import FitserveError
 from service.logs import job_id_var
+from service.plugins import discovery
+from service.plugins.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,21 @@ class Runtime:
             model_events=Publisher(settings.redis_url),
         )
 
+    @functools.cached_property
+    def plugins(self) -> Registry:
+        """This child's plugins, installed for the request checks and registered with
+        Keras; loaded in the child, since plugin modules import Keras."""
+        from service.training.plugins import register_with_keras
+
+        registry = discovery.load(self.settings.plugins)
+        register_with_keras(registry)
+        return registry
+
     def run_job(self, job_id: str) -> None:
         """Start, run and finish one job; every failure ends as a FAILED job, never a
-        lost one."""
+        lost one; an exception raised in plugin code fails it naming the plugin."""
         ws = self.workspace
+        _ = self.plugins
         token = job_id_var.set(job_id)
         try:
             job = ws.jobs.start(job_id, self.settings.job_max_attempts)
@@ -68,8 +81,14 @@ class Runtime:
             reason = getattr(exc, "reason", "") or type(exc).__name__.upper()
             ws.jobs.fail(job_id, reason, exc.message)
         except Exception as exc:
-            log.exception("job crashed")
-            ws.jobs.fail(job_id, "INTERNAL", f"{type(exc).__name__}: {exc}".strip()[:2000])
+            from service.training.plugins import blame
+
+            if (by_plugin := blame(exc)) is not None:
+                log.warning("job failed in a plugin: %s", by_plugin.message, exc_info=True)
+                ws.jobs.fail(job_id, by_plugin.reason, by_plugin.message)
+            else:
+                log.exception("job crashed")
+                ws.jobs.fail(job_id, "INTERNAL", f"{type(exc).__name__}: {exc}".strip()[:2000])
             traceback.clear_frames(exc.__traceback__)
         finally:
             job_id_var.reset(token)

@@ -15,6 +15,7 @@ from fitserve.v1 import dataset_pb2, model_pb2, tensor_pb2, training_pb2
 from service.domain.datasets.store import DatasetInfo
 from service.domain.jobs import Job, JobEvent
 from service.errors import InvalidRequest
+from service.plugins.registry import Plugin, Registry
 
 _NUMPY_BY_WIRE = {
     tensor_pb2.DATA_TYPE_FLOAT32: "float32",
@@ -145,6 +146,8 @@ def event_to_proto(job_id: str, event: JobEvent) -> training_pb2.JobEvent:
         out.epoch_ended.CopyFrom(training_pb2.EpochEnded(**d))
     elif event.type == "batch":
         out.batch_progress.CopyFrom(training_pb2.BatchProgress(**d))
+    elif event.type == "threshold":
+        out.threshold.CopyFrom(training_pb2.ThresholdReached(**d))
     else:
         out.log.CopyFrom(
             training_pb2.LogLine(level=d.get("level", "INFO"), message=d.get("message", ""))
@@ -240,3 +243,33 @@ def fine_tune_request_data(request: training_pb2.FineTuneRequest) -> dict[str, A
     }
     data.setdefault("freeze", {})
     return data
+
+
+def plugins_to_proto(registry: Registry, kind: str = "") -> training_pb2.ListPluginsResponse:
+    """The registry in wire form, only ``kind`` when given."""
+    return training_pb2.ListPluginsResponse(
+        plugins=[plugin_to_proto(p) for p in registry.plugins if not kind or p.kind == kind],
+        failures=[
+            training_pb2.PluginFailure(source=f.source, error=f.error) for f in registry.failures
+        ],
+    )
+
+
+def plugin_to_proto(plugin: Plugin) -> training_pb2.Plugin:
+    """One plugin object in wire form."""
+    out = training_pb2.Plugin(
+        name=plugin.name,
+        kind=plugin.kind.value,
+        form=plugin.form.value,
+        signature=plugin.signature(),
+        doc=plugin.doc,
+        package=plugin.package,
+        distribution=plugin.distribution,
+        version=plugin.version,
+        module=plugin.module,
+    )
+    for param in plugin.params:
+        entry = out.params.add(name=param.name, type=param.type, required=param.required)
+        if not param.required:
+            json_format.ParseDict(param.default, entry.default)
+    return out

@@ -35,6 +35,7 @@ from service.domain.job_store import AsyncJobStore
 from service.domain.model_store import ModelStore
 from service.job_metrics import register_store_collectors
 from service.metrics import Metrics
+from service.plugins import discovery
 from service.taskqueue import TaskQueue, create_celery
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,17 @@ def _add_api(server: grpc.aio.Server, app: FitserveServer, outcomes: RpcOutcomes
     queue = TaskQueue(create_celery(s, "fitserve-api"), broker=client)
     jobs = AsyncJobStore(client, retention_seconds=s.job_retention_seconds)
     app.closers.append(jobs.notifier.close)
+    plugins = discovery.load(s.plugins)  # the registry the request checks use
     training = TrainingServicer(
-        outcomes, jobs, queue, datasets, models, app.metrics, s.dataset_roots, s.dataset_url_schemes
+        outcomes,
+        jobs,
+        queue,
+        datasets,
+        models,
+        app.metrics,
+        s.dataset_roots,
+        s.dataset_url_schemes,
+        plugins,
     )
     training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(

@@ -17,6 +17,7 @@ from service.domain.config_check import check_model_spec
 from service.domain.datasets import sources
 from service.domain.datasets.store import DatasetStore
 from service.domain.job_specs import (
+    MISSING_LOSS,
     DatasetRef,
     EvaluateSpec,
     FineTuneSpec,
@@ -31,6 +32,7 @@ from service.domain.jobs import Job, JobKind, JobState
 from service.domain.model_store import ModelStore
 from service.errors import InvalidRequest, Unavailable
 from service.metrics import Metrics
+from service.plugins.registry import Kind, Registry
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN, TaskQueue
 
 EVENT_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
@@ -50,8 +52,10 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         metrics: Metrics,
         dataset_roots: Sequence[Path] = (),
         dataset_url_schemes: Sequence[str] = sources.DEFAULT_URL_SCHEMES,
+        plugins: Registry | None = None,
     ) -> None:
         super().__init__(outcomes)
+        self._plugins = plugins or Registry()
         self._jobs, self._queue, self._metrics = jobs, queue, metrics
         self._datasets, self._models = datasets, models
         # Settings.dataset_roots; its default, when the composition root passes none.
@@ -152,6 +156,21 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         finished."""
         return converters.job_to_proto(await self._jobs.cancel(_job_id(request.job_id)))
 
+    @unary
+    async def ListPlugins(
+        self, request: training_pb2.ListPluginsRequest, context: Context
+    ) -> training_pb2.ListPluginsResponse:
+        """Every plugin object requests may name, with its parameters, and every plugin
+        source that failed to load; INVALID_ARGUMENT for an unknown kind."""
+        kinds = [k.value for k in Kind]
+        if request.kind and request.kind not in kinds:
+            raise InvalidRequest(
+                f"kind {request.kind[:64]!r} is not a plugin kind; valid: {', '.join(kinds)} "
+                "(or empty for all)",
+                field="kind",
+            )
+        return converters.plugins_to_proto(self._plugins, request.kind)
+
     async def _queue_positions(self, jobs: Sequence[Job]) -> dict[str, int]:
         """The place of each QUEUED job among ``jobs`` in its queue, from one read of each
         queue involved; other jobs are left out (their position is unknown: -1)."""
@@ -174,7 +193,9 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         and check the layer counts against it where its fitserve.json tells them."""
         base = spec.base
         version = self._models.resolve(base.name, base.version, base.alias)
-        check_layer_counts(spec.freeze, layer_count(self._models.metadata(base.name, version)))
+        meta = self._models.metadata(base.name, version)
+        check_layer_counts(spec.freeze, layer_count(meta))
+        check_loss(spec, meta)
         return spec.model_copy(update={"base": base.model_copy(update={"version": version})})
 
     async def _check_datasets(self, *refs: DatasetRef | None) -> None:
@@ -228,6 +249,21 @@ def layer_count(meta: dict[str, Any]) -> int | None:
     spec = meta.get("spec") or {}
     layers = spec.get("layers") if isinstance(spec, dict) else None
     return len(layers) if layers else None
+
+
+def check_loss(spec: FineTuneSpec, meta: dict[str, Any]) -> None:
+    """INVALID_ARGUMENT now for a fine-tune without a loss, unless the base was trained
+    without one too (its loss layers add their own)."""
+    if spec.compile.has_loss:
+        return
+    base_compile = meta.get("compile")
+    if (
+        isinstance(base_compile, dict)
+        and not base_compile.get("loss")
+        and not base_compile.get("output_losses")
+    ):
+        return
+    raise InvalidRequest(MISSING_LOSS, field="compile.loss")
 
 
 def check_layer_counts(freeze: FreezeSpec, count: int | None) -> None:

@@ -1,18 +1,23 @@
-"""Checks a model spec against the allowlist before anything is deserialized.
+"""Checks a model spec, and the parameters of compile objects and callbacks, against the
+allowlist before anything is deserialized.
 
 Keras ``safe_mode`` alone has been bypassed repeatedly, so a client-supplied config is
 walked as plain JSON first: every object it names must be a built-in Keras class on the
-allowlist, from a Keras module, with no lambdas or functions inside.
+allowlist, from a Keras module, or a layer registered by a server-side plugin (by its
+registered name, ``package>Name``), with no lambdas or functions inside.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.domain import allowed_keras
-from service.domain.job_specs import ModelSpec
 from service.errors import InvalidRequest
+from service.plugins.registry import Kind, Plugin, installed
+
+if TYPE_CHECKING:
+    from service.domain.job_specs import ModelSpec
 
 MAX_LAYERS = 1000
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
@@ -38,7 +43,14 @@ def _check_layer_list(layers: list[dict[str, Any]]) -> None:
             raise InvalidRequest(
                 f"{field} has no 'type' (a Keras layer class name such as 'Dense')", field=field
             )
-        _check_class(kind, field, allowed_keras.LAYERS)
+        if kind in allowed_keras.LAYERS:
+            _check_class(kind, field, allowed_keras.LAYERS)
+        else:
+            plugin = _layer_plugin(kind, field)
+            params = {
+                k: v for k, v in layer.items() if k not in ("type", "input_shape", "input_name")
+            }
+            plugin.check_params(params, field)
         _walk(layer, field)
 
 
@@ -69,6 +81,52 @@ def _check_keras_config(text: str) -> None:
     _walk(config, "model")
 
 
+def _layer_plugin(name: str, field: str) -> Plugin:
+    if name == "Lambda":
+        _check_class(name, field)
+    registry = installed()
+    plugin = registry.get(name)
+    if plugin is None or plugin.kind is not Kind.LAYER:
+        layers = registry.names(Kind.LAYER)
+        raise InvalidRequest(
+            f"{field}: {name!r} is neither a Keras layer class nor a plugin layer; plugin "
+            f"layers installed: {', '.join(layers) if layers else 'none'}",
+            field=field,
+        )
+    return plugin
+
+
+def adds_loss(spec: ModelSpec) -> bool:
+    """Whether the model contains a plugin layer that calls ``add_loss`` (so compile may
+    leave the loss out); only a Keras config can (a layer list is one chain of layers)."""
+    if not spec.keras_json:
+        return False
+    loss_layers = {p.name for p in installed().model_layers() if p.kind is Kind.LOSS}
+    if not loss_layers:
+        return False
+    try:
+        config = json.loads(spec.keras_json)
+    except json.JSONDecodeError:
+        return False  # check_model_spec says why
+    return not loss_layers.isdisjoint(registered_names(config))
+
+
+def registered_names(node: Any) -> set[str]:
+    """Every ``registered_name`` in a Keras config."""
+    if isinstance(node, list):
+        return set().union(*map(registered_names, node)) if node else set()
+    if not isinstance(node, dict):
+        return set()
+    found = {node["registered_name"]} if isinstance(node.get("registered_name"), str) else set()
+    return found.union(*map(registered_names, node.values()))
+
+
+def check_params(params: dict[str, Any], where: str) -> None:
+    """Walk the parameters of a compile object or callback as a model config is walked:
+    a nested Keras object must be allowed, and nothing may carry code."""
+    _walk(params, where)
+
+
 def _walk(node: Any, where: str) -> None:
     if isinstance(node, list):
         for item in node:
@@ -78,15 +136,33 @@ def _walk(node: Any, where: str) -> None:
         return
     if "class_name" in node:
         where = _describe(node, where)
-        _check_class(node["class_name"], where)
-        _check_module(node.get("module"), where)
-        registered = node.get("registered_name")
-        if registered not in (None, node["class_name"]):
-            raise InvalidRequest(f"{where}: registered_name {registered!r} is not allowed")
+        _check_object(node, where)
     if bad := _FORBIDDEN_KEYS & node.keys():
         raise InvalidRequest(f"{where}: {sorted(bad)[0]!r} is not allowed (no code in specs)")
     for value in node.values():
         _walk(value, where)
+
+
+def _check_object(node: dict[str, Any], where: str) -> None:
+    """A built-in Keras class from a Keras module, or a plugin layer by registered name."""
+    class_name, registered = node["class_name"], node.get("registered_name")
+    if registered not in (None, class_name):
+        layers = installed().model_layers()
+        plugin = next((p for p in layers if p.name == registered), None)
+        if plugin is None:
+            names = ", ".join(p.name for p in layers) or "none"
+            raise InvalidRequest(
+                f"{where}: registered_name {registered!r} is not a plugin installed on the "
+                f"server; plugin layers: {names}"
+            )
+        if class_name != plugin.class_name or node.get("module") not in (None, plugin.module):
+            raise InvalidRequest(
+                f"{where}: {registered!r} is the plugin class {plugin.module}.{plugin.class_name}, "
+                f"not {node.get('module')}.{class_name}"
+            )
+        return
+    _check_class(class_name, where)
+    _check_module(node.get("module"), where)
 
 
 def _describe(node: dict[str, Any], where: str) -> str:

@@ -10,9 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.domain import allowed_keras
+from service.domain import allowed_keras, config_check
 from service.domain.resource_names import check_name
 from service.errors import InvalidRequest
+from service.plugins.registry import Form, Kind, installed
 
 
 class _Spec(BaseModel):
@@ -40,7 +41,9 @@ class ModelSpec(_Spec):
 
 
 class CompileSpec(_Spec):
-    """Arguments of ``model.compile``."""
+    """Arguments of ``model.compile``. A loss or metric is a Keras identifier or a plugin's
+    registered name (``package>name``); without a loss the model must add its own
+    (a plugin layer that calls ``add_loss``)."""
 
     optimizer: NamedConfig = NamedConfig(name="adam")
     loss: NamedConfig | None = None
@@ -52,32 +55,55 @@ class CompileSpec(_Spec):
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, v: NamedConfig) -> NamedConfig:
-        return _known(v, allowed_keras.OPTIMIZERS, "optimizer")
+        return _known(v, allowed_keras.OPTIMIZERS, None, "optimizer")
 
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, v: NamedConfig | None) -> NamedConfig | None:
-        return None if v is None else _known(v, allowed_keras.LOSSES, "loss")
+        return None if v is None else _known(v, allowed_keras.LOSSES, Kind.LOSS, "loss")
+
+    @field_validator("output_losses")
+    @classmethod
+    def _known_output_losses(cls, v: dict[str, NamedConfig]) -> dict[str, NamedConfig]:
+        return {
+            k: _known(c, allowed_keras.LOSSES, Kind.LOSS, f"output_losses.{k}")
+            for k, c in v.items()
+        }
 
     @field_validator("metrics", "weighted_metrics")
     @classmethod
     def _known_metrics(cls, v: list[NamedConfig]) -> list[NamedConfig]:
-        return [_known(m, allowed_keras.METRICS, "metric") for m in v]
+        return [
+            _known(m, allowed_keras.METRICS, Kind.METRIC, f"metrics[{i}]") for i, m in enumerate(v)
+        ]
 
-    @model_validator(mode="after")
-    def _has_loss(self) -> CompileSpec:
-        if self.loss is None and not self.output_losses:
-            raise ValueError("compile.loss is required, e.g. 'sparse_categorical_crossentropy'")
-        for loss in self.output_losses.values():
-            _known(loss, allowed_keras.LOSSES, "loss")
-        return self
+    @property
+    def has_loss(self) -> bool:
+        return self.loss is not None or bool(self.output_losses)
 
 
-def _known(v: NamedConfig, valid: frozenset[str], what: str) -> NamedConfig:
-    name = v.name.lower() if what == "optimizer" else v.name
-    if name not in valid:
-        raise ValueError(f"unknown {what} {v.name!r}; valid: {', '.join(sorted(valid))}")
-    return v.model_copy(update={"name": name})
+# Plugins a compile argument may name: a loss layer belongs in the model, not in compile.
+_COMPILE_FORMS = (Form.FUNCTION, Form.CLASS)
+
+
+def _known(v: NamedConfig, builtin: frozenset[str], kind: Kind | None, what: str) -> NamedConfig:
+    """A built-in Keras identifier, or a plugin of ``kind`` whose parameters fit its
+    signature; either way the parameters are walked by the allowlist check."""
+    try:
+        config_check.check_params(v.params, "params")
+        name = v.name.lower() if kind is None else v.name
+        if name in builtin:
+            return v.model_copy(update={"name": name})
+        registry = installed()
+        if kind is not None and registry.get(v.name) is not None:
+            registry.find(kind, v.name, "", _COMPILE_FORMS).check_params(v.params, "")
+            return v
+    except InvalidRequest as exc:  # pydantic prefixes the field it was validating
+        raise ValueError(exc.message) from None
+    plugins = registry.names(kind, _COMPILE_FORMS) if kind is not None else []
+    also = f"; plugins: {', '.join(plugins)}" if plugins else ""
+    label = kind.value if kind is not None else what
+    raise ValueError(f"unknown {label} {v.name!r}; valid: {', '.join(sorted(builtin))}{also}")
 
 
 BUILTIN_DATASETS = (
@@ -204,6 +230,29 @@ class ReduceLROnPlateauSpec(_Spec):
     min_lr: float = Field(0.0, ge=0.0)
 
 
+class ThresholdSpec(_Spec):
+    """A watched metric: when its epoch value first reaches ``value`` (at least it, for
+    mode max; at most, for min), the job's event stream gets a "threshold" event, and with
+    ``stop`` the fit stops there and the model is published, like a finished job."""
+
+    monitor: str = Field(min_length=1, max_length=200)
+    value: float = Field(allow_inf_nan=False)
+    mode: Literal["auto", "min", "max"] = "auto"
+    stop: bool = False
+
+    @property
+    def direction(self) -> Literal["min", "max"]:
+        """Keras's rule for "auto" (as in EarlyStopping): accuracy-like metrics grow."""
+        if self.mode != "auto":
+            return self.mode
+        name = self.monitor.removeprefix("val_")
+        grows = "acc" in name or name.startswith(("auc", "precision", "recall", "f1", "r2"))
+        return "max" if grows else "min"
+
+
+MAX_THRESHOLDS = 32
+
+
 class CallbackSpec(_Spec):
     """Keras callbacks of a job; BackupAndRestore is always on."""
 
@@ -214,13 +263,19 @@ class CallbackSpec(_Spec):
     csv_logger: bool = False
     batch_progress: bool = False
     batch_progress_interval_seconds: float = Field(1.0, gt=0.0)
-    plugins: list[NamedConfig] = Field(default_factory=list)
+    plugins: list[NamedConfig] = Field(default_factory=list, max_length=32)
+    thresholds: list[ThresholdSpec] = Field(default_factory=list, max_length=MAX_THRESHOLDS)
 
     @field_validator("plugins")
     @classmethod
-    def _no_plugins_yet(cls, v: list[NamedConfig]) -> list[NamedConfig]:
-        if v:
-            raise ValueError(f"unknown callback plugin {v[0].name!r}; no plugins are installed")
+    def _known_plugins(cls, v: list[NamedConfig]) -> list[NamedConfig]:
+        for i, cfg in enumerate(v):
+            try:
+                config_check.check_params(cfg.params, "params")
+                plugin = installed().find(Kind.CALLBACK, cfg.name, f"plugins[{i}]")
+                plugin.check_params(cfg.params, f"plugins[{i}]")
+            except InvalidRequest as exc:
+                raise ValueError(exc.message) from None
         return v
 
 
@@ -237,7 +292,7 @@ class TrainSpec(_Spec):
 
     model_name: str
     model: ModelSpec
-    compile: CompileSpec
+    compile: CompileSpec = CompileSpec()
     dataset: DatasetRef
     fit: FitSpec = FitSpec()
     callbacks: CallbackSpec = CallbackSpec()
@@ -380,7 +435,15 @@ def parse_train(data: dict[str, Any]) -> TrainSpec:
     except ValidationError as exc:
         raise _invalid(exc) from None
     _check_streamed_fit(spec.dataset, spec.fit)
+    if not spec.compile.has_loss and not config_check.adds_loss(spec.model):
+        raise InvalidRequest(MISSING_LOSS, field="compile.loss")
     return spec
+
+
+MISSING_LOSS = (
+    "compile.loss is required, e.g. 'sparse_categorical_crossentropy' (only a model with a "
+    "plugin layer that calls add_loss may leave it out)"
+)
 
 
 def parse_fine_tune(data: dict[str, Any]) -> FineTuneSpec:
@@ -420,4 +483,5 @@ def _invalid(exc: ValidationError) -> InvalidRequest:
     elif err["type"] == "extra_forbidden":
         message = "is not a known field"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return InvalidRequest(f"{field}: {message}{more}", field=field)
+    text = f"{field}: {message}" if field else message  # "": the request as a whole
+    return InvalidRequest(f"{text}{more}", field=field or None)

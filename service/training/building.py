@@ -12,6 +12,8 @@ import keras
 from service.domain.config_check import check_model_spec
 from service.domain.job_specs import CompileSpec, ModelSpec, NamedConfig
 from service.errors import InvalidRequest
+from service.plugins.registry import Kind, installed
+from service.training import plugins
 
 DEFAULT_INPUT_NAME = "x"
 
@@ -59,9 +61,14 @@ def _from_layers(layers: list[dict[str, Any]]) -> keras.Model:
 def _layer(index: int, entry: dict[str, Any]) -> keras.layers.Layer:
     params = {k: v for k, v in entry.items() if k not in ("type", "input_shape")}
     kind = entry["type"]
+    plugin = installed().get(kind)
     try:
+        if plugin is not None and plugin.kind is Kind.LAYER:
+            with plugins.raised_by(plugin):
+                layer: keras.layers.Layer = plugin.obj(**plain_for(plugin.obj, params))
+            return layer
         cls = getattr(keras.layers, kind)
-        layer: keras.layers.Layer = cls(**_plain_for(cls, params))
+        layer = cls(**plain_for(cls, params))
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(
             f"model.layers[{index}] ({kind}): {exc}", field=f"model.layers[{index}]"
@@ -75,7 +82,7 @@ def _plain(params: dict[str, Any]) -> dict[str, Any]:
     return plain
 
 
-def _plain_for(cls: Any, params: dict[str, Any]) -> dict[str, Any]:
+def plain_for(cls: Any, params: dict[str, Any]) -> dict[str, Any]:
     """``_plain``, but a parameter whose default is a float stays a float: Keras refuses
     ``learning_rate=0`` (an int) where it takes ``0.0``."""
     plain = _plain(params)
@@ -95,7 +102,12 @@ def _int_if_integral(text: str) -> float | int:
 
 
 def compile_model(model: keras.Model, spec: CompileSpec) -> None:
-    """``model.compile`` from a spec."""
+    """``model.compile`` from a spec; without a loss, the model must add its own."""
+    if not spec.has_loss and not adds_loss(model):
+        raise InvalidRequest(
+            "compile.loss is required: this model has no layer that calls add_loss",
+            field="compile.loss",
+        )
     loss: Any = (
         {name: _loss(cfg) for name, cfg in spec.output_losses.items()}
         if spec.output_losses
@@ -114,15 +126,31 @@ def _optimizer(cfg: NamedConfig) -> keras.optimizers.Optimizer:
     return _construct(_classes(keras.optimizers, keras.optimizers.Optimizer), cfg, "optimizer")
 
 
+def adds_loss(model: keras.Model) -> bool:
+    """Whether a layer of the model is a plugin that calls ``add_loss``."""
+    classes = plugins.loss_layer_classes()
+    return bool(classes) and any(isinstance(layer, classes) for layer in _all_layers(model))
+
+
+def _all_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """A layer and, for a model, every layer inside it, nested models included."""
+    inner = getattr(layer, "layers", None) or []
+    return [layer, *(sub for child in inner for sub in _all_layers(child))]
+
+
 def _loss(cfg: NamedConfig | None) -> Any:
     if cfg is None:
-        raise InvalidRequest("compile.loss is required")
+        return None
+    if installed().get(cfg.name) is not None:
+        return plugins.loss(cfg)
     if not cfg.params:
         return cfg.name
     return _construct(_classes(keras.losses, keras.losses.Loss), cfg, "loss")
 
 
 def _metric(cfg: NamedConfig) -> Any:
+    if installed().get(cfg.name) is not None:
+        return plugins.metric(cfg)
     if not cfg.params:
         return cfg.name
     return _construct(_classes(keras.metrics, keras.metrics.Metric), cfg, "metric")
@@ -143,6 +171,6 @@ def _construct(classes: dict[str, type], cfg: NamedConfig, what: str) -> Any:
     if cls is None:
         raise InvalidRequest(f"{what} {cfg.name!r} takes no parameters here; give its class name")
     try:
-        return cls(**_plain_for(cls, cfg.params))
+        return cls(**plain_for(cls, cfg.params))
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(f"{what} {cfg.name!r}: {exc}") from None

@@ -18,6 +18,7 @@ from typing import Any
 
 import keras
 
+from service.domain.job_specs import ThresholdSpec
 from service.domain.job_store import JobStore
 from service.domain.jobs import JobState
 
@@ -104,6 +105,60 @@ class BatchProgress(keras.callbacks.Callback):  # type: ignore[misc]
             self._jobs.add_event(self._job_id, "batch", event)
         except Exception:  # reporting must never crash training
             log.warning("could not report batch %d", batch + 1, exc_info=True)
+
+
+class Thresholds(keras.callbacks.Callback):  # type: ignore[misc]
+    """Watches epoch metrics: each threshold, the first time its metric reaches it, adds a
+    "threshold" event to the job; one with ``stop`` ends the fit after that epoch (the
+    job then publishes, as a finished one does). A monitor missing from the logs is
+    reported once, as Keras's EarlyStopping warns."""
+
+    def __init__(self, jobs: JobStore, job_id: str, specs: list[ThresholdSpec]) -> None:
+        super().__init__()
+        self._jobs, self._job_id = jobs, job_id
+        self._waiting = list(specs)
+        self._missing: set[str] = set()
+        self.stopped_by: ThresholdSpec | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        values = plain_logs(logs)
+        for spec in list(self._waiting):
+            if spec.monitor not in values:
+                self._report_missing(spec.monitor, values)
+                continue
+            observed = values[spec.monitor]
+            reached = observed >= spec.value if spec.direction == "max" else observed <= spec.value
+            if not reached:
+                continue
+            self._waiting.remove(spec)
+            if spec.stop and self.stopped_by is None:
+                self.stopped_by = spec
+                self.model.stop_training = True
+            event = {
+                "monitor": spec.monitor,
+                "value": spec.value,
+                "observed": observed,
+                "epoch": epoch + 1,
+                "mode": spec.direction,
+                "stopped": spec.stop,
+            }
+            self._add("threshold", event)
+
+    def _report_missing(self, monitor: str, values: dict[str, float]) -> None:
+        if monitor in self._missing:
+            return
+        self._missing.add(monitor)
+        message = (
+            f"threshold monitor {monitor!r} is not in the epoch logs; they have "
+            f"{', '.join(sorted(values)) or 'nothing'}"
+        )
+        self._add("log", {"level": "WARNING", "message": message})
+
+    def _add(self, kind: str, data: dict[str, Any]) -> None:
+        try:
+            self._jobs.add_event(self._job_id, kind, data)
+        except Exception:  # reporting must never crash training
+            log.warning("could not report a threshold", exc_info=True)
 
 
 class CancelWatcher(keras.callbacks.Callback):  # type: ignore[misc]

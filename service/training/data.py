@@ -124,15 +124,25 @@ def load_arrays(
         arrays = {name: npz[name] for name in npz.files}
     inputs, targets = _keys(ref, list(arrays), sample_weight_key, info.name or info.id)
     x = arrays[inputs[0]] if len(inputs) == 1 else {k: arrays[k] for k in inputs}
-    y = arrays[targets[0]] if len(targets) == 1 else {k: arrays[k] for k in targets}
+    y = _one_or_dict(arrays, targets)
     return x, y, arrays[sample_weight_key] if sample_weight_key else None
+
+
+def _one_or_dict(arrays: Mapping[str, Any], keys: list[str]) -> Any:
+    """One array, a dict of several, or None for no keys."""
+    if not keys:
+        return None
+    return arrays[keys[0]] if len(keys) == 1 else {k: arrays[k] for k in keys}
 
 
 def _keys(
     ref: DatasetRef, names: list[str], sample_weight_key: str, dataset: str
 ) -> tuple[list[str], list[str]]:
-    """Input and target names: as given, else "x"/"y", else every other array as input."""
-    targets = ref.target_keys or ["y"]
+    """Input and target names: as given, else "x"/"y", else every other array as input.
+    Named inputs and no "y" array mean no targets: a model whose loss layers take the
+    targets as an input (the endpoint-layer pattern)."""
+    no_targets = bool(ref.input_keys) and "y" not in names
+    targets = ref.target_keys or ([] if no_targets else ["y"])
     weights = [sample_weight_key] if sample_weight_key else []
     inputs = ref.input_keys or (
         ["x"] if "x" in names else [k for k in names if k not in (*targets, *weights)]
@@ -199,8 +209,10 @@ def _selector(ref: DatasetRef, spec: Any, sample_weight_key: str) -> Any:
     inputs, targets = _keys(ref, list(spec), sample_weight_key, ref.uri)
 
     def pick(element: dict[str, Any]) -> tuple[Any, ...]:
-        x = element[inputs[0]] if len(inputs) == 1 else {k: element[k] for k in inputs}
-        y = element[targets[0]] if len(targets) == 1 else {k: element[k] for k in targets}
+        x = _one_or_dict(element, inputs)
+        if not targets:  # the model's loss layers take its targets as inputs
+            return (x,)
+        y = _one_or_dict(element, targets)
         return (x, y, element[sample_weight_key]) if sample_weight_key else (x, y)
 
     return pick

@@ -15,6 +15,7 @@ from service.domain import model_events
 from service.domain.dtypes import WIRE_DTYPES
 from service.domain.files import write_json_atomic
 from service.domain.model_store import KERAS_FILE, METADATA_FILE, ModelStore
+from service.training import plugins
 
 
 def export_version(
@@ -30,7 +31,12 @@ def export_version(
     if (version := store.published_version(name, job_id)) is not None:
         return version
     staging = store.staging_dir(name, job_id)
-    model.export(str(staging), format="tf_saved_model", verbose=False)
+    dropped = training_only_inputs(model)
+    if dropped:
+        export_without(model, dropped, staging)
+        metadata = metadata | {"serving_drops_inputs": dropped}
+    else:
+        model.export(str(staging), format="tf_saved_model", verbose=False)
     model.save(str(staging / KERAS_FILE))
     metadata = metadata | {"signature": read_signature(str(staging))}
     write_json_atomic(staging / METADATA_FILE, metadata)
@@ -38,6 +44,70 @@ def export_version(
     if events is not None:
         events.publish(model_events.ModelEvent(name, version))
     return version
+
+
+def training_only_inputs(model: keras.Model) -> list[str]:
+    """Inputs that only plugin layers calling ``add_loss`` consume: the targets of the
+    endpoint-layer pattern, which a served model is not given."""
+    classes = plugins.loss_layer_classes()
+    if not classes or isinstance(model, keras.Sequential):
+        return []
+    loss_layers = {str(layer.name) for layer in model.layers if isinstance(layer, classes)}
+    if not loss_layers:
+        return []
+    config = model.get_config()
+    consumers: dict[str, set[str]] = {}
+    for entry in config.get("layers", []):
+        for source in _history_names(entry.get("inbound_nodes", [])):
+            consumers.setdefault(source, set()).add(entry["name"])
+    inputs = [str(entry[0]) for entry in _input_layers(config.get("input_layers", []))]
+    return [n for n in inputs if consumers.get(n) and consumers[n] <= loss_layers]
+
+
+def _input_layers(value: Any) -> list[list[Any]]:
+    """``input_layers`` of a functional config: one ``[name, 0, 0]`` or a structure of them."""
+    if isinstance(value, list | tuple) and value and isinstance(value[0], str):
+        return [list(value)]
+    if isinstance(value, dict):
+        return [e for v in value.values() for e in _input_layers(v)]
+    if isinstance(value, list | tuple):
+        return [e for v in value for e in _input_layers(v)]
+    return []
+
+
+def _history_names(node: Any) -> set[str]:
+    """Names of the layers whose outputs a layer's inbound nodes take."""
+    if isinstance(node, list | tuple):
+        return set().union(*map(_history_names, node)) if node else set()
+    if not isinstance(node, dict):
+        return set()
+    if node.get("class_name") == "__keras_tensor__":
+        history = node.get("config", {}).get("keras_history") or []
+        return {str(history[0])} if history else set()
+    return set().union(*map(_history_names, node.values())) if node else set()
+
+
+def export_without(model: keras.Model, dropped: list[str], path: Path) -> None:
+    """A SavedModel whose serving signature has every input but ``dropped``, which are
+    fed zeros: the loss layers that take them only add a training loss."""
+    by_name = {t.name: t for t in model.inputs}
+    kept = [n for n in by_name if n not in dropped]
+    if not kept:
+        raise ValueError("every input of the model feeds only loss layers; nothing to serve")
+    signature = [tf.TensorSpec(by_name[n].shape, by_name[n].dtype, name=n) for n in kept]
+
+    def serve(*args: tf.Tensor) -> Any:
+        batch = tf.shape(args[0])[0]
+        feed: dict[str, tf.Tensor] = dict(zip(kept, args, strict=True))
+        for n in dropped:
+            shape = [1 if d is None else d for d in by_name[n].shape[1:]]
+            feed[n] = tf.zeros(tf.concat([[batch], shape], 0), dtype=by_name[n].dtype)
+        return model(feed, training=False)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", serve, input_signature=signature)
+    archive.write_out(str(path), verbose=False)
 
 
 def read_signature(path: str) -> dict[str, list[dict[str, Any]]]:

@@ -24,7 +24,6 @@ from service.domain.model_store import KERAS_FILE
 from service.domain.workspace import Workspace
 from service.errors import InvalidRequest
 from service.training import building, devices, train
-from service.training.callbacks import CancelWatcher, JobProgress
 
 PHASE2_BACKUP = "backup-phase2"
 
@@ -44,12 +43,12 @@ def run_fine_tune(job: Job, spec: FineTuneSpec, ws: Workspace) -> None:
         devices.set_precision(base, mixed)
         model, body = prepare_model(base, spec.freeze)
         model = devices.float32_outputs(model) if mixed else model
-        progress, cancel = _fit_phases(job, spec, ws, job_dir, model, body)
-    if cancel.cancelled:
+        reporting = _fit_phases(job, spec, ws, job_dir, model, body)
+    if reporting.cancel.cancelled:
         ws.jobs.cancelled(job.id)
         return
     metadata = _metadata(job, spec, base_version)
-    train.publish(job, ws, model, spec.model_name, progress.last_logs, metadata)
+    train.publish(job, ws, model, spec.model_name, reporting.progress.last_logs, metadata)
     for backup in ("backup", PHASE2_BACKUP):
         shutil.rmtree(job_dir / backup, ignore_errors=True)
 
@@ -61,20 +60,22 @@ def _fit_phases(
     job_dir: Path,
     model: keras.Model,
     body: keras.Model,
-) -> tuple[JobProgress, CancelWatcher]:
-    """Compile and fit the first phase, then the optional unfreeze phase."""
+) -> train.Reporting:
+    """Compile and fit the first phase, then the optional unfreeze phase (unless the
+    first was cancelled or reached a stop-at-threshold)."""
     building.compile_model(model, spec.compile)
     # Under MirroredStrategy the rate is a mirrored variable, which float() refuses.
     first_rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
     train_data, validation = train.load_fit_data(ws, spec.dataset, spec.fit, model, spec.compile)
-    progress, cancel = train.job_reporting(ws, job, spec.total_epochs, spec.fit.initial_epoch)
-    batches = train.batch_reporting(ws, job, spec.callbacks)
-    callbacks = [progress, cancel, *train.keras_callbacks(spec.callbacks, job_dir), *batches]
+    reporting = train.job_reporting(
+        ws, job, spec.callbacks, spec.total_epochs, spec.fit.initial_epoch
+    )
+    callbacks = reporting.around(train.keras_callbacks(spec.callbacks, job_dir))
     train.fit(model, spec.fit, train_data, validation, callbacks)
-    if spec.freeze.second_phase and not cancel.cancelled:
+    if spec.freeze.second_phase and not reporting.stopped:
         unfreeze_top(body, spec.freeze.unfreeze_top_k)
         building.compile_model(model, second_compile(spec, first_rate))
-        callbacks = [progress, cancel, *_second_callbacks(spec, job_dir), *batches]
+        callbacks = reporting.around(_second_callbacks(spec, job_dir))
         train.fit(
             model,
             spec.fit,
@@ -84,7 +85,7 @@ def _fit_phases(
             epochs=spec.total_epochs,
             initial_epoch=spec.fit.epochs,
         )
-    return progress, cancel
+    return reporting
 
 
 def prepare_model(base: keras.Model, freeze: FreezeSpec) -> tuple[keras.Model, keras.Model]:

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,13 @@ from service.domain.job_specs import (
 from service.domain.jobs import Job
 from service.domain.workspace import Workspace
 from service.errors import FailedPrecondition
-from service.training import building, data, devices
+from service.training import building, data, devices, plugins
 from service.training.callbacks import (
     BatchProgress,
     CancelWatcher,
     JobBackup,
     JobProgress,
+    Thresholds,
     plain_logs,
 )
 from service.training.exporting import export_version
@@ -43,14 +45,14 @@ def run_train(job: Job, spec: TrainSpec, ws: Workspace) -> None:
         model = build(spec.model, spec.run.mixed_precision)
         building.compile_model(model, spec.compile)
         train_data, validation = load_fit_data(ws, spec.dataset, spec.fit, model, spec.compile)
-        progress, cancel = job_reporting(ws, job, spec.fit.epochs, spec.fit.initial_epoch)
-        callbacks = [progress, cancel, *keras_callbacks(spec.callbacks, job_dir)]
-        callbacks += batch_reporting(ws, job, spec.callbacks)
+        reporting = job_reporting(ws, job, spec.callbacks, spec.fit.epochs, spec.fit.initial_epoch)
+        callbacks = reporting.around(keras_callbacks(spec.callbacks, job_dir))
         fit(model, spec.fit, train_data, validation, callbacks)
-    if cancel.cancelled:
+    if reporting.cancel.cancelled:
         ws.jobs.cancelled(job.id)
         return
-    publish(job, ws, model, spec.model_name, progress.last_logs, _metadata(job, spec))
+    metadata = _metadata(job, spec)
+    publish(job, ws, model, spec.model_name, reporting.progress.last_logs, metadata)
     shutil.rmtree(job_dir / "backup", ignore_errors=True)
 
 
@@ -79,13 +81,6 @@ def job_strategy(ws: Workspace, job: Job) -> tf.distribute.Strategy:
     if chosen.num_replicas_in_sync > 1:
         ws.jobs.add_event(job.id, "log", {"level": "INFO", "message": message})
     return chosen
-
-
-def batch_reporting(ws: Workspace, job: Job, spec: CallbackSpec) -> list[keras.callbacks.Callback]:
-    """Throttled batch progress, only when asked: a batch hook slows every step."""
-    if not spec.batch_progress:
-        return []
-    return [BatchProgress(ws.jobs, job.id, spec.batch_progress_interval_seconds)]
 
 
 def prepare(job: Job, ws: Workspace, seed_value: int | None) -> Path:
@@ -118,12 +113,54 @@ def load_fit_data(
     return train_data, validation
 
 
+@dataclass(frozen=True)
+class Reporting:
+    """The callbacks a job keeps across all its fits, so the epoch history, a cancel and
+    a reached threshold carry over from one phase to the next."""
+
+    progress: JobProgress
+    cancel: CancelWatcher
+    thresholds: Thresholds
+    plugins: list[keras.callbacks.Callback]
+    batches: list[keras.callbacks.Callback]
+
+    def around(
+        self, keras_callbacks: list[keras.callbacks.Callback]
+    ) -> list[keras.callbacks.Callback]:
+        """Every callback of one fit, in the order Keras calls them: plugin callbacks
+        first, so what they add to the epoch logs is recorded and can be watched."""
+        return [
+            *self.plugins,
+            self.progress,
+            self.thresholds,
+            self.cancel,
+            *keras_callbacks,
+            *self.batches,
+        ]
+
+    @property
+    def stopped(self) -> bool:
+        """Cancelled, or a stop-at-threshold reached: no further phase runs."""
+        return self.cancel.cancelled or self.thresholds.stopped_by is not None
+
+
 def job_reporting(
-    ws: Workspace, job: Job, epochs: int, initial_epoch: int = 0
-) -> tuple[JobProgress, CancelWatcher]:
-    """The job's own callbacks; one pair serves every fit of a job, so the epoch
-    history and a cancel carry over from one phase to the next."""
-    return JobProgress(ws.jobs, job.id, epochs, initial_epoch), CancelWatcher(ws.jobs, job.id)
+    ws: Workspace, job: Job, spec: CallbackSpec, epochs: int, initial_epoch: int = 0
+) -> Reporting:
+    """The job's own callbacks, its thresholds and plugin callbacks, and throttled batch
+    progress only when asked (a batch hook slows every step)."""
+    batches = (
+        [BatchProgress(ws.jobs, job.id, spec.batch_progress_interval_seconds)]
+        if spec.batch_progress
+        else []
+    )
+    return Reporting(
+        progress=JobProgress(ws.jobs, job.id, epochs, initial_epoch),
+        cancel=CancelWatcher(ws.jobs, job.id),
+        thresholds=Thresholds(ws.jobs, job.id, list(spec.thresholds)),
+        plugins=plugins.callbacks(list(spec.plugins), ws.jobs, job.id),
+        batches=batches,
+    )
 
 
 def publish(

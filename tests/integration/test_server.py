@@ -84,8 +84,22 @@ def test_job_statistics_come_from_redis(
     assert finished() == before + 1
 
 
-def test_api_role_imports_no_tensorflow(settings: Settings) -> None:
-    code = textwrap.dedent(f"""
+@pytest.mark.parametrize("plugins", [False, True], ids=["no-plugins", "example-plugins"])
+def test_api_role_imports_no_tensorflow(settings: Settings, plugins: bool) -> None:
+    """fitserve's api code imports no TensorFlow; installed plugin modules bring their own
+    Keras (the example package, installed by make install, is hidden for the first case)."""
+    hide = (
+        ""
+        if plugins
+        else textwrap.dedent("""
+        import importlib.metadata as metadata
+        _entry_points = metadata.entry_points
+        metadata.entry_points = lambda **kw: (
+            [] if kw.get("group") == "fitserve.plugins" else _entry_points(**kw)
+        )
+    """)
+    )
+    code = hide + textwrap.dedent(f"""
         import asyncio, sys
         from service.config import Settings
         from service.api.server import create_server
@@ -105,4 +119,4 @@ def test_api_role_imports_no_tensorflow(settings: Settings) -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
-    assert "loaded: []" in out.stdout
+    assert ("loaded: ['keras', 'tensorflow']" if plugins else "loaded: []") in out.stdout

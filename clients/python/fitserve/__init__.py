@@ -7,6 +7,9 @@
     job.wait()
     probs = client.predict("mnist-mlp", x_test)
 
+Custom losses, metrics, layers and callbacks run as server-side plugins, named in requests
+(`loss=fitserve.plugin("examples>huber", delta=2.0)`); `client.list_plugins()` lists them.
+
 The wire contract (request and response messages, stubs) is in `fitserve.v1`.
 """
 
@@ -32,6 +35,7 @@ from fitserve._errors import (
 )
 from fitserve._job import Job
 from fitserve._options import TrainingOptions
+from fitserve._specs import PluginRef, plugin
 from fitserve._tensors import to_numpy, to_tensor
 
 try:
@@ -53,6 +57,7 @@ __all__ = [
     "JobFailedError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PluginRef",
     "Prediction",
     "ResourceExhaustedError",
     "TrainingOptions",
@@ -60,6 +65,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "__version__",
+    "plugin",
     "to_numpy",
     "to_tensor",
 ]

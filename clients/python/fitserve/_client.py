@@ -314,8 +314,10 @@ class Client:
         The arguments mirror Keras' compile and fit (`TrainingOptions` lists them with
         their defaults). The architecture is `layers` (a Sequential model as dicts) or
         `model` (a Keras model, or its `to_json()`), never pickled code: the server
-        rebuilds it from an allowlist of Keras classes. Pass an `idempotency_key` to make
-        retrying this call safe.
+        rebuilds it from an allowlist of Keras classes. Custom losses, metrics, layers and
+        callbacks are server-side plugins, named like built-ins (`list_plugins`); a
+        Python function or class passed here raises TypeError. Pass an `idempotency_key`
+        to make retrying this call safe.
         """
         fields = request_fields(
             "train", options, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch
@@ -439,6 +441,22 @@ class Client:
         """Ask a job to stop; a finished job raises `FailedPreconditionError`."""
         request = training_pb2.CancelJobRequest(job_id=job_id)
         return self._call(self._training.CancelJob, request, timeout)
+
+    # -- plugins -------------------------------------------------------------------
+
+    def list_plugins(
+        self, kind: str | None = None, *, timeout: float | None = None
+    ) -> training_pb2.ListPluginsResponse:
+        """The server-side plugins requests may name, and the plugin sources that failed
+        to load on the server that answers.
+
+        `kind` ("loss", "metric", "layer" or "callback"; None: all) filters them; an
+        unknown kind raises `InvalidArgumentError`. Each plugin has its registered name
+        (`loss="examples>huber"` or `fitserve.plugin("examples>huber", delta=2.0)`), its
+        form, its parameters and signature, and what provides it.
+        """
+        request = training_pb2.ListPluginsRequest(kind=kind or "")
+        return self._call(self._training.ListPlugins, request, timeout)
 
     # -- inference -----------------------------------------------------------------
 

@@ -95,6 +95,12 @@ class Job:
     def events(self, after_event_id: str = "") -> Iterator[training_pb2.JobEvent]:
         """The job's events after `after_event_id` ("" : from the first) until it ends.
 
+        Every event is yielded as the server sent it; its `payload` is one of
+        `state_changed`, `epoch_ended`, `batch_progress`, `log` and `threshold` (a
+        `ThresholdReached`: a metric of `callbacks={"thresholds": [...]}` reached its
+        value at the end of an epoch; with `stopped` set, the fit ends there and the
+        job goes on to publish the model as usual).
+
         A dropped connection is resumed transparently from the last event seen, with
         bounded retries and backoff; only a lasting outage raises `UnavailableError`.
         A quiet stream that outlasts the per-call timeout is reopened the same way, so

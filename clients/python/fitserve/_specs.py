@@ -8,9 +8,13 @@ reject what the contract cannot express before it costs a round trip.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
+import numbers
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol, TypeAlias, cast
 
 import numpy as np
@@ -19,9 +23,37 @@ from google.protobuf import struct_pb2
 
 from fitserve.v1 import dataset_pb2, tensor_pb2, training_pb2
 
-ConfigLike: TypeAlias = str | Mapping[str, Any]
-"""A Keras identifier ("adam"), or {"name": "adam", **constructor_params}."""
-LossLike: TypeAlias = str | Mapping[str, Any]
+
+@dataclass(frozen=True)
+class PluginRef:
+    """A server-side object by name with its parameters; made by `fitserve.plugin`.
+
+    Sent exactly as {"name": name, **params} would be: a name and JSON-like values,
+    never code.
+    """
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def plugin(name: str, /, **params: Any) -> PluginRef:
+    """A plugin (or any Keras identifier) with constructor parameters, for `loss=`,
+    `metrics=`, `optimizer=` or `callbacks={"plugins": [...]}`.
+
+    `loss=fitserve.plugin("examples>huber", delta=2.0)` is the same as
+    `loss={"name": "examples>huber", "delta": 2.0}`; unlike the dict, it can pass a
+    parameter called `name` (e.g. a metric's display name). The plugin must be installed
+    on the servers and workers; `Client.list_plugins()` lists the installed ones.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f'plugin() needs a registered name such as "examples>huber", got {name!r}')
+    return PluginRef(name, MappingProxyType(dict(params)))
+
+
+ConfigLike: TypeAlias = str | Mapping[str, Any] | PluginRef
+"""A Keras identifier ("adam") or plugin name ("examples>huber"), a dict
+{"name": "adam", **constructor_params}, or `fitserve.plugin(name, **params)`."""
+LossLike: TypeAlias = str | Mapping[str, Any] | PluginRef
 """A ConfigLike, or a mapping of output name -> ConfigLike for multi-output models."""
 DatasetLike: TypeAlias = dataset_pb2.Dataset | training_pb2.DatasetRef | str
 """An uploaded Dataset, a full DatasetRef, or a string (see `dataset_ref`)."""
@@ -93,21 +125,58 @@ def _to_json(model: object) -> str:
     return config
 
 
-def named_config(value: ConfigLike) -> training_pb2.NamedConfig:
-    """NamedConfig from "adam" or {"name": "adam", "learning_rate": 1e-3}."""
+def named_config(value: ConfigLike, what: str = "a config") -> training_pb2.NamedConfig:
+    """NamedConfig from "adam", {"name": "adam", "learning_rate": 1e-3} or
+    `fitserve.plugin("adam", learning_rate=1e-3)`; `what` names the argument in errors.
+
+    A Python function, class or Keras object is refused with TypeError: no client code
+    runs on the server, so custom objects are installed there as plugins and named.
+    """
     if isinstance(value, str):
         return training_pb2.NamedConfig(name=value)
+    if isinstance(value, PluginRef):
+        return training_pb2.NamedConfig(name=value.name, params=struct(value.params))
     if isinstance(value, Mapping) and isinstance(value.get("name"), str):
         params = {key: item for key, item in value.items() if key != "name"}
         return training_pb2.NamedConfig(name=value["name"], params=struct(params))
-    raise TypeError(f'expected a name or a dict with a "name" key, got {value!r}')
+    code = _describe_code(value)
+    if code is not None:
+        raise TypeError(
+            f"{what} got {code}, but no client code runs on the server: a request carries "
+            "names and parameters only. Install it on the servers and workers as a plugin "
+            "(see docs/plugins.md) and name it by its registered name, e.g. "
+            'loss="examples>huber" or loss=fitserve.plugin("examples>huber", delta=2.0); '
+            "list the installed ones with client.list_plugins() or `fitserve plugins`"
+        )
+    raise TypeError(
+        f'{what}: expected a name, a dict with a "name" key, or fitserve.plugin(...), got {value!r}'
+    )
 
 
-def named_configs(values: ConfigLike | Iterable[ConfigLike]) -> list[training_pb2.NamedConfig]:
-    """A list of NamedConfig; a lone name or dict counts as a list of one."""
-    if isinstance(values, str | Mapping):
-        return [named_config(values)]
-    return [named_config(value) for value in values]
+# Attributes of Keras losses, metrics, layers and callbacks (matched by name: the SDK
+# never imports Keras).
+_KERAS_LIKE_ATTRIBUTES = ("get_config", "update_state", "set_model", "on_epoch_end")
+
+
+def _describe_code(value: object) -> str | None:
+    """How to name `value` in an error when it is code (a function, a class, a Keras-like
+    object), else None."""
+    if inspect.isclass(value):
+        return f"the class {value.__name__}"
+    if inspect.isroutine(value):
+        return f"the function {getattr(value, '__name__', type(value).__name__)}"
+    if callable(value) or any(hasattr(value, name) for name in _KERAS_LIKE_ATTRIBUTES):
+        return f"a {type(value).__name__} object"
+    return None
+
+
+def named_configs(
+    values: ConfigLike | Iterable[ConfigLike], what: str = "a config"
+) -> list[training_pb2.NamedConfig]:
+    """A list of NamedConfig; a lone name, dict or plugin counts as a list of one."""
+    if isinstance(values, str | Mapping | PluginRef) or not isinstance(values, Iterable):
+        return [named_config(cast(ConfigLike, values), what)]
+    return [named_config(value, what) for value in values]
 
 
 def compile_options(
@@ -120,16 +189,16 @@ def compile_options(
 ) -> training_pb2.CompileOptions:
     """The arguments of model.compile; a loss dict without "name" is per output."""
     options = training_pb2.CompileOptions(
-        optimizer=named_config(optimizer),
-        metrics=named_configs(metrics),
-        weighted_metrics=named_configs(weighted_metrics),
+        optimizer=named_config(optimizer, "optimizer="),
+        metrics=named_configs(metrics, "metrics="),
+        weighted_metrics=named_configs(weighted_metrics, "weighted_metrics="),
         loss_weights={name: float(weight) for name, weight in (loss_weights or {}).items()},
     )
     if isinstance(loss, Mapping) and "name" not in loss:
         for output, output_loss in loss.items():
-            options.output_losses[output].CopyFrom(named_config(output_loss))
+            options.output_losses[output].CopyFrom(named_config(output_loss, f"loss[{output!r}]"))
     elif loss is not None:
-        options.loss.CopyFrom(named_config(loss))
+        options.loss.CopyFrom(named_config(loss, "loss="))
     return options
 
 
@@ -188,14 +257,20 @@ def callback_options(callbacks: Mapping[str, Any] | None) -> training_pb2.Callba
     """CallbackOptions from {"early_stopping": {"patience": 2}, "tensorboard": True}.
 
     A callback given as a dict is enabled with those fields; True enables it with the
-    server's defaults; False or None leaves it off.
+    server's defaults; False or None leaves it off. "plugins" is a list of server-side
+    callback plugins (names, dicts or `fitserve.plugin(...)`). "thresholds" is a list of
+    watched metrics (or one), e.g. [{"monitor": "val_accuracy", "value": 0.98,
+    "stop": True}]: each sends a threshold event when first reached; with "stop" the fit
+    ends there and the model is published. "mode" is "auto" (default), "min" or "max".
     """
     options = training_pb2.CallbackOptions()
     for key, value in (callbacks or {}).items():
         if key in _TOGGLED_CALLBACKS:
             getattr(options, key).CopyFrom(_toggled(key, value))
         elif key == "plugins":
-            options.plugins.extend(named_configs(value))
+            options.plugins.extend(named_configs(value, "callbacks['plugins']"))
+        elif key == "thresholds":
+            options.thresholds.extend(thresholds(value))
         elif key in training_pb2.CallbackOptions.DESCRIPTOR.fields_by_name:
             setattr(options, key, value)
         else:
@@ -216,6 +291,56 @@ def _toggled(
         except ValueError as error:
             raise ValueError(f"callbacks[{key!r}]: {error}") from None
     raise TypeError(f"callbacks[{key!r}] must be a dict or a bool, got {value!r}")
+
+
+_THRESHOLD_KEYS = ("monitor", "value", "mode", "stop")
+_THRESHOLD_MODES = ("auto", "min", "max")
+
+
+def thresholds(values: object) -> list[training_pb2.Threshold]:
+    """Threshold messages from one dict or a list of dicts (or Threshold messages); None
+    is none."""
+    if values is None:
+        return []
+    if isinstance(values, Mapping | training_pb2.Threshold):
+        values = [values]
+    if not isinstance(values, Iterable) or isinstance(values, str | bytes):
+        raise TypeError(
+            "callbacks['thresholds'] must be a list of dicts such as "
+            f'{{"monitor": "accuracy", "value": 0.98, "stop": True}}, got {values!r}'
+        )
+    return [_threshold(index, value) for index, value in enumerate(values)]
+
+
+def _threshold(index: int, value: object) -> training_pb2.Threshold:
+    where = f"callbacks['thresholds'][{index}]"
+    if isinstance(value, training_pb2.Threshold):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{where} must be a dict, got {value!r}")
+    unknown = sorted(str(key) for key in value if key not in _THRESHOLD_KEYS)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(_THRESHOLD_KEYS)}"
+        )
+    monitor, target = value.get("monitor"), value.get("value")
+    if not monitor or target is None:
+        raise ValueError(
+            f'{where} needs "monitor" (a metric of the epoch logs, e.g. "val_accuracy") '
+            f'and "value" (the number to reach), e.g. {{"monitor": "accuracy", '
+            f'"value": 0.98}}; got {dict(value)!r}'
+        )
+    if not isinstance(monitor, str):
+        raise TypeError(f'{where}["monitor"] must be a string, got {monitor!r}')
+    if isinstance(target, bool) or not isinstance(target, numbers.Real):
+        raise TypeError(f'{where}["value"] must be a number, got {target!r}')
+    mode = value.get("mode") or "auto"
+    if mode not in _THRESHOLD_MODES:
+        raise ValueError(f'{where}["mode"] must be one of auto, min, max; got {mode!r}')
+    stop = value.get("stop", False)
+    if not isinstance(stop, bool):
+        raise TypeError(f'{where}["stop"] must be True or False, got {stop!r}')
+    return training_pb2.Threshold(monitor=monitor, value=float(target), mode=mode, stop=stop)
 
 
 def run_options(

@@ -113,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_job_commands(commands)
     _add_model_commands(commands)
     _add_predict_command(commands)
+    _add_plugins_command(commands)
     return parser
 
 
@@ -168,6 +169,17 @@ def _add_predict_command(commands: _Subparsers) -> None:
     selector.add_argument("--alias", help='alias such as "canary"')
     predict.add_argument("--output", "-o", help="save the outputs to this .npy/.npz file")
     predict.set_defaults(run=_predict)
+
+
+def _add_plugins_command(commands: _Subparsers) -> None:
+    plugins = commands.add_parser(
+        "plugins", help="list the server-side plugins (losses, metrics, layers, callbacks)"
+    )
+    plugins.add_argument("--kind", help="only loss, metric, layer or callback plugins")
+    plugins.add_argument(
+        "--json", action="store_true", help="print the whole answer (params, docs) as JSON"
+    )
+    plugins.set_defaults(run=_list_plugins)
 
 
 # -- commands ------------------------------------------------------------------------
@@ -246,6 +258,44 @@ def _predict(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_plugins(client: Client, args: argparse.Namespace) -> int:
+    response = client.list_plugins(args.kind)
+    if args.json:
+        _print_json(response)
+    else:
+        _print_plugins(response)
+    return 0
+
+
+def _print_plugins(response: training_pb2.ListPluginsResponse) -> None:
+    """The plugins as a table on stdout, then each failed plugin source on stderr."""
+    rows = (
+        (p.name, p.kind, p.form, _plugin_signature(p), _provided_by(p)) for p in response.plugins
+    )
+    _print_table(("NAME", "KIND", "FORM", "SIGNATURE", "PROVIDED BY"), rows)
+    for failure in response.failures:
+        print(f"failed to load: {failure.source}: {failure.error}", file=sys.stderr)
+
+
+def _plugin_signature(plugin: training_pb2.Plugin) -> str:
+    if plugin.signature:
+        return plugin.signature
+    return "(" + ", ".join(_param_text(param) for param in plugin.params) + ")"
+
+
+def _param_text(param: training_pb2.PluginParam) -> str:
+    text = param.name + (f": {param.type}" if param.type else "")
+    if param.required:
+        return text
+    default = json_format.MessageToJson(param.default, indent=None)
+    return f"{text} = {default}"
+
+
+def _provided_by(plugin: training_pb2.Plugin) -> str:
+    source = plugin.distribution or plugin.package or plugin.module
+    return f"{source} {plugin.version}".strip()
+
+
 # -- input and output ----------------------------------------------------------------
 
 
@@ -289,7 +339,8 @@ def _print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
 
 
 def _describe_event(event: training_pb2.JobEvent) -> str:
-    """One line for a person following a job: state changes, epochs, batches, logs."""
+    """One line for a person following a job: state changes, epochs, batches, logs,
+    thresholds reached."""
     payload = event.WhichOneof("payload")
     if payload == "state_changed":
         return _describe_state(event.state_changed)
@@ -302,7 +353,18 @@ def _describe_event(event: training_pb2.JobEvent) -> str:
         return f"epoch {batch.epoch} batch {batch.batch}{total}: {_logs(batch.logs)}"
     if payload == "log":
         return f"[{event.log.level}] {event.log.message}"
+    if payload == "threshold":
+        return _describe_threshold(event.threshold)
     return f"event {event.event_id}"
+
+
+def _describe_threshold(reached: training_pb2.ThresholdReached) -> str:
+    comparison = "<=" if reached.mode == "min" else ">="
+    text = (
+        f"threshold {reached.monitor} {comparison} {reached.value:g} reached at epoch "
+        f"{reached.epoch} ({reached.observed:.4g})"
+    )
+    return text + ("; stopping" if reached.stopped else "")
 
 
 def _describe_state(change: training_pb2.StateChanged) -> str:

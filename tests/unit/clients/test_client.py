@@ -153,6 +153,23 @@ class FakeTraining(training_pb2_grpc.TrainingServiceServicer):
     def CancelJob(self, request, context):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "job job-1 has already SUCCEEDED")
 
+    def ListPlugins(self, request, context):
+        self.requests.append(request)
+        if request.kind not in ("", "loss"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kind {request.kind!r} is unknown")
+        huber = training_pb2.Plugin(
+            name="examples>huber",
+            kind="loss",
+            form="function",
+            signature="(y_true, y_pred, delta=1.0)",
+            distribution="fitserve-examples",
+            version="0.1.0",
+        )
+        return training_pb2.ListPluginsResponse(
+            plugins=[huber],
+            failures=[training_pb2.PluginFailure(source="bad_pkg", error="ImportError: x")],
+        )
+
 
 class FakeModels(model_pb2_grpc.ModelServiceServicer):
     def __init__(self) -> None:
@@ -671,6 +688,51 @@ def test_the_job_module_does_not_import_the_client_module():
 
 def test_every_training_option_has_a_default():
     assert set(fitserve.TrainingOptions.__optional_keys__) == set(_options._DEFAULTS)
+
+
+# -- plugins ---------------------------------------------------------------------------
+
+
+def test_list_plugins_sends_the_kind_and_returns_the_answer(client, fakes):
+    everything = client.list_plugins()
+    losses = client.list_plugins("loss", timeout=5)
+
+    assert [r.kind for r in fakes.training.requests] == ["", "loss"]
+    assert [p.name for p in losses.plugins] == ["examples>huber"]
+    assert [(f.source, f.error) for f in everything.failures] == [("bad_pkg", "ImportError: x")]
+
+
+def test_list_plugins_of_an_unknown_kind_is_invalid_argument(client):
+    with pytest.raises(fitserve.InvalidArgumentError, match="kind 'optimizer' is unknown"):
+        client.list_plugins("optimizer")
+
+
+def test_cli_plugins_prints_a_table_and_the_failures(fakes, capsys):
+    status = cli.main(["--target", fakes.target, "plugins", "--kind", "loss"])
+
+    out, err = capsys.readouterr()
+    assert status == 0
+    assert out.splitlines()[1].split() == [
+        "examples>huber",
+        "loss",
+        "function",
+        "(y_true,",
+        "y_pred,",
+        "delta=1.0)",
+        "fitserve-examples",
+        "0.1.0",
+    ]
+    assert err == "failed to load: bad_pkg: ImportError: x\n"
+    assert fakes.training.requests[0].kind == "loss"
+
+
+def test_cli_plugins_json(fakes, capsys):
+    status = cli.main(["--target", fakes.target, "plugins", "--json"])
+
+    answer = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert answer["plugins"][0]["name"] == "examples>huber"
+    assert answer["failures"] == [{"source": "bad_pkg", "error": "ImportError: x"}]
 
 
 # -- inference and models --------------------------------------------------------------

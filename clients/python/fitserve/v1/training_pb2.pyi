@@ -438,6 +438,7 @@ class CallbackOptions(_message.Message):
     BATCH_PROGRESS_FIELD_NUMBER: _builtins.int
     BATCH_PROGRESS_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     PLUGINS_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
     tensorboard: _builtins.bool
     """Write TensorBoard logs into the job folder."""
     csv_logger: _builtins.bool
@@ -454,7 +455,15 @@ class CallbackOptions(_message.Message):
     def reduce_lr_on_plateau(self) -> Global___ReduceLROnPlateau: ...
     @_builtins.property
     def plugins(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedConfig]:
-        """Server-side plugin callbacks by name."""
+        """Server-side plugin callbacks by registered name ("package>Name") with parameters;
+        see ListPlugins.
+        """
+
+    @_builtins.property
+    def thresholds(self) -> _containers.RepeatedCompositeFieldContainer[Global___Threshold]:
+        """Watched metrics: each sends a ThresholdReached event when first reached, and one with
+        stop=true ends the fit there and publishes the model (stop-at-threshold).
+        """
 
     def __init__(
         self,
@@ -467,14 +476,54 @@ class CallbackOptions(_message.Message):
         batch_progress: _builtins.bool = ...,
         batch_progress_interval_seconds: _builtins.float = ...,
         plugins: _abc.Iterable[Global___NamedConfig] | None = ...,
+        thresholds: _abc.Iterable[Global___Threshold] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["early_stopping", b"early_stopping", "model_checkpoint", b"model_checkpoint", "reduce_lr_on_plateau", b"reduce_lr_on_plateau"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_progress", b"batch_progress", "batch_progress_interval_seconds", b"batch_progress_interval_seconds", "csv_logger", b"csv_logger", "early_stopping", b"early_stopping", "model_checkpoint", b"model_checkpoint", "plugins", b"plugins", "reduce_lr_on_plateau", b"reduce_lr_on_plateau", "tensorboard", b"tensorboard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_progress", b"batch_progress", "batch_progress_interval_seconds", b"batch_progress_interval_seconds", "csv_logger", b"csv_logger", "early_stopping", b"early_stopping", "model_checkpoint", b"model_checkpoint", "plugins", b"plugins", "reduce_lr_on_plateau", b"reduce_lr_on_plateau", "tensorboard", b"tensorboard", "thresholds", b"thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CallbackOptions: _TypeAlias = CallbackOptions  # noqa: Y015
+
+@_typing.final
+class Threshold(_message.Message):
+    """A watched metric of the epoch logs, e.g. {monitor: "accuracy", value: 0.98, stop: true}."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MONITOR_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    monitor: _builtins.str
+    """A key of the epoch logs: "loss", "accuracy", "val_loss", ..."""
+    value: _builtins.float
+    """Required: the value to reach."""
+    mode: _builtins.str
+    """"max" (reached when monitor >= value), "min" (monitor <= value), or "auto" (the
+    default): max for accuracy-like metrics (acc, auc, precision, recall, f1, r2), min
+    for the rest, as Keras's EarlyStopping decides.
+    """
+    stop: _builtins.bool
+    """Stop the fit at the end of the epoch that reaches it, and publish the model."""
+    def __init__(
+        self,
+        *,
+        monitor: _builtins.str = ...,
+        value: _builtins.float | None = ...,
+        mode: _builtins.str = ...,
+        stop: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "mode", b"mode", "monitor", b"monitor", "stop", b"stop", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__value: _TypeAlias = _typing.Literal["value"]  # noqa: Y015
+    _WhichOneofArgType__value: _TypeAlias = _typing.Literal["_value", b"_value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value) -> _WhichOneofReturnType__value | None: ...
+
+Global___Threshold: _TypeAlias = Threshold  # noqa: Y015
 
 @_typing.final
 class EarlyStopping(_message.Message):
@@ -1226,6 +1275,7 @@ class JobEvent(_message.Message):
     EPOCH_ENDED_FIELD_NUMBER: _builtins.int
     BATCH_PROGRESS_FIELD_NUMBER: _builtins.int
     LOG_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Opaque, increasing; pass it back as after_event_id to resume."""
     job_id: _builtins.str
@@ -1239,6 +1289,8 @@ class JobEvent(_message.Message):
     def batch_progress(self) -> Global___BatchProgress: ...
     @_builtins.property
     def log(self) -> Global___LogLine: ...
+    @_builtins.property
+    def threshold(self) -> Global___ThresholdReached: ...
     def __init__(
         self,
         *,
@@ -1249,16 +1301,57 @@ class JobEvent(_message.Message):
         epoch_ended: Global___EpochEnded | None = ...,
         batch_progress: Global___BatchProgress | None = ...,
         log: Global___LogLine | None = ...,
+        threshold: Global___ThresholdReached | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch_progress", b"batch_progress", "epoch_ended", b"epoch_ended", "log", b"log", "payload", b"payload", "state_changed", b"state_changed", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch_progress", b"batch_progress", "epoch_ended", b"epoch_ended", "log", b"log", "payload", b"payload", "state_changed", b"state_changed", "threshold", b"threshold", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_progress", b"batch_progress", "epoch_ended", b"epoch_ended", "event_id", b"event_id", "job_id", b"job_id", "log", b"log", "payload", b"payload", "state_changed", b"state_changed", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_progress", b"batch_progress", "epoch_ended", b"epoch_ended", "event_id", b"event_id", "job_id", b"job_id", "log", b"log", "payload", b"payload", "state_changed", b"state_changed", "threshold", b"threshold", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["state_changed", "epoch_ended", "batch_progress", "log"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["state_changed", "epoch_ended", "batch_progress", "log", "threshold"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class ThresholdReached(_message.Message):
+    """A watched metric (CallbackOptions.thresholds) reached its value at the end of an epoch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MONITOR_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    OBSERVED_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    STOPPED_FIELD_NUMBER: _builtins.int
+    monitor: _builtins.str
+    value: _builtins.float
+    """The threshold that was set."""
+    observed: _builtins.float
+    """The metric's value at that epoch."""
+    epoch: _builtins.int
+    mode: _builtins.str
+    """"min" or "max", as decided for the threshold."""
+    stopped: _builtins.bool
+    """The fit stops at this epoch (the threshold had stop=true)."""
+    def __init__(
+        self,
+        *,
+        monitor: _builtins.str = ...,
+        value: _builtins.float = ...,
+        observed: _builtins.float = ...,
+        epoch: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        stopped: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "mode", b"mode", "monitor", b"monitor", "observed", b"observed", "stopped", b"stopped", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThresholdReached: _TypeAlias = ThresholdReached  # noqa: Y015
 
 @_typing.final
 class StateChanged(_message.Message):
@@ -1456,3 +1549,163 @@ class CancelJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
+
+@_typing.final
+class ListPluginsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """Only plugins of this kind: "loss", "metric", "layer" or "callback"; empty: all."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPluginsRequest: _TypeAlias = ListPluginsRequest  # noqa: Y015
+
+@_typing.final
+class ListPluginsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLUGINS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plugins(self) -> _containers.RepeatedCompositeFieldContainer[Global___Plugin]: ...
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___PluginFailure]:
+        """Plugin sources (entry points, FITSERVE_PLUGINS modules) that failed to load."""
+
+    def __init__(
+        self,
+        *,
+        plugins: _abc.Iterable[Global___Plugin] | None = ...,
+        failures: _abc.Iterable[Global___PluginFailure] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "plugins", b"plugins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPluginsResponse: _TypeAlias = ListPluginsResponse  # noqa: Y015
+
+@_typing.final
+class Plugin(_message.Message):
+    """One server-side plugin object."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    FORM_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    DOC_FIELD_NUMBER: _builtins.int
+    PACKAGE_FIELD_NUMBER: _builtins.int
+    DISTRIBUTION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    MODULE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The registered name a request uses: "package>Name", e.g. "examples>huber"."""
+    kind: _builtins.str
+    """"loss", "metric", "layer" or "callback"."""
+    form: _builtins.str
+    """"function" (of y_true, y_pred), "class", or "loss_layer" (a layer that calls
+    add_loss: used in a model config, not as compile.loss).
+    """
+    signature: _builtins.str
+    doc: _builtins.str
+    package: _builtins.str
+    """What provides it: the plugin package, the Python distribution and its version, and
+    the module.
+    """
+    distribution: _builtins.str
+    version: _builtins.str
+    module: _builtins.str
+    @_builtins.property
+    def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___PluginParam]:
+        """Its parameters, from its signature, and the whole signature as text."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        form: _builtins.str = ...,
+        params: _abc.Iterable[Global___PluginParam] | None = ...,
+        signature: _builtins.str = ...,
+        doc: _builtins.str = ...,
+        package: _builtins.str = ...,
+        distribution: _builtins.str = ...,
+        version: _builtins.str = ...,
+        module: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "doc", b"doc", "form", b"form", "kind", b"kind", "module", b"module", "name", b"name", "package", b"package", "params", b"params", "signature", b"signature", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Plugin: _TypeAlias = Plugin  # noqa: Y015
+
+@_typing.final
+class PluginParam(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    DEFAULT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    type: _builtins.str
+    """The annotation or the default's type, e.g. "float"; empty when neither says."""
+    required: _builtins.bool
+    @_builtins.property
+    def default(self) -> _struct_pb2.Value:
+        """The default, when not required."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: _builtins.str = ...,
+        required: _builtins.bool = ...,
+        default: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default", b"default"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default", b"default", "name", b"name", "required", b"required", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginParam: _TypeAlias = PluginParam  # noqa: Y015
+
+@_typing.final
+class PluginFailure(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """The entry point or module that failed."""
+    error: _builtins.str
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginFailure: _TypeAlias = PluginFailure  # noqa: Y015

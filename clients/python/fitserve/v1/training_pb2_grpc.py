@@ -70,6 +70,11 @@ class TrainingServiceStub:
                 request_serializer=fitserve_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=fitserve_dot_v1_dot_training__pb2.Job.FromString,
                 _registered_method=True)
+        self.ListPlugins = channel.unary_unary(
+                '/fitserve.v1.TrainingService/ListPlugins',
+                request_serializer=fitserve_dot_v1_dot_training__pb2.ListPluginsRequest.SerializeToString,
+                response_deserializer=fitserve_dot_v1_dot_training__pb2.ListPluginsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -128,6 +133,14 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPlugins(self, request, context):
+        """Lists the server-side plugins (custom losses, metrics, layers, callbacks) a request
+        may name, with their parameters, and the plugin sources that failed to load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +178,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=fitserve_dot_v1_dot_training__pb2.CancelJobRequest.FromString,
                     response_serializer=fitserve_dot_v1_dot_training__pb2.Job.SerializeToString,
+            ),
+            'ListPlugins': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlugins,
+                    request_deserializer=fitserve_dot_v1_dot_training__pb2.ListPluginsRequest.FromString,
+                    response_serializer=fitserve_dot_v1_dot_training__pb2.ListPluginsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +375,33 @@ class TrainingService:
             '/fitserve.v1.TrainingService/CancelJob',
             fitserve_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
             fitserve_dot_v1_dot_training__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlugins(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fitserve.v1.TrainingService/ListPlugins',
+            fitserve_dot_v1_dot_training__pb2.ListPluginsRequest.SerializeToString,
+            fitserve_dot_v1_dot_training__pb2.ListPluginsResponse.FromString,
             options,
             channel_credentials,
             insecure,

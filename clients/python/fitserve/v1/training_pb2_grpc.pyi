@@ -53,6 +53,10 @@ class TrainingServiceStub:
     """Cancels a job: a queued job never starts; a running one stops at the next batch end,
     ends CANCELLED and publishes nothing. A finished job answers FAILED_PRECONDITION.
     """
+    ListPlugins: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListPluginsRequest, _training_pb2.ListPluginsResponse]
+    """Lists the server-side plugins (custom losses, metrics, layers, callbacks) a request
+    may name, with their parameters, and the plugin sources that failed to load.
+    """
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -78,6 +82,10 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     CancelJob: _aio.UnaryUnaryMultiCallable[_training_pb2.CancelJobRequest, _training_pb2.Job]  # type: ignore[assignment]
     """Cancels a job: a queued job never starts; a running one stops at the next batch end,
     ends CANCELLED and publishes nothing. A finished job answers FAILED_PRECONDITION.
+    """
+    ListPlugins: _aio.UnaryUnaryMultiCallable[_training_pb2.ListPluginsRequest, _training_pb2.ListPluginsResponse]  # type: ignore[assignment]
+    """Lists the server-side plugins (custom losses, metrics, layers, callbacks) a request
+    may name, with their parameters, and the plugin sources that failed to load.
     """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -143,6 +151,16 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_training_pb2.Job, _abc.Awaitable[_training_pb2.Job]]:
         """Cancels a job: a queued job never starts; a running one stops at the next batch end,
         ends CANCELLED and publishes nothing. A finished job answers FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPlugins(
+        self,
+        request: _training_pb2.ListPluginsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.ListPluginsResponse, _abc.Awaitable[_training_pb2.ListPluginsResponse]]:
+        """Lists the server-side plugins (custom losses, metrics, layers, callbacks) a request
+        may name, with their parameters, and the plugin sources that failed to load.
         """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

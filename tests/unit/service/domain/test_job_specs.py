@@ -79,7 +79,7 @@ def test_unknown_names_are_refused_listing_the_valid_ones(changes, field, what, 
 def test_an_unknown_loss_of_an_output_is_refused():
     err = refused(request(compile={"output_losses": {"y": {"name": "nope"}}}))
 
-    assert err.field == "compile"
+    assert err.field == "compile.output_losses"
     assert "unknown loss 'nope'" in err.message
 
 
@@ -93,7 +93,7 @@ def test_per_output_losses_replace_the_loss():
 def test_a_missing_loss_is_refused():
     err = refused(request(compile__loss=None))
 
-    assert err.field == "compile"
+    assert err.field == "compile.loss"
     assert "compile.loss is required" in err.message
 
 

@@ -1,0 +1,203 @@
+"""The registry of server-side plugins: what each object is, and the checks a request's
+use of one must pass before a job is queued.
+
+TF-free, so the api role checks plugin names and parameters without Keras: the objects
+are described once, at discovery (``service.plugins.discovery``), by their signatures.
+Every process installs its registry once at start-up (``install``); the request checks
+in ``service.domain`` read it through ``installed``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.errors import InvalidRequest
+
+SEPARATOR = ">"  # Keras's registered names are "package>name"
+
+
+class Kind(enum.StrEnum):
+    LOSS = "loss"
+    METRIC = "metric"
+    LAYER = "layer"
+    CALLBACK = "callback"
+
+
+class Form(enum.StrEnum):
+    FUNCTION = "function"  # a loss or metric function of (y_true, y_pred)
+    CLASS = "class"  # a Loss, Metric, Layer or Callback subclass
+    LOSS_LAYER = "loss_layer"  # a layer that calls add_loss: used in a model, not in compile
+
+
+# Keyword arguments a subclass's ``**kwargs`` passes on to its Keras base class.
+BASE_KWARGS: Mapping[Kind, frozenset[str]] = {
+    Kind.LOSS: frozenset({"name", "reduction", "dtype"}),
+    Kind.METRIC: frozenset({"name", "dtype"}),
+    Kind.LAYER: frozenset({"name", "trainable", "dtype", "autocast", "activity_regularizer"}),
+    Kind.CALLBACK: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One constructor (or function) parameter, from its signature."""
+
+    name: str
+    type: str = ""  # the annotation, or the default's type; "" when neither says
+    default: Any = None  # JSON-safe; meaningful only when not required
+    required: bool = False
+
+    def describe(self) -> str:
+        text = self.name + (f": {self.type}" if self.type else "")
+        return text if self.required else f"{text} = {self.default!r}"
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """One registered object; ``obj`` is the Python object itself (None in a registry
+    rebuilt from descriptions)."""
+
+    name: str  # the registered name, "package>Name"
+    kind: Kind
+    form: Form
+    package: str
+    module: str
+    class_name: str  # the object's ``__name__``, as Keras configs name it
+    doc: str = ""
+    distribution: str = ""
+    version: str = ""
+    params: tuple[Param, ...] = ()
+    var_kwargs: bool = False  # takes **kwargs (passed to the Keras base class)
+    obj: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def base_kwargs(self) -> frozenset[str]:
+        """What ``**kwargs`` may carry to the Keras base class (nothing without it)."""
+        if not self.var_kwargs:
+            return frozenset()
+        base = Kind.LAYER if self.form is Form.LOSS_LAYER else self.kind
+        return BASE_KWARGS[base] - {p.name for p in self.params}
+
+    def signature(self) -> str:
+        parts = [p.describe() for p in self.params]
+        if base := sorted(self.base_kwargs):
+            parts.append("and the base class's " + ", ".join(base))
+        return f"{self.name}({', '.join(parts)})"
+
+    def check_params(self, params: Mapping[str, Any], field: str) -> None:
+        """Raise InvalidRequest naming the parameter and the signature when ``params``
+        cannot be passed to this object; its message starts with ``field`` if given."""
+        at = f"{field}: " if field else ""
+        allowed = {p.name for p in self.params} | self.base_kwargs
+        for key in params:
+            if key not in allowed:
+                raise InvalidRequest(
+                    f"{at}{self.kind} {self.name!r} has no parameter {key!r}; "
+                    f"it takes {self.signature()}",
+                    field=f"{field}.{key}" if field else key,
+                )
+        for param in self.params:
+            if param.required and param.name not in params:
+                raise InvalidRequest(
+                    f"{at}{self.kind} {self.name!r} needs parameter {param.name!r}; "
+                    f"it takes {self.signature()}",
+                    field=f"{field}.{param.name}" if field else param.name,
+                )
+            if param.name in params and not _fits(params[param.name], param):
+                raise InvalidRequest(
+                    f"{at}parameter {param.name!r} of {self.kind} {self.name!r} must be "
+                    f"{param.type}, got {params[param.name]!r}; it takes {self.signature()}",
+                    field=f"{field}.{param.name}" if field else param.name,
+                )
+
+
+_JSON_TYPES: Mapping[str, tuple[type, ...]] = {
+    "float": (int, float),
+    "int": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+}
+
+
+def _fits(value: object, param: Param) -> bool:
+    """Whether a JSON value can be the parameter: checked for the plain types a
+    signature names (JSON numbers arrive as floats, so an int must be integral)."""
+    allowed = _JSON_TYPES.get(param.type)
+    if allowed is None or value is None:
+        return True
+    if isinstance(value, bool) and param.type != "bool":
+        return False
+    if not isinstance(value, allowed):
+        return False
+    if param.type == "int" and isinstance(value, float):
+        return math.isfinite(value) and value.is_integer()
+    return True
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A plugin source that could not be loaded: its entry point or module, and why."""
+
+    source: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Every plugin object of this process, keyed by registered name."""
+
+    plugins: tuple[Plugin, ...] = ()
+    failures: tuple[Failure, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {p.name: p for p in self.plugins})
+
+    def get(self, name: str) -> Plugin | None:
+        by_name: dict[str, Plugin] = self.__dict__["_by_name"]
+        return by_name.get(name)
+
+    def of(self, kind: Kind, forms: Iterable[Form] = tuple(Form)) -> list[Plugin]:
+        wanted = set(forms)
+        return [p for p in self.plugins if p.kind is kind and p.form in wanted]
+
+    def names(self, kind: Kind, forms: Iterable[Form] = tuple(Form)) -> list[str]:
+        return sorted(p.name for p in self.of(kind, forms))
+
+    def model_layers(self) -> list[Plugin]:
+        """Objects a model config may contain: layers, and layers that add a loss."""
+        return [p for p in self.plugins if p.form is Form.LOSS_LAYER or p.kind is Kind.LAYER]
+
+    def find(
+        self, kind: Kind, name: str, field: str, forms: Iterable[Form] = tuple(Form)
+    ) -> Plugin:
+        """The plugin ``name`` of ``kind``, or InvalidRequest listing what is installed."""
+        plugin = self.get(name)
+        forms = tuple(forms)
+        if plugin is not None and plugin.kind is kind and plugin.form in forms:
+            return plugin
+        available = self.names(kind, forms)
+        listing = ", ".join(available) if available else "none is installed"
+        at = f"{field}: " if field else ""
+        raise InvalidRequest(
+            f"{at}unknown {kind} plugin {name!r}; installed {kind} plugins: {listing}",
+            field=field or None,
+        )
+
+
+EMPTY = Registry()
+_installed: Registry = EMPTY
+
+
+def install(registry: Registry) -> None:
+    """Make ``registry`` the one this process's request checks use (at start-up)."""
+    global _installed
+    _installed = registry
+
+
+def installed() -> Registry:
+    """The registry this process installed (empty until one is)."""
+    return _installed
