@@ -8,7 +8,7 @@ GEN_DIR := clients/python
 PROTOS := $(wildcard proto/fitserve/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: help install run test lint fmt typecheck imports proto check-generated unit integration bench bench-quick clean
+.PHONY: help install run test lint fmt typecheck imports proto check-generated keras-signatures unit integration bench bench-quick clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -53,6 +53,10 @@ check-generated: $(STAMP)  ## Fail if the committed generated code differs from 
 	diff -r -x __init__.py -x __pycache__ -x '*.typed' $$tmp/fitserve/v1 $(GEN_DIR)/fitserve/v1 \
 		|| { echo "generated code is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; \
 	rm -rf $$tmp; echo "generated code is up to date"
+
+keras-signatures: $(STAMP)  ## Regenerate service/domain/keras_signatures.py from the installed Keras
+	$(PY) tools/gen_keras_signatures.py
+	$(BIN)/ruff format service/domain/keras_signatures.py
 
 test: lint check-generated  ## Lint, then every test (unit, integration, end-to-end)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -21,7 +21,18 @@ Anything else is a bug: the edge answers INTERNAL with a request id and logs the
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
+
+# Terminal escapes (colors, cursor moves) that Keras and TensorFlow put in their messages.
+_TERMINAL_ESCAPES = re.compile(
+    r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])"
+)
+
+
+def plain_text(message: str) -> str:
+    """A message without terminal escapes, fit for a person reading it anywhere."""
+    return _TERMINAL_ESCAPES.sub("", message)
 
 
 class FitserveError(Exception):
@@ -30,6 +41,7 @@ class FitserveError(Exception):
     code: ClassVar[str] = "INTERNAL"
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
+        message = plain_text(message)
         super().__init__(message)
         self.message = message
         self.field = field

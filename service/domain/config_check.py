@@ -47,9 +47,10 @@ def _check_layer_list(layers: list[dict[str, Any]]) -> None:
             _check_class(kind, field, allowed_keras.LAYERS)
         else:
             plugin = _layer_plugin(kind, field)
-            params = {
-                k: v for k, v in layer.items() if k not in ("type", "input_shape", "input_name")
-            }
+            # As the worker builds it: input_shape is dropped from every entry, input_name
+            # only from the first (where it names the model's input).
+            skipped = ("type", "input_shape", "input_name") if i == 0 else ("type", "input_shape")
+            params = {k: v for k, v in layer.items() if k not in skipped}
             plugin.check_params(params, field)
         _walk(layer, field)
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.domain import allowed_keras, config_check
+from service.domain import allowed_keras, config_check, keras_signatures
 from service.domain.resource_names import check_name
 from service.errors import InvalidRequest
 from service.plugins.registry import Form, Kind, installed
@@ -93,6 +93,7 @@ def _known(v: NamedConfig, builtin: frozenset[str], kind: Kind | None, what: str
         config_check.check_params(v.params, "params")
         name = v.name.lower() if kind is None else v.name
         if name in builtin:
+            keras_signatures.check(kind.value if kind else "optimizer", name, v.params)
             return v.model_copy(update={"name": name})
         registry = installed()
         if kind is not None and registry.get(v.name) is not None:

@@ -40,7 +40,7 @@ from service.domain.jobs import (
     history_key,
     job_key,
 )
-from service.errors import FailedPrecondition, NotFound, Unavailable
+from service.errors import FailedPrecondition, NotFound, Unavailable, plain_text
 
 _BUCKETS_LUA = ", ".join(map(str, JOB_BUCKETS))
 
@@ -439,6 +439,7 @@ class JobStore:
         allowed = [JobState.RUNNING, JobState.CANCELLING]
         if not from_running_only:
             allowed.append(JobState.QUEUED)
+        message = plain_text(message)  # a worker's message may carry Keras's colors
         fields = _now_done() | {"error_reason": reason, "error_message": message}
         event = {"error": {"reason": reason, "message": message}}
         return (

@@ -107,6 +107,12 @@ class Plugin:
                     f"it takes {self.signature()}",
                     field=f"{field}.{param.name}" if field else param.name,
                 )
+            if param.required and param.name in params and params[param.name] is None:
+                raise InvalidRequest(
+                    f"{at}{self.kind} {self.name!r} needs a value for parameter "
+                    f"{param.name!r}, not null; it takes {self.signature()}",
+                    field=f"{field}.{param.name}" if field else param.name,
+                )
             if param.name in params and not _fits(params[param.name], param):
                 raise InvalidRequest(
                     f"{at}parameter {param.name!r} of {self.kind} {self.name!r} must be "

@@ -11,6 +11,7 @@ import keras
 
 from service.domain.config_check import check_model_spec
 from service.domain.job_specs import CompileSpec, ModelSpec, NamedConfig
+from service.domain.keras_signatures import NO_PARAMETERS
 from service.errors import InvalidRequest
 from service.plugins.registry import Kind, installed
 from service.training import plugins
@@ -64,8 +65,9 @@ def _layer(index: int, entry: dict[str, Any]) -> keras.layers.Layer:
     plugin = installed().get(kind)
     try:
         if plugin is not None and plugin.kind is Kind.LAYER:
-            with plugins.raised_by(plugin):
-                layer: keras.layers.Layer = plugin.obj(**plain_for(plugin.obj, params))
+            # A TypeError or ValueError is the request's (refused below, naming the layer);
+            # anything else the plugin's own (the job fails naming it).
+            layer: keras.layers.Layer = plugin.obj(**plain_for(plugin.obj, params))
             return layer
         cls = getattr(keras.layers, kind)
         layer = cls(**plain_for(cls, params))
@@ -169,7 +171,7 @@ def _classes(module: Any, base: type) -> dict[str, type]:
 def _construct(classes: dict[str, type], cfg: NamedConfig, what: str) -> Any:
     cls = classes.get(cfg.name.replace("_", "").lower())
     if cls is None:
-        raise InvalidRequest(f"{what} {cfg.name!r} takes no parameters here; give its class name")
+        raise InvalidRequest(f"{what} {cfg.name!r} {NO_PARAMETERS}")
     try:
         return cls(**plain_for(cls, cfg.params))
     except (TypeError, ValueError) as exc:

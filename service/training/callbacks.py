@@ -51,6 +51,7 @@ class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
         self._initial_epoch = initial_epoch
         self._begun = False
         self.last_logs: dict[str, float] = {}
+        self.logs_by_epoch: dict[int, dict[str, float]] = {}  # 1-based epochs of this run
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self._begun:
@@ -63,6 +64,7 @@ class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.last_logs = plain_logs(logs) | self._learning_rate()
+        self.logs_by_epoch[epoch + 1] = self.last_logs
         try:
             self._jobs.record_epoch(self._job_id, epoch + 1, self._epochs, self.last_logs)
         except Exception:  # reporting must never crash training

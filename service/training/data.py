@@ -41,6 +41,8 @@ from service.errors import InvalidRequest
 from service.training.builtin_datasets import load_builtin
 
 SHUFFLE_BUFFER = 10_000
+SAMPLE_WEIGHT = "sample_weight"  # an array of this name weights samples unless told otherwise
+PREBATCHED_SHUFFLE_BUFFER = 100  # batches, for a uri saved already batched
 PARALLEL_FILES = 4  # TFRecord files read at once; fixed, so the element order is too
 _FUNCTION_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*")
 _RAISED = re.compile(r"^service\.errors\.(\w+): (.*)$", re.MULTILINE)
@@ -55,6 +57,9 @@ class FitData:
     y: Any = None
     sample_weight: Any = None
     uri: str = ""  # where a stream reads, for errors
+    prebatched: bool = False  # a uri whose elements are batches already (used as they are)
+    weights_found: str = ""  # the array used as sample weights without being named
+    unused: tuple[str, ...] = ()  # arrays that are neither inputs, targets nor weights
 
     @property
     def streamed(self) -> bool:
@@ -62,7 +67,11 @@ class FitData:
 
     def validation(self) -> Any:
         """The form ``model.fit(validation_data=...)`` takes."""
-        return self.x if self.streamed else (self.x, self.y)
+        if self.streamed:
+            return self.x
+        return (
+            (self.x, self.y) if self.sample_weight is None else (self.x, self.y, self.sample_weight)
+        )
 
 
 def load(
@@ -72,22 +81,31 @@ def load(
     sample_weight_key: str = "",
     shuffle: bool = False,
     seed: int | None = None,
+    input_ranks: Mapping[str, int] | None = None,
 ) -> FitData:
-    """The data a ref names; a stream is shuffled through a buffer when asked."""
+    """The data a ref names; a stream is shuffled through a buffer when asked.
+
+    A ``Dataset.save`` folder of a pipeline that was batched before it was saved has
+    elements of the model inputs' full rank (``input_ranks``, batch dimension included):
+    it is used batch by batch as it is (``prebatched``), not batched again; shuffling
+    then shuffles whole batches."""
     if ref.uri:
         stream, source = _stream(ws, ref, sample_weight_key)
-        _probe(stream.batch(batch_size), ref)
+        prebatched = input_ranks is not None and _is_batched(stream.element_spec, input_ranks)
+        _probe(stream if prebatched else stream.batch(batch_size), ref)
         if 0 < source.size_bytes <= ws.dataset_cache_bytes:
             stream = stream.cache()
         if shuffle:
-            stream = stream.shuffle(SHUFFLE_BUFFER, seed=seed)
-        return FitData(stream.batch(batch_size).prefetch(tf.data.AUTOTUNE), uri=ref.uri)
+            buffer = PREBATCHED_SHUFFLE_BUFFER if prebatched else SHUFFLE_BUFFER
+            stream = stream.shuffle(buffer, seed=seed)
+        batches = stream if prebatched else stream.batch(batch_size)
+        return FitData(batches.prefetch(tf.data.AUTOTUNE), uri=ref.uri, prebatched=prebatched)
     if ref.builtin:
         if sample_weight_key:
             raise InvalidRequest("fit.sample_weight_key is not available for built-in datasets")
         x, y = load_builtin(ws.keras_datasets_dir, ref.builtin, ref.split or "train")
         return FitData(x, y)
-    return FitData(*load_arrays(ws.datasets, ref, sample_weight_key))
+    return load_arrays(ws.datasets, ref, sample_weight_key)
 
 
 @contextlib.contextmanager
@@ -115,17 +133,19 @@ def check(model: keras.Model, compile_spec: CompileSpec, data: FitData) -> None:
         shapes.check_targets(tuple(model.outputs[0].shape), compile_spec.loss.name, y)
 
 
-def load_arrays(
-    datasets: DatasetStore, ref: DatasetRef, sample_weight_key: str
-) -> tuple[Any, Any, Any]:
+def load_arrays(datasets: DatasetStore, ref: DatasetRef, sample_weight_key: str) -> FitData:
     """Inputs, targets and sample weights of an uploaded dataset."""
     info = datasets.get(ref.dataset)
     with np.load(datasets.path(info.id), allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
-    inputs, targets = _keys(ref, list(arrays), sample_weight_key, info.name or info.id)
-    x = arrays[inputs[0]] if len(inputs) == 1 else {k: arrays[k] for k in inputs}
-    y = _one_or_dict(arrays, targets)
-    return x, y, arrays[sample_weight_key] if sample_weight_key else None
+    keys = _keys(ref, list(arrays), sample_weight_key, info.name or info.id)
+    return FitData(
+        _one_or_dict(arrays, keys.inputs),
+        _one_or_dict(arrays, keys.targets),
+        arrays[keys.weight] if keys.weight else None,
+        weights_found=keys.weight if keys.weight != sample_weight_key else "",
+        unused=keys.unused,
+    )
 
 
 def _one_or_dict(arrays: Mapping[str, Any], keys: list[str]) -> Any:
@@ -135,15 +155,26 @@ def _one_or_dict(arrays: Mapping[str, Any], keys: list[str]) -> Any:
     return arrays[keys[0]] if len(keys) == 1 else {k: arrays[k] for k in keys}
 
 
-def _keys(
-    ref: DatasetRef, names: list[str], sample_weight_key: str, dataset: str
-) -> tuple[list[str], list[str]]:
+@dataclass(frozen=True)
+class _Keys:
+    inputs: list[str]
+    targets: list[str]
+    weight: str  # "" for none
+    unused: tuple[str, ...]
+
+
+def _keys(ref: DatasetRef, names: list[str], sample_weight_key: str, dataset: str) -> _Keys:
     """Input and target names: as given, else "x"/"y", else every other array as input.
     Named inputs and no "y" array mean no targets: a model whose loss layers take the
-    targets as an input (the endpoint-layer pattern)."""
+    targets as an input (the endpoint-layer pattern). Sample weights: the array
+    ``sample_weight_key`` names, else one called ``sample_weight`` (Keras's name)."""
     no_targets = bool(ref.input_keys) and "y" not in names
     targets = ref.target_keys or ([] if no_targets else ["y"])
-    weights = [sample_weight_key] if sample_weight_key else []
+    named = {*ref.input_keys, *targets}
+    weight = sample_weight_key or (
+        SAMPLE_WEIGHT if SAMPLE_WEIGHT in names and SAMPLE_WEIGHT not in named else ""
+    )
+    weights = [weight] if weight else []
     inputs = ref.input_keys or (
         ["x"] if "x" in names else [k for k in names if k not in (*targets, *weights)]
     )
@@ -152,7 +183,8 @@ def _keys(
         raise InvalidRequest(
             f"dataset {dataset!r} has no array {missing[0]!r}; it has {', '.join(sorted(names))}"
         )
-    return inputs, targets
+    used = {*inputs, *targets, *weights}
+    return _Keys(inputs, targets, weight, tuple(k for k in names if k not in used))
 
 
 def _stream(
@@ -206,16 +238,29 @@ def _selector(ref: DatasetRef, spec: Any, sample_weight_key: str) -> Any:
                 "target_keys and sample_weight_key need elements that are dicts"
             )
         return lambda *element: element
-    inputs, targets = _keys(ref, list(spec), sample_weight_key, ref.uri)
+    keys = _keys(ref, list(spec), sample_weight_key, ref.uri)
 
     def pick(element: dict[str, Any]) -> tuple[Any, ...]:
-        x = _one_or_dict(element, inputs)
-        if not targets:  # the model's loss layers take its targets as inputs
+        x = _one_or_dict(element, keys.inputs)
+        if not keys.targets:  # the model's loss layers take its targets as inputs
             return (x,)
-        y = _one_or_dict(element, targets)
-        return (x, y, element[sample_weight_key]) if sample_weight_key else (x, y)
+        y = _one_or_dict(element, keys.targets)
+        return (x, y, element[keys.weight]) if keys.weight else (x, y)
 
     return pick
+
+
+def _is_batched(spec: Any, input_ranks: Mapping[str, int]) -> bool:
+    """Whether a stream's inputs already have the model inputs' full rank (batch
+    dimension included), i.e. the folder was saved from a batched pipeline."""
+    x = spec[0] if isinstance(spec, tuple) else spec
+    if isinstance(x, Mapping):
+        ranks = [(x[name], rank) for name, rank in input_ranks.items() if name in x]
+    else:
+        ranks = [(x, rank) for rank in list(input_ranks.values())[:1]]
+    if not ranks:
+        return False
+    return all(s.shape.rank == rank for s, rank in ranks)
 
 
 def _probe(ds: tf.data.Dataset, ref: DatasetRef) -> None:
@@ -255,9 +300,9 @@ def _example_arrays(data: FitData) -> tuple[Any, Any]:
     """Empty arrays shaped like a stream's elements, for the shape checks; None when a
     dimension is unknown until data is read."""
     spec = data.x.element_spec
-    x, y = spec[0], spec[1]
+    x, y = spec[0], spec[1] if len(spec) > 1 else None
     try:
-        return _empty(x), _empty(y)
+        return _empty(x), None if y is None else _empty(y)
     except ValueError:
         return None, None
 

@@ -24,14 +24,20 @@ def run_evaluate(job: Job, spec: EvaluateSpec, ws: Workspace) -> None:
         ws.models.metadata(spec.model_name, spec.version)["compile"]
     )
     model = load_model(ws, spec, compile_spec)
-    eval_data = data.load(ws, spec.dataset, spec.batch_size)
+    ranks = {t.name: len(t.shape) for t in model.inputs}
+    eval_data = data.load(ws, spec.dataset, spec.batch_size, input_ranks=ranks)
     data.check(model, compile_spec, eval_data)
     if eval_data.streamed:  # batched by tf.data
         with data.read_errors(eval_data):
             results = model.evaluate(eval_data.x, return_dict=True, verbose=0)
     else:
         results = model.evaluate(
-            eval_data.x, eval_data.y, batch_size=spec.batch_size, return_dict=True, verbose=0
+            eval_data.x,
+            eval_data.y,
+            sample_weight=eval_data.sample_weight,
+            batch_size=spec.batch_size,
+            return_dict=True,
+            verbose=0,
         )
     metrics = plain_logs(results)
     dataset = spec.dataset.label

@@ -43,12 +43,13 @@ def run_fine_tune(job: Job, spec: FineTuneSpec, ws: Workspace) -> None:
         devices.set_precision(base, mixed)
         model, body = prepare_model(base, spec.freeze)
         model = devices.float32_outputs(model) if mixed else model
-        reporting = _fit_phases(job, spec, ws, job_dir, model, body)
+        reporting, last = _fit_phases(job, spec, ws, job_dir, model, body)
     if reporting.cancel.cancelled:
         ws.jobs.cancelled(job.id)
         return
     metadata = _metadata(job, spec, base_version)
-    train.publish(job, ws, model, spec.model_name, reporting.progress.last_logs, metadata)
+    logs, metadata = train.published_logs(ws, job, reporting.progress, last, metadata)
+    train.publish(job, ws, model, spec.model_name, logs, metadata)
     for backup in ("backup", PHASE2_BACKUP):
         shutil.rmtree(job_dir / backup, ignore_errors=True)
 
@@ -60,32 +61,35 @@ def _fit_phases(
     job_dir: Path,
     model: keras.Model,
     body: keras.Model,
-) -> train.Reporting:
+) -> tuple[train.Reporting, list[keras.callbacks.Callback]]:
     """Compile and fit the first phase, then the optional unfreeze phase (unless the
-    first was cancelled or reached a stop-at-threshold)."""
+    first was cancelled or reached a stop-at-threshold); returns the job's reporting and
+    the Keras callbacks of the last fit."""
     building.compile_model(model, spec.compile)
     # Under MirroredStrategy the rate is a mirrored variable, which float() refuses.
     first_rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-    train_data, validation = train.load_fit_data(ws, spec.dataset, spec.fit, model, spec.compile)
+    train_data, validation = train.load_fit_data(
+        ws, job, spec.dataset, spec.fit, model, spec.compile
+    )
     reporting = train.job_reporting(
         ws, job, spec.callbacks, spec.total_epochs, spec.fit.initial_epoch
     )
-    callbacks = reporting.around(train.keras_callbacks(spec.callbacks, job_dir))
-    train.fit(model, spec.fit, train_data, validation, callbacks)
+    own = train.keras_callbacks(spec.callbacks, job_dir)
+    train.fit(model, spec.fit, train_data, validation, reporting.around(own))
     if spec.freeze.second_phase and not reporting.stopped:
         unfreeze_top(body, spec.freeze.unfreeze_top_k)
         building.compile_model(model, second_compile(spec, first_rate))
-        callbacks = reporting.around(_second_callbacks(spec, job_dir))
+        own = _second_callbacks(spec, job_dir)
         train.fit(
             model,
             spec.fit,
             train_data,
             validation,
-            callbacks,
+            reporting.around(own),
             epochs=spec.total_epochs,
             initial_epoch=spec.fit.epochs,
         )
-    return reporting
+    return reporting, own
 
 
 def prepare_model(base: keras.Model, freeze: FreezeSpec) -> tuple[keras.Model, keras.Model]:

@@ -26,7 +26,7 @@ from keras.src.losses.losses import LossFunctionWrapper
 
 from service.domain.job_specs import NamedConfig
 from service.domain.job_store import JobStore
-from service.errors import FailedPrecondition, FitserveError
+from service.errors import FailedPrecondition, FitserveError, plain_text
 from service.plugins.registry import Form, Kind, Plugin, Registry, installed
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class GuardedCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 method(*args, **kwargs)
             except Exception as exc:
                 self.failed = True
-                message = (
+                message = plain_text(
                     f"callback plugin {self.name} raised {type(exc).__name__} in {hook}: "
                     f"{exc}; it is off for the rest of this job"
                 )

@@ -44,15 +44,15 @@ def run_train(job: Job, spec: TrainSpec, ws: Workspace) -> None:
     with devices.precision(spec.run.mixed_precision), job_strategy(ws, job).scope():
         model = build(spec.model, spec.run.mixed_precision)
         building.compile_model(model, spec.compile)
-        train_data, validation = load_fit_data(ws, spec.dataset, spec.fit, model, spec.compile)
+        train_data, validation = load_fit_data(ws, job, spec.dataset, spec.fit, model, spec.compile)
         reporting = job_reporting(ws, job, spec.callbacks, spec.fit.epochs, spec.fit.initial_epoch)
-        callbacks = reporting.around(keras_callbacks(spec.callbacks, job_dir))
-        fit(model, spec.fit, train_data, validation, callbacks)
+        own = keras_callbacks(spec.callbacks, job_dir)
+        fit(model, spec.fit, train_data, validation, reporting.around(own))
     if reporting.cancel.cancelled:
         ws.jobs.cancelled(job.id)
         return
-    metadata = _metadata(job, spec)
-    publish(job, ws, model, spec.model_name, reporting.progress.last_logs, metadata)
+    logs, metadata = published_logs(ws, job, reporting.progress, own, _metadata(job, spec))
+    publish(job, ws, model, spec.model_name, logs, metadata)
     shutil.rmtree(job_dir / "backup", ignore_errors=True)
 
 
@@ -99,18 +99,75 @@ def seed(value: int | None) -> None:
 
 
 def load_fit_data(
-    ws: Workspace, ref: DatasetRef, fit_spec: FitSpec, model: keras.Model, compile_spec: CompileSpec
+    ws: Workspace,
+    job: Job,
+    ref: DatasetRef,
+    fit_spec: FitSpec,
+    model: keras.Model,
+    compile_spec: CompileSpec,
 ) -> tuple[data.FitData, data.FitData | None]:
-    """Training and validation data, checked against the model before fit."""
+    """Training and validation data, checked against the model before fit; a uri saved
+    already batched is used as it is, and the job says so."""
+    ranks = input_ranks(model)
     train_data = data.load(
-        ws, ref, fit_spec.batch_size, fit_spec.sample_weight_key, fit_spec.shuffle, fit_spec.seed
+        ws,
+        ref,
+        fit_spec.batch_size,
+        fit_spec.sample_weight_key,
+        fit_spec.shuffle,
+        fit_spec.seed,
+        input_ranks=ranks,
     )
     data.check(model, compile_spec, train_data)
     validation = None
     if fit_spec.validation_data is not None:
-        validation = data.load(ws, fit_spec.validation_data, fit_spec.batch_size)
+        validation = data.load(ws, fit_spec.validation_data, fit_spec.batch_size, input_ranks=ranks)
         data.check(model, compile_spec, validation)
+    for what, loaded in (("dataset", train_data), ("fit.validation_data", validation)):
+        if loaded is not None:
+            report_data(ws, job, what, loaded)
     return train_data, validation
+
+
+def input_ranks(model: keras.Model) -> dict[str, int]:
+    """Each model input's rank, batch dimension included."""
+    return {t.name: len(t.shape) for t in model.inputs}
+
+
+def report_data(ws: Workspace, job: Job, what: str, loaded: data.FitData) -> None:
+    """Say in the job's events what it does with its data that the request did not spell
+    out: a uri used as saved batches, weights found by name, arrays it does not use."""
+    notes: list[tuple[str, str]] = []
+    if loaded.prebatched:
+        notes.append(
+            (
+                "INFO",
+                f"{what} {loaded.uri!r} was saved already batched (its elements "
+                "have the model inputs' full rank): it is used batch by batch as "
+                "saved, so fit.batch_size does not apply",
+            )
+        )
+    if loaded.weights_found:
+        notes.append(
+            (
+                "INFO",
+                f"{what}: array {loaded.weights_found!r} weights each sample "
+                "(Keras's sample_weight); set fit.sample_weight_key to use another",
+            )
+        )
+    if loaded.unused:
+        names = ", ".join(map(repr, loaded.unused))
+        notes.append(
+            (
+                "WARNING",
+                f"{what}: array {names} is not used: it is neither an "
+                "input, a target nor the sample weights (name it in input_keys, "
+                "target_keys or fit.sample_weight_key to use it)",
+            )
+        )
+    for level, message in notes:
+        log.info(message)
+        ws.jobs.add_event(job.id, "log", {"level": level, "message": message})
 
 
 @dataclass(frozen=True)
@@ -177,6 +234,30 @@ def publish(
     metadata = metadata | {"metrics": plain_logs(logs), "num_layers": len(trainable_layers(model))}
     version = export_version(model, ws.models, name, job.id, metadata, ws.model_events)
     ws.jobs.succeed(job.id, logs, version)
+
+
+def published_logs(
+    ws: Workspace,
+    job: Job,
+    progress: JobProgress,
+    callbacks: list[keras.callbacks.Callback],
+    metadata: dict[str, Any],
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The metrics of the weights being published: the last epoch's, or, when
+    EarlyStopping restored the best epoch's weights, that epoch's (recorded as
+    ``metrics_epoch`` in fitserve.json, and said in the job's events)."""
+    stopper = next((c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
+    if stopper is None or not stopper.restore_best_weights or stopper.best_weights is None:
+        return progress.last_logs, metadata
+    best = int(stopper.best_epoch) + 1
+    logs = progress.logs_by_epoch.get(best)
+    if logs is None:  # an epoch of an earlier attempt (resumed from a backup)
+        logs = next((e["logs"] for e in ws.jobs.get(job.id).history if e["epoch"] == best), None)
+    if logs is None:
+        return progress.last_logs, metadata
+    message = f"restored the weights of epoch {best}, the best {stopper.monitor}; published those"
+    ws.jobs.add_event(job.id, "log", {"level": "INFO", "message": message})
+    return logs, metadata | {"metrics_epoch": best}
 
 
 def trainable_layers(model: keras.Model) -> list[keras.layers.Layer]:

@@ -62,6 +62,12 @@ def _code(exc: pytest.ExceptionInfo[fitserve.FitserveError]) -> grpc.StatusCode:
         ({"loss": "sparse_crossentropy"}, "unknown loss 'sparse_crossentropy'"),
         ({"metrics": ["acuracy"]}, "unknown metric 'acuracy'"),
         ({"loss": None}, "compile.loss is required"),
+        ({"optimizer": {"name": "adam", "bogus": 1}}, "optimizer 'adam' has no parameter 'bogus'"),
+        (
+            {"loss": {"name": "huber", "delta": "x"}},
+            "loss 'huber' parameter 'delta' must be a number",
+        ),
+        ({"metrics": [{"name": "auc", "num_thresholds": 2.5}]}, "must be a whole number"),
         ({"epochs": -1}, "fit.epochs"),
         ({"validation_split": 1.5}, "fit.validation_split"),
         ({"layers": [{"type": "Lambda", "function": "x"}]}, "Lambda layers are not allowed"),

@@ -36,6 +36,7 @@ def external(settings: Settings, server: RunningServer, worker: object) -> Path:
     root = settings.data_dir / "external"
     tf.data.Dataset.from_tensor_slices((X, Y)).save(str(root / "tuples"))
     tf.data.Dataset.from_tensor_slices({"features": X, "label": Y}).save(str(root / "dicts"))
+    tf.data.Dataset.from_tensor_slices((X, Y)).batch(16).save(str(root / "batched"))
     (root / "records").mkdir(parents=True)
     with tf.io.TFRecordWriter(str(root / "records" / "part-0.tfrecord")) as writer:
         for x, y in zip(X, Y, strict=True):
@@ -72,6 +73,32 @@ def test_saved_tf_data_trains_like_the_same_arrays_uploaded(
     assert _losses(by_uri, "val_loss") == pytest.approx(_losses(by_upload, "val_loss"), rel=1e-5)
     version = client.get_model("uri-saved").versions[-1]
     assert version.dataset == str(external / "tuples")
+
+
+def test_a_folder_saved_already_batched_is_used_as_saved(
+    client: fitserve.Client, external: Path
+) -> None:
+    uploaded = client.upload_dataset("uri-same", x=X, y=Y)
+    by_upload = _train(client, "uri-unbatched", uploaded)
+    submitted = client.train(
+        "uri-batched",
+        layers=LAYERS,
+        loss=LOSS,
+        dataset=str(external / "batched"),
+        seed=4,
+        epochs=2,
+        batch_size=999,  # does not apply: the folder holds batches of 16
+        shuffle=False,
+    )
+    by_batches = submitted.wait(timeout=180)
+
+    assert _losses(by_batches) == pytest.approx(_losses(by_upload), rel=1e-5)
+    logs = [e.log.message for e in submitted.events() if e.WhichOneof("payload") == "log"]
+    assert any("saved already batched" in m and "batch_size does not apply" in m for m in logs)
+    evaluated = client.evaluate(
+        "uri-batched", dataset=str(external / "batched"), batch_size=999
+    ).wait(timeout=180)
+    assert evaluated.metrics["loss"] > 0
 
 
 def test_tfrecords_train_and_evaluate_like_the_same_arrays(

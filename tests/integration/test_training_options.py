@@ -4,6 +4,7 @@ against values computed independently: weights, losses, optimizer steps, files."
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,12 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(
     published = _model(settings, "early-stop", job.model_version).get_weights()
     assert _same(published, _weights(checkpoints / "epoch-0001.keras"))
     assert not _same(published, _weights(checkpoints / "epoch-0003.keras"))
+    # The version's metrics are those of the weights published: epoch 1's, not epoch 3's.
+    assert dict(job.metrics) == pytest.approx(dict(job.history[0].logs))
+    assert job.metrics["loss"] != pytest.approx(job.history[2].logs["loss"])
+    version = client.get_model("early-stop").versions[-1]
+    assert dict(version.metrics) == pytest.approx(dict(job.history[0].logs))
+    assert json.loads(version.metadata_json)["metrics_epoch"] == 1
 
 
 def test_validation_split_reports_val_metrics_of_the_held_out_tail(
@@ -149,6 +156,35 @@ def test_weights_scale_each_example_of_the_loss(
     assert job.metrics["loss"] != pytest.approx(float(per_example.mean()), rel=1e-2)
 
 
+def test_an_array_named_sample_weight_weights_samples_and_other_arrays_are_reported(
+    client: fitserve.Client, blobs: tuple[dataset_pb2.Dataset, np.ndarray], settings: Settings
+) -> None:
+    ds, x = blobs
+    y = x[:, :3].argmax(axis=1)
+    weights = np.load(_blob(settings, ds))["w"]
+    weighted = client.upload_dataset("options-weighted", x=x, y=y, sample_weight=weights)
+    options: dict[str, Any] = {
+        "layers": [LAYERS[0], LAYERS[2]],
+        "optimizer": FROZEN,
+        "batch_size": 128,
+        "shuffle": False,
+    }
+    by_name = client.train(
+        "weights-by-name", **{"loss": LOSS, "dataset": weighted, "seed": 3} | options
+    )
+    by_key = _train(client, "weights-by-key", ds, sample_weight_key="w", **options)
+    unused = client.train("weights-unused", **{"loss": LOSS, "dataset": ds, "seed": 3} | options)
+
+    assert by_name.wait(timeout=180).metrics["loss"] == pytest.approx(
+        by_key.metrics["loss"], rel=1e-6
+    )
+    said = [e.log.message for e in by_name.events() if e.WhichOneof("payload") == "log"]
+    assert any("array 'sample_weight' weights each sample" in m for m in said)
+    unused.wait(timeout=180)
+    warned = [e.log for e in unused.events() if e.WhichOneof("payload") == "log"]
+    assert any(w.level == "WARNING" and "array 'w' is not used" in w.message for w in warned)
+
+
 def test_initial_epoch_and_steps_per_epoch_set_the_steps_run(
     client: fitserve.Client, blobs: tuple[dataset_pb2.Dataset, np.ndarray], settings: Settings
 ) -> None:
@@ -176,6 +212,57 @@ def test_reduce_lr_on_plateau_halves_the_rate_each_flat_epoch(
 
     rates = [e.logs["learning_rate"] for e in job.history]
     assert rates == pytest.approx([0.01, 0.01, 0.005, 0.0025])
+
+
+def _plain_keras_rates(x: np.ndarray, plateau: dict[str, Any], epochs: int) -> list[float]:
+    """The learning rate of each epoch of the same fit in plain Keras, in this process."""
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=1e-5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rates: list[float] = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda *_: rates.append(float(model.optimizer.learning_rate))
+    )
+    reduce = keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, **plateau)
+    y = x[:, :3].argmax(axis=1)
+    model.fit(x, y, batch_size=len(x), epochs=epochs, callbacks=[record, reduce], verbose=0)
+    return rates
+
+
+@pytest.mark.parametrize(
+    "plateau",
+    [{"patience": 0}, {"patience": 0, "min_delta": 0.0}],
+    ids=["patience-0", "patience-0-min-delta-0"],
+)
+def test_reduce_lr_on_plateau_zero_values_mean_what_they_mean_in_keras(
+    client: fitserve.Client, blobs: tuple[dataset_pb2.Dataset, np.ndarray], plateau: dict[str, Any]
+) -> None:
+    """A learning rate so small that each epoch improves the loss by less than the
+    default min_delta (1e-4) but more than 0: patience 0 reduces after every epoch, and
+    patience 0 with min_delta 0 never does. The unset defaults (10, 1e-4) would do
+    neither in 4 epochs."""
+    ds, x = blobs
+    job = _train(
+        client,
+        "plateau-zero",
+        ds,
+        layers=[LAYERS[0], {"type": "Dense", "units": 3}],
+        loss={"name": "sparse_categorical_crossentropy", "from_logits": True},
+        optimizer={"name": "sgd", "learning_rate": 1e-5},
+        batch_size=128,
+        epochs=4,
+        callbacks={"reduce_lr_on_plateau": {"monitor": "loss", "factor": 0.5, **plateau}},
+    )
+
+    rates = [e.logs["learning_rate"] for e in job.history]
+    assert rates == pytest.approx(_plain_keras_rates(x, plateau, 4), rel=1e-6)
+    expected = [1e-5] * 4 if "min_delta" in plateau else [1e-5, 1e-5, 5e-6, 2.5e-6]
+    assert rates == pytest.approx(expected, rel=1e-6)
 
 
 def test_csv_history_is_kept_with_the_job(

@@ -370,9 +370,9 @@ class FitOptions(_message.Message):
     STEPS_PER_EPOCH_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
-    """Number of epochs; default 1."""
+    """Number of epochs; default 1 (unset; an explicit 0 is refused)."""
     batch_size: _builtins.int
-    """Batch size; default 32."""
+    """Batch size; default 32 (unset; an explicit 0 is refused)."""
     shuffle: _builtins.bool
     """Shuffle the training data every epoch; default true."""
     validation_split: _builtins.float
@@ -398,8 +398,8 @@ class FitOptions(_message.Message):
     def __init__(
         self,
         *,
-        epochs: _builtins.int = ...,
-        batch_size: _builtins.int = ...,
+        epochs: _builtins.int | None = ...,
+        batch_size: _builtins.int | None = ...,
         shuffle: _builtins.bool | None = ...,
         validation_split: _builtins.float = ...,
         validation_data: Global___DatasetRef | None = ...,
@@ -409,14 +409,22 @@ class FitOptions(_message.Message):
         steps_per_epoch: _builtins.int = ...,
         seed: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_shuffle", b"_shuffle", "seed", b"seed", "shuffle", b"shuffle", "validation_data", b"validation_data"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_epochs", b"_epochs", "_seed", b"_seed", "_shuffle", b"_shuffle", "batch_size", b"batch_size", "epochs", b"epochs", "seed", b"seed", "shuffle", b"shuffle", "validation_data", b"validation_data"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_shuffle", b"_shuffle", "batch_size", b"batch_size", "class_weight", b"class_weight", "epochs", b"epochs", "initial_epoch", b"initial_epoch", "sample_weight_key", b"sample_weight_key", "seed", b"seed", "shuffle", b"shuffle", "steps_per_epoch", b"steps_per_epoch", "validation_data", b"validation_data", "validation_split", b"validation_split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_epochs", b"_epochs", "_seed", b"_seed", "_shuffle", b"_shuffle", "batch_size", b"batch_size", "class_weight", b"class_weight", "epochs", b"epochs", "initial_epoch", b"initial_epoch", "sample_weight_key", b"sample_weight_key", "seed", b"seed", "shuffle", b"shuffle", "steps_per_epoch", b"steps_per_epoch", "validation_data", b"validation_data", "validation_split", b"validation_split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
+    _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
+    _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__shuffle: _TypeAlias = _typing.Literal["shuffle"]  # noqa: Y015
     _WhichOneofArgType__shuffle: _TypeAlias = _typing.Literal["_shuffle", b"_shuffle"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
@@ -474,15 +482,17 @@ class CallbackOptions(_message.Message):
         tensorboard: _builtins.bool = ...,
         csv_logger: _builtins.bool = ...,
         batch_progress: _builtins.bool = ...,
-        batch_progress_interval_seconds: _builtins.float = ...,
+        batch_progress_interval_seconds: _builtins.float | None = ...,
         plugins: _abc.Iterable[Global___NamedConfig] | None = ...,
         thresholds: _abc.Iterable[Global___Threshold] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["early_stopping", b"early_stopping", "model_checkpoint", b"model_checkpoint", "reduce_lr_on_plateau", b"reduce_lr_on_plateau"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_progress_interval_seconds", b"_batch_progress_interval_seconds", "batch_progress_interval_seconds", b"batch_progress_interval_seconds", "early_stopping", b"early_stopping", "model_checkpoint", b"model_checkpoint", "reduce_lr_on_plateau", b"reduce_lr_on_plateau"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_progress", b"batch_progress", "batch_progress_interval_seconds", b"batch_progress_interval_seconds", "csv_logger", b"csv_logger", "early_stopping", b"early_stopping", "model_checkpoint", b"model_checkpoint", "plugins", b"plugins", "reduce_lr_on_plateau", b"reduce_lr_on_plateau", "tensorboard", b"tensorboard", "thresholds", b"thresholds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_progress_interval_seconds", b"_batch_progress_interval_seconds", "batch_progress", b"batch_progress", "batch_progress_interval_seconds", b"batch_progress_interval_seconds", "csv_logger", b"csv_logger", "early_stopping", b"early_stopping", "model_checkpoint", b"model_checkpoint", "plugins", b"plugins", "reduce_lr_on_plateau", b"reduce_lr_on_plateau", "tensorboard", b"tensorboard", "thresholds", b"thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__batch_progress_interval_seconds: _TypeAlias = _typing.Literal["batch_progress_interval_seconds"]  # noqa: Y015
+    _WhichOneofArgType__batch_progress_interval_seconds: _TypeAlias = _typing.Literal["_batch_progress_interval_seconds", b"_batch_progress_interval_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_progress_interval_seconds) -> _WhichOneofReturnType__batch_progress_interval_seconds | None: ...
 
 Global___CallbackOptions: _TypeAlias = CallbackOptions  # noqa: Y015
 
@@ -602,7 +612,9 @@ Global___ModelCheckpoint: _TypeAlias = ModelCheckpoint  # noqa: Y015
 
 @_typing.final
 class ReduceLROnPlateau(_message.Message):
-    """keras.callbacks.ReduceLROnPlateau."""
+    """keras.callbacks.ReduceLROnPlateau.
+    Fields with presence keep Keras's defaults when unset, and a 0 when set to 0.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -617,9 +629,12 @@ class ReduceLROnPlateau(_message.Message):
     enabled: _builtins.bool
     monitor: _builtins.str
     factor: _builtins.float
+    """Default 0.1."""
     patience: _builtins.int
+    """Default 10; 0 reduces after the first epoch without improvement."""
     mode: _builtins.str
     min_delta: _builtins.float
+    """Default 1e-4; 0 counts any decrease as an improvement."""
     cooldown: _builtins.int
     min_lr: _builtins.float
     def __init__(
@@ -627,18 +642,29 @@ class ReduceLROnPlateau(_message.Message):
         *,
         enabled: _builtins.bool = ...,
         monitor: _builtins.str = ...,
-        factor: _builtins.float = ...,
-        patience: _builtins.int = ...,
+        factor: _builtins.float | None = ...,
+        patience: _builtins.int | None = ...,
         mode: _builtins.str = ...,
-        min_delta: _builtins.float = ...,
+        min_delta: _builtins.float | None = ...,
         cooldown: _builtins.int = ...,
         min_lr: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_factor", b"_factor", "_min_delta", b"_min_delta", "_patience", b"_patience", "factor", b"factor", "min_delta", b"min_delta", "patience", b"patience"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cooldown", b"cooldown", "enabled", b"enabled", "factor", b"factor", "min_delta", b"min_delta", "min_lr", b"min_lr", "mode", b"mode", "monitor", b"monitor", "patience", b"patience"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_factor", b"_factor", "_min_delta", b"_min_delta", "_patience", b"_patience", "cooldown", b"cooldown", "enabled", b"enabled", "factor", b"factor", "min_delta", b"min_delta", "min_lr", b"min_lr", "mode", b"mode", "monitor", b"monitor", "patience", b"patience"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__factor: _TypeAlias = _typing.Literal["factor"]  # noqa: Y015
+    _WhichOneofArgType__factor: _TypeAlias = _typing.Literal["_factor", b"_factor"]  # noqa: Y015
+    _WhichOneofReturnType__min_delta: _TypeAlias = _typing.Literal["min_delta"]  # noqa: Y015
+    _WhichOneofArgType__min_delta: _TypeAlias = _typing.Literal["_min_delta", b"_min_delta"]  # noqa: Y015
+    _WhichOneofReturnType__patience: _TypeAlias = _typing.Literal["patience"]  # noqa: Y015
+    _WhichOneofArgType__patience: _TypeAlias = _typing.Literal["_patience", b"_patience"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__factor) -> _WhichOneofReturnType__factor | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_delta) -> _WhichOneofReturnType__min_delta | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__patience) -> _WhichOneofReturnType__patience | None: ...
 
 Global___ReduceLROnPlateau: _TypeAlias = ReduceLROnPlateau  # noqa: Y015
 
@@ -930,14 +956,16 @@ class EvaluateRequest(_message.Message):
         *,
         model: _tensor_pb2.ModelRef | None = ...,
         dataset: Global___DatasetRef | None = ...,
-        batch_size: _builtins.int = ...,
+        batch_size: _builtins.int | None = ...,
         run: Global___RunOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "model", b"model", "run", b"run"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "batch_size", b"batch_size", "dataset", b"dataset", "model", b"model", "run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "dataset", b"dataset", "model", b"model", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "batch_size", b"batch_size", "dataset", b"dataset", "model", b"model", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
+    _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
 
 Global___EvaluateRequest: _TypeAlias = EvaluateRequest  # noqa: Y015
 

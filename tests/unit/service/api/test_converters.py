@@ -1,10 +1,12 @@
 import json
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 from fitserve.v1 import tensor_pb2, training_pb2
+from service.api import converters
 from service.api.converters import array_to_tensor, job_to_proto, tensor_to_array
 from service.domain.jobs import Job, JobKind, JobState
 from service.errors import InvalidRequest
@@ -176,3 +178,73 @@ def test_a_job_without_error_has_no_error_field():
 
     assert not proto.HasField("error")
     assert not proto.HasField("created_at")
+
+
+def _train_spec(**fields: object) -> Any:
+    from service.domain.job_specs import parse_train
+
+    request = training_pb2.TrainRequest(
+        model_name="m",
+        model=training_pb2.ModelSpec(
+            layers=training_pb2.LayerList(
+                layers=[converters_struct({"type": "Dense", "units": 1, "input_shape": [2]})]
+            )
+        ),
+        compile=training_pb2.CompileOptions(loss=training_pb2.NamedConfig(name="mse")),
+        dataset=training_pb2.DatasetRef(builtin="mnist"),
+        **fields,
+    )
+    return parse_train(converters.train_request_data(request))
+
+
+def converters_struct(values: dict[str, Any]) -> Any:
+    from google.protobuf import struct_pb2
+
+    message = struct_pb2.Struct()
+    message.update(values)
+    return message
+
+
+def test_zero_values_that_mean_something_reach_the_spec():
+    plateau = training_pb2.ReduceLROnPlateau(enabled=True, patience=0, min_delta=0.0)
+    spec = _train_spec(
+        fit=training_pb2.FitOptions(shuffle=False),
+        callbacks=training_pb2.CallbackOptions(reduce_lr_on_plateau=plateau),
+    )
+    assert spec.fit.shuffle is False
+    assert spec.callbacks.reduce_lr_on_plateau.patience == 0
+    assert spec.callbacks.reduce_lr_on_plateau.min_delta == 0.0
+
+
+def test_unset_fields_keep_the_keras_defaults():
+    plateau = training_pb2.ReduceLROnPlateau(enabled=True)
+    spec = _train_spec(callbacks=training_pb2.CallbackOptions(reduce_lr_on_plateau=plateau))
+    assert (spec.fit.epochs, spec.fit.batch_size, spec.fit.shuffle) == (1, 32, True)
+    plateau_spec = spec.callbacks.reduce_lr_on_plateau
+    assert (plateau_spec.patience, plateau_spec.min_delta, plateau_spec.factor) == (10, 1e-4, 0.1)
+    assert spec.callbacks.batch_progress_interval_seconds == 1.0
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"fit": training_pb2.FitOptions(epochs=0)}, "fit.epochs"),
+        ({"fit": training_pb2.FitOptions(batch_size=0)}, "fit.batch_size"),
+        (
+            {"callbacks": training_pb2.CallbackOptions(batch_progress_interval_seconds=0)},
+            "callbacks.batch_progress_interval_seconds",
+        ),
+        (
+            {
+                "callbacks": training_pb2.CallbackOptions(
+                    reduce_lr_on_plateau=training_pb2.ReduceLROnPlateau(factor=0)
+                )
+            },
+            "callbacks.reduce_lr_on_plateau.factor",
+        ),
+    ],
+)
+def test_an_explicit_zero_where_zero_is_invalid_is_refused_not_defaulted(fields, field):
+    with pytest.raises(InvalidRequest) as info:
+        _train_spec(**fields)
+    assert info.value.field == field

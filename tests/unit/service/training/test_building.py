@@ -207,16 +207,29 @@ def test_compile_with_a_metric_taking_params():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
+        # Specs the api would refuse (built unvalidated): the worker refuses them too,
+        # should a worker's Keras differ from the api's table.
         (
-            CompileSpec(
+            CompileSpec.model_construct(
                 optimizer=NamedConfig(name="sgd", params={"speed": 1}),
                 loss=NamedConfig(name="mse"),
+                output_losses={},
+                metrics=[],
+                weighted_metrics=[],
+                loss_weights={},
             ),
             "optimizer 'sgd': ",
         ),
         (
-            CompileSpec(loss=NamedConfig(name="mse", params={"reduction": "sum"})),
-            "loss 'mse' takes no parameters here; give its class name",
+            CompileSpec.model_construct(
+                optimizer=NamedConfig(name="adam"),
+                loss=NamedConfig(name="mse", params={"reduction": "sum"}),
+                output_losses={},
+                metrics=[],
+                weighted_metrics=[],
+                loss_weights={},
+            ),
+            "loss 'mse' takes no parameters here",
         ),
     ],
     ids=["bad-optimizer-param", "alias-with-params"],
