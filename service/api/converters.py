@@ -95,10 +95,21 @@ def message_to_data(message: Message) -> dict[str, Any]:
 
 def train_request_data(request: training_pb2.TrainRequest) -> dict[str, Any]:
     """A TrainRequest as plain data in the shape ``service.domain.job_specs`` validates."""
-    data = message_to_data(request)
+    data = _flat_compile(message_to_data(request))
     model = data.get("model", {})
     if "layers" in model:
         model["layers"] = model["layers"].get("layers", [])
+    return data
+
+
+def _flat_compile(data: dict[str, Any]) -> dict[str, Any]:
+    """``compile.output_metrics`` as output name -> list of metrics (the wire wraps each
+    list in a MetricList)."""
+    per_output = data.get("compile", {}).get("output_metrics")
+    if isinstance(per_output, dict):
+        data["compile"]["output_metrics"] = {
+            name: (value or {}).get("metrics", []) for name, value in per_output.items()
+        }
     return data
 
 
@@ -233,7 +244,7 @@ def fine_tune_request_data(request: training_pb2.FineTuneRequest) -> dict[str, A
     ``freeze`` is always present, so a request with no strategy is told which fields to
     set rather than that ``freeze`` is missing.
     """
-    data = message_to_data(request)
+    data = _flat_compile(message_to_data(request))
     ref = request.base
     selector = ref.WhichOneof("selector")
     data["base"] = {

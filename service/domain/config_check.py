@@ -112,6 +112,54 @@ def adds_loss(spec: ModelSpec) -> bool:
     return not loss_layers.isdisjoint(registered_names(config))
 
 
+def output_names(spec: ModelSpec) -> list[str] | None:
+    """The output names of a functional Keras config, as compile's per-output losses and
+    metrics key them (dict keys of dict outputs, else the output layers' names); None
+    when not told (a layer list or a Sequential model has one output)."""
+    config = _parsed(spec)
+    inner = config.get("config") if config else None
+    outputs = inner.get("output_layers") if isinstance(inner, dict) else None
+    if isinstance(outputs, dict):
+        return [str(k) for k in outputs]
+    if isinstance(outputs, list) and outputs and isinstance(outputs[0], str):
+        return [outputs[0]]
+    if isinstance(outputs, list) and all(isinstance(o, list) and o for o in outputs):
+        return [str(o[0]) for o in outputs]
+    return None
+
+
+def output_units(spec: ModelSpec) -> int | None:
+    """Units of a model whose last layer is a Dense one (a layer list, or a Sequential
+    config): how many classes its output can tell apart; None when not known."""
+    last: Any = None
+    if spec.layers:
+        entry = spec.layers[-1]
+        last = entry.get("units") if entry.get("type") == "Dense" else None
+    else:
+        config = _parsed(spec)
+        inner = (
+            config.get("config") if config and config.get("class_name") == "Sequential" else None
+        )
+        layers = inner.get("layers") if isinstance(inner, dict) else None
+        if isinstance(layers, list) and layers and isinstance(layers[-1], dict):
+            node = layers[-1]
+            if node.get("class_name") == "Dense" and isinstance(node.get("config"), dict):
+                last = node["config"].get("units")
+    if isinstance(last, int | float) and not isinstance(last, bool) and float(last).is_integer():
+        return int(last)
+    return None
+
+
+def _parsed(spec: ModelSpec) -> dict[str, Any] | None:
+    if not spec.keras_json:
+        return None
+    try:
+        config = json.loads(spec.keras_json)
+    except json.JSONDecodeError:
+        return None  # check_model_spec says why
+    return config if isinstance(config, dict) else None
+
+
 def registered_names(node: Any) -> set[str]:
     """Every ``registered_name`` in a Keras config."""
     if isinstance(node, list):

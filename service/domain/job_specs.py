@@ -6,6 +6,7 @@ the job record, and the worker reads back exactly what was validated.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,11 +34,29 @@ class ModelSpec(_Spec):
     keras_json: str = ""
     layers: list[dict[str, Any]] = Field(default_factory=list)
 
+    @field_validator("layers")
+    @classmethod
+    def _json_numbers(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The wire (a protobuf Struct) carries every number as a double: a whole one is
+        an int again ("units": 32, not 32.0), as the request's JSON most likely had it.
+        The worker still passes a float where a Keras parameter defaults to one."""
+        return [_whole_numbers(layer) for layer in v]
+
     @model_validator(mode="after")
     def _one_of(self) -> ModelSpec:
         if bool(self.keras_json) == bool(self.layers):
             raise ValueError("give exactly one of keras_json (a Keras model config) or layers")
         return self
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
 
 
 class CompileSpec(_Spec):
@@ -51,6 +70,26 @@ class CompileSpec(_Spec):
     loss_weights: dict[str, float] = Field(default_factory=dict)
     metrics: list[NamedConfig] = Field(default_factory=list)
     weighted_metrics: list[NamedConfig] = Field(default_factory=list)
+    output_metrics: dict[str, list[NamedConfig]] = Field(default_factory=dict)
+
+    @field_validator("output_metrics")
+    @classmethod
+    def _known_output_metrics(cls, v: dict[str, list[NamedConfig]]) -> dict[str, list[NamedConfig]]:
+        return {
+            out: [
+                _known(m, allowed_keras.METRICS, Kind.METRIC, f"output_metrics.{out}[{i}]")
+                for i, m in enumerate(ms)
+            ]
+            for out, ms in v.items()
+        }
+
+    @model_validator(mode="after")
+    def _one_metrics_form(self) -> CompileSpec:
+        if self.metrics and self.output_metrics:
+            raise ValueError(
+                "give metrics (for every output) or output_metrics (per output), not both"
+            )
+        return self
 
     @field_validator("optimizer")
     @classmethod
@@ -190,6 +229,23 @@ class FitSpec(_Spec):
     initial_epoch: int = Field(0, ge=0)
     steps_per_epoch: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, lt=2**31)
+
+    @field_validator("class_weight")
+    @classmethod
+    def _weights_of_classes(cls, v: dict[int, float]) -> dict[int, float]:
+        for class_id, weight in v.items():
+            if class_id < 0:
+                raise ValueError(f"class id {class_id} is negative; class ids count from 0")
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(
+                    f"class {class_id} has weight {weight}; a class weight is a finite number >= 0"
+                )
+        return v
+
+    @property
+    def validates(self) -> bool:
+        """Whether the fit has validation data (so val_* metrics exist)."""
+        return bool(self.validation_split) or self.validation_data is not None
 
     @model_validator(mode="after")
     def _validation_source(self) -> FitSpec:
@@ -436,9 +492,77 @@ def parse_train(data: dict[str, Any]) -> TrainSpec:
     except ValidationError as exc:
         raise _invalid(exc) from None
     _check_streamed_fit(spec.dataset, spec.fit)
+    _check_monitors(spec.fit, spec.callbacks)
     if not spec.compile.has_loss and not config_check.adds_loss(spec.model):
         raise InvalidRequest(MISSING_LOSS, field="compile.loss")
+    _check_outputs(spec.compile, config_check.output_names(spec.model))
+    _check_class_ids(spec.fit, config_check.output_units(spec.model))
     return spec
+
+
+def _check_monitors(fit: FitSpec, callbacks: CallbackSpec) -> None:
+    """A callback watching val_* needs validation data, or it would watch nothing."""
+    if fit.validates:
+        return
+    watched = [
+        (f"callbacks.{name}.monitor", cb.monitor)
+        for name, cb in (
+            ("early_stopping", callbacks.early_stopping),
+            ("model_checkpoint", callbacks.model_checkpoint),
+            ("reduce_lr_on_plateau", callbacks.reduce_lr_on_plateau),
+        )
+        if cb.enabled
+    ]
+    watched += [
+        (f"callbacks.thresholds.{i}.monitor", t.monitor) for i, t in enumerate(callbacks.thresholds)
+    ]
+    for field, monitor in watched:
+        if monitor.startswith("val_"):
+            raise InvalidRequest(
+                f"{field}: {monitor!r} is a validation metric, but the fit has no validation "
+                f"data; set fit.validation_split or fit.validation_data, or monitor "
+                f"{monitor.removeprefix('val_')!r}",
+                field=field,
+            )
+
+
+def _check_outputs(compile_spec: CompileSpec, outputs: list[str] | None) -> None:
+    """Per-output losses and metrics name real outputs; a multi-output model takes its
+    metrics per output."""
+    if outputs is None:
+        return
+    listing = ", ".join(map(repr, outputs))
+    for field, names in (
+        ("compile.output_losses", compile_spec.output_losses),
+        ("compile.output_metrics", compile_spec.output_metrics),
+    ):
+        unknown = [n for n in names if n not in outputs]
+        if unknown:
+            raise InvalidRequest(
+                f"{field}: the model has no output {unknown[0]!r}; its outputs: {listing}",
+                field=field,
+            )
+    if len(outputs) > 1 and compile_spec.metrics:
+        example = ", ".join(f'"{n}": ["..."]' for n in outputs)
+        raise InvalidRequest(
+            f"compile.metrics: the model has {len(outputs)} outputs ({listing}); give "
+            f"metrics per output in compile.output_metrics, e.g. {{{example}}}",
+            field="compile.metrics",
+        )
+
+
+def _check_class_ids(fit: FitSpec, units: int | None) -> None:
+    """Class weights only for classes the model's output can give."""
+    if units is None or not fit.class_weight:
+        return
+    classes = max(units, 2)  # one sigmoid unit: classes 0 and 1
+    beyond = sorted(c for c in fit.class_weight if c >= classes)
+    if beyond:
+        raise InvalidRequest(
+            f"fit.class_weight: class {beyond[0]} cannot occur: the model's output has "
+            f"{units} unit{'s' if units != 1 else ''}, so class ids are 0 to {classes - 1}",
+            field="fit.class_weight",
+        )
 
 
 MISSING_LOSS = (
@@ -454,6 +578,7 @@ def parse_fine_tune(data: dict[str, Any]) -> FineTuneSpec:
     except ValidationError as exc:
         raise _invalid(exc) from None
     _check_streamed_fit(spec.dataset, spec.fit)
+    _check_monitors(spec.fit, spec.callbacks)
     return spec
 
 

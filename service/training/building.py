@@ -119,7 +119,11 @@ def compile_model(model: keras.Model, spec: CompileSpec) -> None:
         optimizer=_optimizer(spec.optimizer),
         loss=loss,
         loss_weights=dict(spec.loss_weights) or None,
-        metrics=[_metric(m) for m in spec.metrics] or None,
+        metrics=(
+            {name: [_metric(m) for m in ms] for name, ms in spec.output_metrics.items()}
+            if spec.output_metrics
+            else [_metric(m) for m in spec.metrics] or None
+        ),
         weighted_metrics=[_metric(m) for m in spec.weighted_metrics] or None,
     )
 

@@ -32,9 +32,9 @@ def export_version(
         return version
     staging = store.staging_dir(name, job_id)
     dropped = training_only_inputs(model)
-    if dropped:
-        export_without(model, dropped, staging)
-        metadata = metadata | {"serving_drops_inputs": dropped}
+    if dropped or _listed_outputs(model):
+        export_serving(model, staging, dropped)
+        metadata = metadata | ({"serving_drops_inputs": dropped} if dropped else {})
     else:
         model.export(str(staging), format="tf_saved_model", verbose=False)
     model.save(str(staging / KERAS_FILE))
@@ -87,9 +87,15 @@ def _history_names(node: Any) -> set[str]:
     return set().union(*map(_history_names, node.values())) if node else set()
 
 
-def export_without(model: keras.Model, dropped: list[str], path: Path) -> None:
+def _listed_outputs(model: keras.Model) -> bool:
+    """Several outputs given as a list: ``model.export`` would call them output_0, ..."""
+    return len(model.outputs) > 1 and isinstance(model.output, list | tuple)
+
+
+def export_serving(model: keras.Model, path: Path, dropped: list[str]) -> None:
     """A SavedModel whose serving signature has every input but ``dropped``, which are
-    fed zeros: the loss layers that take them only add a training loss."""
+    fed zeros (the loss layers that take them only add a training loss), and whose
+    outputs are named as the model names them (``cls``, ``reg``; not output_0, ...)."""
     by_name = {t.name: t for t in model.inputs}
     kept = [n for n in by_name if n not in dropped]
     if not kept:
@@ -102,7 +108,12 @@ def export_without(model: keras.Model, dropped: list[str], path: Path) -> None:
         for n in dropped:
             shape = [1 if d is None else d for d in by_name[n].shape[1:]]
             feed[n] = tf.zeros(tf.concat([[batch], shape], 0), dtype=by_name[n].dtype)
-        return model(feed, training=False)
+        # In the structure the model was built with (a tensor, a list or a dict).
+        structured = keras.tree.map_structure(lambda t: feed[t.name], model.input)
+        out = model(structured, training=False)
+        if isinstance(out, list | tuple):
+            return dict(zip(model.output_names, out, strict=True))
+        return out
 
     archive = keras.export.ExportArchive()
     archive.track(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Generator, Iterator
 from typing import Protocol
@@ -81,6 +82,22 @@ class Job:
     def state(self) -> str:
         """The state as last fetched, e.g. "RUNNING" or "SUCCEEDED"."""
         return JobState.Name(self._info.state).removeprefix("JOB_STATE_")
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """Per-epoch metrics as Keras's ``History.history`` has them: each metric's values,
+        one per epoch, from the record as last fetched (``wait()`` and ``refresh()`` fetch
+        it). A metric missing from an epoch's logs (a callback may log one only some
+        epochs) is NaN there, so every list lines up with ``epochs``."""
+        records = self._info.history
+        keys = sorted({key for record in records for key in record.logs})
+        return {key: [record.logs.get(key, math.nan) for record in records] for key in keys}
+
+    @property
+    def epochs(self) -> list[int]:
+        """The epoch numbers (1-based) that ``history`` holds, as ``History.epoch`` does
+        (0-based there)."""
+        return [record.epoch for record in self._info.history]
 
     def refresh(self, *, timeout: float | None = None) -> training_pb2.Job:
         """Fetch the job record again, and return it."""

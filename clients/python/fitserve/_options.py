@@ -23,6 +23,11 @@ class TrainingOptions(TypedDict, total=False):
     0.0, epochs 1, batch_size 32, shuffle True, no class_weight, sample_weight_key ""
     (none), seed None (unseeded), no callbacks, queue "" (the default queue),
     mixed_precision "" (off), no labels, idempotency_key "" (every call a new job).
+
+    A multi-output model takes ``loss`` and ``metrics`` per output, keyed by output
+    name, as Keras does: ``loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"},
+    metrics={"cls": ["accuracy"], "reg": ["mae"]}``. Without ``sample_weight_key``, an
+    uploaded array named ``sample_weight`` weights the samples.
     """
 
     optimizer: ConfigLike

@@ -187,13 +187,21 @@ def compile_options(
     weighted_metrics: ConfigLike | Iterable[ConfigLike],
     loss_weights: Mapping[str, float] | None,
 ) -> training_pb2.CompileOptions:
-    """The arguments of model.compile; a loss dict without "name" is per output."""
+    """The arguments of model.compile; a loss or metrics dict without "name" is per
+    output, as Keras takes them: loss={"cls": "sparse_categorical_crossentropy", "reg":
+    "mse"}, metrics={"cls": ["accuracy"], "reg": ["mae"]}."""
+    per_output = isinstance(metrics, Mapping) and "name" not in metrics
     options = training_pb2.CompileOptions(
         optimizer=named_config(optimizer, "optimizer="),
-        metrics=named_configs(metrics, "metrics="),
+        metrics=[] if per_output else named_configs(metrics, "metrics="),
         weighted_metrics=named_configs(weighted_metrics, "weighted_metrics="),
         loss_weights={name: float(weight) for name, weight in (loss_weights or {}).items()},
     )
+    if per_output:
+        for output, output_metrics in cast(Mapping[str, Any], metrics).items():
+            options.output_metrics[output].metrics.extend(
+                named_configs(output_metrics, f"metrics[{output!r}]")
+            )
     if isinstance(loss, Mapping) and "name" not in loss:
         for output, output_loss in loss.items():
             options.output_losses[output].CopyFrom(named_config(output_loss, f"loss[{output!r}]"))

@@ -380,3 +380,49 @@ def test_the_plugins_command_parses_kind_and_json() -> None:
 
     assert (args.kind, args.json, args.run) == ("loss", True, cli._list_plugins)
     assert cli._parser().parse_args(["plugins"]).kind is None
+
+
+def test_job_history_is_shaped_like_keras_history():
+    import math
+
+    from fitserve import Job
+    from fitserve.v1 import training_pb2 as pb
+
+    info = pb.Job(
+        id="j",
+        history=[
+            pb.EpochRecord(epoch=1, logs={"loss": 0.9, "accuracy": 0.5}),
+            pb.EpochRecord(epoch=2, logs={"loss": 0.7, "accuracy": 0.6, "marker": 1.5}),
+        ],
+    )
+    job = Job(None, info)  # type: ignore[arg-type]  # no calls: the record is given
+    history = job.history
+    assert history["loss"] == pytest.approx([0.9, 0.7])
+    assert history["accuracy"] == pytest.approx([0.5, 0.6])
+    assert math.isnan(history["marker"][0])
+    assert history["marker"][1] == 1.5
+    assert job.epochs == [1, 2]
+
+
+def test_metrics_per_output_like_keras():
+    from fitserve._specs import compile_options
+
+    options = compile_options(
+        optimizer="adam",
+        loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"},
+        metrics={"cls": ["accuracy"], "reg": ["mae", {"name": "mse"}]},
+        weighted_metrics=[],
+        loss_weights=None,
+    )
+    assert list(options.metrics) == []
+    assert [m.name for m in options.output_metrics["cls"].metrics] == ["accuracy"]
+    assert [m.name for m in options.output_metrics["reg"].metrics] == ["mae", "mse"]
+    single = compile_options(
+        optimizer="adam",
+        loss="mse",
+        metrics={"name": "auc", "num_thresholds": 50},
+        weighted_metrics=[],
+        loss_weights=None,
+    )
+    assert [m.name for m in single.metrics] == ["auc"]
+    assert not single.output_metrics

@@ -205,12 +205,34 @@ class CompileOptions(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class OutputMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___MetricList: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___MetricList | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     OPTIMIZER_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
     OUTPUT_LOSSES_FIELD_NUMBER: _builtins.int
     LOSS_WEIGHTS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     WEIGHTED_METRICS_FIELD_NUMBER: _builtins.int
+    OUTPUT_METRICS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def optimizer(self) -> Global___NamedConfig:
         """Optimizer; default "adam"."""
@@ -235,6 +257,12 @@ class CompileOptions(_message.Message):
     def weighted_metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedConfig]:
         """Metrics weighted by sample_weight / class_weight."""
 
+    @_builtins.property
+    def output_metrics(self) -> _containers.MessageMap[_builtins.str, Global___MetricList]:
+        """Per-output metrics of a multi-output model, keyed by output name (as Keras's
+        metrics={"cls": ["accuracy"], "reg": ["mae"]}); exclusive with metrics.
+        """
+
     def __init__(
         self,
         *,
@@ -244,14 +272,35 @@ class CompileOptions(_message.Message):
         loss_weights: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         metrics: _abc.Iterable[Global___NamedConfig] | None = ...,
         weighted_metrics: _abc.Iterable[Global___NamedConfig] | None = ...,
+        output_metrics: _abc.Mapping[_builtins.str, Global___MetricList] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "loss_weights", b"loss_weights", "metrics", b"metrics", "optimizer", b"optimizer", "output_losses", b"output_losses", "weighted_metrics", b"weighted_metrics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "loss_weights", b"loss_weights", "metrics", b"metrics", "optimizer", b"optimizer", "output_losses", b"output_losses", "output_metrics", b"output_metrics", "weighted_metrics", b"weighted_metrics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompileOptions: _TypeAlias = CompileOptions  # noqa: Y015
+
+@_typing.final
+class MetricList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRICS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedConfig]: ...
+    def __init__(
+        self,
+        *,
+        metrics: _abc.Iterable[Global___NamedConfig] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricList: _TypeAlias = MetricList  # noqa: Y015
 
 @_typing.final
 class DatasetRef(_message.Message):

@@ -206,7 +206,9 @@ def converters_struct(values: dict[str, Any]) -> Any:
 
 
 def test_zero_values_that_mean_something_reach_the_spec():
-    plateau = training_pb2.ReduceLROnPlateau(enabled=True, patience=0, min_delta=0.0)
+    plateau = training_pb2.ReduceLROnPlateau(
+        enabled=True, monitor="loss", patience=0, min_delta=0.0
+    )
     spec = _train_spec(
         fit=training_pb2.FitOptions(shuffle=False),
         callbacks=training_pb2.CallbackOptions(reduce_lr_on_plateau=plateau),
@@ -217,7 +219,7 @@ def test_zero_values_that_mean_something_reach_the_spec():
 
 
 def test_unset_fields_keep_the_keras_defaults():
-    plateau = training_pb2.ReduceLROnPlateau(enabled=True)
+    plateau = training_pb2.ReduceLROnPlateau(enabled=True, monitor="loss")
     spec = _train_spec(callbacks=training_pb2.CallbackOptions(reduce_lr_on_plateau=plateau))
     assert (spec.fit.epochs, spec.fit.batch_size, spec.fit.shuffle) == (1, 32, True)
     plateau_spec = spec.callbacks.reduce_lr_on_plateau

@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 
@@ -176,3 +177,71 @@ def test_a_dataset_needs_exactly_one_source():
 
     assert err.field == "dataset"
     assert "exactly one of dataset, uri or builtin" in err.message
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "says"),
+    [
+        (
+            {"callbacks__early_stopping": {"enabled": True}},
+            "callbacks.early_stopping.monitor",
+            "'val_loss' is a validation metric, but the fit has no validation data",
+        ),
+        (
+            {"callbacks__thresholds": [{"monitor": "val_accuracy", "value": 0.9}]},
+            "callbacks.thresholds.0.monitor",
+            "or monitor 'accuracy'",
+        ),
+        (
+            {"fit__class_weight": {0: -1.0}},
+            "fit.class_weight",
+            "a class weight is a finite number >= 0",
+        ),
+        ({"fit__class_weight": {2: 1.0}}, "fit.class_weight", "class 2 cannot occur"),
+    ],
+    ids=["early-stopping-val", "threshold-val", "negative-weight", "class-beyond-output"],
+)
+def test_requests_that_would_fail_or_do_nothing_on_a_worker_are_refused(changes, field, says):
+    err = refused(request(**changes))
+
+    assert err.field == field
+    assert says in err.message
+
+
+def test_val_monitors_are_fine_with_validation_data():
+    spec = parse_train(
+        request(fit__validation_split=0.25, callbacks__early_stopping={"enabled": True})
+    )
+    assert spec.callbacks.early_stopping.monitor == "val_loss"
+
+
+FUNCTIONAL_TWO_OUTPUTS = json.dumps(
+    {
+        "class_name": "Functional",
+        "config": {"layers": [], "output_layers": [["cls", 0, 0], ["reg", 0, 0]]},
+    }
+)
+
+
+def test_a_two_output_model_takes_its_metrics_per_output():
+    two = {"keras_json": FUNCTIONAL_TWO_OUTPUTS}
+    err = refused(request(model=two, compile__metrics=[{"name": "accuracy"}]))
+    assert err.field == "compile.metrics"
+    assert "2 outputs ('cls', 'reg')" in err.message
+    err = refused(request(model=two, compile__output_metrics={"clss": [{"name": "accuracy"}]}))
+    assert (err.field, "no output 'clss'" in err.message) == ("compile.output_metrics", True)
+    spec = parse_train(
+        request(
+            model=two,
+            compile__output_metrics={"cls": [{"name": "accuracy"}], "reg": [{"name": "mae"}]},
+        )
+    )
+    assert [m.name for m in spec.compile.output_metrics["reg"]] == ["mae"]
+
+
+def test_layer_list_numbers_keep_their_json_types():
+    spec = parse_train(
+        request(model={"layers": [{"type": "Dense", "units": 2.0, "input_shape": [4.0]}]})
+    )
+    assert spec.model.layers[0] == {"type": "Dense", "units": 2, "input_shape": [4]}
+    assert type(spec.model.layers[0]["units"]) is int

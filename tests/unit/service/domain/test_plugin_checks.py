@@ -330,10 +330,11 @@ def test_an_explicit_mode_wins(monitor, mode):
 def test_thresholds_are_parsed_with_the_request():
     spec = parse_train(
         request(
+            fit__validation_split=0.2,
             callbacks__thresholds=[
                 {"monitor": "val_accuracy", "value": 0.9, "stop": True},
                 {"monitor": "val_loss", "value": 0.1},
-            ]
+            ],
         )
     )
 
