@@ -136,6 +136,7 @@ def _add_api(server: grpc.aio.Server, app: FitserveServer, outcomes: RpcOutcomes
         s.dataset_roots,
         s.dataset_url_schemes,
         plugins,
+        s.jobs_dir,
     )
     training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(

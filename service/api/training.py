@@ -13,6 +13,7 @@ from fitserve.v1 import training_pb2, training_pb2_grpc
 from service.api import converters
 from service.api.paging import next_token, page
 from service.api.status import Context, RpcOutcomes, Servicer, stream_out, unary
+from service.domain import job_artifacts
 from service.domain.config_check import check_model_spec
 from service.domain.datasets import sources
 from service.domain.datasets.store import DatasetStore
@@ -35,6 +36,7 @@ from service.metrics import Metrics
 from service.plugins.registry import Kind, Registry
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN, TaskQueue
 
+ARTIFACT_CHUNK_BYTES = 1024 * 1024
 EVENT_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 WATCH_WAIT_SECONDS = 2.0  # a watcher re-reads the job's state at least this often
 
@@ -53,9 +55,12 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         dataset_roots: Sequence[Path] = (),
         dataset_url_schemes: Sequence[str] = sources.DEFAULT_URL_SCHEMES,
         plugins: Registry | None = None,
+        jobs_dir: Path | None = None,
     ) -> None:
         super().__init__(outcomes)
         self._plugins = plugins or Registry()
+        # Settings.jobs_dir; its default, when the composition root passes none.
+        self._jobs_dir = jobs_dir or datasets.root.parent / "jobs"
         self._jobs, self._queue, self._metrics = jobs, queue, metrics
         self._datasets, self._models = datasets, models
         # Settings.dataset_roots; its default, when the composition root passes none.
@@ -170,6 +175,40 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
                 field="kind",
             )
         return converters.plugins_to_proto(self._plugins, request.kind)
+
+    @unary
+    async def ListJobArtifacts(
+        self, request: training_pb2.ListJobArtifactsRequest, context: Context
+    ) -> training_pb2.ListJobArtifactsResponse:
+        """The files a job wrote (checkpoints, TensorBoard logs, history.csv); NOT_FOUND
+        for an unknown job."""
+        job = await self._jobs.get(_job_id(request.job_id))
+        found = await asyncio.to_thread(job_artifacts.list_artifacts, self._jobs_dir / job.id)
+        return training_pb2.ListJobArtifactsResponse(
+            artifacts=[
+                training_pb2.JobArtifact(
+                    path=a.path,
+                    size_bytes=a.size_bytes,
+                    modified_at=converters.timestamp(a.modified_at),
+                )
+                for a in found
+            ]
+        )
+
+    @stream_out
+    async def DownloadJobArtifact(
+        self, request: training_pb2.DownloadJobArtifactRequest, context: Context
+    ) -> AsyncIterator[training_pb2.ArtifactChunk]:
+        """One artifact's bytes in chunks; NOT_FOUND for an unknown job or a path it did
+        not write, INVALID_ARGUMENT for a path outside its folder."""
+        job = await self._jobs.get(_job_id(request.job_id))
+        path = job_artifacts.artifact_path(self._jobs_dir / job.id, request.path)
+        chunks = job_artifacts.read_chunks(path, ARTIFACT_CHUNK_BYTES)
+        try:
+            while chunk := await asyncio.to_thread(next, chunks, b""):
+                yield training_pb2.ArtifactChunk(data=chunk)
+        finally:
+            chunks.close()  # the file, also when the caller goes away mid-stream
 
     async def _queue_positions(self, jobs: Sequence[Job]) -> dict[str, int]:
         """The place of each QUEUED job among ``jobs`` in its queue, from one read of each

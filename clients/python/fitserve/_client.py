@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pathlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -441,6 +442,47 @@ class Client:
         """Ask a job to stop; a finished job raises `FailedPreconditionError`."""
         request = training_pb2.CancelJobRequest(job_id=job_id)
         return self._call(self._training.CancelJob, request, timeout)
+
+    # -- job artifacts ---------------------------------------------------------------
+
+    def list_artifacts(
+        self, job_id: str, *, timeout: float | None = None
+    ) -> list[training_pb2.JobArtifact]:
+        """The files a job wrote on its worker (checkpoints, TensorBoard logs,
+        history.csv), sorted by path."""
+        request = training_pb2.ListJobArtifactsRequest(job_id=job_id)
+        return list(self._call(self._training.ListJobArtifacts, request, timeout).artifacts)
+
+    def download_artifact(
+        self,
+        job_id: str,
+        path: str,
+        destination: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> bytes | pathlib.Path:
+        """One artifact: its bytes, or, given `destination` (a file or a folder), written
+        there chunk by chunk (never whole in memory) and its path returned. A partly
+        written file is removed when the download fails."""
+        request = training_pb2.DownloadJobArtifactRequest(job_id=job_id, path=path)
+        chunks = self._training.DownloadJobArtifact(
+            request, timeout=self._timeout_for(timeout), metadata=self._metadata
+        )
+        if destination is None:
+            with _translated_errors():
+                return b"".join(chunk.data for chunk in chunks)
+        target = pathlib.Path(destination)
+        if target.is_dir():
+            target = target / pathlib.PurePosixPath(path).name
+        partial = target.with_name(target.name + ".part")
+        try:
+            with _translated_errors(), partial.open("wb") as file:
+                for chunk in chunks:
+                    file.write(chunk.data)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
 
     # -- plugins -------------------------------------------------------------------
 

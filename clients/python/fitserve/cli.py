@@ -141,6 +141,18 @@ def _add_job_commands(commands: _Subparsers) -> None:
         parser = jobs.add_parser(name, help=help_text)
         parser.add_argument("job_id", metavar="ID")
         parser.set_defaults(run=run)
+    artifacts = jobs.add_parser(
+        "artifacts", help="list the files a job wrote (checkpoints, logs, history.csv)"
+    )
+    artifacts.add_argument("job_id", metavar="ID")
+    artifacts.set_defaults(run=_list_artifacts)
+    download = jobs.add_parser("download", help="download one of a job's files")
+    download.add_argument("job_id", metavar="ID")
+    download.add_argument("path", help="as `fitserve jobs artifacts` lists it")
+    download.add_argument(
+        "-o", "--output", default=".", help="file or folder to write (default: here)"
+    )
+    download.set_defaults(run=_download_artifact)
     listing = jobs.add_parser("list", help="list jobs, newest first")
     listing.add_argument("--state", help="e.g. RUNNING, SUCCEEDED, FAILED")
     listing.add_argument("--kind", help="train, evaluate or fine_tune")
@@ -223,6 +235,21 @@ def _watch_job(client: Client, args: argparse.Namespace) -> int:
         print(_describe_event(event), flush=True)
     info = job.wait()
     print(f"job {info.id} SUCCEEDED{_version_suffix(info.model_version)}")
+    return 0
+
+
+def _list_artifacts(client: Client, args: argparse.Namespace) -> int:
+    rows = (
+        (a.path, str(a.size_bytes), _time(a.modified_at))
+        for a in client.list_artifacts(args.job_id)
+    )
+    _print_table(("PATH", "BYTES", "MODIFIED"), rows)
+    return 0
+
+
+def _download_artifact(client: Client, args: argparse.Namespace) -> int:
+    written = client.download_artifact(args.job_id, args.path, args.output)
+    print(written)
     return 0
 
 

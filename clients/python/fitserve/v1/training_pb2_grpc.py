@@ -75,6 +75,16 @@ class TrainingServiceStub:
                 request_serializer=fitserve_dot_v1_dot_training__pb2.ListPluginsRequest.SerializeToString,
                 response_deserializer=fitserve_dot_v1_dot_training__pb2.ListPluginsResponse.FromString,
                 _registered_method=True)
+        self.ListJobArtifacts = channel.unary_unary(
+                '/fitserve.v1.TrainingService/ListJobArtifacts',
+                request_serializer=fitserve_dot_v1_dot_training__pb2.ListJobArtifactsRequest.SerializeToString,
+                response_deserializer=fitserve_dot_v1_dot_training__pb2.ListJobArtifactsResponse.FromString,
+                _registered_method=True)
+        self.DownloadJobArtifact = channel.unary_stream(
+                '/fitserve.v1.TrainingService/DownloadJobArtifact',
+                request_serializer=fitserve_dot_v1_dot_training__pb2.DownloadJobArtifactRequest.SerializeToString,
+                response_deserializer=fitserve_dot_v1_dot_training__pb2.ArtifactChunk.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -141,6 +151,22 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobArtifacts(self, request, context):
+        """Lists the files a job wrote on its worker: checkpoints, TensorBoard logs,
+        history.csv. NOT_FOUND for an unknown job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadJobArtifact(self, request, context):
+        """Streams one of those files in chunks; NOT_FOUND for a path the job did not write,
+        INVALID_ARGUMENT for a path outside the job's folder.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +209,16 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ListPlugins,
                     request_deserializer=fitserve_dot_v1_dot_training__pb2.ListPluginsRequest.FromString,
                     response_serializer=fitserve_dot_v1_dot_training__pb2.ListPluginsResponse.SerializeToString,
+            ),
+            'ListJobArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobArtifacts,
+                    request_deserializer=fitserve_dot_v1_dot_training__pb2.ListJobArtifactsRequest.FromString,
+                    response_serializer=fitserve_dot_v1_dot_training__pb2.ListJobArtifactsResponse.SerializeToString,
+            ),
+            'DownloadJobArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadJobArtifact,
+                    request_deserializer=fitserve_dot_v1_dot_training__pb2.DownloadJobArtifactRequest.FromString,
+                    response_serializer=fitserve_dot_v1_dot_training__pb2.ArtifactChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +438,60 @@ class TrainingService:
             '/fitserve.v1.TrainingService/ListPlugins',
             fitserve_dot_v1_dot_training__pb2.ListPluginsRequest.SerializeToString,
             fitserve_dot_v1_dot_training__pb2.ListPluginsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fitserve.v1.TrainingService/ListJobArtifacts',
+            fitserve_dot_v1_dot_training__pb2.ListJobArtifactsRequest.SerializeToString,
+            fitserve_dot_v1_dot_training__pb2.ListJobArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadJobArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fitserve.v1.TrainingService/DownloadJobArtifact',
+            fitserve_dot_v1_dot_training__pb2.DownloadJobArtifactRequest.SerializeToString,
+            fitserve_dot_v1_dot_training__pb2.ArtifactChunk.FromString,
             options,
             channel_credentials,
             insecure,

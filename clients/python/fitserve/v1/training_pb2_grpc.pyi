@@ -57,6 +57,14 @@ class TrainingServiceStub:
     """Lists the server-side plugins (custom losses, metrics, layers, callbacks) a request
     may name, with their parameters, and the plugin sources that failed to load.
     """
+    ListJobArtifacts: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListJobArtifactsRequest, _training_pb2.ListJobArtifactsResponse]
+    """Lists the files a job wrote on its worker: checkpoints, TensorBoard logs,
+    history.csv. NOT_FOUND for an unknown job.
+    """
+    DownloadJobArtifact: _grpc.UnaryStreamMultiCallable[_training_pb2.DownloadJobArtifactRequest, _training_pb2.ArtifactChunk]
+    """Streams one of those files in chunks; NOT_FOUND for a path the job did not write,
+    INVALID_ARGUMENT for a path outside the job's folder.
+    """
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -86,6 +94,14 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     ListPlugins: _aio.UnaryUnaryMultiCallable[_training_pb2.ListPluginsRequest, _training_pb2.ListPluginsResponse]  # type: ignore[assignment]
     """Lists the server-side plugins (custom losses, metrics, layers, callbacks) a request
     may name, with their parameters, and the plugin sources that failed to load.
+    """
+    ListJobArtifacts: _aio.UnaryUnaryMultiCallable[_training_pb2.ListJobArtifactsRequest, _training_pb2.ListJobArtifactsResponse]  # type: ignore[assignment]
+    """Lists the files a job wrote on its worker: checkpoints, TensorBoard logs,
+    history.csv. NOT_FOUND for an unknown job.
+    """
+    DownloadJobArtifact: _aio.UnaryStreamMultiCallable[_training_pb2.DownloadJobArtifactRequest, _training_pb2.ArtifactChunk]  # type: ignore[assignment]
+    """Streams one of those files in chunks; NOT_FOUND for a path the job did not write,
+    INVALID_ARGUMENT for a path outside the job's folder.
     """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -161,6 +177,26 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_training_pb2.ListPluginsResponse, _abc.Awaitable[_training_pb2.ListPluginsResponse]]:
         """Lists the server-side plugins (custom losses, metrics, layers, callbacks) a request
         may name, with their parameters, and the plugin sources that failed to load.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobArtifacts(
+        self,
+        request: _training_pb2.ListJobArtifactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.ListJobArtifactsResponse, _abc.Awaitable[_training_pb2.ListJobArtifactsResponse]]:
+        """Lists the files a job wrote on its worker: checkpoints, TensorBoard logs,
+        history.csv. NOT_FOUND for an unknown job.
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadJobArtifact(
+        self,
+        request: _training_pb2.DownloadJobArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_training_pb2.ArtifactChunk], _abc.AsyncIterator[_training_pb2.ArtifactChunk]]:
+        """Streams one of those files in chunks; NOT_FOUND for a path the job did not write,
+        INVALID_ARGUMENT for a path outside the job's folder.
         """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
