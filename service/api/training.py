@@ -315,7 +315,26 @@ def check_layer_counts(freeze: FreezeSpec, count: int | None) -> None:
             f"has only {count} layers",
             field="freeze.train_last_n_layers",
         )
-    below_head = count if freeze.new_head is None else count - 1
+    if (selection := freeze.freeze_layers) is not None:
+        wrong = [i for i in selection.indices if not -count <= i < count]
+        if wrong:
+            raise InvalidRequest(
+                f"freeze.freeze_layers.indices: {wrong[0]} is out of range; the base has "
+                f"{count} layers (0 to {count - 1}, or -1 to -{count})",
+                field="freeze.freeze_layers.indices",
+            )
+    head = freeze.head_layers
+    if head is not None and head.drop_last >= count:
+        raise InvalidRequest(
+            f"freeze.head_layers.drop_last is {head.drop_last}, but the base has only "
+            f"{count} layers",
+            field="freeze.head_layers.drop_last",
+        )
+    below_head = count
+    if freeze.new_head is not None:
+        below_head = count - 1
+    elif head is not None:
+        below_head = count - head.drop_last
     if freeze.unfreeze_top_k > below_head:
         raise InvalidRequest(
             f"freeze.unfreeze_top_k is {freeze.unfreeze_top_k}, but the part of the model "

@@ -274,6 +274,8 @@ class ModelCheckpointSpec(_Spec):
     monitor: str = "val_loss"
     save_best_only: bool = False
     mode: Literal["auto", "min", "max"] = "auto"
+    save_weights_only: bool = False
+    save_freq_batches: int | None = Field(None, ge=1)
 
 
 class ReduceLROnPlateauSpec(_Spec):
@@ -422,22 +424,65 @@ class NewHeadSpec(_Spec):
         return v
 
 
+class LayerSelectionSpec(_Spec):
+    """Layers by name or by index (negative from the end)."""
+
+    names: list[str] = Field(default_factory=list, max_length=10_000)
+    indices: list[int] = Field(default_factory=list, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _some(self) -> LayerSelectionSpec:
+        if not self.names and not self.indices:
+            raise ValueError("name at least one layer: names or indices")
+        return self
+
+
+class HeadLayersSpec(_Spec):
+    """A new head of several layers (a layer list) on the base."""
+
+    layers: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
+    drop_last: int = Field(0, ge=0)
+    train_base: bool = False
+
+    @field_validator("layers")
+    @classmethod
+    def _checked(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, layer in enumerate(v):
+            if "input_shape" in layer:
+                raise ValueError(f"layers[{i}] has input_shape; the base gives the head's input")
+        try:
+            config_check.check_model_spec(ModelSpec(layers=v))
+        except InvalidRequest as exc:
+            raise ValueError(exc.message.replace("model.layers", "layers")) from None
+        return [_whole_numbers(layer) for layer in v]
+
+
 class FreezeSpec(_Spec):
     """Which layers a fine-tune trains: the last N, or a new head on a frozen base; then
     optionally a second phase with the top K layers unfrozen at a lower learning rate."""
 
     train_last_n_layers: int | None = Field(None, ge=1)
     new_head: NewHeadSpec | None = None
+    freeze_layers: LayerSelectionSpec | None = None
+    head_layers: HeadLayersSpec | None = None
     unfreeze_top_k: int = Field(0, ge=0)
     unfreeze_learning_rate: float = Field(0.0, ge=0.0)
     unfreeze_epochs: int = Field(0, ge=0, le=100_000)
 
     @model_validator(mode="after")
     def _one_strategy(self) -> FreezeSpec:
-        if (self.train_last_n_layers is None) == (self.new_head is None):
+        chosen = [
+            self.train_last_n_layers is not None,
+            self.new_head is not None,
+            self.freeze_layers is not None,
+            self.head_layers is not None,
+        ]
+        if sum(chosen) != 1:
             raise ValueError(
-                "set exactly one of train_last_n_layers (train only the last N layers) or "
-                "new_head (freeze the whole base and add a head with num_classes)"
+                "set exactly one of train_last_n_layers (train only the last N layers), "
+                "new_head (freeze the whole base and add a head with num_classes), "
+                "freeze_layers (freeze these layers by name or index) or head_layers (a "
+                "new head as a layer list on the base)"
             )
         if bool(self.unfreeze_top_k) != bool(self.unfreeze_epochs):
             raise ValueError(

@@ -52,14 +52,15 @@ def _from_layers(layers: list[dict[str, Any]]) -> keras.Model:
     )
     for i, entry in enumerate([first, *layers[1:]]):
         try:
-            model.add(_layer(i, entry))
+            model.add(layer(i, entry))
         except ValueError as exc:
             field = f"model.layers[{i}]"
             raise InvalidRequest(f"{field} ({entry['type']}): {exc}", field=field) from None
     return model
 
 
-def _layer(index: int, entry: dict[str, Any]) -> keras.layers.Layer:
+def layer(index: int, entry: dict[str, Any], where: str = "model.layers") -> keras.layers.Layer:
+    """One entry of a layer list as a Keras (or plugin) layer; errors name it."""
     params = {k: v for k, v in entry.items() if k not in ("type", "input_shape")}
     kind = entry["type"]
     plugin = installed().get(kind)
@@ -67,15 +68,15 @@ def _layer(index: int, entry: dict[str, Any]) -> keras.layers.Layer:
         if plugin is not None and plugin.kind is Kind.LAYER:
             # A TypeError or ValueError is the request's (refused below, naming the layer);
             # anything else the plugin's own (the job fails naming it).
-            layer: keras.layers.Layer = plugin.obj(**plain_for(plugin.obj, params))
-            return layer
+            built: keras.layers.Layer = plugin.obj(**plain_for(plugin.obj, params))
+            return built
         cls = getattr(keras.layers, kind)
-        layer = cls(**plain_for(cls, params))
+        built = cls(**plain_for(cls, params))
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(
-            f"model.layers[{index}] ({kind}): {exc}", field=f"model.layers[{index}]"
+            f"{where}[{index}] ({kind}): {exc}", field=f"{where}[{index}]"
         ) from None
-    return layer
+    return built
 
 
 def _plain(params: dict[str, Any]) -> dict[str, Any]:

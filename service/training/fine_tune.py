@@ -18,7 +18,14 @@ from typing import Any
 
 import keras
 
-from service.domain.job_specs import CompileSpec, FineTuneSpec, FreezeSpec, NewHeadSpec
+from service.domain.job_specs import (
+    CompileSpec,
+    FineTuneSpec,
+    FreezeSpec,
+    HeadLayersSpec,
+    LayerSelectionSpec,
+    NewHeadSpec,
+)
 from service.domain.jobs import Job
 from service.domain.model_store import KERAS_FILE
 from service.domain.workspace import Workspace
@@ -43,11 +50,14 @@ def run_fine_tune(job: Job, spec: FineTuneSpec, ws: Workspace) -> None:
         devices.set_precision(base, mixed)
         model, body = prepare_model(base, spec.freeze)
         model = devices.float32_outputs(model) if mixed else model
+        frozen = frozen_layers(model)
+        message = f"frozen layers: {', '.join(frozen) or 'none'}"
+        ws.jobs.add_event(job.id, "log", {"level": "INFO", "message": message[:4000]})
         reporting, last = _fit_phases(job, spec, ws, job_dir, model, body)
     if reporting.cancel.cancelled:
         ws.jobs.cancelled(job.id)
         return
-    metadata = _metadata(job, spec, base_version)
+    metadata = _metadata(job, spec, base_version) | {"frozen_layers": frozen}
     logs, metadata = train.published_logs(ws, job, reporting.progress, last, metadata)
     train.publish(job, ws, model, spec.model_name, logs, metadata)
     for backup in ("backup", PHASE2_BACKUP):
@@ -96,8 +106,85 @@ def prepare_model(base: keras.Model, freeze: FreezeSpec) -> tuple[keras.Model, k
     """The model to fit, and the part whose top layers a second phase unfreezes."""
     if freeze.new_head is not None:
         return with_new_head(base, freeze.new_head)
+    if freeze.head_layers is not None:
+        return with_head_layers(base, freeze.head_layers)
+    if freeze.freeze_layers is not None:
+        freeze_selected(base, freeze.freeze_layers)
+        return base, base
     freeze_all_but_last(base, freeze.train_last_n_layers or 0)
     return base, base
+
+
+def freeze_selected(model: keras.Model, selection: LayerSelectionSpec) -> None:
+    """Freeze exactly the selected layers (names, or indices counted as
+    ``model.layers`` without InputLayers, negative from the end); the rest train."""
+    layers = train.trainable_layers(model)
+    names = [layer.name for layer in layers]
+    chosen: set[int] = set()
+    for name in selection.names:
+        if name not in names:
+            raise InvalidRequest(
+                f"freeze.freeze_layers.names: the base has no layer {name!r}; its layers: "
+                f"{', '.join(names)}",
+                field="freeze.freeze_layers.names",
+            )
+        chosen.add(names.index(name))
+    for index in selection.indices:
+        if not -len(layers) <= index < len(layers):
+            raise InvalidRequest(
+                f"freeze.freeze_layers.indices: {index} is out of range; the base has "
+                f"{len(layers)} layers (0 to {len(layers) - 1}, or -1 to -{len(layers)})",
+                field="freeze.freeze_layers.indices",
+            )
+        chosen.add(index % len(layers))
+    for i, layer in enumerate(layers):
+        layer.trainable = i not in chosen
+
+
+def with_head_layers(model: keras.Model, head: HeadLayersSpec) -> tuple[keras.Model, keras.Model]:
+    """The stored model without its last ``drop_last`` layers (all kept for 0), frozen
+    and called in inference mode unless ``train_base``, under the head's layers."""
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise InvalidRequest(
+            "freeze.head_layers needs a base model with one input and one output; use "
+            "freeze_layers or train_last_n_layers for this model",
+            field="freeze.head_layers",
+        )
+    layers = train.trainable_layers(model)
+    if head.drop_last >= len(layers):
+        raise InvalidRequest(
+            f"freeze.head_layers.drop_last is {head.drop_last}, but the base has only "
+            f"{len(layers)} layers",
+            field="freeze.head_layers.drop_last",
+        )
+    top = layers[-1 - head.drop_last]
+    body = keras.Model(model.inputs, top.output, name=f"{model.name}_base")
+    body.trainable = head.train_base
+    source = model.inputs[0]
+    inputs = keras.Input(shape=source.shape[1:], dtype=source.dtype, name=source.name)
+    x = body(inputs, training=None if head.train_base else False)
+    for i, entry in enumerate(head.layers):
+        try:
+            x = building.layer(i, entry, "freeze.head_layers.layers")(x)
+        except ValueError as exc:  # a layer that does not fit the one below it
+            field = f"freeze.head_layers.layers[{i}]"
+            raise InvalidRequest(f"{field} ({entry['type']}): {exc}", field=field) from None
+    return keras.Model(inputs, x, name=f"{model.name}_fine_tuned"), body
+
+
+def frozen_layers(model: keras.Model, prefix: str = "") -> list[str]:
+    """Names of the layers that do not train, a nested model's as ``base/dense``."""
+    out: list[str] = []
+    for layer in train.trainable_layers(model):
+        if isinstance(layer, keras.Model):
+            inner = frozen_layers(layer, f"{prefix}{layer.name}/")
+            everything = [
+                f"{prefix}{layer.name}/{sub.name}" for sub in train.trainable_layers(layer)
+            ]
+            out += inner if layer.trainable else everything
+        elif not layer.trainable:
+            out.append(prefix + layer.name)
+    return out
 
 
 def freeze_all_but_last(model: keras.Model, n: int) -> None:

@@ -18,6 +18,7 @@ from service.domain.job_specs import (
     CompileSpec,
     DatasetRef,
     FitSpec,
+    ModelCheckpointSpec,
     ModelSpec,
     TrainSpec,
 )
@@ -314,14 +315,31 @@ def keras_callbacks(
     if (rl := spec.reduce_lr_on_plateau).enabled:
         out.append(keras.callbacks.ReduceLROnPlateau(**rl.model_dump(exclude={"enabled"})))
     if (mc := spec.model_checkpoint).enabled:
-        path = str(job_dir / "checkpoints" / "epoch-{epoch:04d}.keras")
-        out.append(keras.callbacks.ModelCheckpoint(path, **mc.model_dump(exclude={"enabled"})))
+        out.append(_checkpoint(mc, job_dir / "checkpoints"))
     if spec.tensorboard:
         _require_tensorboard()
         out.append(keras.callbacks.TensorBoard(str(job_dir / "tensorboard")))
     if spec.csv_logger:
         out.append(keras.callbacks.CSVLogger(str(job_dir / "history.csv")))
     return out
+
+
+def _checkpoint(spec: ModelCheckpointSpec, folder: Path) -> keras.callbacks.ModelCheckpoint:
+    """Keras's ModelCheckpoint into the job's checkpoints folder: a file per epoch (or
+    per ``save_freq_batches`` batches), whole models or, with ``save_weights_only``,
+    weights (Keras wants ``.weights.h5`` for those)."""
+    name = "epoch-{epoch:04d}"
+    if spec.save_freq_batches is not None:
+        name += "-batch-{batch:06d}"
+    suffix = ".weights.h5" if spec.save_weights_only else ".keras"
+    return keras.callbacks.ModelCheckpoint(
+        str(folder / (name + suffix)),
+        monitor=spec.monitor,
+        save_best_only=spec.save_best_only,
+        mode=spec.mode,
+        save_weights_only=spec.save_weights_only,
+        save_freq=spec.save_freq_batches or "epoch",
+    )
 
 
 def _require_tensorboard() -> None:

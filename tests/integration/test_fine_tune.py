@@ -3,6 +3,7 @@ with its lineage; checked on the weights of the stored versions, layer by layer.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import keras
@@ -95,6 +96,69 @@ def test_new_head_changes_the_output_and_keeps_the_base_and_its_batchnorm(
     assert job.model_version == client.get_model("ft-head").versions[-1].version
 
 
+def test_freeze_layers_by_name_and_index_freezes_exactly_those(
+    client: fitserve.Client, base: dict[str, dataset_pb2.Dataset], settings: Settings
+) -> None:
+    before = _model(settings, BASE, 1)
+    first = before.layers[0].name
+    submitted = client.fine_tune(
+        BASE,
+        version=1,
+        model_name="ft-chosen",
+        freeze_layers=[first, -2],
+        loss=LOSS,
+        dataset=base["old"],
+        epochs=2,
+        seed=2,
+    )
+    job = submitted.wait(timeout=180)
+
+    after = _model(settings, "ft-chosen", job.model_version)
+    pairs = list(zip(before.layers, after.layers, strict=True))
+    assert _same(*pairs[0])
+    assert _same(*pairs[2])
+    assert not _same(*pairs[1])
+    assert not _same(*pairs[3])
+    frozen = [before.layers[0].name, before.layers[2].name]
+    said = [e.log.message for e in submitted.events() if e.WhichOneof("payload") == "log"]
+    assert f"frozen layers: {', '.join(frozen)}" in said
+    meta = json.loads(client.get_model("ft-chosen").versions[-1].metadata_json)
+    assert meta["frozen_layers"] == frozen
+
+
+@pytest.mark.parametrize("drop_last", [0, 1], ids=["keep-all-add-on-top", "replace-the-last"])
+def test_a_head_of_several_layers_on_the_frozen_base(
+    client: fitserve.Client,
+    base: dict[str, dataset_pb2.Dataset],
+    settings: Settings,
+    drop_last: int,
+) -> None:
+    head = [
+        {"type": "Dense", "units": 6, "activation": "relu"},
+        {"type": "Dense", "units": 5, "activation": "softmax"},
+    ]
+    name = f"ft-layers-{drop_last}"
+    job = client.fine_tune(
+        BASE,
+        version=1,
+        model_name=name,
+        head_layers=head,
+        drop_last=drop_last,
+        loss=LOSS,
+        dataset=base["new"],
+        epochs=3,
+        seed=2,
+    ).wait(timeout=180)
+
+    before, after = _model(settings, BASE, 1), _model(settings, name, job.model_version)
+    kept = _body_layers(after)
+    assert len(kept) == len(LAYERS) - drop_last
+    assert all(_same(a, b) for a, b in zip(before.layers, kept, strict=False))
+    assert tuple(after.outputs[0].shape) == (None, 5)
+    losses = [e.logs["loss"] for e in job.history]
+    assert losses[-1] < losses[0]  # the head learns
+
+
 def test_second_phase_unfreezes_the_top_layers_at_a_tenth_of_the_rate(
     client: fitserve.Client, base: dict[str, dataset_pb2.Dataset], settings: Settings
 ) -> None:
@@ -143,8 +207,23 @@ def test_fine_tune_bad_requests(
         client.fine_tune(BASE, alias="nope", train_last_n_layers=1, loss=LOSS, dataset=ds)
     with pytest.raises(fitserve.NotFoundError, match="dataset 'ft-missing' not found"):
         client.fine_tune(BASE, train_last_n_layers=1, loss=LOSS, dataset="ft-missing")
-    with pytest.raises(fitserve.InvalidArgumentError, match=r"train_last_n_layers .* or new_head"):
+    with pytest.raises(fitserve.InvalidArgumentError, match=r"train_last_n_layers .* head_layers"):
         client.fine_tune(BASE, loss=LOSS, dataset=ds)
+    with pytest.raises(fitserve.InvalidArgumentError, match=r"indices: 7 is out of range"):
+        client.fine_tune(BASE, freeze_layers=[7], loss=LOSS, dataset=ds)
+    with pytest.raises(fitserve.InvalidArgumentError, match=r"drop_last is 4, but the base"):
+        client.fine_tune(
+            BASE, head_layers=[{"type": "Dense", "units": 2}], drop_last=4, loss=LOSS, dataset=ds
+        )
+    head = [{"type": "Dense", "units": 2, "input_shape": [4]}]
+    with pytest.raises(fitserve.InvalidArgumentError, match=r"layers\[0\] has input_shape"):
+        client.fine_tune(BASE, head_layers=head, loss=LOSS, dataset=ds)
+    with pytest.raises(
+        fitserve.InvalidArgumentError, match=r"'Lambda'|Lambda layers are not allowed"
+    ):
+        client.fine_tune(BASE, head_layers=[{"type": "Lambda"}], loss=LOSS, dataset=ds)
+    with pytest.raises(fitserve.JobFailedError, match=r"has no layer 'nope'"):
+        client.fine_tune(BASE, freeze_layers=["nope"], loss=LOSS, dataset=ds).wait(timeout=120)
     for classes, message in ((0, "num_classes: is required"), (-3, "greater than or equal to 1")):
         with pytest.raises(fitserve.InvalidArgumentError, match=message):
             client.fine_tune(BASE, new_head=classes, loss=LOSS, dataset=ds)

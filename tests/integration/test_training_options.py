@@ -265,6 +265,30 @@ def test_reduce_lr_on_plateau_zero_values_mean_what_they_mean_in_keras(
     assert rates == pytest.approx(expected, rel=1e-6)
 
 
+def test_checkpoints_of_weights_only_every_few_batches(
+    client: fitserve.Client, blobs: tuple[dataset_pb2.Dataset, np.ndarray], settings: Settings
+) -> None:
+    ds, _ = blobs
+    checkpoint = {"monitor": "loss", "save_weights_only": True, "save_freq_batches": 4}
+    job = _train(
+        client,
+        "weights-ckpt",
+        ds,
+        epochs=2,
+        batch_size=16,
+        callbacks={"model_checkpoint": checkpoint},
+    )
+
+    files = sorted((settings.jobs_dir / job.id / "checkpoints").iterdir())
+    assert len(files) == 4  # 8 batches an epoch, every 4th, 2 epochs
+    assert all(f.name.endswith(".weights.h5") for f in files)
+    model = _model(settings, "weights-ckpt", job.model_version)
+    model.load_weights(files[-1])  # the last checkpoint is the published weights
+    assert _same(
+        model.get_weights(), _model(settings, "weights-ckpt", job.model_version).get_weights()
+    )
+
+
 def test_csv_history_is_kept_with_the_job(
     client: fitserve.Client, blobs: tuple[dataset_pb2.Dataset, np.ndarray], settings: Settings
 ) -> None:

@@ -340,6 +340,10 @@ class Client:
         model_name: str = "",
         train_last_n_layers: int | None = None,
         new_head: int | Mapping[str, Any] | None = None,
+        freeze_layers: Sequence[str | int] | None = None,
+        head_layers: Sequence[Mapping[str, Any]] | None = None,
+        drop_last: int = 0,
+        train_base: bool = False,
         unfreeze_top_k: int = 0,
         unfreeze_learning_rate: float = 0.0,
         unfreeze_epochs: int = 0,
@@ -349,9 +353,14 @@ class Client:
     ) -> Job:
         """Queue a job that continues training a stored version on new data.
 
-        Either keep the architecture and train only the last `train_last_n_layers`, or
-        freeze the whole base and add `new_head` (a class count, or a dict with
-        num_classes, activation, dropout). `unfreeze_*` adds a second, gentler phase.
+        One of: keep the architecture and train only the last `train_last_n_layers`;
+        freeze exactly `freeze_layers` (names or indices, negative from the end, as
+        `for layer in model.layers[:-1]: layer.trainable = False` does); freeze the whole
+        base and add `new_head` (a class count, or a dict with num_classes, activation,
+        dropout); or put `head_layers` (a layer list) on the base, its last `drop_last`
+        layers removed first (0 keeps them all), frozen unless `train_base`. The job's
+        events and the version's fitserve.json list the frozen layers. `unfreeze_*`
+        adds a second, gentler phase.
         The result is published under `model_name` (default: `base_model`), with lineage.
         Compile and fit options are those of `train` (`TrainingOptions`).
         """
@@ -361,6 +370,10 @@ class Client:
             freeze=_specs.freeze_options(
                 train_last_n_layers=train_last_n_layers,
                 new_head=new_head,
+                freeze_layers=freeze_layers,
+                head_layers=head_layers,
+                drop_last=drop_last,
+                train_base=train_base,
                 unfreeze_top_k=unfreeze_top_k,
                 unfreeze_learning_rate=unfreeze_learning_rate,
                 unfreeze_epochs=unfreeze_epochs,

@@ -375,13 +375,29 @@ def freeze_options(
     *,
     train_last_n_layers: int | None,
     new_head: int | Mapping[str, Any] | None,
+    freeze_layers: Sequence[str | int] | None = None,
+    head_layers: Sequence[Mapping[str, Any]] | None = None,
+    drop_last: int = 0,
+    train_base: bool = False,
     unfreeze_top_k: int,
     unfreeze_learning_rate: float,
     unfreeze_epochs: int,
 ) -> training_pb2.FreezeOptions:
     """How a fine-tune changes the base model; new_head is a class count or NewHead dict."""
-    if train_last_n_layers is not None and new_head is not None:
-        raise ValueError("pass train_last_n_layers= or new_head=, not both")
+    chosen = [
+        name
+        for name, value in (
+            ("train_last_n_layers", train_last_n_layers),
+            ("new_head", new_head),
+            ("freeze_layers", freeze_layers),
+            ("head_layers", head_layers),
+        )
+        if value is not None
+    ]
+    if len(chosen) > 1:
+        raise ValueError(f"pass one of {', '.join(c + '=' for c in chosen)}, not several")
+    if (drop_last or train_base) and head_layers is None:
+        raise ValueError("drop_last= and train_base= go with head_layers=")
     options = training_pb2.FreezeOptions(
         unfreeze_top_k=unfreeze_top_k,
         unfreeze_learning_rate=unfreeze_learning_rate,
@@ -393,6 +409,18 @@ def freeze_options(
         options.new_head.CopyFrom(training_pb2.NewHead(num_classes=new_head))
     elif new_head is not None:
         options.new_head.CopyFrom(training_pb2.NewHead(**new_head))
+    elif freeze_layers is not None:
+        if isinstance(freeze_layers, str | int):
+            freeze_layers = [freeze_layers]
+        names = [layer for layer in freeze_layers if isinstance(layer, str)]
+        indices = [layer for layer in freeze_layers if not isinstance(layer, str)]
+        options.freeze_layers.CopyFrom(training_pb2.LayerSelection(names=names, indices=indices))
+    elif head_layers is not None:
+        options.head_layers.CopyFrom(
+            training_pb2.HeadLayers(
+                layers=_layer_list(head_layers).layers, drop_last=drop_last, train_base=train_base
+            )
+        )
     return options
 
 

@@ -639,10 +639,17 @@ class ModelCheckpoint(_message.Message):
     MONITOR_FIELD_NUMBER: _builtins.int
     SAVE_BEST_ONLY_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    SAVE_WEIGHTS_ONLY_FIELD_NUMBER: _builtins.int
+    SAVE_FREQ_BATCHES_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     monitor: _builtins.str
+    """Default "val_loss"."""
     save_best_only: _builtins.bool
     mode: _builtins.str
+    save_weights_only: _builtins.bool
+    """Save only the weights (checkpoints/epoch-NNNN.weights.h5), not whole models."""
+    save_freq_batches: _builtins.int
+    """Save every this many batches instead of at every epoch end."""
     def __init__(
         self,
         *,
@@ -650,12 +657,16 @@ class ModelCheckpoint(_message.Message):
         monitor: _builtins.str = ...,
         save_best_only: _builtins.bool = ...,
         mode: _builtins.str = ...,
+        save_weights_only: _builtins.bool = ...,
+        save_freq_batches: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_save_freq_batches", b"_save_freq_batches", "save_freq_batches", b"save_freq_batches"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "mode", b"mode", "monitor", b"monitor", "save_best_only", b"save_best_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_save_freq_batches", b"_save_freq_batches", "enabled", b"enabled", "mode", b"mode", "monitor", b"monitor", "save_best_only", b"save_best_only", "save_freq_batches", b"save_freq_batches", "save_weights_only", b"save_weights_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__save_freq_batches: _TypeAlias = _typing.Literal["save_freq_batches"]  # noqa: Y015
+    _WhichOneofArgType__save_freq_batches: _TypeAlias = _typing.Literal["_save_freq_batches", b"_save_freq_batches"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__save_freq_batches) -> _WhichOneofReturnType__save_freq_batches | None: ...
 
 Global___ModelCheckpoint: _TypeAlias = ModelCheckpoint  # noqa: Y015
 
@@ -845,6 +856,8 @@ class FreezeOptions(_message.Message):
 
     TRAIN_LAST_N_LAYERS_FIELD_NUMBER: _builtins.int
     NEW_HEAD_FIELD_NUMBER: _builtins.int
+    FREEZE_LAYERS_FIELD_NUMBER: _builtins.int
+    HEAD_LAYERS_FIELD_NUMBER: _builtins.int
     UNFREEZE_TOP_K_FIELD_NUMBER: _builtins.int
     UNFREEZE_LEARNING_RATE_FIELD_NUMBER: _builtins.int
     UNFREEZE_EPOCHS_FIELD_NUMBER: _builtins.int
@@ -860,29 +873,100 @@ class FreezeOptions(_message.Message):
     def new_head(self) -> Global___NewHead:
         """Freeze the whole base model and add a new classification head."""
 
+    @_builtins.property
+    def freeze_layers(self) -> Global___LayerSelection:
+        """Freeze exactly these layers (by name or index, negative from the end, InputLayers
+        not counted), as `for layer in model.layers[:-1]: layer.trainable = False` does;
+        every other layer trains.
+        """
+
+    @_builtins.property
+    def head_layers(self) -> Global___HeadLayers:
+        """A new head of several layers on top of the base (with its last drop_last layers
+        removed, or all kept).
+        """
+
     def __init__(
         self,
         *,
         train_last_n_layers: _builtins.int = ...,
         new_head: Global___NewHead | None = ...,
+        freeze_layers: Global___LayerSelection | None = ...,
+        head_layers: Global___HeadLayers | None = ...,
         unfreeze_top_k: _builtins.int = ...,
         unfreeze_learning_rate: _builtins.float = ...,
         unfreeze_epochs: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["new_head", b"new_head", "strategy", b"strategy", "train_last_n_layers", b"train_last_n_layers"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["freeze_layers", b"freeze_layers", "head_layers", b"head_layers", "new_head", b"new_head", "strategy", b"strategy", "train_last_n_layers", b"train_last_n_layers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_head", b"new_head", "strategy", b"strategy", "train_last_n_layers", b"train_last_n_layers", "unfreeze_epochs", b"unfreeze_epochs", "unfreeze_learning_rate", b"unfreeze_learning_rate", "unfreeze_top_k", b"unfreeze_top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freeze_layers", b"freeze_layers", "head_layers", b"head_layers", "new_head", b"new_head", "strategy", b"strategy", "train_last_n_layers", b"train_last_n_layers", "unfreeze_epochs", b"unfreeze_epochs", "unfreeze_learning_rate", b"unfreeze_learning_rate", "unfreeze_top_k", b"unfreeze_top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_strategy: _TypeAlias = _typing.Literal["train_last_n_layers", "new_head"]  # noqa: Y015
+    _WhichOneofReturnType_strategy: _TypeAlias = _typing.Literal["train_last_n_layers", "new_head", "freeze_layers", "head_layers"]  # noqa: Y015
     _WhichOneofArgType_strategy: _TypeAlias = _typing.Literal["strategy", b"strategy"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_strategy) -> _WhichOneofReturnType_strategy | None: ...
 
 Global___FreezeOptions: _TypeAlias = FreezeOptions  # noqa: Y015
 
 @_typing.final
-class NewHead(_message.Message):
+class LayerSelection(_message.Message):
     """A new classification head for transfer learning."""
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMES_FIELD_NUMBER: _builtins.int
+    INDICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        indices: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["indices", b"indices", "names", b"names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayerSelection: _TypeAlias = LayerSelection  # noqa: Y015
+
+@_typing.final
+class HeadLayers(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYERS_FIELD_NUMBER: _builtins.int
+    DROP_LAST_FIELD_NUMBER: _builtins.int
+    TRAIN_BASE_FIELD_NUMBER: _builtins.int
+    drop_last: _builtins.int
+    """Remove the base's last K layers first (0: keep them all and add the head on top)."""
+    train_base: _builtins.bool
+    """Train the base too (default: frozen, called in inference mode)."""
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
+        """As a layer list: [{"type": "Dense", "units": 64, "activation": "relu"}, ...]; no
+        input_shape (the base gives it).
+        """
+
+    def __init__(
+        self,
+        *,
+        layers: _abc.Iterable[_struct_pb2.Struct] | None = ...,
+        drop_last: _builtins.int = ...,
+        train_base: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drop_last", b"drop_last", "layers", b"layers", "train_base", b"train_base"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeadLayers: _TypeAlias = HeadLayers  # noqa: Y015
+
+@_typing.final
+class NewHead(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NUM_CLASSES_FIELD_NUMBER: _builtins.int
