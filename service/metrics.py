@@ -204,8 +204,9 @@ class Metrics:
         self._add_feedback_metrics(r)
 
     def _add_feedback_metrics(self, r: CollectorRegistry) -> None:
-        """Live accuracy: correct / rows for classification, error / rows for regression."""
-        mv = ["model", "version"]
+        """Live accuracy: correct / rows for classification, error / rows for regression,
+        per output of the model (a multi-output model's feedback names its output)."""
+        mv = ["model", "version", "output"]
         self.feedback_rows = Counter(
             "fitserve_feedback_rows_total", "Rows with a true label received.", mv, registry=r
         )

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ class FeedbackResult:
     version: int
     rows: int
     correct: int
+    output: str = ""
 
 
 def summarize(output: np.ndarray) -> dict[str, Any]:
@@ -75,22 +77,34 @@ class FeedbackLog:
         self._flush: asyncio.Task[None] | None = None
         self._set_all = client.register_script(_SET_ALL)
 
-    def remember(self, request_id: str, model: str, version: int, output: np.ndarray) -> None:
+    def remember(
+        self, request_id: str, model: str, version: int, outputs: Mapping[str, np.ndarray]
+    ) -> None:
         """Keep one prediction for ``ttl`` seconds, without making Predict wait (only a
-        ``sample_rate`` share of them: each costs ~240 bytes of Redis for the TTL)."""
+        ``sample_rate`` share of them: each costs ~240 bytes of Redis for the TTL, per
+        output)."""
         if self._sample_rate < 1.0 and random.random() >= self._sample_rate:
             return
-        record = {"model": model, "version": version, **summarize(output)}
+        summaries = {name: summarize(output) for name, output in outputs.items()}
+        record = {"model": model, "version": version, "outputs": summaries}
         self._buffer[request_id] = json.dumps(record)
         if self._flush is None:
             self._flush = asyncio.create_task(self._write_buffer())
         self._pending[request_id] = self._flush
 
-    async def score(self, request_id: str, labels: np.ndarray) -> FeedbackResult:
-        """Count the labels of one earlier prediction into its version's counters."""
+    async def score(self, request_id: str, labels: np.ndarray, output: str = "") -> FeedbackResult:
+        """Count the labels of one earlier prediction into its version's counters, for
+        ``output`` (required when the model has several)."""
         if (pending := self._pending.get(request_id)) is not None:
             await asyncio.shield(pending)
         record = await self._fetch(request_id)
+        output, summary = _output(record, output)
+        record = {
+            "model": record["model"],
+            "version": record["version"],
+            "output": output,
+            **summary,
+        }
         values = record["values"]
         truth = _labels(labels, len(values))
         if record["kind"] == "other":
@@ -100,7 +114,7 @@ class FeedbackLog:
             )
         await self._claim(request_id)
         correct = self._count(record, values, truth)
-        return FeedbackResult(record["model"], record["version"], len(values), correct)
+        return FeedbackResult(record["model"], record["version"], len(values), correct, output)
 
     async def close(self) -> None:
         """Let the last writes land."""
@@ -163,7 +177,7 @@ class FeedbackLog:
         )
 
     def _count(self, record: dict[str, Any], values: list[Any], truth: np.ndarray) -> int:
-        labels = (record["model"], str(record["version"]))
+        labels = (record["model"], str(record["version"]), record["output"])
         kind = record["kind"]
         predicted = np.asarray(values, dtype=np.float64)
         self._metrics.feedback_rows.labels(*labels).inc(len(values))
@@ -177,6 +191,27 @@ class FeedbackLog:
         correct = int((predicted == truth).sum())
         self._metrics.feedback_correct.labels(*labels).inc(correct)
         return correct
+
+
+def _output(record: dict[str, Any], wanted: str) -> tuple[str, dict[str, Any]]:
+    """The output the labels are for, and what was predicted there."""
+    outputs: dict[str, Any] = record.get("outputs") or {"": record}  # "": an older record
+    if wanted:
+        if wanted not in outputs and not (len(outputs) == 1 and "" in outputs):
+            raise InvalidRequest(
+                f"output {wanted[:100]!r} is not an output of the model; its outputs: "
+                f"{', '.join(map(repr, sorted(outputs)))}",
+                field="output",
+            )
+        return wanted, outputs.get(wanted, next(iter(outputs.values())))
+    if len(outputs) > 1:
+        raise InvalidRequest(
+            f"the model has {len(outputs)} outputs ({', '.join(map(repr, sorted(outputs)))}); set "
+            "output to the one the labels are for",
+            field="output",
+        )
+    name, summary = next(iter(outputs.items()))
+    return name, summary
 
 
 def _labels(labels: np.ndarray, rows: int) -> np.ndarray:

@@ -310,7 +310,7 @@ def test_feedback_moves_the_accuracy_counters_once_per_request(
     digits: Digits,
 ) -> None:
     name = "inf-batching"
-    labels = {"model": name, "version": str(versions[name])}
+    labels = {"model": name, "version": str(versions[name]), "output": "output_0"}
     before = _metric(inference, "fitserve_feedback_correct_total", **labels)
     rows_before = _metric(inference, "fitserve_feedback_rows_total", **labels)
     prediction = on_inference.predict_full(name, digits[0][:5])
@@ -320,11 +320,12 @@ def test_feedback_moves_the_accuracy_counters_once_per_request(
 
     reply = on_inference.feedback(prediction.request_id, truth)
 
-    assert (reply.model_name, reply.version, reply.rows, reply.correct) == (
+    assert (reply.model_name, reply.version, reply.rows, reply.correct, reply.output) == (
         name,
         versions[name],
         5,
         4,
+        "output_0",
     )
     assert _metric(inference, "fitserve_feedback_correct_total", **labels) == before + 4
     assert _metric(inference, "fitserve_feedback_rows_total", **labels) == rows_before + 5

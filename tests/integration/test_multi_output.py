@@ -58,3 +58,13 @@ def test_per_output_metrics_and_named_outputs(client: fitserve.Client) -> None:
     assert sorted(outputs) == ["cls", "reg"]
     assert outputs["cls"].shape == (5, 3)
     assert outputs["reg"].shape == (5, 1)
+
+    full = client.predict_full("two-outputs", x[:4])
+    with pytest.raises(
+        fitserve.InvalidArgumentError, match=r"2 outputs \('cls', 'reg'\); set output"
+    ):
+        client.feedback(full.request_id, arrays["cls"][:4])
+    with pytest.raises(fitserve.InvalidArgumentError, match=r"'clss' is not an output"):
+        client.feedback(full.request_id, arrays["cls"][:4], output="clss")
+    reply = client.feedback(full.request_id, arrays["reg"][:4].astype(np.float32), output="reg")
+    assert (reply.output, reply.rows) == ("reg", 4)

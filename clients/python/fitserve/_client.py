@@ -563,10 +563,18 @@ class Client:
         )
 
     def feedback(
-        self, request_id: str, labels: npt.ArrayLike, *, timeout: float | None = None
+        self,
+        request_id: str,
+        labels: npt.ArrayLike,
+        *,
+        output: str = "",
+        timeout: float | None = None,
     ) -> inference_pb2.FeedbackResponse:
-        """Report the true labels of an earlier prediction, for live accuracy per version."""
-        request = inference_pb2.FeedbackRequest(request_id=request_id, labels=to_tensor(labels))
+        """Report the true labels of an earlier prediction, for live accuracy per version;
+        a model with several outputs needs `output`, the one the labels are for."""
+        request = inference_pb2.FeedbackRequest(
+            request_id=request_id, labels=to_tensor(labels), output=output
+        )
         return self._call(self._inference.Feedback, request, timeout)
 
     def model_status(

@@ -45,9 +45,7 @@ class InferenceServicer(Servicer, inference_pb2_grpc.InferenceServiceServicer):
             name, _selector(request.model), inputs, deadline_of(context)
         )
         request_id = request_id_var.get()
-        self._feedback.remember(
-            request_id, name, result.version, next(iter(result.outputs.values()))
-        )
+        self._feedback.remember(request_id, name, result.version, result.outputs)
         return inference_pb2.PredictResponse(
             model_name=result.model,
             version=result.version,
@@ -69,12 +67,13 @@ class InferenceServicer(Servicer, inference_pb2_grpc.InferenceServiceServicer):
         if not request.HasField("labels"):
             raise InvalidRequest("labels are required, one per predicted row", field="labels")
         labels = converters.tensor_to_array(request.labels, "labels")
-        result = await self._feedback.score(request.request_id, labels)
+        result = await self._feedback.score(request.request_id, labels, request.output)
         return inference_pb2.FeedbackResponse(
             model_name=result.model,
             version=result.version,
             rows=result.rows,
             correct=result.correct,
+            output=result.output,
         )
 
     @unary

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fitserve.v1 import tensor_pb2 as fitserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66itserve/v1/inference.proto\x12\x0b\x66itserve.v1\x1a\x18\x66itserve/v1/tensor.proto\"\xca\x01\n\x0ePredictRequest\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.fitserve.v1.ModelRef\x12\x37\n\x06inputs\x18\x02 \x03(\x0b\x32\'.fitserve.v1.PredictRequest.InputsEntry\x12\x15\n\routput_filter\x18\x03 \x03(\t\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.fitserve.v1.Tensor:\x02\x38\x01\"\xcb\x01\n\x0fPredictResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12:\n\x07outputs\x18\x03 \x03(\x0b\x32).fitserve.v1.PredictResponse.OutputsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.fitserve.v1.Tensor:\x02\x38\x01\"J\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06labels\x18\x02 \x01(\x0b\x32\x13.fitserve.v1.Tensor\"V\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\x03\"<\n\x15GetModelStatusRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xf0\x01\n\x12ModelVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32%.fitserve.v1.ModelVersionStatus.State\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x83\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10STATE_NOT_LOADED\x10\x01\x12\x11\n\rSTATE_LOADING\x10\x02\x12\x13\n\x0fSTATE_AVAILABLE\x10\x03\x12\x13\n\x0fSTATE_UNLOADING\x10\x04\x12\x10\n\x0cSTATE_FAILED\x10\x05\"_\n\x16GetModelStatusResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x31\n\x08versions\x18\x02 \x03(\x0b\x32\x1f.fitserve.v1.ModelVersionStatus2\xfc\x01\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.fitserve.v1.PredictRequest\x1a\x1c.fitserve.v1.PredictResponse\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.fitserve.v1.FeedbackRequest\x1a\x1d.fitserve.v1.FeedbackResponse\x12Y\n\x0eGetModelStatus\x12\".fitserve.v1.GetModelStatusRequest\x1a#.fitserve.v1.GetModelStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66itserve/v1/inference.proto\x12\x0b\x66itserve.v1\x1a\x18\x66itserve/v1/tensor.proto\"\xca\x01\n\x0ePredictRequest\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.fitserve.v1.ModelRef\x12\x37\n\x06inputs\x18\x02 \x03(\x0b\x32\'.fitserve.v1.PredictRequest.InputsEntry\x12\x15\n\routput_filter\x18\x03 \x03(\t\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.fitserve.v1.Tensor:\x02\x38\x01\"\xcb\x01\n\x0fPredictResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12:\n\x07outputs\x18\x03 \x03(\x0b\x32).fitserve.v1.PredictResponse.OutputsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.fitserve.v1.Tensor:\x02\x38\x01\"Z\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06labels\x18\x02 \x01(\x0b\x32\x13.fitserve.v1.Tensor\x12\x0e\n\x06output\x18\x03 \x01(\t\"f\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\x03\x12\x0e\n\x06output\x18\x05 \x01(\t\"<\n\x15GetModelStatusRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xf0\x01\n\x12ModelVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32%.fitserve.v1.ModelVersionStatus.State\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x83\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10STATE_NOT_LOADED\x10\x01\x12\x11\n\rSTATE_LOADING\x10\x02\x12\x13\n\x0fSTATE_AVAILABLE\x10\x03\x12\x13\n\x0fSTATE_UNLOADING\x10\x04\x12\x10\n\x0cSTATE_FAILED\x10\x05\"_\n\x16GetModelStatusResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x31\n\x08versions\x18\x02 \x03(\x0b\x32\x1f.fitserve.v1.ModelVersionStatus2\xfc\x01\n\x10InferenceService\x12\x44\n\x07Predict\x12\x1b.fitserve.v1.PredictRequest\x1a\x1c.fitserve.v1.PredictResponse\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.fitserve.v1.FeedbackRequest\x1a\x1d.fitserve.v1.FeedbackResponse\x12Y\n\x0eGetModelStatus\x12\".fitserve.v1.GetModelStatusRequest\x1a#.fitserve.v1.GetModelStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,17 +45,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=412
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=479
   _globals['_FEEDBACKREQUEST']._serialized_start=481
-  _globals['_FEEDBACKREQUEST']._serialized_end=555
-  _globals['_FEEDBACKRESPONSE']._serialized_start=557
-  _globals['_FEEDBACKRESPONSE']._serialized_end=643
-  _globals['_GETMODELSTATUSREQUEST']._serialized_start=645
-  _globals['_GETMODELSTATUSREQUEST']._serialized_end=705
-  _globals['_MODELVERSIONSTATUS']._serialized_start=708
-  _globals['_MODELVERSIONSTATUS']._serialized_end=948
-  _globals['_MODELVERSIONSTATUS_STATE']._serialized_start=817
-  _globals['_MODELVERSIONSTATUS_STATE']._serialized_end=948
-  _globals['_GETMODELSTATUSRESPONSE']._serialized_start=950
-  _globals['_GETMODELSTATUSRESPONSE']._serialized_end=1045
-  _globals['_INFERENCESERVICE']._serialized_start=1048
-  _globals['_INFERENCESERVICE']._serialized_end=1300
+  _globals['_FEEDBACKREQUEST']._serialized_end=571
+  _globals['_FEEDBACKRESPONSE']._serialized_start=573
+  _globals['_FEEDBACKRESPONSE']._serialized_end=675
+  _globals['_GETMODELSTATUSREQUEST']._serialized_start=677
+  _globals['_GETMODELSTATUSREQUEST']._serialized_end=737
+  _globals['_MODELVERSIONSTATUS']._serialized_start=740
+  _globals['_MODELVERSIONSTATUS']._serialized_end=980
+  _globals['_MODELVERSIONSTATUS_STATE']._serialized_start=849
+  _globals['_MODELVERSIONSTATUS_STATE']._serialized_end=980
+  _globals['_GETMODELSTATUSRESPONSE']._serialized_start=982
+  _globals['_GETMODELSTATUSRESPONSE']._serialized_end=1077
+  _globals['_INFERENCESERVICE']._serialized_start=1080
+  _globals['_INFERENCESERVICE']._serialized_end=1332
 # @@protoc_insertion_point(module_scope)

@@ -135,8 +135,13 @@ class FeedbackRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """PredictResponse.request_id of the prediction the labels belong to."""
+    output: _builtins.str
+    """Which output the labels are for; required for a model with several outputs, else
+    its one output.
+    """
     @_builtins.property
     def labels(self) -> _tensor_pb2.Tensor:
         """True labels, one per row of the prediction: class ids (int) for classification,
@@ -148,10 +153,11 @@ class FeedbackRequest(_message.Message):
         *,
         request_id: _builtins.str = ...,
         labels: _tensor_pb2.Tensor | None = ...,
+        output: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "output", b"output", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -165,12 +171,15 @@ class FeedbackResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
     CORRECT_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     version: _builtins.int
     rows: _builtins.int
     """Rows counted."""
     correct: _builtins.int
     """Rows whose prediction matched the label (classification)."""
+    output: _builtins.str
+    """The output scored."""
     def __init__(
         self,
         *,
@@ -178,10 +187,11 @@ class FeedbackResponse(_message.Message):
         version: _builtins.int = ...,
         rows: _builtins.int = ...,
         correct: _builtins.int = ...,
+        output: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct", b"correct", "model_name", b"model_name", "rows", b"rows", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct", b"correct", "model_name", b"model_name", "output", b"output", "rows", b"rows", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
