@@ -541,7 +541,7 @@ def parse_train(data: dict[str, Any]) -> TrainSpec:
     if not spec.compile.has_loss and not config_check.adds_loss(spec.model):
         raise InvalidRequest(MISSING_LOSS, field="compile.loss")
     _check_outputs(spec.compile, config_check.output_names(spec.model))
-    _check_class_ids(spec.fit, config_check.output_units(spec.model))
+    check_class_ids(spec.fit, config_check.output_units(spec.model))
     return spec
 
 
@@ -596,8 +596,9 @@ def _check_outputs(compile_spec: CompileSpec, outputs: list[str] | None) -> None
         )
 
 
-def _check_class_ids(fit: FitSpec, units: int | None) -> None:
-    """Class weights only for classes the model's output can give."""
+def check_class_ids(fit: FitSpec, units: int | None) -> None:
+    """Class weights only for classes the model's output can give (checked at submission
+    where the request tells the units, and by the worker on the built model)."""
     if units is None or not fit.class_weight:
         return
     classes = max(units, 2)  # one sigmoid unit: classes 0 and 1

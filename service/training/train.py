@@ -21,6 +21,7 @@ from service.domain.job_specs import (
     ModelCheckpointSpec,
     ModelSpec,
     TrainSpec,
+    check_class_ids,
 )
 from service.domain.jobs import Job
 from service.domain.workspace import Workspace
@@ -109,6 +110,8 @@ def load_fit_data(
 ) -> tuple[data.FitData, data.FitData | None]:
     """Training and validation data, checked against the model before fit; a uri saved
     already batched is used as it is, and the job says so."""
+    if len(model.outputs) == 1 and isinstance(units := model.outputs[0].shape[-1], int):
+        check_class_ids(fit_spec, units)
     ranks = input_ranks(model)
     train_data = data.load(
         ws,

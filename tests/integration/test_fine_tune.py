@@ -222,6 +222,10 @@ def test_fine_tune_bad_requests(
         fitserve.InvalidArgumentError, match=r"'Lambda'|Lambda layers are not allowed"
     ):
         client.fine_tune(BASE, head_layers=[{"type": "Lambda"}], loss=LOSS, dataset=ds)
+    with pytest.raises(fitserve.JobFailedError, match=r"class 4 cannot occur: .* 2 units"):
+        client.fine_tune(BASE, new_head=2, class_weight={4: 1.0}, loss=LOSS, dataset=ds).wait(
+            timeout=120
+        )
     with pytest.raises(fitserve.JobFailedError, match=r"has no layer 'nope'"):
         client.fine_tune(BASE, freeze_layers=["nope"], loss=LOSS, dataset=ds).wait(timeout=120)
     for classes, message in ((0, "num_classes: is required"), (-3, "greater than or equal to 1")):
