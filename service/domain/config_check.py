@@ -129,25 +129,34 @@ def output_names(spec: ModelSpec) -> list[str] | None:
 
 
 def output_units(spec: ModelSpec) -> int | None:
-    """Units of a model whose last layer is a Dense one (a layer list, or a Sequential
-    config): how many classes its output can tell apart; None when not known."""
+    """Units of a model whose one output is a Dense layer (a layer list, a Sequential or
+    a functional config): how many classes it can tell apart; None when not known."""
     last: Any = None
     if spec.layers:
         entry = spec.layers[-1]
         last = entry.get("units") if entry.get("type") == "Dense" else None
     else:
-        config = _parsed(spec)
-        inner = (
-            config.get("config") if config and config.get("class_name") == "Sequential" else None
-        )
-        layers = inner.get("layers") if isinstance(inner, dict) else None
-        if isinstance(layers, list) and layers and isinstance(layers[-1], dict):
-            node = layers[-1]
-            if node.get("class_name") == "Dense" and isinstance(node.get("config"), dict):
-                last = node["config"].get("units")
+        last = _dense_output_units(_parsed(spec), output_names(spec))
     if isinstance(last, int | float) and not isinstance(last, bool) and float(last).is_integer():
         return int(last)
     return None
+
+
+def _dense_output_units(config: dict[str, Any] | None, outputs: list[str] | None) -> Any:
+    """``units`` of a Keras config's one output layer when it is a Dense layer: the last
+    layer of a Sequential config, or the named output layer of a functional one."""
+    inner = config.get("config") if config else None
+    layers = inner.get("layers") if isinstance(inner, dict) else None
+    if not isinstance(layers, list) or not layers or config is None:
+        return None
+    node: Any = layers[-1]
+    if config.get("class_name") != "Sequential":
+        by_name = {n.get("config", {}).get("name"): n for n in layers if isinstance(n, dict)}
+        node = by_name.get(outputs[0]) if outputs and len(outputs) == 1 else None
+    if not isinstance(node, dict) or node.get("class_name") != "Dense":
+        return None
+    layer_config = node.get("config")
+    return layer_config.get("units") if isinstance(layer_config, dict) else None
 
 
 def _parsed(spec: ModelSpec) -> dict[str, Any] | None:

@@ -245,3 +245,19 @@ def test_layer_list_numbers_keep_their_json_types():
     )
     assert spec.model.layers[0] == {"type": "Dense", "units": 2, "input_shape": [4]}
     assert type(spec.model.layers[0]["units"]) is int
+
+
+def test_class_ids_are_checked_against_a_functional_models_dense_output():
+    config = {
+        "class_name": "Functional",
+        "config": {
+            "layers": [
+                {"class_name": "InputLayer", "config": {"name": "x"}},
+                {"class_name": "Dense", "config": {"name": "probs", "units": 3}},
+            ],
+            "output_layers": [["probs", 0, 0]],
+        },
+    }
+    err = refused(request(model={"keras_json": json.dumps(config)}, fit__class_weight={3: 1.0}))
+    assert err.field == "fit.class_weight"
+    assert "class 3 cannot occur" in err.message
