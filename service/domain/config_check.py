@@ -9,6 +9,7 @@ registered name, ``package>Name``), with no lambdas or functions inside.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,7 @@ def _check_keras_config(text: str) -> None:
     if len(text) > MAX_CONFIG_BYTES:
         raise InvalidRequest(f"model config is {len(text)} bytes; the limit is {MAX_CONFIG_BYTES}")
     try:
-        config = json.loads(text)
+        config = _decoded(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"model.keras_json is not JSON: {exc}", field="model.keras_json"
@@ -105,11 +106,7 @@ def adds_loss(spec: ModelSpec) -> bool:
     loss_layers = {p.name for p in installed().model_layers() if p.kind is Kind.LOSS}
     if not loss_layers:
         return False
-    try:
-        config = json.loads(spec.keras_json)
-    except json.JSONDecodeError:
-        return False  # check_model_spec says why
-    return not loss_layers.isdisjoint(registered_names(config))
+    return not loss_layers.isdisjoint(registered_names(_parsed(spec)))
 
 
 def output_names(spec: ModelSpec) -> list[str] | None:
@@ -160,13 +157,23 @@ def _dense_output_units(config: dict[str, Any] | None, outputs: list[str] | None
 
 
 def _parsed(spec: ModelSpec) -> dict[str, Any] | None:
+    """A spec's Keras config as a dict; None for a layer list or text that is not one
+    (``check_model_spec`` says why)."""
     if not spec.keras_json:
         return None
     try:
-        config = json.loads(spec.keras_json)
+        config = _decoded(spec.keras_json)
     except json.JSONDecodeError:
-        return None  # check_model_spec says why
+        return None
     return config if isinstance(config, dict) else None
+
+
+@functools.lru_cache(maxsize=1)
+def _decoded(text: str) -> Any:
+    """``json.loads``, once per config: one request's checks (loss layers, outputs, the
+    allowlist walk) all read the config it sends, up to MAX_CONFIG_BYTES of it, one
+    after the other. Read-only for every caller; only the last config is kept."""
+    return json.loads(text)
 
 
 def registered_names(node: Any) -> set[str]:

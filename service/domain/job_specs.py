@@ -40,7 +40,7 @@ class ModelSpec(_Spec):
         """The wire (a protobuf Struct) carries every number as a double: a whole one is
         an int again ("units": 32, not 32.0), as the request's JSON most likely had it.
         The worker still passes a float where a Keras parameter defaults to one."""
-        return [_whole_numbers(layer) for layer in v]
+        return [whole_numbers(layer) for layer in v]
 
     @model_validator(mode="after")
     def _one_of(self) -> ModelSpec:
@@ -49,13 +49,15 @@ class ModelSpec(_Spec):
         return self
 
 
-def _whole_numbers(value: Any) -> Any:
+def whole_numbers(value: Any) -> Any:
+    """A copy of JSON-like data with every whole float an int (the wire's Struct carries
+    numbers as doubles); floats beyond 2**53, where doubles skip integers, stay floats."""
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)
     if isinstance(value, dict):
-        return {k: _whole_numbers(v) for k, v in value.items()}
+        return {k: whole_numbers(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_whole_numbers(v) for v in value]
+        return [whole_numbers(v) for v in value]
     return value
 
 
@@ -454,7 +456,7 @@ class HeadLayersSpec(_Spec):
             config_check.check_model_spec(ModelSpec(layers=v))
         except InvalidRequest as exc:
             raise ValueError(exc.message.replace("model.layers", "layers")) from None
-        return [_whole_numbers(layer) for layer in v]
+        return [whole_numbers(layer) for layer in v]
 
 
 class FreezeSpec(_Spec):

@@ -25,6 +25,7 @@ from types import UnionType
 from typing import TypedDict
 
 from service.errors import InvalidRequest
+from service.plugins.registry import fits_json_type
 
 Default = bool | int | float | str | None
 
@@ -874,7 +875,7 @@ def check(kind: str, name: str, params: Mapping[str, object]) -> None:
                 f"{kind} {name!r} has no parameter {key!r}; it takes {_takes(sig)}"
             )
         typ = param["type"]
-        if value is not None and typ in _EXPECTED and not _fits(typ, value):
+        if not fits_json_type(typ, value):
             raise InvalidRequest(
                 f"{kind} {name!r} parameter {key!r} must be {_EXPECTED[typ]} "
                 f"(default {param['default']!r}), got {_shown(value)}"
@@ -887,17 +888,6 @@ _EXPECTED = {
     "bool": "true or false",
     "str": "a string",
 }
-
-
-def _fits(typ: str, value: object) -> bool:
-    """Whether a JSON value suits a parameter; JSON numbers may arrive as floats."""
-    if typ == "bool":
-        return isinstance(value, bool)
-    if typ == "str":
-        return isinstance(value, str)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return typ == "float" or isinstance(value, int) or value.is_integer()
 
 
 def _takes(sig: Signature) -> str:

@@ -10,6 +10,7 @@ in ``service.domain`` read it through ``installed``.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -113,7 +114,7 @@ class Plugin:
                     f"{param.name!r}, not null; it takes {self.signature()}",
                     field=f"{field}.{param.name}" if field else param.name,
                 )
-            if param.name in params and not _fits(params[param.name], param):
+            if param.name in params and not fits_json_type(param.type, params[param.name]):
                 raise InvalidRequest(
                     f"{at}parameter {param.name!r} of {self.kind} {self.name!r} must be "
                     f"{param.type}, got {params[param.name]!r}; it takes {self.signature()}",
@@ -121,25 +122,23 @@ class Plugin:
                 )
 
 
-_JSON_TYPES: Mapping[str, tuple[type, ...]] = {
-    "float": (int, float),
-    "int": (int, float),
-    "bool": (bool,),
-    "str": (str,),
-}
+CHECKED_TYPES = frozenset({"float", "int", "bool", "str"})
 
 
-def _fits(value: object, param: Param) -> bool:
-    """Whether a JSON value can be the parameter: checked for the plain types a
-    signature names (JSON numbers arrive as floats, so an int must be integral)."""
-    allowed = _JSON_TYPES.get(param.type)
-    if allowed is None or value is None:
+def fits_json_type(type_name: str, value: object) -> bool:
+    """Whether a JSON value can be a parameter of a plain type a signature names
+    ("float", "int", "bool", "str"; any other, and null, are not checked). JSON numbers
+    may arrive as floats, so an int must be a whole one; a bool is not a number. The
+    Keras signature check (``service.domain.keras_signatures``) uses it too."""
+    if type_name not in CHECKED_TYPES or value is None:
         return True
-    if isinstance(value, bool) and param.type != "bool":
+    if type_name == "bool":
+        return isinstance(value, bool)
+    if type_name == "str":
+        return isinstance(value, str)
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    if not isinstance(value, allowed):
-        return False
-    if param.type == "int" and isinstance(value, float):
+    if type_name == "int" and isinstance(value, float):
         return math.isfinite(value) and value.is_integer()
     return True
 
@@ -159,12 +158,12 @@ class Registry:
     plugins: tuple[Plugin, ...] = ()
     failures: tuple[Failure, ...] = ()
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_by_name", {p.name: p for p in self.plugins})
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Plugin]:
+        return {p.name: p for p in self.plugins}
 
     def get(self, name: str) -> Plugin | None:
-        by_name: dict[str, Plugin] = self.__dict__["_by_name"]
-        return by_name.get(name)
+        return self._by_name.get(name)
 
     def of(self, kind: Kind, forms: Iterable[Form] = tuple(Form)) -> list[Plugin]:
         wanted = set(forms)

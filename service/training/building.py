@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 from typing import Any
 
 import keras
 
 from service.domain.config_check import check_model_spec
-from service.domain.job_specs import CompileSpec, ModelSpec, NamedConfig
+from service.domain.job_specs import CompileSpec, ModelSpec, NamedConfig, whole_numbers
 from service.domain.keras_signatures import NO_PARAMETERS
 from service.errors import InvalidRequest
 from service.plugins.registry import Kind, installed
@@ -79,16 +78,11 @@ def layer(index: int, entry: dict[str, Any], where: str = "model.layers") -> ker
     return built
 
 
-def _plain(params: dict[str, Any]) -> dict[str, Any]:
-    """JSON numbers arrive as floats; Keras wants ints where a float is integral."""
-    plain: dict[str, Any] = json.loads(json.dumps(params), parse_float=_int_if_integral)
-    return plain
-
-
 def plain_for(cls: Any, params: dict[str, Any]) -> dict[str, Any]:
-    """``_plain``, but a parameter whose default is a float stays a float: Keras refuses
-    ``learning_rate=0`` (an int) where it takes ``0.0``."""
-    plain = _plain(params)
+    """A copy of ``params`` for ``cls``: JSON numbers arrive as floats and Keras wants
+    ints where a float is whole, but a parameter whose default is a float stays a float
+    (Keras refuses ``learning_rate=0``, an int, where it takes ``0.0``)."""
+    plain: dict[str, Any] = whole_numbers(params)
     try:
         defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items()}
     except (TypeError, ValueError):
@@ -97,11 +91,6 @@ def plain_for(cls: Any, params: dict[str, Any]) -> dict[str, Any]:
         k: float(v) if isinstance(defaults.get(k), float) and type(v) is int else v
         for k, v in plain.items()
     }
-
-
-def _int_if_integral(text: str) -> float | int:
-    value = float(text)
-    return int(value) if value.is_integer() and "e" not in text.lower() else value
 
 
 def compile_model(model: keras.Model, spec: CompileSpec) -> None:

@@ -170,7 +170,7 @@ def report_data(ws: Workspace, job: Job, what: str, loaded: data.FitData) -> Non
             )
         )
     for level, message in notes:
-        log.info(message)
+        log.log(logging.getLevelNamesMapping()[level], message)
         ws.jobs.add_event(job.id, "log", {"level": level, "message": message})
 
 
