@@ -126,6 +126,37 @@ class InferenceSettings(BaseModel):
     )
 
 
+class AuthSettings(BaseModel):
+    """Bearer tokens (service.api.auth, docs/security.md)."""
+
+    mode: Literal["auto", "tokens", "none"] = Field(
+        "auto",
+        description="tokens: every call needs a token. none: no call does (warned at every "
+        "start; only behind a gateway that authenticates). auto: tokens are required once "
+        "one has been created (also after the last is revoked), and always when the server "
+        "binds beyond loopback, where it refuses to start without one. FITSERVE_AUTH=none "
+        "sets the mode alone; FITSERVE_AUTH__MODE with the other FITSERVE_AUTH__* settings.",
+    )
+    refresh_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often each server re-reads the tokens from Redis: the longest a "
+        "new or revoked token takes to count everywhere.",
+    )
+    max_queued_jobs: int = Field(
+        20,
+        ge=1,
+        description="Jobs a token may have queued or running at once, unless its own "
+        "quota says otherwise (fitserve tokens create --max-queued-jobs).",
+    )
+    max_dataset_bytes: int = Field(
+        20 * 1024**3,
+        ge=1,
+        description="Bytes of datasets a token may hold, unless its own quota says "
+        "otherwise (fitserve tokens create --max-dataset-bytes).",
+    )
+
+
 class Settings(BaseSettings):
     """Everything a fitserve process is configured by.
 
@@ -258,6 +289,10 @@ class Settings(BaseSettings):
     )
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    auth: Annotated[AuthSettings, NoDecode] = Field(
+        default_factory=AuthSettings,
+        description="FITSERVE_AUTH=none|tokens|auto sets the mode; FITSERVE_AUTH__* the rest.",
+    )
 
     @field_validator("dataset_url_schemes")
     @classmethod
@@ -276,6 +311,15 @@ class Settings(BaseSettings):
                 if text.startswith("[")
                 else [m.strip() for m in text.split(",") if m.strip()]
             )
+        return value
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_mode(cls, value: object) -> object:
+        """FITSERVE_AUTH=none is the mode alone; a JSON object the whole section."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("{") else {"mode": text}
         return value
 
     @model_validator(mode="after")

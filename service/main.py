@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from pathlib import Path
 
 from service.config import Settings
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int)
         p.add_argument("--metrics-port", dest="metrics_port", type=int)
     _serve_options(sub.choices["serve"])
+    _token_options(sub.add_parser("tokens", help="create, list and revoke API tokens"))
     w = sub.add_parser("worker", help="run a Celery worker")
     w.add_argument("--queues", default="train,cpu")
     w.add_argument("--concurrency", type=int, default=1)
@@ -58,6 +60,93 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
     )
 
 
+def _token_options(tokens: argparse.ArgumentParser) -> None:
+    actions = tokens.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="make a token; it is printed once, never stored")
+    create.add_argument("--name", required=True, help="who or what holds it (unique)")
+    create.add_argument(
+        "--role", required=True, choices=["admin", "trainer", "predictor", "viewer"]
+    )
+    create.add_argument("--max-queued-jobs", type=int, help="quota (default: the server's)")
+    create.add_argument(
+        "--max-dataset-bytes", type=_size, help="quota, e.g. 10G (default: the server's)"
+    )
+    actions.add_parser("list", help="every token's name, role and quotas (never the token)")
+    revoke = actions.add_parser("revoke", help="remove a token; servers refuse it within seconds")
+    revoke.add_argument("name")
+
+
+def _size(text: str) -> int:
+    """'10G', '512M', '2048' -> bytes."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    factor = units.get(text[-1:], 1)
+    number = float(text[:-1] if text[-1:] in units else text)
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return int(number * factor)
+
+
+def _tokens(args: argparse.Namespace, settings: Settings) -> int:
+    """The operator's token commands: straight to Redis, as every server reads it."""
+    import logging
+
+    import redis
+
+    from service.domain.tokens import Role, TokenStore
+    from service.errors import FitserveError
+
+    audit = logging.getLogger("fitserve.audit")
+    store = TokenStore(redis.Redis.from_url(settings.redis_url, decode_responses=True))
+    try:
+        if args.action == "create":
+            token, record = store.create(
+                args.name,
+                Role(args.role),
+                max_queued_jobs=args.max_queued_jobs,
+                max_dataset_bytes=args.max_dataset_bytes,
+            )
+            audit.info(
+                "token.create by operator: name=%s role=%s",
+                record.name,
+                record.role.value,
+                extra={"audit": "token.create", "target_name": record.name},
+            )
+            print(token)
+            print(
+                f"token {record.name!r} ({record.role.value}) created; it is shown only now: "
+                "keep it in a secret store (clients read FITSERVE_TOKEN)",
+                file=sys.stderr,
+            )
+        elif args.action == "list":
+            print(f"{'NAME':<24} {'ROLE':<10} {'CREATED':<20} MAX_JOBS  MAX_DATASET_BYTES")
+            for r in store.list():
+                created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.created_at))
+                print(
+                    f"{r.name:<24} {r.role.value:<10} {created:<20} "
+                    f"{_or_default(r.max_queued_jobs):<9} {_or_default(r.max_dataset_bytes)}"
+                )
+        else:
+            record = store.revoke(args.name)
+            audit.info(
+                "token.revoke by operator: name=%s",
+                record.name,
+                extra={"audit": "token.revoke", "target_name": record.name},
+            )
+            print(f"token {record.name!r} revoked", file=sys.stderr)
+    except FitserveError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except redis.RedisError as exc:
+        print(f"error: Redis at FITSERVE_REDIS_URL did not answer ({exc})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _or_default(value: int | None) -> str:
+    return "default" if value is None else str(value)
+
+
 def _worker(args: argparse.Namespace) -> int:
     from service.launch.workers import gpu_workers, worker_argv
 
@@ -74,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     settings = _settings(args)
     configure_logging(settings.log_format, settings.log_level)
+    if args.command == "tokens":
+        return _tokens(args, settings)
     if args.command == "up":
         from service.launch.stack import run_stack
 
@@ -82,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if settings.processes > 1:
         return serve_processes(settings, args.ready_file)
-    asyncio.run(serve(settings, args.ready_file))
+    from service.api.auth import AuthNotConfigured
+
+    try:
+        asyncio.run(serve(settings, args.ready_file))
+    except AuthNotConfigured as exc:
+        print(f"fitserve serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -9,6 +9,7 @@ Redis or a port of the machine's. The processes are started by service.launch's 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import os
 import socket
 import subprocess
@@ -139,6 +140,10 @@ def run_server(settings: Settings) -> tuple[RunningServer, threading.Thread]:
 def stop_server(running: RunningServer, thread: threading.Thread) -> None:
     running.loop.call_soon_threadsafe(running.stop.set)
     thread.join(30)
+    if thread.is_alive():  # say where it is stuck: every thread's stack and every task's
+        faulthandler.dump_traceback(all_threads=True)
+        for task in asyncio.all_tasks(running.loop):
+            task.print_stack(file=sys.stderr)
     assert not thread.is_alive(), "the server did not stop within 30 s"
     running.loop.close()
 

@@ -16,6 +16,7 @@ from service.config import Settings
 from service.metrics import Metrics, serve_metrics, stop_metrics
 
 log = logging.getLogger(__name__)
+CLOSE_SECONDS = 10.0  # the longest one part (Redis, models, feedback) may take to close
 
 
 @dataclass
@@ -51,10 +52,13 @@ class FitserveServer:
         if self._watch is not None:
             self._watch.cancel()
         for close in reversed(self.closers):
+            name = getattr(close, "__qualname__", close)
             try:
-                await close()
+                await asyncio.wait_for(close(), CLOSE_SECONDS)
+            except TimeoutError:  # a stop is bounded: say which part hung, close the rest
+                log.error("closing %s took over %.0f s; left behind", name, CLOSE_SECONDS)
             except Exception:  # one part failing to close must not keep the others open
-                log.exception("closing %s failed", getattr(close, "__qualname__", close))
+                log.exception("closing %s failed", name)
         if self.metrics_server is not None:
             stop_metrics(self.metrics_server)
 

@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 
 from fitserve.v1 import dataset_pb2, dataset_pb2_grpc
 from service.api import converters
+from service.api.access import Access
+from service.api.auth import audit
 from service.api.paging import page
 from service.api.status import Context, RpcOutcomes, Servicer, unary
 from service.domain.datasets.store import DatasetStore, DatasetUpload
@@ -20,9 +22,16 @@ T = TypeVar("T")
 class DatasetServicer(Servicer, dataset_pb2_grpc.DatasetServiceServicer):
     """Thin handlers over the dataset store; file work runs in threads."""
 
-    def __init__(self, outcomes: RpcOutcomes, store: DatasetStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        outcomes: RpcOutcomes,
+        store: DatasetStore,
+        metrics: Metrics,
+        access: Access | None = None,
+    ) -> None:
         super().__init__(outcomes)
         self._store, self._metrics = store, metrics
+        self._access = access  # ownership and quotas; None: every caller may do anything
 
     @unary
     async def UploadDataset(
@@ -36,15 +45,23 @@ class DatasetServicer(Servicer, dataset_pb2_grpc.DatasetServiceServicer):
                 "the first message of an upload must be the header", field="header"
             )
         h = first.header
+        budget = None if self._access is None else await self._access.dataset_budget(h.name)
         upload = await _settled(self._store.begin_upload, h.name, h.format, h.size_bytes, h.sha256)
+        received = 0
         try:
             async for message in request_iterator:
                 if not message.HasField("chunk"):
                     raise InvalidRequest("only the first message may be a header", field="header")
+                received += len(message.chunk)
+                if budget is not None and received > budget:
+                    assert self._access is not None
+                    raise self._access.over_budget(h.name, received, budget)
                 await _settled(upload.write, message.chunk)
             info = await _settled(upload.finish)
         finally:
             upload.abort()
+        if self._access is not None:
+            await self._access.dataset_stored(info.name)
         self._metrics.datasets_uploaded_bytes.inc(info.size_bytes)
         return converters.dataset_to_proto(info)
 
@@ -73,7 +90,12 @@ class DatasetServicer(Servicer, dataset_pb2_grpc.DatasetServiceServicer):
         self, request: dataset_pb2.DeleteDatasetRequest, context: Context
     ) -> dataset_pb2.DeleteDatasetResponse:
         """Delete a stored dataset; NOT_FOUND when there is none."""
-        await asyncio.to_thread(self._store.delete, _ref(request.dataset))
+        ref = _ref(request.dataset)
+        names = [] if self._access is None else await self._access.check_dataset(ref)
+        await asyncio.to_thread(self._store.delete, ref)
+        if self._access is not None:
+            await self._access.dataset_deleted(names)
+        audit("dataset.delete", dataset=ref)
         return dataset_pb2.DeleteDatasetResponse()
 
 

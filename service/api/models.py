@@ -9,6 +9,8 @@ import redis.asyncio as aioredis
 
 from fitserve.v1 import model_pb2, model_pb2_grpc
 from service.api import converters
+from service.api.access import Access
+from service.api.auth import audit, current_caller
 from service.api.paging import page
 from service.api.status import Context, RpcOutcomes, Servicer, unary
 from service.domain.model_events import CHANNEL, ModelEvent
@@ -23,11 +25,20 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
     """Thin handlers over the model store; file work runs in threads."""
 
     def __init__(
-        self, outcomes: RpcOutcomes, store: ModelStore, events: aioredis.Redis | None = None
+        self,
+        outcomes: RpcOutcomes,
+        store: ModelStore,
+        events: aioredis.Redis | None = None,
+        access: Access | None = None,
     ) -> None:
         super().__init__(outcomes)
         self._store = store
         self._events = events
+        self._access = access  # ownership; None: every caller may change every model
+
+    async def _check_owner(self, name: str) -> None:
+        if self._access is not None:
+            await self._access.check_model(name)
 
     async def _publish(self, event: ModelEvent) -> None:
         """Tell inference servers to re-resolve; best effort, they also poll the store."""
@@ -54,7 +65,9 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
         self, request: model_pb2.GetModelRequest, context: Context
     ) -> model_pb2.Model:
         """A model's versions (with metadata and metrics) and aliases; NOT_FOUND when unknown."""
-        return await asyncio.to_thread(self._model, _name(request.name))
+        # Where versions sit on the server's disk is for admins (and for all when auth is off).
+        paths = current_caller().is_admin
+        return await asyncio.to_thread(self._model, _name(request.name), paths)
 
     @unary
     async def SetAlias(
@@ -65,10 +78,14 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
         name = _name(request.model_name)
         if request.version <= 0:
             raise InvalidRequest("version must be a positive version number", field="version")
+        await self._check_owner(name)
         previous = await asyncio.to_thread(
             self._store.set_alias, name, request.alias, request.version
         )
         await self._publish(ModelEvent(name, request.version, request.alias))
+        audit(
+            "alias.set", model=name, alias=request.alias, version=request.version, previous=previous
+        )
         return model_pb2.SetAliasResponse(
             model_name=name, alias=request.alias, version=request.version, previous_version=previous
         )
@@ -79,8 +96,10 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
     ) -> model_pb2.DeleteAliasResponse:
         """Remove an alias; NOT_FOUND when the model has no such alias."""
         name = _name(request.model_name)
+        await self._check_owner(name)
         await asyncio.to_thread(self._store.delete_alias, name, request.alias)
         await self._publish(ModelEvent(name, 0, request.alias))
+        audit("alias.delete", model=name, alias=request.alias)
         return model_pb2.DeleteAliasResponse()
 
     @unary
@@ -92,8 +111,10 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
         if request.version <= 0:
             raise InvalidRequest("version must be a positive version number", field="version")
         name = _name(request.model_name)
+        await self._check_owner(name)
         await asyncio.to_thread(self._store.delete_version, name, request.version)
         await self._publish(ModelEvent(name))
+        audit("version.delete", model=name, version=request.version)
         return model_pb2.DeleteVersionResponse()
 
     def _summary(self, name: str) -> model_pb2.ModelSummary:
@@ -108,7 +129,7 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
             updated_at=converters.timestamp(meta.get("created_at", 0.0)),
         )
 
-    def _model(self, name: str) -> model_pb2.Model:
+    def _model(self, name: str, paths: bool = True) -> model_pb2.Model:
         versions = self._store.versions(name)
         if not versions:
             raise NotFound(f"model {name!r} not found; train it first or check ListModels")
@@ -117,7 +138,11 @@ class ModelServicer(Servicer, model_pb2_grpc.ModelServiceServicer):
             name=name,
             versions=[
                 converters.version_to_proto(
-                    name, v, self._store.metadata(name, v), aliases, str(self._store.path(name, v))
+                    name,
+                    v,
+                    self._store.metadata(name, v),
+                    aliases,
+                    str(self._store.path(name, v)) if paths else "",
                 )
                 for v in reversed(versions)
             ],

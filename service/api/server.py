@@ -22,7 +22,9 @@ from fitserve.v1 import (
     training_pb2,
     training_pb2_grpc,
 )
+from service.api.access import Access
 from service.api.app import FitserveServer
+from service.api.auth import Authenticator
 from service.api.backlog import Backlog, channelz_counts, channelz_server_ids
 from service.api.datasets import DatasetServicer
 from service.api.gate import CallGate, transport_limit
@@ -57,9 +59,13 @@ async def create_server(
     metrics = metrics or Metrics()
     outcomes = RpcOutcomes(metrics)
     gate = CallGate(settings.max_message_bytes, outcomes)
+    auth = Authenticator(settings, outcomes)
+    await auth.start()  # refuses to start beyond loopback with no way to tell callers apart
     before = channelz_server_ids()
-    server = grpc.aio.server(options=_options(settings), interceptors=[gate])
+    # The token is checked first, so a caller without one costs no parsing and no queue.
+    server = grpc.aio.server(options=_options(settings), interceptors=[auth, gate])
     app = FitserveServer(server, settings, metrics, health.aio.HealthServicer())
+    app.closers.append(auth.close)
     if "inference" in settings.roles:
         _enable_shedding(app, gate, before)
     names, waiting = _add_services(server, app, outcomes)
@@ -126,6 +132,7 @@ def _add_api(server: grpc.aio.Server, app: FitserveServer, outcomes: RpcOutcomes
     jobs = AsyncJobStore(client, retention_seconds=s.job_retention_seconds)
     app.closers.append(jobs.notifier.close)
     plugins = discovery.load(s.plugins)  # the registry the request checks use
+    access = Access(client, jobs, models, datasets, s.auth)
     training = TrainingServicer(
         outcomes,
         jobs,
@@ -137,13 +144,14 @@ def _add_api(server: grpc.aio.Server, app: FitserveServer, outcomes: RpcOutcomes
         s.dataset_url_schemes,
         plugins,
         s.jobs_dir,
+        access,
     )
     training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(
-        DatasetServicer(outcomes, datasets, app.metrics), server
+        DatasetServicer(outcomes, datasets, app.metrics, access), server
     )
     model_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelServicer(outcomes, models, events=client), server
+        ModelServicer(outcomes, models, events=client, access=access), server
     )
     close_collectors = register_store_collectors(app.metrics.registry, s)
     app.closers.append(lambda: asyncio.to_thread(close_collectors))

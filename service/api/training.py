@@ -11,6 +11,8 @@ from typing import Any
 
 from fitserve.v1 import training_pb2, training_pb2_grpc
 from service.api import converters
+from service.api.access import Access
+from service.api.auth import audit
 from service.api.paging import next_token, page
 from service.api.status import Context, RpcOutcomes, Servicer, stream_out, unary
 from service.domain import job_artifacts
@@ -56,6 +58,7 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         dataset_url_schemes: Sequence[str] = sources.DEFAULT_URL_SCHEMES,
         plugins: Registry | None = None,
         jobs_dir: Path | None = None,
+        access: Access | None = None,
     ) -> None:
         super().__init__(outcomes)
         self._plugins = plugins or Registry()
@@ -66,6 +69,7 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         # Settings.dataset_roots; its default, when the composition root passes none.
         self._dataset_roots = list(dataset_roots) or [datasets.root.parent / "external"]
         self._dataset_url_schemes = tuple(dataset_url_schemes)
+        self._access = access  # ownership and quotas; None: every caller may do anything
 
     @unary
     async def Train(
@@ -159,7 +163,12 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     ) -> training_pb2.Job:
         """Ask a job to stop (a queued one never starts); FAILED_PRECONDITION once it has
         finished."""
-        return converters.job_to_proto(await self._jobs.cancel(_job_id(request.job_id)))
+        job_id = _job_id(request.job_id)
+        if self._access is not None:
+            self._access.check_job(await self._jobs.get(job_id))
+        cancelled = await self._jobs.cancel(job_id)
+        audit("job.cancel", job=job_id, model=cancelled.model_name)
+        return converters.job_to_proto(cancelled)
 
     @unary
     async def ListPlugins(
@@ -202,6 +211,8 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         """One artifact's bytes in chunks; NOT_FOUND for an unknown job or a path it did
         not write, INVALID_ARGUMENT for a path outside its folder."""
         job = await self._jobs.get(_job_id(request.job_id))
+        if self._access is not None:
+            self._access.check_job(job)
         path = job_artifacts.artifact_path(self._jobs_dir / job.id, request.path)
         chunks = job_artifacts.read_chunks(path, ARTIFACT_CHUNK_BYTES)
         try:
@@ -252,9 +263,13 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     async def _queue_job(self, task: str, job: Job, idempotency_key: str = "") -> Job:
         """Record the job and send its task; a repeated idempotency key returns the first
         job and sends nothing."""
+        if self._access is not None:
+            await self._access.admit_job(job)
         stored = await self._jobs.create(job, idempotency_key)
         if stored.id == job.id:
             await self._submit(task, stored)
+            if self._access is not None:
+                await self._access.job_recorded(stored)
         return stored
 
     async def _submit(self, task: str, job: Job) -> None:

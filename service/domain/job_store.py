@@ -129,6 +129,7 @@ def _encode(job: Job) -> dict[str, str]:
         "error_reason": job.error_reason,
         "error_message": job.error_message,
         "labels": json.dumps(job.labels),
+        "owner": job.owner,
     }
 
 
@@ -150,6 +151,7 @@ def _decode(h: Mapping[str, str], history: list[str]) -> Job:
         error_message=h["error_message"],
         labels=json.loads(h["labels"]),
         history=[json.loads(e) for e in history],
+        owner=h.get("owner", ""),
     )
 
 

@@ -57,6 +57,7 @@ class Job:
     error_message: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    owner: str = ""  # the name of the token that submitted it ("": auth was off)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ _SERVER_COMMANDS = {
     "up": "run the whole stack on this machine: Redis, server and worker",
     "serve": "run a server process (API and/or inference roles)",
     "worker": "run a Celery worker process",
+    "tokens": "create, list and revoke API tokens (an operator's command: talks to Redis)",
 }
 _GLOBAL_OPTIONS_WITH_VALUE = ("--target", "--timeout")
 _Command = Callable[[Client, argparse.Namespace], int]
