@@ -40,7 +40,7 @@ from service.domain.jobs import (
     history_key,
     job_key,
 )
-from service.errors import FailedPrecondition, NotFound, Unavailable, plain_text
+from service.errors import FailedPrecondition, NotFound, Unavailable, plain_text, shown
 
 _BUCKETS_LUA = ", ".join(map(str, JOB_BUCKETS))
 
@@ -219,7 +219,7 @@ class AsyncJobStore:
             pipe.lrange(history_key(job_id), 0, -1)
             h, history = await pipe.execute()
         if not h:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {shown(job_id)} not found")
         return _decode(h, history)
 
     async def query(
@@ -267,7 +267,7 @@ class AsyncJobStore:
         """The current state of a job."""
         value = await self._r.hget(job_key(job_id), "state")
         if value is None:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {shown(job_id)} not found")
         return JobState(str(value))
 
     async def events(self, job_id: str, after: str) -> list[JobEvent]:
@@ -316,7 +316,7 @@ class AsyncJobStore:
             )
         except redis.ResponseError as exc:
             if "NOTFOUND" in str(exc):
-                raise NotFound(f"job {job_id!r} not found") from None
+                raise NotFound(f"job {shown(job_id)} not found") from None
             raise
         return _previous_state(str(result))
 
@@ -356,7 +356,7 @@ class JobStore:
         """One job, with its history."""
         h = cast(dict[str, str], self._r.hgetall(job_key(job_id)))
         if not h:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {shown(job_id)} not found")
         return _decode(h, cast(list[str], self._r.lrange(history_key(job_id), 0, -1)))
 
     def start(self, job_id: str, max_attempts: int) -> Job | None:
@@ -395,7 +395,7 @@ class JobStore:
         """The current state (the worker polls it for cancellation)."""
         value = self._r.hget(job_key(job_id), "state")
         if value is None:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {shown(job_id)} not found")
         return JobState(str(value))
 
     def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
@@ -453,7 +453,7 @@ class JobStore:
             )
         except redis.ResponseError as exc:
             if "NOTFOUND" in str(exc):
-                raise NotFound(f"job {job_id!r} not found") from None
+                raise NotFound(f"job {shown(job_id)} not found") from None
             raise
         return _previous_state(str(result))
 
