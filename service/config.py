@@ -211,6 +211,15 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = Field(
         4 * 1024**3, ge=1, description="Largest dataset an upload may hold."
     )
+    max_dataset_expanded_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Most bytes the arrays of an uploaded .npz may hold once unpacked "
+        "(FITSERVE_MAX_DATASET_EXPANDED_BYTES): a compressed upload of a few MB can declare "
+        "and hold gigabytes that a worker loads into memory. Checked against every array's "
+        "header and its real decompressed size before the upload is accepted. Unset: the "
+        "same as max_dataset_bytes (what an uncompressed upload may carry).",
+    )
     grace_seconds: float = Field(
         10.0, ge=0, description="How long in-flight RPCs may finish on shutdown."
     )

@@ -17,6 +17,10 @@ speak of outcomes without grpc.
     └── PermissionDenied
 
 Anything else is a bug: the edge answers INTERNAL with a request id and logs the traceback.
+
+A message echoes what the caller sent through ``shown`` (cut to ``ECHO_LIMIT``), so a
+10 KB name cannot push the status past gRPC's metadata limit; ``redacted`` takes server
+paths and traceback lines out of a message that came from a failure on a worker.
 """
 
 from __future__ import annotations
@@ -30,9 +34,47 @@ _TERMINAL_ESCAPES = re.compile(
 )
 
 
+# Traceback lines, and absolute paths of Python sources, that a failure may carry.
+_TRACEBACK_START = "Traceback (most recent call last):"
+_FRAME_LINE = re.compile(r'^(\s*)File ".*", line \d+')
+_SOURCE_PATH = re.compile(r"(?:/[^\s'\"/:]+)+\.pyc?\b")
+ECHO_LIMIT = 80
+
+
 def plain_text(message: str) -> str:
     """A message without terminal escapes, fit for a person reading it anywhere."""
     return _TERMINAL_ESCAPES.sub("", message)
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for a message that echoes what a caller sent, cut to about
+    ``limit`` characters with the full length said: ``'aaaa…' (10000 characters)``."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def redacted(message: str, hidden: dict[str, str] | None = None) -> str:
+    """A message without traceback lines or Python source paths, and with each ``hidden``
+    text (a server folder: the data folder) replaced by what names it to a person
+    (``{"/srv/fitserve/data": "<data folder>"}``)."""
+    kept: list[str] = []
+    frame_indent: int | None = None  # the indent of the last frame line, while in one
+    for line in message.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if frame_indent is not None and line.strip() and indent > frame_indent:
+            continue  # the frame's source line, or its ^^^ marker
+        frame_indent = None
+        if (frame := _FRAME_LINE.match(line)) is not None:
+            frame_indent = len(frame.group(1))
+        elif line.strip() != _TRACEBACK_START:
+            kept.append(line)
+    text = "\n".join(kept).strip()
+    for secret, label in sorted((hidden or {}).items(), key=lambda kv: -len(kv[0])):
+        if secret:
+            text = text.replace(secret, label)
+    return _SOURCE_PATH.sub("<source>", text)
 
 
 class FitserveError(Exception):

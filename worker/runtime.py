@@ -22,6 +22,7 @@ from service.plugins import discovery
 from service.plugins.registry import Registry
 
 log = logging.getLogger(__name__)
+DATA_FOLDER = "<data folder>"
 
 
 class Runtime:
@@ -40,7 +41,9 @@ class Runtime:
         settings = self.settings
         client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
         return Workspace(
-            jobs=JobStore(client, retention_seconds=settings.job_retention_seconds),
+            jobs=JobStore(
+                client, retention_seconds=settings.job_retention_seconds, hidden=self.hidden
+            ),
             datasets=DatasetStore(settings.datasets_dir, settings.max_dataset_bytes),
             models=ModelStore(settings.models_dir),
             jobs_dir=settings.jobs_dir,
@@ -51,6 +54,13 @@ class Runtime:
             dataset_cache_dir=settings.data_dir / "dataset_cache",
             model_events=Publisher(settings.redis_url),
         )
+
+    @property
+    def hidden(self) -> dict[str, str]:
+        """The server folders no message to a caller spells out: the data folder (as
+        configured and resolved), named instead."""
+        data = self.settings.data_dir
+        return {str(data): DATA_FOLDER, str(data.resolve()): DATA_FOLDER}
 
     @functools.cached_property
     def plugins(self) -> Registry:
@@ -64,7 +74,9 @@ class Runtime:
 
     def run_job(self, job_id: str) -> None:
         """Start, run and finish one job; every failure ends as a FAILED job, never a
-        lost one; an exception raised in plugin code fails it naming the plugin."""
+        lost one. A user error fails it with its reason and message (an exception raised
+        in plugin code names the plugin); anything else is INTERNAL with an error id that
+        finds the traceback in this log (``service.training.failures``)."""
         ws = self.workspace
         _ = self.plugins
         token = job_id_var.set(job_id)
@@ -77,18 +89,20 @@ class Runtime:
             _run(job, ws)
             log.info("job finished")
         except FitserveError as exc:
-            log.info("job failed: %s", exc.message)
-            reason = getattr(exc, "reason", "") or type(exc).__name__.upper()
-            ws.jobs.fail(job_id, reason, exc.message)
-        except Exception as exc:
-            from service.training.plugins import blame
+            from service.training import failures
 
-            if (by_plugin := blame(exc)) is not None:
-                log.warning("job failed in a plugin: %s", by_plugin.message, exc_info=True)
-                ws.jobs.fail(job_id, by_plugin.reason, by_plugin.message)
+            log.info("job failed: %s", exc.message)
+            ws.jobs.fail(job_id, failures.reason_of(exc), exc.message)
+        except Exception as exc:
+            from service.training import failures
+
+            if (known := failures.classified(exc)) is not None:
+                log.warning("job failed: %s", known.message, exc_info=True)
+                ws.jobs.fail(job_id, failures.reason_of(known), known.message)
             else:
-                log.exception("job crashed")
-                ws.jobs.fail(job_id, "INTERNAL", f"{type(exc).__name__}: {exc}".strip()[:2000])
+                error_id = failures.new_error_id()
+                log.exception("job crashed (error id %s)", error_id, extra={"error_id": error_id})
+                ws.jobs.fail(job_id, failures.INTERNAL, failures.internal_message(error_id))
             traceback.clear_frames(exc.__traceback__)
         finally:
             job_id_var.reset(token)

@@ -126,7 +126,7 @@ def _add_api(server: grpc.aio.Server, app: FitserveServer, outcomes: RpcOutcomes
     s = app.settings
     client = _redis(s)
     app.closers.append(client.aclose)
-    datasets = DatasetStore(s.datasets_dir, s.max_dataset_bytes)
+    datasets = DatasetStore(s.datasets_dir, s.max_dataset_bytes, s.max_dataset_expanded_bytes)
     models = ModelStore(s.models_dir)
     queue = TaskQueue(create_celery(s, "fitserve-api"), broker=client)
     jobs = AsyncJobStore(client, retention_seconds=s.job_retention_seconds)

@@ -4,6 +4,11 @@ Each handler is wrapped by ``unary`` or ``stream_out``: the wrapper gives the ca
 id, counts and times it, turns a ``FitserveError`` into the status its ``code`` names
 (INVALID_ARGUMENT carries a google.rpc.BadRequest naming the field), and turns anything
 else into INTERNAL with the request id, logging the traceback instead of sending it.
+
+Every message and field name sent is cut to ``MAX_MESSAGE_BYTES`` and ``MAX_FIELD_BYTES``
+of UTF-8 (``capped``): the message travels in the trailers twice (grpc-message, percent
+encoded, and the status details), and trailers past gRPC's metadata limit would reach the
+client as RESOURCE_EXHAUSTED instead of the error.
 """
 
 from __future__ import annotations
@@ -31,6 +36,18 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+MAX_MESSAGE_BYTES = 1024
+MAX_FIELD_BYTES = 128
+_CUT = "… (cut)"
+
+
+def capped(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``text`` in at most ``limit`` bytes of UTF-8, cut at a character and marked so."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    room = limit - len(_CUT.encode())
+    return raw[:room].decode(errors="ignore") + _CUT
 
 
 def code_of(exc: errors.FitserveError) -> grpc.StatusCode:
@@ -42,7 +59,7 @@ def to_status(exc: errors.FitserveError) -> grpc.Status:
     """A rich status: code, message, BadRequest field details when a field is known, and
     RetryInfo when the error says when to retry (a full queue)."""
     retry_after = exc.retry_after_seconds if isinstance(exc, errors.ResourceExhausted) else None
-    status = status_pb2.Status(code=code_of(exc).value[0], message=exc.message)
+    status = status_pb2.Status(code=code_of(exc).value[0], message=capped(exc.message))
     for detail in _details(exc, retry_after):
         status.details.add().Pack(detail)
     result: grpc.Status = rpc_status.to_status(status)
@@ -58,7 +75,7 @@ def _details(exc: errors.FitserveError, retry_after: float | None) -> list[messa
     details: list[message.Message] = []
     if exc.field:
         violation = error_details_pb2.BadRequest.FieldViolation(
-            field=exc.field, description=exc.message
+            field=capped(exc.field, MAX_FIELD_BYTES), description=capped(exc.message)
         )
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
     if retry_after is not None:

@@ -13,7 +13,7 @@ from fitserve.v1 import training_pb2, training_pb2_grpc
 from service.api import converters
 from service.api.access import Access
 from service.api.auth import audit
-from service.api.paging import next_token, page
+from service.api.paging import enum_filter, next_token, page
 from service.api.status import Context, RpcOutcomes, Servicer, stream_out, unary
 from service.domain import job_artifacts
 from service.domain.config_check import check_model_spec
@@ -33,7 +33,7 @@ from service.domain.job_specs import (
 from service.domain.job_store import AsyncJobStore
 from service.domain.jobs import Job, JobKind, JobState
 from service.domain.model_store import ModelStore
-from service.errors import InvalidRequest, Unavailable
+from service.errors import InvalidRequest, Unavailable, shown
 from service.metrics import Metrics
 from service.plugins.registry import Kind, Registry
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN, TaskQueue
@@ -362,17 +362,19 @@ def _job_id(value: str) -> str:
     if not value:
         raise InvalidRequest("job_id is required", field="job_id")
     if len(value) > 64 or not value.isalnum():
-        raise InvalidRequest(f"job_id {value!r} is not a job id", field="job_id")
+        raise InvalidRequest(f"job_id {shown(value)} is not a job id", field="job_id")
     return value
 
 
 def _event_id(value: str) -> str:
     """An event id a client saw (``<ms>-<seq>``), or "" for the start."""
-    if value and not EVENT_ID.fullmatch(value):
+    if value and not (
+        value.isascii() and EVENT_ID.fullmatch(value) and max(map(int, value.split("-"))) < 2**64
+    ):
         raise InvalidRequest(
             f"after_event_id {value[:64]!r} is not an event id; send the event_id of the "
-            "last event you received (like '1700000000000-0'), or nothing to start from the "
-            "first event",
+            "last event you received (like '1700000000000-0', each part at most "
+            f"{2**64 - 1}), or nothing to start from the first event",
             field="after_event_id",
         )
     return value
@@ -380,11 +382,11 @@ def _event_id(value: str) -> str:
 
 def _list_filters(request: training_pb2.ListJobsRequest) -> dict[str, Any]:
     wanted = page(request.page_size, request.page_token)
-    state = training_pb2.JobState.Name(request.state).removeprefix("JOB_STATE_")
-    kind = training_pb2.JobKind.Name(request.kind).removeprefix("JOB_KIND_")
+    state = enum_filter(training_pb2.JobState, request.state, "state", "JOB_STATE_", "job state")
+    kind = enum_filter(training_pb2.JobKind, request.kind, "kind", "JOB_KIND_", "job kind")
     return {
-        "state": "" if state == "UNSPECIFIED" else state,
-        "kind": "" if kind == "UNSPECIFIED" else kind,
+        "state": state,
+        "kind": kind,
         "model_name": request.model_name,
         "offset": wanted.offset,
         "limit": wanted.size,

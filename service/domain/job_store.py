@@ -40,8 +40,9 @@ from service.domain.jobs import (
     history_key,
     job_key,
 )
-from service.errors import FailedPrecondition, NotFound, Unavailable, plain_text
+from service.errors import FailedPrecondition, NotFound, Unavailable, plain_text, redacted, shown
 
+MAX_ERROR_CHARS = 2000
 _BUCKETS_LUA = ", ".join(map(str, JOB_BUCKETS))
 
 # KEYS: job hash, events stream, job statistics hash, history list. ARGV: retention in
@@ -221,7 +222,7 @@ class AsyncJobStore:
             pipe.lrange(history_key(job_id), 0, -1)
             h, history = await pipe.execute()
         if not h:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {shown(job_id)} not found")
         return _decode(h, history)
 
     async def query(
@@ -269,7 +270,7 @@ class AsyncJobStore:
         """The current state of a job."""
         value = await self._r.hget(job_key(job_id), "state")
         if value is None:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {shown(job_id)} not found")
         return JobState(str(value))
 
     async def events(self, job_id: str, after: str) -> list[JobEvent]:
@@ -318,7 +319,7 @@ class AsyncJobStore:
             )
         except redis.ResponseError as exc:
             if "NOTFOUND" in str(exc):
-                raise NotFound(f"job {job_id!r} not found") from None
+                raise NotFound(f"job {shown(job_id)} not found") from None
             raise
         return _previous_state(str(result))
 
@@ -347,18 +348,28 @@ class JobStore:
     """The worker's view of jobs: start, report progress, finish.
 
     ``retention_seconds``: how long a job's records outlive its finish (None: for ever).
+    ``hidden``: server folders (the data folder) that no failure or log message a caller
+    reads may spell out, each with the words that name it instead; such messages also
+    lose traceback lines and source paths (``service.errors.redacted``).
     """
 
-    def __init__(self, client: redis.Redis, *, retention_seconds: int | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        retention_seconds: int | None = None,
+        hidden: dict[str, str] | None = None,
+    ) -> None:
         self._r = client
         self._retention = retention_seconds
+        self._hidden = dict(hidden or {})
         self._transition = client.register_script(_TRANSITION)
 
     def get(self, job_id: str) -> Job:
         """One job, with its history."""
         h = cast(dict[str, str], self._r.hgetall(job_key(job_id)))
         if not h:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {shown(job_id)} not found")
         return _decode(h, cast(list[str], self._r.lrange(history_key(job_id), 0, -1)))
 
     def start(self, job_id: str, max_attempts: int) -> Job | None:
@@ -397,11 +408,14 @@ class JobStore:
         """The current state (the worker polls it for cancellation)."""
         value = self._r.hget(job_key(job_id), "state")
         if value is None:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {shown(job_id)} not found")
         return JobState(str(value))
 
     def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
-        """Append an epoch, batch or log event to the job's stream."""
+        """Append an epoch, batch or log event to the job's stream (a log event's message
+        redacted)."""
+        if isinstance(data.get("message"), str):
+            data = data | {"message": redacted(data["message"], self._hidden)}
         self._r.xadd(
             events_key(job_id),
             {"type": kind, "time": repr(time.time()), "data": json.dumps(data)},
@@ -437,11 +451,13 @@ class JobStore:
     def fail(
         self, job_id: str, reason: str, message: str, *, from_running_only: bool = True
     ) -> bool:
-        """-> FAILED with a reason code and a message a person can act on."""
+        """-> FAILED with a reason code and a message a person can act on, redacted: no
+        traceback lines, source paths or hidden folders, at most MAX_ERROR_CHARS."""
         allowed = [JobState.RUNNING, JobState.CANCELLING]
         if not from_running_only:
             allowed.append(JobState.QUEUED)
-        message = plain_text(message)  # a worker's message may carry Keras's colors
+        # A worker's message may carry Keras's colors, and paths of the server's.
+        message = redacted(plain_text(message), self._hidden)[:MAX_ERROR_CHARS]
         fields = _now_done() | {"error_reason": reason, "error_message": message}
         event = {"error": {"reason": reason, "message": message}}
         return (
@@ -455,7 +471,7 @@ class JobStore:
             )
         except redis.ResponseError as exc:
             if "NOTFOUND" in str(exc):
-                raise NotFound(f"job {job_id!r} not found") from None
+                raise NotFound(f"job {shown(job_id)} not found") from None
             raise
         return _previous_state(str(result))
 

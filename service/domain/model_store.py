@@ -8,7 +8,9 @@ Layout under ``<data_dir>/models``::
     <name>/.staging/<job_id>/   a version being written; renamed into place when whole
     <name>/.jobs/<job_id>       the version a job published (publishing is idempotent)
 
-The store alone is enough to rebuild the registry: Redis holds no model state.
+The store alone is enough to rebuild the registry: Redis holds no model state. Only
+publishing creates a model's folder: a call about a model that does not exist (an alias,
+a version to delete) answers NOT_FOUND and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from service.domain.files import read_json, write_json_atomic
 from service.domain.resource_names import check_alias, check_name
-from service.errors import FailedPrecondition, NotFound
+from service.errors import FailedPrecondition, NotFound, shown
 
 METADATA_FILE = "fitserve.json"
 KERAS_FILE = "model.keras"
@@ -45,7 +47,7 @@ class ModelStore:
 
     def publish(self, name: str, job_id: str, staging: Path) -> int:
         """Rename a staged version into place under the next number; once per job."""
-        with self._lock(name):
+        with self._lock(name, create=True):
             marker = self._dir(name) / ".jobs" / job_id
             if marker.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -87,7 +89,7 @@ class ModelStore:
         if alias:
             if alias not in aliases:
                 known = ", ".join(sorted(aliases)) or "none"
-                raise NotFound(f"model {name!r} has no alias {alias!r}; its aliases: {known}")
+                raise NotFound(f"model {name!r} has no alias {shown(alias)}; its aliases: {known}")
             return aliases[alias]
         return aliases.get(STABLE, versions[-1])
 
@@ -154,10 +156,14 @@ class ModelStore:
         return self.root / name
 
     @contextmanager
-    def _lock(self, name: str) -> Iterator[None]:
-        """Serialize writers of one model across processes (publish, aliases, delete)."""
+    def _lock(self, name: str, *, create: bool = False) -> Iterator[None]:
+        """Serialize writers of one model across processes (publish, aliases, delete);
+        NOT_FOUND for a model without versions, unless ``create`` (publishing)."""
         folder = self._dir(name)
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not self.versions(name):
+            raise NotFound(f"model {name!r} not found; train it first or check ListModels")
         with (folder / ".lock").open("w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:

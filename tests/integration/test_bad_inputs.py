@@ -4,6 +4,9 @@ left behind, and the server still serving."""
 from __future__ import annotations
 
 import io
+import re
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from fitserve.v1 import (
     dataset_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
     tensor_pb2,
     training_pb2,
     training_pb2_grpc,
@@ -410,3 +415,306 @@ def test_feedback_for_an_unknown_request_and_status_reports_versions(
     ]
     with pytest.raises(fitserve.NotFoundError):
         client.model_status("never-trained")
+
+
+# ---- Hostile inputs: never INTERNAL or UNKNOWN, the server keeps serving ---------------
+
+
+def _train_refused(client: fitserve.Client, **kwargs: object) -> fitserve.InvalidArgumentError:
+    args: dict[str, object] = {"loss": "mse", "dataset": "no-such-dataset"}
+    args.update(kwargs)
+    with pytest.raises(fitserve.InvalidArgumentError) as exc:
+        client.train("hostile", **args)  # type: ignore[arg-type]
+    assert client.list_models() is not None  # the server still serves
+    return exc.value
+
+
+def _field(error: fitserve.FitserveError | grpc.RpcError) -> str:
+    call = error if isinstance(error, grpc.RpcError) else error.__cause__
+    status = rpc_status.from_call(call)  # type: ignore[arg-type]
+    assert status is not None
+    detail = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(detail)
+    return str(detail.field_violations[0].field)
+
+
+_DEEP = "[" * 1000 + "]" * 1000
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            '{"class_name": "Sequential", "config": {"layers": [' + _DEEP + "]}}",
+            "model.keras_json is nested 1003 levels deep; the limit is 100",
+        ),
+        ("[" * 100_000, "model.keras_json is nested 100000 levels deep; the limit is 100"),
+        (
+            '{"class_name": {"a": 1}, "config": {"layers": []}}',
+            "with class_name Sequential or Functional",
+        ),
+        (
+            '{"class_name": "Sequential", "config": {"layers": [{"class_name": {"x": 1}, '
+            '"config": {"name": "d"}}]}}',
+            "class {'x': 1} is not an allowed Keras class",
+        ),
+        (
+            '{"class_name": "Functional", "config": {"layers": [{"class_name": "Dense", '
+            '"config": [1]}], "output_layers": [["d", 0, 0]]}}',
+            "",
+        ),
+        ('{"class_name": "Sequential", "config": {"layers": [' + "1" * 5000 + "]}}", "not JSON"),
+    ],
+    ids=[
+        "deep-in-layers",
+        "deep-unclosed",
+        "model-class-object",
+        "layer-class-object",
+        "layer-config-list",
+        "huge-integer",
+    ],
+)
+def test_hostile_keras_configs_are_invalid_arguments(
+    client: fitserve.Client, config: str, message: str
+) -> None:
+    error = _train_refused(client, model=config)
+    assert message in error.details
+    assert _field(error) == "model.keras_json"
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("/data/a\x00b", "dataset.uri '/data/a\\x00b' holds a control character"),
+        ("file:///data/a%00b", "holds a control character"),
+        ("/data/" + "a" * 300 + "/x", "a path component of 300 bytes; the limit is 255"),
+        ("/" + "a/" * 3000, "bytes long; the limit is 4096"),
+        ("s3://bucket/a\x00b", "holds a control character"),
+    ],
+    ids=["nul", "nul-escaped", "long-component", "long-path", "nul-in-url"],
+)
+def test_hostile_dataset_uris_are_invalid_arguments(
+    client: fitserve.Client, uri: str, message: str
+) -> None:
+    error = _train_refused(client, layers=MLP_LAYERS, dataset=training_pb2.DatasetRef(uri=uri))
+    assert message in error.details
+    assert _field(error) == "dataset.uri"
+
+
+@pytest.mark.parametrize(
+    ("request_", "field", "message"),
+    [
+        (training_pb2.ListJobsRequest(page_token="²"), "page_token", "not one this server"),
+        (training_pb2.ListJobsRequest(page_token="9" * 30), "page_token", "not one this server"),
+        (training_pb2.ListJobsRequest(state=99), "state", "state 99 is not a job state"),  # type: ignore[arg-type]
+        (training_pb2.ListJobsRequest(kind=42), "kind", "kind 42 is not a job kind"),  # type: ignore[arg-type]
+    ],
+    ids=["superscript-two", "huge-offset", "undefined-state", "undefined-kind"],
+)
+def test_hostile_list_jobs_requests_are_invalid_arguments(
+    channel: grpc.Channel, request_: training_pb2.ListJobsRequest, field: str, message: str
+) -> None:
+    stub = training_pb2_grpc.TrainingServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ListJobs(request_)
+    assert exc.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert message in exc.value.details()  # type: ignore[attr-defined]
+    assert _field(exc.value) == field
+    assert stub.ListJobs(training_pb2.ListJobsRequest()) is not None  # still serving
+
+
+@pytest.mark.parametrize("token", ["²", "\u0661\u0662", "9" * 30])
+def test_hostile_page_tokens_of_models_and_datasets(channel: grpc.Channel, token: str) -> None:
+    models = model_pb2_grpc.ModelServiceStub(channel)
+    datasets = dataset_pb2_grpc.DatasetServiceStub(channel)
+    for call, request in (
+        (models.ListModels, model_pb2.ListModelsRequest(page_token=token)),
+        (datasets.ListDatasets, dataset_pb2.ListDatasetsRequest(page_token=token)),
+    ):
+        with pytest.raises(grpc.RpcError) as exc:
+            call(request)  # type: ignore[operator]
+        assert exc.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert "page_token is not one this server issued" in exc.value.details()  # type: ignore[attr-defined]
+        assert _field(exc.value) == "page_token"
+
+
+@pytest.mark.parametrize(
+    "after", [str(2**64), f"{2**64}-0", f"0-{2**64}", "\u0661\u0667\u0660\u0660-0"]
+)
+def test_watch_after_an_event_id_beyond_redis_s_range_is_refused(
+    channel: grpc.Channel, after: str
+) -> None:
+    stub = training_pb2_grpc.TrainingServiceStub(channel)
+    request = training_pb2.WatchJobRequest(job_id="0" * 32, after_event_id=after)
+    with pytest.raises(grpc.RpcError) as exc:
+        list(stub.WatchJob(request, timeout=30))
+    assert exc.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "is not an event id" in exc.value.details()  # type: ignore[attr-defined]
+    assert "each part at most 18446744073709551615" in exc.value.details()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("layers", "field", "message"),
+    [
+        (
+            [{"type": "Flatten", "input_shape": [28, 28]}, {"type": "Dense", "units": 10**12}],
+            "model.layers[1]",
+            "model.layers[1] (Dense): units is 1000000000000; the limit is 1,000,000",
+        ),
+        (
+            [{"type": "Dense", "units": 10, "input_shape": "abc"}],
+            "model.layers[0]",
+            "model.layers[0]: input_shape must be a list of whole numbers from 1 to "
+            "1,000,000, e.g. [28, 28]; got 'abc'",
+        ),
+        (
+            [{"type": "Dense", "units": 10, "input_shape": [28, None]}],
+            "model.layers[0]",
+            "input_shape must be a list of whole numbers",
+        ),
+        (
+            [
+                {"type": "Flatten", "input_shape": [1000, 1000]},
+                {"type": "Dense", "units": 100_000},
+            ],
+            "model.layers[1]",
+            "the model would hold about 100,000,100,000 weights; the limit is 1,000,000,000",
+        ),
+        (
+            [{"type": "Conv2D", "filters": 8, "kernel_size": [3, 10**9], "input_shape": [8, 8, 1]}],
+            "model.layers[0]",
+            "kernel_size is 1000000000; the limit is 1,000,000",
+        ),
+    ],
+    ids=["huge-units", "shape-string", "shape-null", "too-many-weights", "huge-kernel"],
+)
+def test_huge_or_malformed_layers_are_refused_at_submission(
+    client: fitserve.Client, layers: list[dict[str, object]], field: str, message: str
+) -> None:
+    error = _train_refused(client, layers=layers)
+    assert message in error.details
+    assert _field(error) == field
+
+
+def test_huge_layers_in_a_keras_config_are_refused_at_submission(client: fitserve.Client) -> None:
+    config = (
+        '{"class_name": "Sequential", "config": {"name": "s", "layers": ['
+        '{"class_name": "InputLayer", "config": {"batch_shape": [null, 4], "name": "in"}},'
+        '{"class_name": "Dense", "config": {"name": "big", "units": 1000000000000}}]}}'
+    )
+    error = _train_refused(client, model=config)
+    assert "layer 'big' (Dense): units is 1000000000000; the limit is 1,000,000" in error.details
+    assert _field(error) == "model.keras_json"
+
+
+def _npy_header(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": dtype, "fortran_order": False, "shape": shape}
+    )
+    return buf.getvalue()  # the magic string, then the header
+
+
+def _zip(*members: tuple[str, bytes]) -> bytes:
+    """An .npz written member by member (duplicates included), deflated."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of a duplicate name
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, content in members:
+                archive.writestr(name, content)
+    return buf.getvalue()
+
+
+@pytest.mark.usefixtures("no_leftovers")
+@pytest.mark.parametrize(
+    ("content", "code", "message"),
+    [
+        (
+            _zip(("x.npy", _npy_header((1_000_000, 1024), "<f8"))),
+            Code.RESOURCE_EXHAUSTED,
+            "the dataset's arrays hold 8,192,000,000 bytes unpacked (largest: 'x', "
+            "(1000000, 1024) float64); the limit is 4,294,967,296 bytes "
+            "(FITSERVE_MAX_DATASET_EXPANDED_BYTES)",
+        ),
+        (
+            _zip(("x.npy", _npy_header((10**12,)))),
+            Code.RESOURCE_EXHAUSTED,
+            "FITSERVE_MAX_DATASET_EXPANDED_BYTES",
+        ),
+        (
+            _zip(("x.npy", _npy_header((1000,)) + bytes(40))),
+            Code.INVALID_ARGUMENT,
+            "array 'x' holds 40 bytes of data; its header declares (1000,) float32, 4,000 bytes",
+        ),
+        (
+            _zip(("x.npy", _npy_header((10,)) + bytes(10_000_000))),
+            Code.INVALID_ARGUMENT,
+            "array 'x' holds more data than its header declares ((10,) float32, 40 bytes)",
+        ),
+        (
+            _zip(("x.npy", _npy_header((4,)) + bytes(16)), ("x.npy", b"")),
+            Code.INVALID_ARGUMENT,
+            "holds 'x.npy' twice",
+        ),
+        (
+            _zip(("x.npy", _npy_header((-4,)))),
+            Code.INVALID_ARGUMENT,
+            "array 'x' has a negative dimension",
+        ),
+    ],
+    ids=["declared-8gb", "header-1e12-rows", "fewer-bytes", "more-bytes", "duplicate", "negative"],
+)
+def test_zip_bombs_and_lying_headers_are_refused(
+    channel: grpc.Channel, content: bytes, code: Code, message: str
+) -> None:
+    error = _upload(channel, [_header(), _chunk(content)])
+    assert error.code() == code  # type: ignore[attr-defined]
+    assert message in error.details()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c, n: c.get_model(n),
+        lambda c, n: c.train(n, layers=MLP_LAYERS, loss="mse", dataset="x"),
+        lambda c, n: c.get_dataset(n),
+        lambda c, n: c.get_dataset("sha256:" + n),
+        lambda c, n: c.delete_dataset("sha256:" + n),
+        lambda c, n: c.get_job(n),
+        lambda c, n: c.set_alias("some-model", n, 1),
+    ],
+    ids=[
+        "get_model",
+        "train",
+        "get_dataset",
+        "dataset_id",
+        "delete_dataset_id",
+        "get_job",
+        "set_alias",
+    ],
+)
+def test_a_10_kb_value_is_echoed_truncated(client: fitserve.Client, call: object) -> None:
+    name = "A" * 10_000
+    with pytest.raises(fitserve.InvalidArgumentError) as exc:
+        call(client, name)  # type: ignore[operator]
+    assert "AAAA" in exc.value.details
+    assert re.search(r"… \(100\d\d characters\)", exc.value.details)
+    assert len(exc.value.details) < 400
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.set_alias("never-existed", "stable", 1),
+        lambda c: c.delete_alias("never-existed", "stable"),
+        lambda c: c.delete_version("never-existed", 1),
+    ],
+    ids=["set_alias", "delete_alias", "delete_version"],
+)
+def test_alias_and_version_calls_on_an_unknown_model_create_nothing(
+    client: fitserve.Client, settings: Settings, call: object
+) -> None:
+    with pytest.raises(fitserve.NotFoundError, match="model 'never-existed' not found"):
+        call(client)  # type: ignore[operator]
+    assert not (settings.models_dir / "never-existed").exists()

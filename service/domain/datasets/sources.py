@@ -12,6 +12,10 @@ files (one file, or a folder of them), as a local path or as an fsspec URL:
   come from the process environment, read by those packages as usual. A URL names one
   TFRecord file when it ends in one of ``TFRECORD_SUFFIXES``, else a folder.
 
+Every uri is at most ``MAX_URI_BYTES`` (PATH_MAX) of UTF-8 without control characters
+(NUL, newlines), and each component of a local path at most ``MAX_NAME_BYTES``
+(NAME_MAX): what the operating system would refuse is refused as INVALID_ARGUMENT first.
+
 The api runs :func:`check_uri` to answer at once; for a URL that covers only what needs
 no storage access (the api need not hold storage credentials). The worker runs
 :func:`resolve`, which lists the storage, since it is the one that reads, and copies what
@@ -34,7 +38,14 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import known_implementations
 
 from service.domain.job_specs import DatasetRef
-from service.errors import FailedPrecondition, FitserveError, InvalidRequest, NotFound, Unavailable
+from service.errors import (
+    FailedPrecondition,
+    FitserveError,
+    InvalidRequest,
+    NotFound,
+    Unavailable,
+    shown,
+)
 
 SAVED_SPEC_FILE = "dataset_spec.pb"  # what tf.data.Dataset.save writes first
 TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfrec")
@@ -49,6 +60,9 @@ _PACKAGES = {"abfss": "adlfs"}
 _OPEN_OPTIONS: dict[str, dict[str, Any]] = {"http": {"block_size": 0}, "https": {"block_size": 0}}
 _VERSION_KEYS = ("ETag", "etag", "md5Hash", "LastModified", "Last-Modified", "updated", "mtime")
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_URI_BYTES = 4096  # PATH_MAX
+MAX_NAME_BYTES = 255  # NAME_MAX: one component of a local path
 
 
 class UriFormat(enum.StrEnum):
@@ -109,19 +123,48 @@ def normalised(uri: str) -> str:
     return scheme + uri[len(scheme) :] if scheme else uri
 
 
+def check_text(uri: str, field: str = "dataset.uri") -> None:
+    """A uri of at most MAX_URI_BYTES without control characters (a NUL would end the
+    path where the operating system reads it)."""
+    size = len(uri.encode(errors="surrogatepass"))
+    if size > MAX_URI_BYTES:
+        raise InvalidRequest(
+            f"{field} is {size} bytes long; the limit is {MAX_URI_BYTES} (PATH_MAX)", field=field
+        )
+    if _CONTROL.search(uri):
+        raise InvalidRequest(
+            f"{field} {shown(uri)} holds a control character (NUL, a newline, ...); a uri "
+            "names a file or folder in printable characters",
+            field=field,
+        )
+
+
+def _split(uri: str, field: str) -> urllib.parse.SplitResult:
+    try:
+        return urllib.parse.urlsplit(uri)
+    except ValueError as exc:  # "Invalid IPv6 URL": a '[' in the host part
+        raise InvalidRequest(
+            f"{field} {shown(uri)} is not a valid URL ({exc}); expected scheme://<bucket>/<path> "
+            "or an absolute local path",
+            field=field,
+        ) from None
+
+
 def check_url(uri: str, url_schemes: Collection[str], field: str = "dataset.uri") -> None:
     """A URL the settings allow, whose fsspec implementation is installed here."""
+    check_text(uri, field)
+    _split(uri, field)
     scheme = url_scheme(uri)
     if "::" in uri:
         raise InvalidRequest(
-            f"{field} {uri!r}: chained fsspec URLs (with '::') are not accepted; give the "
+            f"{field} {shown(uri)}: chained fsspec URLs (with '::') are not accepted; give the "
             "URL of the data itself",
             field=field,
         )
     if scheme not in url_schemes:
         allowed = ", ".join(f"{s}://" for s in url_schemes) or "none"
         raise InvalidRequest(
-            f"{field} {uri!r}: {scheme}:// URLs are not allowed here (allowed: {allowed}); "
+            f"{field} {shown(uri)}: {scheme}:// URLs are not allowed here (allowed: {allowed}); "
             "use one of those, a local path under the dataset_roots, or ask the operator to "
             "add the protocol to the dataset_url_schemes setting (FITSERVE_DATASET_URL_SCHEMES)",
             field=field,
@@ -141,7 +184,7 @@ def check_filesystem(
     scheme = url_scheme(uri)
     if issubclass(filesystem, LocalFileSystem):
         raise InvalidRequest(
-            f"{field} {uri!r}: {scheme}:// URLs open local files; give local data as an "
+            f"{field} {shown(uri)}: {scheme}:// URLs open local files; give local data as an "
             "absolute path under the dataset_roots (FITSERVE_DATASET_ROOTS), and ask the "
             f"operator to remove {scheme!r} from the dataset_url_schemes setting",
             field=field,
@@ -150,7 +193,7 @@ def check_filesystem(
     protocols = protocol if isinstance(protocol, tuple) else (protocol,)
     if scheme not in protocols and not issubclass(filesystem, fsspec.get_filesystem_class(scheme)):
         raise InvalidRequest(
-            f"{field} {uri!r} opens as {filesystem.__name__}, not as a {scheme}:// URL; "
+            f"{field} {shown(uri)} opens as {filesystem.__name__}, not as a {scheme}:// URL; "
             f"expected {scheme}://<bucket>/<path>",
             field=field,
         )
@@ -163,7 +206,7 @@ def _missing_package(uri: str, scheme: str, exc: Exception, field: str) -> str:
     if scheme in _EXTRAS:
         hint = f"pip install 'fitserve-server[{_EXTRAS[scheme]}]' (or {hint})"
     return (
-        f"{field} {uri!r}: {scheme}:// URLs need an fsspec implementation that is not "
+        f"{field} {shown(uri)}: {scheme}:// URLs need an fsspec implementation that is not "
         f"installed on this server ({known.get('err') or exc}); {hint} on the api servers "
         "and the workers"
     )
@@ -172,28 +215,60 @@ def _missing_package(uri: str, scheme: str, exc: Exception, field: str) -> str:
 def local_path(uri: str, roots: Sequence[Path], field: str = "dataset.uri") -> Path:
     """The resolved local path of a uri, which must lie under one of ``roots``."""
     if url_scheme(uri):
-        raise InvalidRequest(f"{field} {uri!r} is a URL, not a local path", field=field)
-    parsed = urllib.parse.urlsplit(uri)
+        raise InvalidRequest(f"{field} {shown(uri)} is a URL, not a local path", field=field)
+    check_text(uri, field)
+    parsed = _split(uri, field)
     if parsed.scheme not in ("", "file") and not _URL.match(uri):
         raise InvalidRequest(
-            f"{field} {uri!r} is neither a URL nor a local path: write a URL with '//' "
+            f"{field} {shown(uri)} is neither a URL nor a local path: write a URL with '//' "
             f"({parsed.scheme}://<bucket>/<path>) and a local path as an absolute path",
             field=field,
         )
-    raw = Path(urllib.parse.unquote(parsed.path) if parsed.scheme else uri)
+    text = urllib.parse.unquote(parsed.path) if parsed.scheme else uri
+    if text != uri:
+        check_text(text, field)  # file:///a%00b
+    raw = Path(text)
     if not raw.is_absolute():
-        raise InvalidRequest(f"{field} {uri!r} must be an absolute path", field=field)
-    path = raw.resolve()
-    if not any(path.is_relative_to(root.resolve()) for root in roots):
+        raise InvalidRequest(f"{field} {shown(uri)} must be an absolute path", field=field)
+    longest = max((len(part.encode(errors="surrogatepass")) for part in raw.parts), default=0)
+    if longest > MAX_NAME_BYTES:
+        raise InvalidRequest(
+            f"{field} {shown(uri)} has a path component of {longest} bytes; the limit is "
+            f"{MAX_NAME_BYTES} (NAME_MAX)",
+            field=field,
+        )
+    with _local_errors(uri, field):
+        path = raw.resolve()
+        inside = any(path.is_relative_to(root.resolve()) for root in roots)
+    if not inside:
         allowed = ", ".join(str(r) for r in roots)
         raise InvalidRequest(
-            f"{field} {uri!r} is outside the dataset_roots setting (FITSERVE_DATASET_ROOTS: "
+            f"{field} {shown(uri)} is outside the dataset_roots setting (FITSERVE_DATASET_ROOTS: "
             f"{allowed}); move the data there or add its folder to the setting",
             field=field,
         )
-    if not path.exists():
-        raise NotFound(f"{field} {uri!r} does not exist")
+    with _local_errors(uri, field):
+        if not path.exists():
+            raise NotFound(f"{field} {shown(uri)} does not exist")
     return path
+
+
+@contextlib.contextmanager
+def _local_errors(uri: str, field: str) -> Iterator[None]:
+    """What the local file system refuses (a symlink loop, no permission, a name too
+    long) as errors naming the uri, never the server's own message."""
+    try:
+        yield
+    except PermissionError:
+        raise FailedPrecondition(
+            f"{field} {shown(uri)} cannot be read by the server (permission denied); ask the "
+            "operator to let the fitserve processes read it"
+        ) from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python 3.11, 3.12)
+        why = getattr(exc, "strerror", None) or "symlink loop"
+        raise InvalidRequest(
+            f"{field} {shown(uri)} cannot be resolved to a file or folder ({why})", field=field
+        ) from None
 
 
 def check_uri(
@@ -204,6 +279,7 @@ def check_uri(
 ) -> None:
     """Everything about a uri source the api can know at once: for a local path, all
     that :func:`resolve` checks; for a URL, what needs no storage access."""
+    check_text(ref.uri, f"{field}.uri")
     if not url_scheme(ref.uri):
         resolve(ref, roots, url_schemes, field)
         return
@@ -227,7 +303,9 @@ def resolve(
             source = _listing(uri, fs, path, _names_one_file(uri), f"{field}.uri")
     else:
         local = local_path(uri, roots, f"{field}.uri")
-        source = _listing(uri, LocalFileSystem(), str(local), local.is_file(), f"{field}.uri")
+        with storage_errors(uri, f"{field}.uri"):
+            fs = LocalFileSystem()
+            source = _listing(uri, fs, str(local), local.is_file(), f"{field}.uri")
     _check_feature_spec(ref, source.format, field)
     return source
 
@@ -242,7 +320,7 @@ def storage_errors(uri: str, field: str = "dataset.uri") -> Iterator[None]:
     except FileNotFoundError as exc:
         # fsspec's http reports a host it cannot reach as a missing file
         if not isinstance(exc.__cause__, OSError):
-            raise NotFound(f"{field} {uri!r} does not exist") from None
+            raise NotFound(f"{field} {shown(uri)} does not exist") from None
         raise Unavailable(_unreadable(uri, exc.__cause__, field)) from None
     except Exception as exc:
         raise Unavailable(_unreadable(uri, exc, field)) from None
@@ -250,7 +328,8 @@ def storage_errors(uri: str, field: str = "dataset.uri") -> Iterator[None]:
 
 def _unreadable(uri: str, exc: BaseException, field: str) -> str:
     return (
-        f"{field} {uri!r} could not be read from its storage ({type(exc).__name__}: {exc}); "
+        f"{field} {shown(uri)} could not be read from its storage ({type(exc).__name__}: "
+        f"{str(exc)[:300]}); "
         "check that the workers can reach it and hold credentials for it"
     )
 
@@ -272,7 +351,7 @@ def _listing(uri: str, fs: Any, path: str, one_file: bool, field: str) -> UriSou
     )
     if not records:
         raise InvalidRequest(
-            f"{field}: {uri!r} is neither a tf.data.Dataset.save folder (no "
+            f"{field}: {shown(uri)} is neither a tf.data.Dataset.save folder (no "
             f"{SAVED_SPEC_FILE}) nor holds TFRecord files ({', '.join(TFRECORD_SUFFIXES)})",
             field=field,
         )
@@ -298,7 +377,7 @@ def _basename(name: str) -> str:
 def _check_feature_spec(ref: DatasetRef, fmt: UriFormat, field: str) -> None:
     if fmt is UriFormat.SAVED and ref.feature_spec:
         raise InvalidRequest(
-            f"{field}.feature_spec is for TFRecord files; {ref.uri!r} is a "
+            f"{field}.feature_spec is for TFRecord files; {shown(ref.uri)} is a "
             "tf.data.Dataset.save folder, which carries its own element spec",
             field=f"{field}.feature_spec",
         )

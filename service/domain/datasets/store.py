@@ -7,7 +7,10 @@ Layout under ``<data_dir>/datasets``::
     names/<name>.json       {"id": "sha256:<hex>", "created_at": ...}
     incoming/               uploads in progress; removed when they fail
 
-An upload becomes visible only after it is complete and valid, by rename.
+An upload becomes visible only after it is complete and valid, by rename. Valid means
+also that its arrays hold what their headers declare, and no more than
+``max_expanded_bytes`` unpacked (``service.domain.datasets.npz``): a compressed .npz
+cannot smuggle a zip bomb past the byte limit of the upload itself.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import BinaryIO
 from service.domain.datasets.npz import ArrayHeader, read_npz_headers
 from service.domain.files import read_json, write_json_atomic
 from service.domain.resource_names import check_name
-from service.errors import InvalidRequest, NotFound, ResourceExhausted
+from service.errors import InvalidRequest, NotFound, ResourceExhausted, shown
 
 ID_PREFIX = "sha256:"
 FORMATS = ("npz",)
@@ -99,8 +102,11 @@ class DatasetUpload:
 class DatasetStore:
     """Stores and finds datasets; the api writes, workers read paths."""
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, max_expanded_bytes: int | None = None) -> None:
+        """``max_bytes``: the most an upload may send; ``max_expanded_bytes``: the most
+        its arrays may hold unpacked (None: as many as ``max_bytes``)."""
         self.root, self.max_bytes = root, max_bytes
+        self.max_expanded_bytes = max_bytes if max_expanded_bytes is None else max_expanded_bytes
         self.blobs_dir = root / "blobs"
         self.names_dir = root / "names"
         self.incoming_dir = root / "incoming"
@@ -111,7 +117,7 @@ class DatasetStore:
         fmt = fmt or "npz"
         if fmt not in FORMATS:
             raise InvalidRequest(
-                f"header.format {fmt!r} is not supported; expected one of {FORMATS}",
+                f"header.format {shown(fmt)} is not supported; expected one of {FORMATS}",
                 field="header.format",
             )
         if size < 0 or size > self.max_bytes:
@@ -142,13 +148,15 @@ class DatasetStore:
 
     def delete(self, ref: str) -> None:
         """Remove a name (or every name of an id); content goes when no name is left."""
+        if ref.startswith(ID_PREFIX):
+            _check_id(ref)
         targets = (
             [d.name for d in self.list() if d.id == ref]
             if ref.startswith(ID_PREFIX)
             else [self.get(ref).name]
         )
         if not targets:
-            raise NotFound(f"dataset {ref!r} not found")
+            raise NotFound(f"dataset {shown(ref)} not found")
         digest = self.get(targets[0]).id.removeprefix(ID_PREFIX)
         for name in targets:
             (self.names_dir / f"{name}.json").unlink(missing_ok=True)
@@ -161,9 +169,7 @@ class DatasetStore:
         return self.blobs_dir / f"{dataset_id.removeprefix(ID_PREFIX)}.npz"
 
     def _by_id(self, dataset_id: str) -> DatasetInfo:
-        digest = dataset_id.removeprefix(ID_PREFIX)
-        if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
-            raise InvalidRequest(f"{dataset_id!r} is not a dataset id (sha256:<64 hex digits>)")
+        digest = _check_id(dataset_id)
         if not (self.blobs_dir / f"{digest}.json").exists():
             raise NotFound(f"dataset {dataset_id!r} not found")
         names = [d for d in self.list() if d.id == dataset_id]
@@ -185,7 +191,7 @@ class DatasetStore:
         )
 
     def _publish(self, upload: DatasetUpload, digest: str, size: int) -> DatasetInfo:
-        arrays = read_npz_headers(upload.path)
+        arrays = read_npz_headers(upload.path, self.max_expanded_bytes)
         num_examples = _check_arrays(arrays)
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
         blob = self.blobs_dir / f"{digest}.npz"
@@ -205,6 +211,14 @@ class DatasetStore:
         return self.get(upload.name)
 
 
+def _check_id(dataset_id: str) -> str:
+    """The hex digest of a well-formed dataset id; INVALID_ARGUMENT for any other."""
+    digest = dataset_id.removeprefix(ID_PREFIX)
+    if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise InvalidRequest(f"{shown(dataset_id)} is not a dataset id (sha256:<64 hex digits>)")
+    return digest
+
+
 def _check_arrays(arrays: list[ArrayHeader]) -> int:
     """The common number of examples; every array must have the same first dimension."""
     if not arrays:
@@ -213,7 +227,7 @@ def _check_arrays(arrays: list[ArrayHeader]) -> int:
     if None in lengths.values():
         scalar = next(n for n, v in lengths.items() if v is None)
         raise InvalidRequest(
-            f"array {scalar!r} is a scalar; every array needs a first (example) dimension"
+            f"array {shown(scalar)} is a scalar; every array needs a first (example) dimension"
         )
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{n}: {v}" for n, v in lengths.items())

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from service.api.paging import DEFAULT_PAGE, MAX_PAGE, Page, next_token, page
+from fitserve.v1 import training_pb2
+from service.api.paging import DEFAULT_PAGE, MAX_PAGE, Page, enum_filter, next_token, page
 from service.errors import InvalidRequest
+
+TOKEN_REFUSED = (
+    "page_token is not one this server issued; send the next_page_token of the previous "
+    "page, or nothing for the first page"
+)
 
 
 def test_pages_walk_the_items_in_order_and_the_last_has_no_next_token() -> None:
@@ -39,8 +45,11 @@ def test_defaults_and_tokens() -> None:
     [
         (-1, "", "page_size", "page_size must be 1..1000"),
         (MAX_PAGE + 1, "", "page_size", "page_size must be 1..1000"),
-        (10, "abc", "page_token", "page_token is not one this server issued"),
-        (10, "-5", "page_token", "page_token is not one this server issued"),
+        (10, "abc", "page_token", TOKEN_REFUSED),
+        (10, "-5", "page_token", TOKEN_REFUSED),
+        (10, "²", "page_token", TOKEN_REFUSED),  # str.isdigit says yes, int() says no
+        (10, "\u0661\u0662", "page_token", TOKEN_REFUSED),  # Arabic-Indic 12: int() reads it
+        (10, "9" * 16, "page_token", TOKEN_REFUSED),  # beyond Redis's 64-bit offsets
     ],
 )
 def test_bad_page_requests_name_the_field(size: int, token: str, field: str, message: str) -> None:
@@ -48,3 +57,25 @@ def test_bad_page_requests_name_the_field(size: int, token: str, field: str, mes
         page(size, token)
     assert (err.value.field, err.value.message) == (field, message)
     assert err.value.code == "INVALID_ARGUMENT"
+
+
+def test_the_longest_token_is_still_read() -> None:
+    assert page(10, "9" * 15) == Page(10**15 - 1, 10)
+
+
+def test_enum_filters_read_defined_values_and_unspecified_as_no_filter() -> None:
+    state = training_pb2.JobState
+    assert enum_filter(state, state.JOB_STATE_RUNNING, "state", "JOB_STATE_", "job state") == (
+        "RUNNING"
+    )
+    assert enum_filter(state, 0, "state", "JOB_STATE_", "job state") == ""
+
+
+def test_an_enum_value_the_enum_does_not_define_is_refused_naming_the_valid_ones() -> None:
+    with pytest.raises(InvalidRequest) as err:
+        enum_filter(training_pb2.JobState, 99, "state", "JOB_STATE_", "job state")
+    assert err.value.field == "state"
+    assert err.value.message.startswith(
+        "state 99 is not a job state; valid: QUEUED, RUNNING, SUCCEEDED, FAILED"
+    )
+    assert err.value.message.endswith("(or unset for all)")

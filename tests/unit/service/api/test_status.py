@@ -90,3 +90,20 @@ def test_a_full_queue_sends_retry_info_and_pushback_in_ms():
 def test_resource_exhausted_that_waiting_cannot_cure_says_do_not_retry():
     assert pushback(to_status(errors.ResourceExhausted("over the size limit"))) == ["-1"]
     assert pushback(to_status(errors.Unavailable("Redis is down"))) == []
+
+
+def test_messages_and_fields_are_capped_so_the_trailers_fit_grpc_s_metadata_limit():
+    from service.api.status import MAX_FIELD_BYTES, MAX_MESSAGE_BYTES, capped
+
+    exc = errors.InvalidRequest("é" * 10_000, field="f" * 10_000)
+    status = to_status(exc)
+    sent = details(status)
+    assert len(sent.message.encode()) <= MAX_MESSAGE_BYTES
+    assert sent.message.endswith("… (cut)")
+    bad_request = error_details_pb2.BadRequest()
+    assert sent.details[0].Unpack(bad_request)
+    violation = bad_request.field_violations[0]
+    assert len(violation.field.encode()) <= MAX_FIELD_BYTES
+    assert len(violation.description.encode()) <= MAX_MESSAGE_BYTES
+    assert capped("short") == "short"
+    assert sum(len(v) for _, v in status.trailing_metadata) < 8 * 1024

@@ -237,3 +237,159 @@ def test_a_model_config_whose_config_is_not_an_object_is_refused(inner):
     err = refused(ModelSpec(keras_json=f'{{"class_name": "Sequential", "config": {inner}}}'))
 
     assert err.field == "model.keras_json"
+
+
+# -- bounds: nesting, layer sizes, weights, shapes ------------------------------------
+
+
+def test_nesting_is_measured_on_the_text_with_brackets_in_strings_left_out():
+    from service.domain.config_check import nesting
+
+    assert nesting('{"a": [1, {"b": "[[[[{{{"}], "c": "\\"]]]"}') == 3
+    assert nesting("[" * 100_000) == 100_000
+    assert nesting("1") == 0
+
+
+def test_a_config_nested_past_the_limit_is_refused_before_it_is_parsed():
+    from service.domain.config_check import MAX_CONFIG_DEPTH, output_names
+
+    deep = '{"class_name": "Sequential", "config": {"layers": [' + "[" * 5000 + "]" * 5000 + "]}}"
+    spec = ModelSpec(keras_json=deep)
+
+    assert output_names(spec) is None  # the submission's other checks do not trip over it
+    error = refused(spec)
+    assert error.message.startswith(
+        f"model.keras_json is nested 5003 levels deep; the limit is {MAX_CONFIG_DEPTH}"
+    )
+    assert error.field == "model.keras_json"
+
+
+def test_a_real_config_of_nested_models_is_well_within_the_nesting_limit():
+    from service.domain.config_check import MAX_CONFIG_DEPTH, nesting
+
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    outer = keras.Sequential([keras.Input((4,)), inner, keras.layers.Dense(2)])
+
+    assert nesting(outer.to_json()) < MAX_CONFIG_DEPTH / 4
+    assert check_model_spec(ModelSpec(keras_json=outer.to_json())) is None
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ('{"class_name": {"a": 1}, "config": {}}', "with class_name Sequential or Functional"),
+        ('{"class_name": ["Sequential"], "config": {}}', "with class_name Sequential"),
+        (
+            '{"class_name": "Sequential", "config": {"layers": [{"class_name": {"x": 1}}]}}',
+            "class {'x': 1} is not an allowed Keras class",
+        ),
+        (
+            '{"class_name": "Sequential", "config": {"layers": [{"class_name": "Dense", '
+            '"config": [1, 2]}]}}',
+            "'config' must be a JSON object",
+        ),
+        ('{"class_name": "Sequential", "config": {"layers": [' + "9" * 5000 + "]}}", "not JSON"),
+    ],
+)
+def test_configs_of_the_wrong_json_types_are_refused_naming_the_field(config, message):
+    error = refused(ModelSpec(keras_json=config))
+    assert message in error.message
+    assert error.field == "model.keras_json"
+
+
+def test_the_outputs_of_a_config_of_odd_types_are_unknown_not_a_crash():
+    from service.domain.config_check import output_names, output_units
+
+    config = (
+        '{"class_name": "Functional", "config": {"layers": [{"class_name": "Dense", '
+        '"config": [1]}, {"config": {"name": {"x": 1}}}], "output_layers": [["d", 0, 0]]}}'
+    )
+    spec = ModelSpec(keras_json=config)
+
+    assert output_names(spec) == ["d"]
+    assert output_units(spec) is None
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        (
+            [{"type": "Dense", "units": 10**12, "input_shape": [4]}],
+            "model.layers[0] (Dense): units is 1000000000000; the limit is 1,000,000 for any "
+            "one layer size",
+        ),
+        (
+            [{"type": "Conv2D", "filters": 4, "kernel_size": [3, 1e300], "input_shape": [8, 8, 1]}],
+            "kernel_size is 1e+300; the limit is 1,000,000",
+        ),
+        (
+            [{"type": "Reshape", "target_shape": [-1, 10**7], "input_shape": [4]}],
+            "target_shape is 10000000",
+        ),
+        ([{"type": "Dense", "units": 3, "input_shape": "abc"}], "got 'abc'"),
+        ([{"type": "Dense", "units": 3, "input_shape": 784}], "got 784"),
+        ([{"type": "Dense", "units": 3, "input_shape": [28.5]}], "got [28.5]"),
+        ([{"type": "Dense", "units": 3, "input_shape": [0]}], "got [0]"),
+        ([{"type": "Dense", "units": 3, "input_shape": [True]}], "got [True]"),
+        ([{"type": "Dense", "units": 3, "input_shape": [2], "input_name": {"a": 1}}], "input_name"),
+        (
+            [{"type": "Flatten", "input_shape": [1000, 1000]}, {"type": "Dense", "units": 10_000}],
+            "model.layers[1] (Dense): the model would hold about 10,000,010,000 weights; the "
+            "limit is 1,000,000,000",
+        ),
+        (
+            [
+                {"type": "Embedding", "input_dim": 1_000_000, "output_dim": 2000},
+                {"type": "Flatten"},
+            ],
+            "model.layers[0] (Embedding): the model would hold about 2,000,000,000 weights",
+        ),
+        (
+            [
+                {
+                    "type": "Conv2D",
+                    "filters": 1000,
+                    "kernel_size": 100,
+                    "input_shape": [8, 8, 1000],
+                },
+            ],
+            "weights; the limit is 1,000,000,000",
+        ),
+    ],
+)
+def test_huge_or_malformed_layer_lists_are_refused_naming_the_layer(layers, message):
+    error = refused(ModelSpec(layers=layers))
+    assert message in error.message
+    assert str(error.field).startswith("model.layers[")
+
+
+def test_a_big_but_sensible_model_passes():
+    layers = [
+        {"type": "Conv2D", "filters": 64, "kernel_size": [3, 3], "input_shape": [224, 224, 3]},
+        {"type": "MaxPooling2D", "pool_size": 2},
+        {"type": "Flatten"},  # the shape is unknown from here: Dense counts 1 input
+        {"type": "Dense", "units": 4096},
+        {"type": "Dropout", "rate": 0.5},
+        {"type": "Dense", "units": 1000, "activation": "softmax"},
+    ]
+    assert check_model_spec(ModelSpec(layers=layers)) is None
+    wide = [{"type": "Flatten", "input_shape": [28, 28]}, {"type": "Dense", "units": 1_000_000}]
+    assert check_model_spec(ModelSpec(layers=wide)) is None  # 785 million weights
+
+
+def test_huge_layers_of_a_keras_config_are_refused_naming_the_layer():
+    big = with_layer(sequential_json(), "hidden", lambda x: x["config"].update(units=10**12))
+    error = refused(ModelSpec(keras_json=big))
+    assert "layer 'hidden' (Dense): units is 1000000000000" in error.message
+    assert error.field == "model.keras_json"
+
+
+def test_a_keras_config_s_weights_are_counted_from_its_build_config():
+    def wide(layer):
+        layer["config"]["units"] = 900_000
+        layer["build_config"] = {"input_shape": [None, 10_000]}
+
+    error = refused(ModelSpec(keras_json=with_layer(sequential_json(), "hidden", wide)))
+    assert "layer 'hidden' (Dense): the model would hold about 9,000,900,000 weights" in (
+        error.message
+    )

@@ -248,3 +248,28 @@ def test_an_idempotency_key_never_outlives_the_job_it_names(
 def test_a_task_of_a_job_whose_record_expired_does_not_run(r: redis.Redis) -> None:
     worker = JobStore(r, retention_seconds=1)
     assert worker.start(uuid.uuid4().hex, max_attempts=3) is None
+
+
+def test_failure_and_log_messages_are_redacted_and_capped(url: str, r: redis.Redis) -> None:
+    job_id = _create(url, None)
+    worker = JobStore(r, hidden={"/srv/fitserve/data": "<data folder>"})
+    assert worker.start(job_id, max_attempts=3) is not None
+    worker.add_event(job_id, "log", {"level": "WARNING", "message": "at /srv/fitserve/data/x"})
+    message = (
+        "OSError: cannot read /srv/fitserve/data/datasets/blobs/a.npz\n"
+        "Traceback (most recent call last):\n"
+        '  File "/opt/venv/lib/python3.11/site-packages/numpy/lib/npyio.py", line 9, in load\n'
+        "    fid = open(file)\n" + "x" * 5000
+    )
+
+    assert worker.fail(job_id, "INTERNAL", message)
+    job = worker.get(job_id)
+    assert job.error_message.startswith(
+        "OSError: cannot read <data folder>/datasets/blobs/a.npz\nxxx"
+    )
+    assert len(job.error_message) == 2000
+    assert "Traceback" not in job.error_message
+    assert "npyio" not in job.error_message
+    events = r.xrange(events_key(job_id))
+    logged = [e for _, e in events if e["type"] == "log"]
+    assert "at <data folder>/x" in logged[0]["data"]

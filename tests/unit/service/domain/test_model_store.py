@@ -196,3 +196,20 @@ def test_concurrent_publishes_get_distinct_versions(store):
     assert store.versions("m") == list(range(1, 9))
     assert [store.published_version("m", f"job-{i}") for i in range(8)] == versions
     assert not any((store.root / "m" / ".staging").iterdir())
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: s.set_alias("ghost", "stable", 1),
+        lambda s: s.delete_alias("ghost", "stable"),
+        lambda s: s.delete_version("ghost", 1),
+        lambda s: s.update_metadata("ghost", 1, evaluations={}),
+    ],
+    ids=["set_alias", "delete_alias", "delete_version", "update_metadata"],
+)
+def test_calls_about_a_model_that_does_not_exist_create_nothing(store, call):
+    with pytest.raises(NotFound, match="model 'ghost' not found"):
+        call(store)
+
+    assert not (store.root / "ghost").exists()

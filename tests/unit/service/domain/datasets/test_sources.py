@@ -225,3 +225,44 @@ def test_feature_spec_is_required_for_tfrecords_and_refused_for_saved_folders(ro
     with pytest.raises(InvalidRequest, match="carries its own element spec"):
         sources.check_uri(ref, [root])
     sources.check_uri(DatasetRef(uri=str(root / "records"), feature_spec=SPEC), [root])
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("{root}/sa\x00ved", "holds a control character (NUL, a newline, ...)"),
+        ("file://{root}/sa%00ved", "holds a control character"),
+        ("{root}/line\nbreak", "holds a control character"),
+        ("{root}/" + "a" * 300, "has a path component of 300 bytes; the limit is 255 (NAME_MAX)"),
+        ("{root}/" + "é" * 128, "has a path component of 256 bytes"),
+        ("{root}" + "/abc" * 1100, "bytes long; the limit is 4096 (PATH_MAX)"),
+        ("file://[{root}", "is not a valid URL"),
+    ],
+    ids=["nul", "escaped-nul", "newline", "long-name", "long-utf8-name", "long-path", "ipv6"],
+)
+def test_paths_the_operating_system_would_refuse_are_invalid(root: Path, uri: str, message: str):
+    for check in (
+        lambda u: sources.local_path(u, [root]),
+        lambda u: sources.check_uri(DatasetRef(uri=u), [root]),
+    ):
+        with pytest.raises(InvalidRequest) as info:
+            check(uri.format(root=root))
+        assert message in info.value.message
+        assert info.value.field == "dataset.uri"
+        assert len(info.value.message) < 400
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/a\x00b", "memory://bucket/" + "a" * 5000])
+def test_urls_with_control_characters_or_too_long_are_invalid_before_any_storage(uri: str):
+    with pytest.raises(InvalidRequest) as info:
+        sources.check_uri(DatasetRef(uri=uri), [], url_schemes=("s3", "memory"))
+    assert info.value.field == "dataset.uri"
+    with pytest.raises(InvalidRequest):
+        sources.resolve(DatasetRef(uri=uri), [], ("s3", "memory"))
+
+
+def test_a_symlink_loop_is_invalid_not_a_crash(root: Path):
+    (root / "loop").symlink_to(root / "loop")
+    with pytest.raises((InvalidRequest, NotFound)) as info:
+        sources.local_path(str(root / "loop" / "x"), [root])
+    assert "loop" in info.value.message

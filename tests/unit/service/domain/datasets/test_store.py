@@ -1,6 +1,9 @@
 import hashlib
 import io
+import re
 import types
+import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -239,3 +242,139 @@ def test_unknown_datasets_are_not_found(store, call, ref, message):
 def test_a_malformed_id_is_refused(store, ref):
     with pytest.raises(InvalidRequest, match="is not a dataset id"):
         store.get(ref)
+    with pytest.raises(InvalidRequest, match="is not a dataset id"):
+        store.delete(ref)
+
+
+# -- zip bombs and headers that lie: checked before anything is stored ------------------
+
+
+def npy_header(shape, dtype="<f4"):
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": dtype, "fortran_order": False, "shape": shape}
+    )
+    return buffer.getvalue()
+
+
+def bomb(declared_rows, real_rows, cols=1024):
+    """A deflated .npz whose 'x' declares ``declared_rows`` float32 rows and holds
+    ``real_rows`` rows of zeros: 4 KB a row, a few bytes a row once compressed."""
+    buffer = io.BytesIO()
+    with (
+        zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive,
+        archive.open("x.npy", "w", force_zip64=True) as member,
+    ):
+        member.write(npy_header((declared_rows, cols)))
+        row = bytes(4 * cols)
+        for _ in range(real_rows):
+            member.write(row)
+    return buffer.getvalue()
+
+
+def nothing_stored(store):
+    return (
+        files(store, "blobs") == []
+        and files(store, "names") == []
+        and (files(store, "incoming") == [])
+    )
+
+
+def test_arrays_that_declare_more_than_the_expanded_limit_are_refused_unread(tmp_path):
+    store = DatasetStore(tmp_path / "datasets", max_bytes=1024**2, max_expanded_bytes=8 * 1024**2)
+    content = bomb(declared_rows=16 * 1024, real_rows=16 * 1024)  # 64 MB in 64 KB
+
+    assert len(content) < 1024**2
+    with pytest.raises(ResourceExhausted) as info:
+        upload(store, "bomb", content, chunk=64 * 1024)
+    assert info.value.message == (
+        "the dataset's arrays hold 67,108,864 bytes unpacked (largest: 'x', (16384, 1024) "
+        "float32); the limit is 8,388,608 bytes (FITSERVE_MAX_DATASET_EXPANDED_BYTES)"
+    )
+    assert nothing_stored(store)
+
+
+def test_the_expanded_limit_defaults_to_the_upload_limit(tmp_path):
+    store = DatasetStore(tmp_path / "datasets", max_bytes=1024**2)
+    assert store.max_expanded_bytes == 1024**2
+    with pytest.raises(ResourceExhausted, match="the limit is 1,048,576 bytes"):
+        upload(store, "bomb", bomb(declared_rows=512, real_rows=0))
+    assert nothing_stored(store)
+
+
+def test_a_member_is_streamed_a_chunk_at_a_time_never_read_whole(tmp_path, monkeypatch):
+    from service.domain.datasets import npz as npz_module
+
+    reads = []
+    real_open = zipfile.ZipFile.open
+
+    def watched_open(self, *args, **kwargs):
+        f = real_open(self, *args, **kwargs)
+        real_read = f.read
+        f.read = lambda n=-1: reads.append(n) or real_read(n)
+        return f
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", watched_open)
+    store = DatasetStore(tmp_path / "datasets", max_bytes=1024**2, max_expanded_bytes=64 * 1024**2)
+    info = upload(store, "zeros", bomb(declared_rows=4096, real_rows=4096), chunk=64 * 1024)
+
+    assert info.arrays == (ArrayHeader("x", "float32", (4096, 1024)),)
+    assert -1 not in reads
+    assert None not in reads
+    assert max(reads) <= npz_module.CHUNK_BYTES
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            bomb(declared_rows=10**9, real_rows=1),
+            "the dataset's arrays hold 4,096,000,000,000 bytes unpacked",
+        ),
+        (
+            npz(x=np.zeros(3)).replace(b"(3,)", b"(9,)"),  # the zip's CRC no longer matches
+            "not a valid .npz file",
+        ),
+    ],
+)
+def test_headers_that_lie_are_refused_and_leave_nothing(store, content, message):
+    with pytest.raises((InvalidRequest, ResourceExhausted), match=re.escape(message)):
+        upload(store, "liar", content)
+    assert nothing_stored(store)
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        (
+            [("x.npy", npy_header((100,)) + bytes(8))],
+            "array 'x' holds 8 bytes of data; its "
+            "header declares (100,) float32, 400 bytes (cut short?)",
+        ),
+        (
+            [("x.npy", npy_header((2,)) + bytes(4000))],
+            "array 'x' holds more data than its header declares ((2,) float32, 8 bytes)",
+        ),
+        ([("x.npy", npy_header((-2,)))], "array 'x' has a negative dimension in its shape (-2,)"),
+        ([("x.npy", npy_header((2,)) + bytes(8))] * 2, "dataset holds 'x.npy' twice"),
+        ([(f"a{i}.npy", npy_header((1,)) + bytes(4)) for i in range(1025)], "holds 1025 arrays"),
+    ],
+    ids=["short", "long", "negative", "duplicate", "too-many"],
+)
+def test_members_that_do_not_hold_what_their_header_says_are_refused(tmp_path, members, message):
+    store = DatasetStore(tmp_path / "datasets", max_bytes=1024**2)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a duplicate name
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, data in members:
+                archive.writestr(name, data)
+    with pytest.raises(InvalidRequest) as info:
+        upload(store, "liar", buffer.getvalue(), chunk=4096)
+    assert message in info.value.message
+    assert nothing_stored(store)
+
+
+def test_a_stored_uncompressed_npz_passes_the_checks(store):
+    info = upload(store, "plain", XY)
+    assert [a.shape for a in info.arrays] == [(4, 3), (4,)]
