@@ -137,6 +137,8 @@ def _add_api(server: grpc.aio.Server, app: FitserveServer, outcomes: RpcOutcomes
         s.dataset_url_schemes,
         plugins,
         s.jobs_dir,
+        max_job_request_bytes=s.max_job_request_bytes,
+        time_limits=s.job_time_limit,
     )
     training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(
