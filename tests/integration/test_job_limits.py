@@ -171,3 +171,29 @@ def test_a_time_limit_over_the_server_maximum_is_refused_naming_it(
     message = refused.value.details
     assert message.startswith(f"run.time_limit_seconds: {most + 1} is over")
     assert f"maximum of {most} seconds (FITSERVE_JOB_TIME_LIMIT__MAX_SECONDS)" in message
+
+
+def test_a_fine_tune_over_its_time_limit_fails_without_a_second_phase_or_a_version(
+    client: fitserve.Client, tiny_data: str
+) -> None:
+    _train(client, "limits-base", tiny_data).wait(timeout=120)
+    job = client.fine_tune(
+        "limits-base",
+        model_name="limits-tuned",
+        train_last_n_layers=1,
+        unfreeze_top_k=1,
+        unfreeze_epochs=5,
+        loss="sparse_categorical_crossentropy",
+        dataset=tiny_data,
+        epochs=100_000,
+        batch_size=1,
+        time_limit_seconds=2,
+    )
+    with pytest.raises(fitserve.JobFailedError):
+        job.wait(timeout=120)
+
+    record = client.job_record(job.id)
+    assert record.error.reason == "TIME_LIMIT"
+    assert "of 100005" in record.error.message  # stopped in the first phase
+    with pytest.raises(fitserve.NotFoundError):
+        client.get_model("limits-tuned")
