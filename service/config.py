@@ -157,6 +157,57 @@ class AuthSettings(BaseModel):
     )
 
 
+class JobTimeLimitSettings(BaseModel):
+    """How long one job may run on a worker (FITSERVE_JOB_TIME_LIMIT__*).
+
+    The clock starts when a worker starts the job (each delivery attempt anew) and covers
+    loading data, building and fitting. When it runs out, the fit (or evaluation) stops at
+    the next batch end and the job FAILS with reason TIME_LIMIT; nothing is published.
+    """
+
+    default_seconds: int | None = Field(
+        24 * 3600,
+        ge=1,
+        description="The limit of a job whose request sets no run.time_limit_seconds. "
+        "Unset (null): max_seconds (no limit when that is unset too).",
+    )
+    max_seconds: int | None = Field(
+        46 * 3600,
+        ge=1,
+        description="The most a request may ask for in run.time_limit_seconds (more is "
+        "INVALID_ARGUMENT naming this). Keep it, plus backstop_grace_seconds, below "
+        "FITSERVE_JOB_VISIBILITY_TIMEOUT_SECONDS, or Redis hands a running job to another "
+        "worker. Unset (null): no maximum, and no hard backstop.",
+    )
+    backstop_grace_seconds: int = Field(
+        900,
+        ge=1,
+        description="The worker's hard backstop: a job task still running max_seconds + "
+        "this long after it started (a batch or a callback that never returns, so the "
+        "fit cannot stop at its limit) has its worker child killed by Celery, and the job "
+        "is FAILED with reason TIME_LIMIT.",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> JobTimeLimitSettings:
+        if (
+            self.default_seconds is not None
+            and self.max_seconds is not None
+            and self.default_seconds > self.max_seconds
+        ):
+            raise ValueError(
+                f"default_seconds {self.default_seconds} is over max_seconds {self.max_seconds}"
+            )
+        return self
+
+    def resolve(self, requested: int | None) -> int | None:
+        """The limit of a job that asked for ``requested`` seconds (None: nothing asked);
+        the caller checks ``requested`` against ``max_seconds`` first."""
+        if requested is not None:
+            return requested
+        return self.default_seconds if self.default_seconds is not None else self.max_seconds
+
+
 class Settings(BaseSettings):
     """Everything a fitserve process is configured by.
 
@@ -296,6 +347,19 @@ class Settings(BaseSettings):
         "separated or a JSON list, e.g. FITSERVE_PLUGINS=my_company.losses,my_company.layers. "
         "Servers and workers must load the same plugins (docs/plugins.md).",
     )
+    # -- Limits on job submissions: their size, and how long a job may run --------------
+    max_job_request_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest Train, FineTune or Evaluate request (serialized), refused "
+        "above this with INVALID_ARGUMENT (FITSERVE_MAX_JOB_REQUEST_BYTES). A job's "
+        "request is stored in its record (GetJob, ListJobs) and much of it in the "
+        "version's fitserve.json (GetModel), so it stays far below max_message_bytes, "
+        "which uploads and predictions need. Free-form fields have caps of their own "
+        "(service.domain.job_specs).",
+    )
+    job_time_limit: JobTimeLimitSettings = Field(default_factory=JobTimeLimitSettings)
+    # -- end of the job submission limits -----------------------------------------------
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     auth: Annotated[AuthSettings, NoDecode] = Field(

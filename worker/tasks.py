@@ -4,18 +4,37 @@ from __future__ import annotations
 
 from typing import Any
 
+from billiard.einfo import ExceptionInfo
 from celery import Task
+from celery.exceptions import TimeLimitExceeded
 
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN
-from worker.app import app, runtime
+from worker import limits
+from worker.app import app, runtime, settings
 
 
 class JobTask(Task[[str], None]):
-    """Base of every job task: acks late, never Celery-retried (attempts are ours)."""
+    """Base of every job task: acks late, never Celery-retried (attempts are ours), and
+    killed by the pool past the longest time limit plus a grace (``worker.limits``)."""
 
     acks_late = True
     reject_on_worker_lost = True
     max_retries = 0
+    time_limit = limits.hard_time_limit(settings)
+
+    def on_failure(
+        self,
+        exc: Exception,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
+        """On a hard time limit Celery calls this in the parent, once the child is past
+        saving: the job is FAILED there. Other failures never reach here (run_job ends
+        every job itself)."""
+        if isinstance(exc, TimeLimitExceeded) and self.time_limit is not None:
+            limits.fail_timed_out(settings, str(args[0]) if args else task_id, self.time_limit)
 
 
 @app.task(name=TASK_TRAIN, base=JobTask)

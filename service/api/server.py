@@ -2,12 +2,19 @@
 
 The api role never imports TensorFlow: the inference servicers (``service.api.serving``,
 and with them TensorFlow) are imported only when this server has the inference role.
+
+A server binds its port alone (no SO_REUSEPORT, which gRPC sets by default): a second
+server on a port in use fails at start with AddressInUse instead of silently taking a
+share of the connections. Only the processes of ``serve --processes N`` share a port
+(``share_port``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 
 import grpc
 import redis.asyncio as aioredis
@@ -52,10 +59,18 @@ API_SERVICES = (
 )
 
 
+class AddressInUse(OSError):
+    """Another process holds the gRPC address (host:port) this server was to bind."""
+
+
 async def create_server(
-    settings: Settings, metrics: Metrics | None = None
+    settings: Settings, metrics: Metrics | None = None, *, share_port: bool = False
 ) -> tuple[FitserveServer, int]:
-    """Build a server for ``settings`` bound to its host and port; returns it and the port."""
+    """Build a server for ``settings`` bound to its host and port; returns it and the port.
+
+    AddressInUse when another process holds the port; ``share_port`` (only for the
+    processes of ``serve --processes N``) binds it with SO_REUSEPORT, alongside the others.
+    """
     metrics = metrics or Metrics()
     outcomes = RpcOutcomes(metrics)
     gate = CallGate(settings.max_message_bytes, outcomes)
@@ -63,7 +78,7 @@ async def create_server(
     await auth.start()  # refuses to start beyond loopback with no way to tell callers apart
     before = channelz_server_ids()
     # The token is checked first, so a caller without one costs no parsing and no queue.
-    server = grpc.aio.server(options=_options(settings), interceptors=[auth, gate])
+    server = grpc.aio.server(options=_options(settings, share_port), interceptors=[auth, gate])
     app = FitserveServer(server, settings, metrics, health.aio.HealthServicer())
     app.closers.append(auth.close)
     if "inference" in settings.roles:
@@ -73,18 +88,55 @@ async def create_server(
     reflection.enable_server_reflection(names, server)
     for name in [*names, ""]:
         await app.health.set(name, _NOT_SERVING if name in waiting else _SERVING)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise OSError(f"could not bind {settings.host}:{settings.port}")
-    return app, port
+    return app, _bind(server, settings.host, settings.port, share_port)
 
 
-def _options(settings: Settings) -> list[tuple[str, int]]:
+def _options(settings: Settings, share_port: bool = False) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", transport_limit(settings.max_message_bytes)),
-        ("grpc.so_reuseport", 1),
+        # gRPC turns SO_REUSEPORT on unless told not to: then a second server on a port in
+        # use binds it too and clients reach whichever the kernel picks.
+        ("grpc.so_reuseport", 1 if share_port else 0),
     ]
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, share_port: bool) -> int:
+    """Bind ``host:port`` (0: a free port); AddressInUse, naming it, when it is taken."""
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # gRPC's "Failed to bind to address", whatever the cause
+        bound = 0
+    if bound:
+        return bound
+    if port and not share_port and address_in_use(host, port):
+        raise AddressInUse(errno.EADDRINUSE, in_use_message(host, port))
+    raise OSError(f"could not bind {host}:{port} (set GRPC_VERBOSITY=debug to see why)")
+
+
+def address_in_use(host: str, port: int) -> bool:
+    """Whether another socket holds ``host:port``: a bind without SO_REUSEPORT fails with
+    EADDRINUSE (SO_REUSEADDR set, as gRPC sets it, so connections in TIME_WAIT do not
+    count)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError:
+        return False
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def in_use_message(host: str, port: int) -> str:
+    return (
+        f"address in use: {host}:{port} is taken by another process (another fitserve "
+        "server?); stop it, or give this one another --port (FITSERVE_PORT). Only the "
+        "processes of one `fitserve serve --processes N` share a port"
+    )
 
 
 def _enable_shedding(app: FitserveServer, gate: CallGate, before: set[int]) -> None:
@@ -145,6 +197,8 @@ def _add_api(server: grpc.aio.Server, app: FitserveServer, outcomes: RpcOutcomes
         plugins,
         s.jobs_dir,
         access,
+        max_job_request_bytes=s.max_job_request_bytes,
+        time_limits=s.job_time_limit,
     )
     training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
     dataset_pb2_grpc.add_DatasetServiceServicer_to_server(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from google.protobuf.message import Message
 
 from fitserve.v1 import training_pb2, training_pb2_grpc
 from service.api import converters
@@ -15,6 +18,7 @@ from service.api.access import Access
 from service.api.auth import audit
 from service.api.paging import enum_filter, next_token, page
 from service.api.status import Context, RpcOutcomes, Servicer, stream_out, unary
+from service.config import JobTimeLimitSettings
 from service.domain import job_artifacts
 from service.domain.config_check import check_model_spec
 from service.domain.datasets import sources
@@ -39,6 +43,7 @@ from service.plugins.registry import Kind, Registry
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN, TaskQueue
 
 ARTIFACT_CHUNK_BYTES = 1024 * 1024
+MAX_JOB_REQUEST_BYTES = 1024 * 1024  # Settings.max_job_request_bytes's default
 EVENT_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 WATCH_WAIT_SECONDS = 2.0  # a watcher re-reads the job's state at least this often
 
@@ -59,8 +64,13 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         plugins: Registry | None = None,
         jobs_dir: Path | None = None,
         access: Access | None = None,
+        *,
+        max_job_request_bytes: int = MAX_JOB_REQUEST_BYTES,
+        time_limits: JobTimeLimitSettings | None = None,
     ) -> None:
         super().__init__(outcomes)
+        self._max_request_bytes = max_job_request_bytes
+        self._time_limits = time_limits or JobTimeLimitSettings()
         self._plugins = plugins or Registry()
         # Settings.jobs_dir; its default, when the composition root passes none.
         self._jobs_dir = jobs_dir or datasets.root.parent / "jobs"
@@ -77,7 +87,9 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     ) -> training_pb2.TrainResponse:
         """Validate a training request and queue it as a job (idempotent per
         idempotency_key); INVALID_ARGUMENT names the first bad field."""
+        self._check_size(request, "Train")
         spec = parse_train(converters.train_request_data(request))
+        spec = spec.model_copy(update={"run": self._time_limited(spec.run)})
         check_model_spec(spec.model)
         await self._check_datasets(spec.dataset, spec.fit.validation_data)
         job = _new_job(JobKind.TRAIN, spec.model_name, spec.run, spec.model_dump(mode="json"))
@@ -90,7 +102,9 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     ) -> training_pb2.FineTuneResponse:
         """Queue a job that continues training a stored version (last N layers, or a new
         head on a frozen base); NOT_FOUND when the base version does not exist."""
+        self._check_size(request, "FineTune")
         spec = parse_fine_tune(converters.fine_tune_request_data(request))
+        spec = spec.model_copy(update={"run": self._time_limited(spec.run)})
         spec = await asyncio.to_thread(self._resolve_base, spec)
         await self._check_datasets(spec.dataset, spec.fit.validation_data)
         job = _new_job(JobKind.FINE_TUNE, spec.model_name, spec.run, spec.model_dump(mode="json"))
@@ -103,7 +117,9 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     ) -> training_pb2.EvaluateResponse:
         """Queue a job that evaluates a stored version on a dataset, its metrics recorded on
         the version; NOT_FOUND for an unknown model, version, alias or dataset."""
+        self._check_size(request, "Evaluate")
         spec = parse_evaluate(converters.evaluate_request_data(request))
+        spec = spec.model_copy(update={"run": self._time_limited(spec.run)})
         spec = await asyncio.to_thread(self._resolve, spec)
         await self._check_datasets(spec.dataset)
         job = _new_job(JobKind.EVALUATE, spec.model_name, spec.run, spec.model_dump(mode="json"))
@@ -124,13 +140,15 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     async def ListJobs(
         self, request: training_pb2.ListJobsRequest, context: Context
     ) -> training_pb2.ListJobsResponse:
-        """Jobs, newest first, filtered by state, kind and model, a page at a time;
-        INVALID_ARGUMENT for a page_size over the maximum or a page_token not issued here."""
+        """Jobs, newest first, filtered by state, kind and model, a page at a time, with
+        their request bodies only for view FULL; INVALID_ARGUMENT for a page_size over the
+        maximum, a page_token not issued here or an unknown view."""
+        full = _full_view(request.view)
         filters = _list_filters(request)
         jobs, next_offset = await self._jobs.query(**filters)
         positions = await self._queue_positions(jobs)
         return training_pb2.ListJobsResponse(
-            jobs=[converters.job_to_proto(j, positions.get(j.id, -1)) for j in jobs],
+            jobs=[_listed(j, positions.get(j.id, -1), full) for j in jobs],
             next_page_token=next_token(next_offset),
         )
 
@@ -220,6 +238,36 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
                 yield training_pb2.ArtifactChunk(data=chunk)
         finally:
             chunks.close()  # the file, also when the caller goes away mid-stream
+
+    def _check_size(self, request: Message, method: str) -> None:
+        """INVALID_ARGUMENT for a job request over the cap, naming its largest field: the
+        request is stored with the job (and much of it with the version it publishes)."""
+        size = request.ByteSize()
+        if size <= self._max_request_bytes:
+            return
+        largest, largest_size = max(
+            ((f.name, _field_size(v)) for f, v in request.ListFields()), key=lambda e: e[1]
+        )
+        raise InvalidRequest(
+            f"the {method} request is {size} bytes, over this server's limit of "
+            f"{self._max_request_bytes} bytes for a job request (FITSERVE_MAX_JOB_REQUEST_BYTES); "
+            f"its largest field is {largest} ({largest_size} bytes). A request holds names, "
+            "options and labels; data goes in a dataset (UploadDataset, or a uri)",
+            field=largest,
+        )
+
+    def _time_limited(self, run: RunSpec) -> RunSpec:
+        """The run options with the job's time limit pinned: the request's, else this
+        server's default; INVALID_ARGUMENT for more than the server's maximum."""
+        requested, most = run.time_limit_seconds, self._time_limits.max_seconds
+        if requested is not None and most is not None and requested > most:
+            raise InvalidRequest(
+                f"run.time_limit_seconds: {requested} is over this server's maximum of "
+                f"{most} seconds (FITSERVE_JOB_TIME_LIMIT__MAX_SECONDS); ask for at most "
+                f"{most}, or leave it unset for the default",
+                field="run.time_limit_seconds",
+            )
+        return run.model_copy(update={"time_limit_seconds": self._time_limits.resolve(requested)})
 
     async def _queue_positions(self, jobs: Sequence[Job]) -> dict[str, int]:
         """The place of each QUEUED job among ``jobs`` in its queue, from one read of each
@@ -378,6 +426,37 @@ def _event_id(value: str) -> str:
             field="after_event_id",
         )
     return value
+
+
+def _field_size(value: Any) -> int:
+    """The serialized size of one field's value (a message, a string, a repeated or map
+    field), near enough to name the largest."""
+    if isinstance(value, Message):
+        return value.ByteSize()
+    if isinstance(value, str | bytes):
+        return len(value.encode() if isinstance(value, str) else value)
+    try:
+        items = list(value.values()) if hasattr(value, "values") else list(value)
+    except TypeError:
+        return 8  # a number
+    return sum(_field_size(item) for item in items)
+
+
+def _full_view(view: int) -> bool:
+    """Whether ListJobs returns request bodies: only for JOB_VIEW_FULL (AIP-157)."""
+    if view not in training_pb2.JobView.values():
+        valid = ", ".join(training_pb2.JobView.keys())
+        raise InvalidRequest(f"view {view} is not a JobView; valid: {valid}", field="view")
+    return view == training_pb2.JOB_VIEW_FULL
+
+
+def _listed(job: Job, queue_position: int, full: bool) -> training_pb2.Job:
+    """A job as ListJobs returns it: without its request body unless ``full``."""
+    if full:
+        return converters.job_to_proto(job, queue_position)
+    out = converters.job_to_proto(dataclasses.replace(job, request={}), queue_position)
+    out.ClearField("request_json")
+    return out
 
 
 def _list_filters(request: training_pb2.ListJobsRequest) -> dict[str, Any]:

@@ -7,9 +7,17 @@ the job record, and the worker reads back exactly what was validated.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.domain import allowed_keras, config_check, keras_signatures
 from service.domain.resource_names import check_name
@@ -21,10 +29,28 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Caps on the free-form fields of a job request. Everything a request holds is stored in
+# the job's record (GetJob, ListJobs) and much of it in the fitserve.json of the version it
+# publishes (GetModel), so no field may make those records huge; the request as a whole is
+# capped too, by the api (Settings.max_job_request_bytes). Refusals name the field and the
+# limit ("run.labels.team: String should have at most 256 characters").
+MAX_LABELS = 64
+MAX_LABEL_KEY_CHARS = 63
+MAX_LABEL_VALUE_CHARS = 256
+MAX_NAME_CHARS = 256  # Keras identifiers, output, array, feature and layer names, monitors
+MAX_NAMES = 1000  # entries of a list or map of such names
+MAX_URI_CHARS = 4096
+MAX_ALIAS_CHARS = 64  # an alias is 1-63 characters; the model store checks its form
+
+Name = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)]
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_KEY_CHARS)]
+LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE_CHARS)]
+
+
 class NamedConfig(_Spec):
     """A Keras object by name plus constructor parameters."""
 
-    name: str
+    name: str = Field(max_length=MAX_NAME_CHARS)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -68,11 +94,13 @@ class CompileSpec(_Spec):
 
     optimizer: NamedConfig = NamedConfig(name="adam")
     loss: NamedConfig | None = None
-    output_losses: dict[str, NamedConfig] = Field(default_factory=dict)
-    loss_weights: dict[str, float] = Field(default_factory=dict)
-    metrics: list[NamedConfig] = Field(default_factory=list)
-    weighted_metrics: list[NamedConfig] = Field(default_factory=list)
-    output_metrics: dict[str, list[NamedConfig]] = Field(default_factory=dict)
+    output_losses: dict[Name, NamedConfig] = Field(default_factory=dict, max_length=MAX_NAMES)
+    loss_weights: dict[Name, float] = Field(default_factory=dict, max_length=MAX_NAMES)
+    metrics: list[NamedConfig] = Field(default_factory=list, max_length=MAX_NAMES)
+    weighted_metrics: list[NamedConfig] = Field(default_factory=list, max_length=MAX_NAMES)
+    output_metrics: dict[Name, list[NamedConfig]] = Field(
+        default_factory=dict, max_length=MAX_NAMES
+    )
 
     @field_validator("output_metrics")
     @classmethod
@@ -181,13 +209,13 @@ def parse_feature(text: str) -> tuple[str, tuple[int, ...]]:
 class DatasetRef(_Spec):
     """Where a job reads data: an uploaded dataset (id or name), a URI, or a built-in."""
 
-    dataset: str = ""
-    uri: str = ""
-    builtin: str = ""
+    dataset: str = Field("", max_length=MAX_NAME_CHARS)
+    uri: str = Field("", max_length=MAX_URI_CHARS)
+    builtin: str = Field("", max_length=MAX_NAME_CHARS)
     split: Literal["", "train", "test"] = ""
-    input_keys: list[str] = Field(default_factory=list)
-    target_keys: list[str] = Field(default_factory=list)
-    feature_spec: dict[str, str] = Field(default_factory=dict)
+    input_keys: list[Name] = Field(default_factory=list, max_length=MAX_NAMES)
+    target_keys: list[Name] = Field(default_factory=list, max_length=MAX_NAMES)
+    feature_spec: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_NAMES)
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetRef:
@@ -227,7 +255,7 @@ class FitSpec(_Spec):
     validation_split: float = Field(0.0, ge=0.0, lt=1.0)
     validation_data: DatasetRef | None = None
     class_weight: dict[int, float] = Field(default_factory=dict)
-    sample_weight_key: str = ""
+    sample_weight_key: str = Field("", max_length=MAX_NAME_CHARS)
     initial_epoch: int = Field(0, ge=0)
     steps_per_epoch: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, lt=2**31)
@@ -262,7 +290,7 @@ class FitSpec(_Spec):
 
 class EarlyStoppingSpec(_Spec):
     enabled: bool = False
-    monitor: str = "val_loss"
+    monitor: str = Field("val_loss", max_length=MAX_NAME_CHARS)
     min_delta: float = 0.0
     patience: int = Field(0, ge=0)
     mode: Literal["auto", "min", "max"] = "auto"
@@ -273,7 +301,7 @@ class EarlyStoppingSpec(_Spec):
 
 class ModelCheckpointSpec(_Spec):
     enabled: bool = False
-    monitor: str = "val_loss"
+    monitor: str = Field("val_loss", max_length=MAX_NAME_CHARS)
     save_best_only: bool = False
     mode: Literal["auto", "min", "max"] = "auto"
     save_weights_only: bool = False
@@ -282,7 +310,7 @@ class ModelCheckpointSpec(_Spec):
 
 class ReduceLROnPlateauSpec(_Spec):
     enabled: bool = False
-    monitor: str = "val_loss"
+    monitor: str = Field("val_loss", max_length=MAX_NAME_CHARS)
     factor: float = Field(0.1, gt=0.0, lt=1.0)
     patience: int = Field(10, ge=0)
     mode: Literal["auto", "min", "max"] = "auto"
@@ -345,7 +373,11 @@ class RunSpec(_Spec):
 
     queue: Literal["train", "cpu"] = "train"
     mixed_precision: Literal["", "mixed_float16", "mixed_bfloat16"] = ""
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
+    # Seconds the job may run on a worker; the api fills in the server's default before
+    # queueing (and refuses more than its maximum), so the record says the limit it runs
+    # under. None only in jobs queued before time limits existed.
+    time_limit_seconds: int | None = Field(None, ge=1, le=2**31 - 1)
 
 
 class TrainSpec(_Spec):
@@ -372,7 +404,7 @@ class EvaluateSpec(_Spec):
 
     model_name: str
     version: int = Field(0, ge=0)
-    alias: str = ""
+    alias: str = Field("", max_length=MAX_ALIAS_CHARS)
     dataset: DatasetRef
     batch_size: int = Field(32, ge=1, le=1_000_000)
     run: RunSpec = RunSpec(queue="cpu")
@@ -401,7 +433,7 @@ class ModelRefSpec(_Spec):
 
     name: str
     version: int = Field(0, ge=0)
-    alias: str = ""
+    alias: str = Field("", max_length=MAX_ALIAS_CHARS)
 
     @field_validator("name")
     @classmethod
@@ -413,7 +445,7 @@ class NewHeadSpec(_Spec):
     """A new classification head on the frozen base (transfer learning)."""
 
     num_classes: int = Field(ge=1, le=1_000_000)
-    activation: str = "softmax"
+    activation: str = Field("softmax", max_length=MAX_NAME_CHARS)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("activation")
@@ -429,7 +461,7 @@ class NewHeadSpec(_Spec):
 class LayerSelectionSpec(_Spec):
     """Layers by name or by index (negative from the end)."""
 
-    names: list[str] = Field(default_factory=list, max_length=10_000)
+    names: list[Name] = Field(default_factory=list, max_length=10_000)
     indices: list[int] = Field(default_factory=list, max_length=10_000)
 
     @model_validator(mode="after")
@@ -650,8 +682,12 @@ def parse_evaluate(data: dict[str, Any]) -> EvaluateSpec:
 
 def _invalid(exc: ValidationError) -> InvalidRequest:
     err = exc.errors(include_url=False)[0]
-    field = ".".join(str(p) for p in err["loc"])
+    loc = [_shown(str(p)) for p in err["loc"]]
     message = str(err["msg"]).removeprefix("Value error, ")
+    if loc[-1:] == ["[key]"]:  # a map's key: name the map, then the key
+        *loc, key, _ = loc
+        message = f"key {key!r}: {message}"
+    field = ".".join(loc)
     if err["type"] == "missing":
         message = "is required"
     elif err["type"] == "extra_forbidden":
@@ -659,3 +695,9 @@ def _invalid(exc: ValidationError) -> InvalidRequest:
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     text = f"{field}: {message}" if field else message  # "": the request as a whole
     return InvalidRequest(f"{text}{more}", field=field or None)
+
+
+def _shown(part: str, most: int = 64) -> str:
+    """A part of a field's path as an error message shows it: a map key, which the
+    caller chose, cut short."""
+    return part if len(part) <= most else f"{part[:most]}..."

@@ -1,11 +1,14 @@
 """Serving: one gRPC server (``serve``), N of them on one port under a supervisor
 (``serve --processes N``), and starting a server process from a parent (``start_server``).
 
-The N processes share their port with SO_REUSEPORT (set by create_server), so the kernel
-spreads connections over them. The supervisor reserves that port itself: it binds a
-SO_REUSEPORT socket (to port 0 unless a port is given) and holds it, never listening, for the
-whole run. The kernel hands connections only to listening sockets, so the reservation takes
-none; it only keeps the port ours while children start, stop or are replaced.
+The N processes share their port with SO_REUSEPORT, so the kernel spreads connections over
+them; they are the only servers that set it (create_server's ``share_port``, which the
+supervisor asks for in their environment, SHARED_PORT_ENV): any other server on a port in
+use fails at start with "address in use". The supervisor reserves that port itself: having
+checked that no other process holds it, it binds a SO_REUSEPORT socket (to port 0 unless a
+port is given) and holds it, never listening, for the whole run. The kernel hands
+connections only to listening sockets, so the reservation takes none; it only keeps the
+port ours while children start, stop or are replaced.
 """
 
 from __future__ import annotations
@@ -41,14 +44,23 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("fitserve")
+# Set by serve_processes in its children's environment: this server shares its port.
+SHARED_PORT_ENV = "FITSERVE_SERVE_SHARED_PORT"
+
+
+class PortTaken(SystemExit):
+    """A server cannot start: its port is in use (the message names host:port)."""
 
 
 async def serve(settings: Settings, ready_file: Path | None = None) -> None:
     """Run one server until SIGTERM or SIGINT, then stop gracefully; once it listens,
     report its ports at ``ready_file``."""
-    from service.api.server import create_server
+    from service.api.server import AddressInUse, create_server
 
-    server, port = await create_server(settings)
+    try:
+        server, port = await create_server(settings, share_port=SHARED_PORT_ENV in os.environ)
+    except AddressInUse as exc:
+        raise PortTaken(f"fitserve serve: {exc.strerror}") from None
     aggregated = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # a child of serve_processes
     await server.start(serve_metrics_http=not aggregated)
     # What is alive now (TensorFlow, gRPC, the whole import graph) lives as long as the
@@ -115,7 +127,13 @@ def start_server(
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
-    """A SO_REUSEPORT socket bound (not listening) to ``host:port``; port 0 picks one."""
+    """A SO_REUSEPORT socket bound (not listening) to ``host:port``; port 0 picks one.
+    PortTaken when another process holds the port, even one that shares it with
+    SO_REUSEPORT itself (another ``serve --processes N``)."""
+    from service.api.server import address_in_use, in_use_message
+
+    if port and address_in_use(host, port):
+        raise PortTaken(f"fitserve serve: {in_use_message(host, port)}")
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -219,4 +237,5 @@ def _serve_child(
     argv = serve_argv("--processes", "1", "--data-dir", str(settings.data_dir.resolve()))
     argv += ["--host", settings.host, "--port", str(port), "--roles", ",".join(settings.roles)]
     argv += ["--ready-file", str(_child_ready_file(metrics_dir, index))]
-    return spawn(argv, dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)))
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    return spawn(argv, env | {SHARED_PORT_ENV: str(port)})

@@ -1,9 +1,10 @@
-"""fitserve's own Keras callbacks: progress reporting and cooperative cancel.
+"""fitserve's own Keras callbacks: progress reporting, cooperative cancel, time limits.
 
 They use epoch hooks only: overriding batch hooks makes Keras sync every step, so
 BatchProgress, which must, is added only to jobs that ask for it. Cancel is
 polled from a background thread that sets ``model.stop_training``, which Keras checks
-after every batch, so a running job stops at the next batch end at no per-batch cost.
+after every batch, so a running job stops at the next batch end at no per-batch cost;
+a job's time limit is a timer thread that does the same.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import shutil
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import keras
 from service.domain.job_specs import ThresholdSpec
 from service.domain.job_store import JobStore
 from service.domain.jobs import JobState
+from service.errors import DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
@@ -216,3 +219,94 @@ class JobBackup(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
             # A private attribute: BackupAndRestore tells fit where to resume only through
             # it (no public API), and a failed restore must not leave a stale epoch there.
             self.model._initial_epoch = None
+
+
+class TimeLimitReached(DeadlineExceeded):
+    """A job ran for its time limit: it stopped at a batch end and published nothing."""
+
+    reason = "TIME_LIMIT"
+
+
+class TimeLimit(keras.callbacks.Callback):  # type: ignore[misc]
+    """Stops a job's fits and evaluations once it has run ``seconds`` since ``started_at``
+    (wall clock: when this worker started the job). A timer thread, armed while a fit or
+    an evaluation runs, sets ``model.stop_training`` and ``model.stop_evaluating``, which
+    Keras checks after every batch; a fit that begins past the deadline stops after its
+    first batch. The job then checks ``reached`` and fails (``check``)."""
+
+    def __init__(self, seconds: float, started_at: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self._deadline = started_at + seconds
+        self.reached = False
+        self.epoch = 0  # 1-based, of the fit running when the limit was reached
+        self._depth = 0  # a fit's validation is an evaluation inside it
+        self._timer: threading.Timer | None = None
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._begin()
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._begin()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._end()
+
+    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._end()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if not self.reached or not self.epoch:
+            self.epoch = epoch + 1
+
+    def _begin(self) -> None:
+        self._depth += 1
+        if self.reached or time.time() >= self._deadline:
+            self._reach()  # Keras cleared the stop flags as this fit or evaluation began
+            return
+        if self._timer is None:
+            # The thread holds the callback weakly: a job that raised mid-fit (so no
+            # on_train_end cancels the timer) leaves neither it nor its model alive.
+            self._timer = threading.Timer(
+                self._deadline - time.time(), _reach_weakly, args=(weakref.ref(self),)
+            )
+            self._timer.name, self._timer.daemon = "time-limit", True
+            self._timer.start()
+
+    def _end(self) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0 and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _reach(self) -> None:
+        self.reached = True
+        model = self.model
+        if model is not None:
+            model.stop_training = True
+            model.stop_evaluating = True
+
+    def check(self, epochs: int = 0) -> None:
+        """Raise TimeLimitReached if the limit stopped the job (``epochs``: the fit's
+        total, 0 for an evaluation)."""
+        if not self.reached:
+            return
+        where = f"in epoch {self.epoch} of {epochs}" if epochs else "while evaluating"
+        raise TimeLimitReached(
+            f"the job ran for its time limit of {self.seconds:g} s (run.time_limit_seconds) "
+            f"and was stopped {where}; nothing was published. Ask for a longer "
+            "run.time_limit_seconds (up to the server's maximum, "
+            "FITSERVE_JOB_TIME_LIMIT__MAX_SECONDS), or train for fewer epochs or steps"
+        )
+
+
+def _reach_weakly(ref: weakref.ref[TimeLimit]) -> None:
+    limit = ref()
+    if limit is not None:
+        limit._reach()
+
+
+def time_limit(seconds: int | None, started_at: float) -> TimeLimit | None:
+    """The time limit of a job that may run ``seconds`` from ``started_at`` (None: jobs
+    queued before time limits existed, which run unlimited)."""
+    return None if seconds is None else TimeLimit(seconds, started_at)

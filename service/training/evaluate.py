@@ -13,7 +13,7 @@ from service.domain.jobs import Job
 from service.domain.model_store import KERAS_FILE
 from service.domain.workspace import Workspace
 from service.training import building, data
-from service.training.callbacks import plain_logs
+from service.training.callbacks import plain_logs, time_limit
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,11 @@ def run_evaluate(job: Job, spec: EvaluateSpec, ws: Workspace) -> None:
     ranks = {t.name: len(t.shape) for t in model.inputs}
     eval_data = data.load(ws, spec.dataset, spec.batch_size, input_ranks=ranks)
     data.check(model, compile_spec, eval_data)
+    limit = time_limit(spec.run.time_limit_seconds, job.started_at)
+    callbacks = [limit] if limit is not None else []
     if eval_data.streamed:  # batched by tf.data
         with data.read_errors(eval_data):
-            results = model.evaluate(eval_data.x, return_dict=True, verbose=0)
+            results = model.evaluate(eval_data.x, return_dict=True, verbose=0, callbacks=callbacks)
     else:
         results = model.evaluate(
             eval_data.x,
@@ -38,7 +40,10 @@ def run_evaluate(job: Job, spec: EvaluateSpec, ws: Workspace) -> None:
             batch_size=spec.batch_size,
             return_dict=True,
             verbose=0,
+            callbacks=callbacks,
         )
+    if limit is not None:
+        limit.check()  # a partial evaluation is not recorded
     metrics = plain_logs(results)
     dataset = spec.dataset.label
     record_evaluation(ws.models, spec.model_name, spec.version, dataset, metrics, job.id)

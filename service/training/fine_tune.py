@@ -57,6 +57,7 @@ def run_fine_tune(job: Job, spec: FineTuneSpec, ws: Workspace) -> None:
     if reporting.cancel.cancelled:
         ws.jobs.cancelled(job.id)
         return
+    reporting.check_time_limit(job_dir, spec.total_epochs)
     metadata = _metadata(job, spec, base_version) | {"frozen_layers": frozen}
     logs, metadata = train.published_logs(ws, job, reporting.progress, last, metadata)
     train.publish(job, ws, model, spec.model_name, logs, metadata)
@@ -82,7 +83,7 @@ def _fit_phases(
         ws, job, spec.dataset, spec.fit, model, spec.compile
     )
     reporting = train.job_reporting(
-        ws, job, spec.callbacks, spec.total_epochs, spec.fit.initial_epoch
+        ws, job, spec.callbacks, spec.total_epochs, spec.fit.initial_epoch, spec.run
     )
     own = train.keras_callbacks(spec.callbacks, job_dir)
     train.fit(model, spec.fit, train_data, validation, reporting.around(own))

@@ -20,6 +20,7 @@ from service.domain.job_specs import (
     FitSpec,
     ModelCheckpointSpec,
     ModelSpec,
+    RunSpec,
     TrainSpec,
     check_class_ids,
 )
@@ -33,7 +34,9 @@ from service.training.callbacks import (
     JobBackup,
     JobProgress,
     Thresholds,
+    TimeLimit,
     plain_logs,
+    time_limit,
 )
 from service.training.exporting import export_version
 
@@ -47,12 +50,15 @@ def run_train(job: Job, spec: TrainSpec, ws: Workspace) -> None:
         model = build(spec.model, spec.run.mixed_precision)
         building.compile_model(model, spec.compile)
         train_data, validation = load_fit_data(ws, job, spec.dataset, spec.fit, model, spec.compile)
-        reporting = job_reporting(ws, job, spec.callbacks, spec.fit.epochs, spec.fit.initial_epoch)
+        reporting = job_reporting(
+            ws, job, spec.callbacks, spec.fit.epochs, spec.fit.initial_epoch, spec.run
+        )
         own = keras_callbacks(spec.callbacks, job_dir)
         fit(model, spec.fit, train_data, validation, reporting.around(own))
     if reporting.cancel.cancelled:
         ws.jobs.cancelled(job.id)
         return
+    reporting.check_time_limit(job_dir, spec.fit.epochs)
     logs, metadata = published_logs(ws, job, reporting.progress, own, _metadata(job, spec))
     publish(job, ws, model, spec.model_name, logs, metadata)
     shutil.rmtree(job_dir / "backup", ignore_errors=True)
@@ -184,6 +190,7 @@ class Reporting:
     thresholds: Thresholds
     plugins: list[keras.callbacks.Callback]
     batches: list[keras.callbacks.Callback]
+    time_limit: TimeLimit | None = None
 
     def around(
         self, keras_callbacks: list[keras.callbacks.Callback]
@@ -195,21 +202,39 @@ class Reporting:
             self.progress,
             self.thresholds,
             self.cancel,
+            *([self.time_limit] if self.time_limit is not None else []),
             *keras_callbacks,
             *self.batches,
         ]
 
     @property
     def stopped(self) -> bool:
-        """Cancelled, or a stop-at-threshold reached: no further phase runs."""
-        return self.cancel.cancelled or self.thresholds.stopped_by is not None
+        """Cancelled, a stop-at-threshold or the time limit reached: no further phase runs."""
+        timed_out = self.time_limit is not None and self.time_limit.reached
+        return self.cancel.cancelled or self.thresholds.stopped_by is not None or timed_out
+
+    def check_time_limit(self, job_dir: Path, epochs: int) -> None:
+        """Fail the job (TimeLimitReached) if its time limit stopped it, with its
+        BackupAndRestore state removed (a failed job never resumes); the files the
+        request asked for (checkpoints, logs) stay in the job folder."""
+        if self.time_limit is None or not self.time_limit.reached:
+            return
+        for backup in job_dir.glob("backup*"):
+            shutil.rmtree(backup, ignore_errors=True)
+        self.time_limit.check(epochs)
 
 
 def job_reporting(
-    ws: Workspace, job: Job, spec: CallbackSpec, epochs: int, initial_epoch: int = 0
+    ws: Workspace,
+    job: Job,
+    spec: CallbackSpec,
+    epochs: int,
+    initial_epoch: int = 0,
+    run: RunSpec | None = None,
 ) -> Reporting:
-    """The job's own callbacks, its thresholds and plugin callbacks, and throttled batch
-    progress only when asked (a batch hook slows every step)."""
+    """The job's own callbacks, its thresholds and plugin callbacks, its time limit (from
+    when this worker started it), and throttled batch progress only when asked (a batch
+    hook slows every step)."""
     batches = (
         [BatchProgress(ws.jobs, job.id, spec.batch_progress_interval_seconds)]
         if spec.batch_progress
@@ -221,6 +246,7 @@ def job_reporting(
         thresholds=Thresholds(ws.jobs, job.id, list(spec.thresholds)),
         plugins=plugins.callbacks(list(spec.plugins), ws.jobs, job.id),
         batches=batches,
+        time_limit=time_limit(run.time_limit_seconds, job.started_at) if run else None,
     )
 
 

@@ -17,12 +17,15 @@ from typing import IO
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 import fitserve
 from bench.models import MODEL, publish_reference
 from service.launch.ready import wait_ready
+from service.launch.serving import serve_argv, start_server
+from service.launch.supervision import ChildExited, terminate
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -166,3 +169,70 @@ def test_a_killed_server_process_brings_the_supervisor_down(served: Served) -> N
     os.kill(served.pids[0], signal.SIGKILL)
     assert served.proc.wait(60) == 1
     assert not _alive(served.pids[1])
+
+
+# ---- a port in use: only the processes of one `serve --processes N` share it ------------
+
+
+def _env(redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FITSERVE_")}
+    return env | {"FITSERVE_REDIS_URL": redis_url, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _api_server(tmp_path: Path, port: int, *more: str) -> list[str]:
+    args = ["--roles", "api", "--data-dir", str(tmp_path / "data"), "--port", str(port)]
+    return serve_argv(*args, "--metrics-port", "0", *more)
+
+
+def _fails_to_start(argv: list[str], env: dict[str, str], log: Path) -> str:
+    """Start a server that must exit before it listens; returns why it did (its output)."""
+    try:
+        proc, ready = start_server(argv, env, log, ROOT)
+    except ChildExited as exc:
+        code = exc.code
+    else:
+        terminate([proc])
+        raise AssertionError(f"a second server started on port {ready.port}, sharing it")
+    assert code == 1
+    return log.read_text(errors="replace")
+
+
+def _serving(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_second_server_on_a_port_in_use_fails_at_start_naming_it(
+    tmp_path: Path, redis_url: str
+) -> None:
+    env = _env(redis_url)
+    first, ready = start_server(_api_server(tmp_path, 0), env, tmp_path / "first.log", ROOT)
+    try:
+        alone = _fails_to_start(_api_server(tmp_path, ready.port), env, tmp_path / "second.log")
+        shared = _fails_to_start(
+            _api_server(tmp_path, ready.port, "--processes", "2"), env, tmp_path / "third.log"
+        )
+        assert _serving(ready.port)  # the first one is untouched
+    finally:
+        terminate([first])
+
+    for output in (alone, shared):
+        assert f"fitserve serve: address in use: 127.0.0.1:{ready.port} is taken" in output
+        assert "Traceback" not in output
+
+
+def test_no_other_server_joins_the_port_of_serve_processes(
+    served: Served, tmp_path: Path, redis_url: str
+) -> None:
+    env = _env(redis_url)
+
+    alone = _fails_to_start(_api_server(tmp_path, served.port), env, tmp_path / "alone.log")
+    group = _fails_to_start(
+        _api_server(tmp_path, served.port, "--processes", "2"), env, tmp_path / "group.log"
+    )
+
+    for output in (alone, group):
+        assert f"address in use: 127.0.0.1:{served.port}" in output
+    assert served.proc.poll() is None

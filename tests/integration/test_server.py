@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -120,3 +121,20 @@ def test_api_role_imports_no_tensorflow(settings: Settings, plugins: bool) -> No
     )
     assert out.returncode == 0, out.stderr
     assert ("loaded: ['keras', 'tensorflow']" if plugins else "loaded: []") in out.stdout
+
+
+def test_a_second_server_on_the_port_of_a_running_one_fails_naming_it(
+    server: RunningServer, settings: Settings
+) -> None:
+    from service.api.server import AddressInUse, create_server
+
+    port = int(server.target.rsplit(":", 1)[1])
+    second = settings.model_copy(update={"port": port, "roles": ["api"]})
+
+    with pytest.raises(AddressInUse, match=f"address in use: 127.0.0.1:{port} is taken"):
+        asyncio.run(create_server(second))
+    with grpc.insecure_channel(server.target) as channel:  # the first one is untouched
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING

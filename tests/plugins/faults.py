@@ -1,9 +1,10 @@
 """Plugins that misbehave, loaded by the test stack through FITSERVE_PLUGINS (code that
 is not packaged): a loss that raises while a job traces it, a callback that raises
-mid-fit, and a callback with a required parameter."""
+mid-fit, a callback that hangs, and a callback with a required parameter."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import keras
@@ -26,6 +27,18 @@ class ExplodingCallback(keras.callbacks.Callback):  # type: ignore[misc]
             raise RuntimeError(f"ExplodingCallback fails at epoch {self.at}")
 
 
+class Hang(keras.callbacks.Callback):  # type: ignore[misc]
+    """Does not return from the start of the fit for ``seconds``: a fit that its job's
+    time limit cannot stop (it is never at a batch end)."""
+
+    def __init__(self, seconds: float = 3600.0) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        time.sleep(self.seconds)
+
+
 class NeedsParam(keras.callbacks.Callback):  # type: ignore[misc]
     """Takes a required parameter."""
 
@@ -37,5 +50,5 @@ class NeedsParam(keras.callbacks.Callback):  # type: ignore[misc]
 FITSERVE_PLUGIN = {
     "package": "faults",
     "losses": [exploding_loss],
-    "callbacks": [ExplodingCallback, NeedsParam],
+    "callbacks": [ExplodingCallback, Hang, NeedsParam],
 }

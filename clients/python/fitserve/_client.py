@@ -41,6 +41,7 @@ _Item = TypeVar("_Item")
 
 JobState = training_pb2.JobState
 JobKind = training_pb2.JobKind
+JobView = training_pb2.JobView
 
 _DEFAULT_CHUNK_BYTES = 1024 * 1024
 _PREDICT = "/fitserve.v1.InferenceService/Predict"
@@ -393,14 +394,21 @@ class Client:
         batch_size: int = 32,
         queue: str = "",
         labels: Mapping[str, str] | None = None,
+        time_limit_seconds: int | None = None,
         timeout: float | None = None,
     ) -> Job:
-        """Queue a job that evaluates a stored version; its metrics land on the version."""
+        """Queue a job that evaluates a stored version; its metrics land on the version.
+        `time_limit_seconds` bounds its run on the worker (default: the server's)."""
         request = training_pb2.EvaluateRequest(
             model=_specs.model_ref(model_name, version, alias),
             dataset=_specs.dataset_ref(dataset),
             batch_size=batch_size,
-            run=_specs.run_options(queue=queue, mixed_precision="", labels=labels),
+            run=_specs.run_options(
+                queue=queue,
+                mixed_precision="",
+                labels=labels,
+                time_limit_seconds=time_limit_seconds,
+            ),
         )
         return Job(self, self._call(self._training.Evaluate, request, timeout).job)
 
@@ -431,12 +439,18 @@ class Client:
         model_name: str = "",
         kind: str | JobKind.ValueType | None = None,
         *,
+        view: str | JobView.ValueType | None = None,
         page_size: int = 0,
         timeout: float | None = None,
     ) -> Iterator[training_pb2.Job]:
-        """Jobs, newest first; `state` ("RUNNING") and `kind` ("train") filter them."""
+        """Jobs, newest first; `state` ("RUNNING") and `kind` ("train") filter them.
+
+        Each job comes without its request body (`request_json` empty) unless
+        `view="full"`; `get_job(id).info.request_json` has it for one job.
+        """
         state_value = _enum_value(JobState, "JOB_STATE_", state)
         kind_value = _enum_value(JobKind, "JOB_KIND_", kind)
+        view_value = _enum_value(JobView, "JOB_VIEW_", view)
 
         def fetch(token: str) -> tuple[Iterable[training_pb2.Job], str]:
             request = training_pb2.ListJobsRequest(
@@ -445,6 +459,7 @@ class Client:
                 model_name=model_name,
                 page_size=page_size,
                 page_token=token,
+                view=JobView.ValueType(view_value),
             )
             response = self._call(self._training.ListJobs, request, timeout)
             return response.jobs, response.next_page_token

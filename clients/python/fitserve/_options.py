@@ -22,7 +22,9 @@ class TrainingOptions(TypedDict, total=False):
     unless the model adds its own), metrics and weighted_metrics none, validation_split
     0.0, epochs 1, batch_size 32, shuffle True, no class_weight, sample_weight_key ""
     (none), seed None (unseeded), no callbacks, queue "" (the default queue),
-    mixed_precision "" (off), no labels, idempotency_key "" (every call a new job).
+    mixed_precision "" (off), no labels, time_limit_seconds None (the server's default
+    limit on the job's run; more than the server's maximum is refused),
+    idempotency_key "" (every call a new job).
 
     A multi-output model takes ``loss`` and ``metrics`` per output, keyed by output
     name, as Keras does: ``loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"},
@@ -47,6 +49,7 @@ class TrainingOptions(TypedDict, total=False):
     queue: str
     mixed_precision: str
     labels: Mapping[str, str] | None
+    time_limit_seconds: int | None
     idempotency_key: str
 
 
@@ -68,6 +71,7 @@ _DEFAULTS: TrainingOptions = {
     "queue": "",
     "mixed_precision": "",
     "labels": None,
+    "time_limit_seconds": None,
     "idempotency_key": "",
 }
 
@@ -103,7 +107,7 @@ _FIT_KEYS = (
     "sample_weight_key",
     "seed",
 )
-_RUN_KEYS = ("queue", "mixed_precision", "labels")
+_RUN_KEYS = ("queue", "mixed_precision", "labels", "time_limit_seconds")
 
 
 def _pick(options: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

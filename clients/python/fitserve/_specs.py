@@ -352,11 +352,18 @@ def _threshold(index: int, value: object) -> training_pb2.Threshold:
 
 
 def run_options(
-    *, queue: str, mixed_precision: str, labels: Mapping[str, str] | None
+    *,
+    queue: str,
+    mixed_precision: str,
+    labels: Mapping[str, str] | None,
+    time_limit_seconds: int | None = None,
 ) -> training_pb2.RunOptions:
-    """Where and how the job runs."""
+    """Where and how the job runs; no time limit given: the server's default."""
     return training_pb2.RunOptions(
-        queue=queue, mixed_precision=mixed_precision, labels=dict(labels or {})
+        queue=queue,
+        mixed_precision=mixed_precision,
+        labels=dict(labels or {}),
+        time_limit_seconds=time_limit_seconds,
     )
 
 

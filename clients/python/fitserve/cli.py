@@ -158,6 +158,12 @@ def _add_job_commands(commands: _Subparsers) -> None:
     listing.add_argument("--state", help="e.g. RUNNING, SUCCEEDED, FAILED")
     listing.add_argument("--kind", help="train, evaluate or fine_tune")
     listing.add_argument("--model", default="", help="only jobs of this model")
+    listing.add_argument(
+        "--full",
+        action="store_true",
+        help="each job whole, request body (request_json) included, as JSON lines instead "
+        "of the table",
+    )
     listing.set_defaults(run=_list_jobs)
 
 
@@ -218,7 +224,12 @@ def _get_job(client: Client, args: argparse.Namespace) -> int:
 
 
 def _list_jobs(client: Client, args: argparse.Namespace) -> int:
-    jobs = client.list_jobs(state=args.state, model_name=args.model, kind=args.kind)
+    view = "full" if args.full else "basic"
+    jobs = client.list_jobs(state=args.state, model_name=args.model, kind=args.kind, view=view)
+    if args.full:
+        for job in jobs:
+            print(json_format.MessageToJson(job, preserving_proto_field_name=True, indent=None))
+        return 0
     _print_table(("ID", "KIND", "STATE", "MODEL", "VERSION", "CREATED"), map(_job_row, jobs))
     return 0
 

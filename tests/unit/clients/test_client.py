@@ -628,6 +628,32 @@ def test_list_jobs_pages_and_filters(client, fakes):
     assert (first.page_token, second.page_token) == ("", "next")
 
 
+def test_list_jobs_leaves_out_request_bodies_unless_asked_for_the_full_view(client, fakes):
+    list(client.list_jobs())
+    list(client.list_jobs(view="full"))
+    list(client.list_jobs(view=training_pb2.JobView.JOB_VIEW_BASIC))
+
+    views = [r.view for r in fakes.training.requests[::2]]
+    assert views == [
+        training_pb2.JobView.JOB_VIEW_UNSPECIFIED,  # the server's default: BASIC
+        training_pb2.JobView.JOB_VIEW_FULL,
+        training_pb2.JobView.JOB_VIEW_BASIC,
+    ]
+    with pytest.raises(ValueError, match="expected one of BASIC, FULL"):
+        list(client.list_jobs(view="everything"))
+
+
+def test_a_job_time_limit_is_sent_only_when_given(client, fakes):
+    client.train("m", layers=MNIST_LAYERS, loss="mse", dataset="d", time_limit_seconds=60)
+    client.train("m", layers=MNIST_LAYERS, loss="mse", dataset="d")
+    client.fine_tune("m", train_last_n_layers=1, loss="mse", dataset="d", time_limit_seconds=5)
+
+    limited, default, fine_tune = (r.run for r in fakes.training.requests)
+    assert (limited.HasField("time_limit_seconds"), limited.time_limit_seconds) == (True, 60)
+    assert not default.HasField("time_limit_seconds")  # the server's default
+    assert fine_tune.time_limit_seconds == 5
+
+
 def test_list_jobs_rejects_unknown_states(client):
     with pytest.raises(ValueError, match="expected one of QUEUED, RUNNING"):
         list(client.list_jobs(state="DONE"))
@@ -865,6 +891,18 @@ def test_cli_gets_a_job_as_json(fakes, capsys):
 
     assert status == 0
     assert json.loads(capsys.readouterr().out) == {"id": "job-1", "state": "JOB_STATE_RUNNING"}
+
+
+def test_cli_lists_jobs_as_a_table_or_whole_as_json_lines(fakes, capsys):
+    assert cli.main(["--target", fakes.target, "jobs", "list"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert cli.main(["--target", fakes.target, "jobs", "list", "--full"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    assert table[0].split() == ["ID", "KIND", "STATE", "MODEL", "VERSION", "CREATED"]
+    assert [json.loads(line)["id"] for line in lines] == ["j3", "j2", "j1"]
+    views = [r.view for r in fakes.training.requests[::2]]
+    assert views == [training_pb2.JobView.JOB_VIEW_BASIC, training_pb2.JobView.JOB_VIEW_FULL]
 
 
 def test_cli_prints_server_errors_and_exits_1(fakes, capsys):

@@ -34,3 +34,33 @@ def test_null_unsets_a_nested_optional_setting(monkeypatch: pytest.MonkeyPatch) 
     assert Settings().inference.max_queue_wait_ms == 100.0  # load shedding on by default
     monkeypatch.setenv("FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS", "null")
     assert Settings().inference.max_queue_wait_ms is None  # off
+
+
+def test_job_requests_are_capped_at_one_mib_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().max_job_request_bytes == 1024 * 1024
+    monkeypatch.setenv("FITSERVE_MAX_JOB_REQUEST_BYTES", "65536")
+    assert Settings().max_job_request_bytes == 65536
+
+
+def test_job_time_limits_default_to_a_day_at_most_46_hours(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    limits = Settings().job_time_limit
+    assert (limits.default_seconds, limits.max_seconds) == (24 * 3600, 46 * 3600)
+    assert limits.resolve(None) == 24 * 3600
+    assert limits.resolve(60) == 60
+
+    monkeypatch.setenv("FITSERVE_JOB_TIME_LIMIT__DEFAULT_SECONDS", "null")
+    monkeypatch.setenv("FITSERVE_JOB_TIME_LIMIT__MAX_SECONDS", "3600")
+    limits = Settings().job_time_limit
+    assert limits.resolve(None) == 3600  # no default: the maximum
+
+    monkeypatch.setenv("FITSERVE_JOB_TIME_LIMIT__MAX_SECONDS", "null")
+    assert Settings().job_time_limit.resolve(None) is None  # no limit at all
+
+
+def test_a_default_time_limit_over_the_maximum_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FITSERVE_JOB_TIME_LIMIT__DEFAULT_SECONDS", "7200")
+    monkeypatch.setenv("FITSERVE_JOB_TIME_LIMIT__MAX_SECONDS", "3600")
+    with pytest.raises(pydantic.ValidationError, match="default_seconds 7200 is over max_seconds"):
+        Settings()

@@ -42,6 +42,30 @@ JOB_KIND_EVALUATE: JobKind.ValueType  # 2
 JOB_KIND_FINE_TUNE: JobKind.ValueType  # 3
 Global___JobKind: _TypeAlias = JobKind  # noqa: Y015
 
+class _JobView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_VIEW_UNSPECIFIED: _JobView.ValueType  # 0
+    """The default: JOB_VIEW_BASIC."""
+    JOB_VIEW_BASIC: _JobView.ValueType  # 1
+    """Every field but request_json (the request body, up to FITSERVE_MAX_JOB_REQUEST_BYTES)."""
+    JOB_VIEW_FULL: _JobView.ValueType  # 2
+    """Every field, request_json included, as GetJob returns it."""
+
+class JobView(_JobView, metaclass=_JobViewEnumTypeWrapper):
+    """How much of each job ListJobs returns (AIP-157 partial responses)."""
+
+JOB_VIEW_UNSPECIFIED: JobView.ValueType  # 0
+"""The default: JOB_VIEW_BASIC."""
+JOB_VIEW_BASIC: JobView.ValueType  # 1
+"""Every field but request_json (the request body, up to FITSERVE_MAX_JOB_REQUEST_BYTES)."""
+JOB_VIEW_FULL: JobView.ValueType  # 2
+"""Every field, request_json included, as GetJob returns it."""
+Global___JobView: _TypeAlias = JobView  # noqa: Y015
+
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -757,13 +781,24 @@ class RunOptions(_message.Message):
     QUEUE_FIELD_NUMBER: _builtins.int
     MIXED_PRECISION_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_SECONDS_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Celery queue: "train" (GPU workers, the default for train and fine-tune) or "cpu"."""
     mixed_precision: _builtins.str
     """"", "mixed_float16" (GPU) or "mixed_bfloat16" (CPU); the output layer stays float32."""
+    time_limit_seconds: _builtins.int
+    """Seconds the job may run on a worker, from when the worker starts it (each delivery
+    attempt anew): loading data, building and fitting or evaluating. When they run out,
+    the job stops at the next batch end and FAILS with reason TIME_LIMIT, publishing
+    nothing. Unset: the server's default (FITSERVE_JOB_TIME_LIMIT__DEFAULT_SECONDS, 24 h
+    unless changed); more than its maximum (FITSERVE_JOB_TIME_LIMIT__MAX_SECONDS, 46 h)
+    is INVALID_ARGUMENT. The job's request_json shows the limit it runs under.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form labels stored with the job and the version it publishes."""
+        """Free-form labels stored with the job and the version it publishes: at most 64, each
+        key 1-63 characters and each value up to 256.
+        """
 
     def __init__(
         self,
@@ -771,12 +806,15 @@ class RunOptions(_message.Message):
         queue: _builtins.str = ...,
         mixed_precision: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        time_limit_seconds: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_time_limit_seconds", b"_time_limit_seconds", "time_limit_seconds", b"time_limit_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "mixed_precision", b"mixed_precision", "queue", b"queue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_time_limit_seconds", b"_time_limit_seconds", "labels", b"labels", "mixed_precision", b"mixed_precision", "queue", b"queue", "time_limit_seconds", b"time_limit_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__time_limit_seconds: _TypeAlias = _typing.Literal["time_limit_seconds"]  # noqa: Y015
+    _WhichOneofArgType__time_limit_seconds: _TypeAlias = _typing.Literal["_time_limit_seconds", b"_time_limit_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__time_limit_seconds) -> _WhichOneofReturnType__time_limit_seconds | None: ...
 
 Global___RunOptions: _TypeAlias = RunOptions  # noqa: Y015
 
@@ -1270,7 +1308,7 @@ class Job(_message.Message):
     model_version: _builtins.int
     """The version the job published (0 while none)."""
     request_json: _builtins.str
-    """The validated request, as JSON."""
+    """The validated request, as JSON. Empty in ListJobs unless its view is JOB_VIEW_FULL."""
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___EpochRecord]:
         """Per-epoch logs so far."""
@@ -1349,6 +1387,7 @@ class ListJobsRequest(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     state: Global___JobState.ValueType
     """Only jobs in this state (UNSPECIFIED: any)."""
     kind: Global___JobKind.ValueType
@@ -1359,6 +1398,8 @@ class ListJobsRequest(_message.Message):
     """Page size, 1..1000; default 50."""
     page_token: _builtins.str
     """next_page_token of the previous page."""
+    view: Global___JobView.ValueType
+    """UNSPECIFIED or BASIC: jobs without request_json; FULL: with it."""
     def __init__(
         self,
         *,
@@ -1367,10 +1408,11 @@ class ListJobsRequest(_message.Message):
         model_name: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        view: Global___JobView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model_name", b"model_name", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model_name", b"model_name", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -94,6 +94,14 @@ class TrainingServiceServicer:
     def Train(self, request, context):
         """Validates a training request and queues it as a job. Returns at once, with the job
         in state QUEUED; follow it with WatchJob or GetJob.
+
+        Train, FineTune and Evaluate requests are stored with their jobs, so they are capped:
+        the serialized request at FITSERVE_MAX_JOB_REQUEST_BYTES (1 MiB by default; data goes
+        in datasets, never in the request), and each free-form field: labels as
+        RunOptions.labels says, a uri up to 4096 characters, every other name, key or
+        monitor (Keras identifiers, output, array, feature and layer names) up to 256, and
+        lists and maps of them up to 1000 entries. Either answers INVALID_ARGUMENT naming
+        the field and the limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,14 +122,16 @@ class TrainingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """Returns one job: state, attempt, per-epoch history, final metrics, version produced.
+        """Returns one job: state, attempt, per-epoch history, final metrics, version produced,
+        and the validated request (always the full view).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Lists jobs, newest first, filtered by state, kind and model, in pages.
+        """Lists jobs, newest first, filtered by state, kind and model, in pages. Without their
+        request bodies (request_json) unless asked for with view JOB_VIEW_FULL.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

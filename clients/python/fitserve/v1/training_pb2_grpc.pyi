@@ -36,15 +36,27 @@ class TrainingServiceStub:
     Train: _grpc.UnaryUnaryMultiCallable[_training_pb2.TrainRequest, _training_pb2.TrainResponse]
     """Validates a training request and queues it as a job. Returns at once, with the job
     in state QUEUED; follow it with WatchJob or GetJob.
+
+    Train, FineTune and Evaluate requests are stored with their jobs, so they are capped:
+    the serialized request at FITSERVE_MAX_JOB_REQUEST_BYTES (1 MiB by default; data goes
+    in datasets, never in the request), and each free-form field: labels as
+    RunOptions.labels says, a uri up to 4096 characters, every other name, key or
+    monitor (Keras identifiers, output, array, feature and layer names) up to 256, and
+    lists and maps of them up to 1000 entries. Either answers INVALID_ARGUMENT naming
+    the field and the limit.
     """
     FineTune: _grpc.UnaryUnaryMultiCallable[_training_pb2.FineTuneRequest, _training_pb2.FineTuneResponse]
     """Queues a job that starts from a stored version's model.keras, freezes layers, and fits."""
     Evaluate: _grpc.UnaryUnaryMultiCallable[_training_pb2.EvaluateRequest, _training_pb2.EvaluateResponse]
     """Queues a job that evaluates a stored version on a dataset."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_training_pb2.GetJobRequest, _training_pb2.Job]
-    """Returns one job: state, attempt, per-epoch history, final metrics, version produced."""
+    """Returns one job: state, attempt, per-epoch history, final metrics, version produced,
+    and the validated request (always the full view).
+    """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListJobsRequest, _training_pb2.ListJobsResponse]
-    """Lists jobs, newest first, filtered by state, kind and model, in pages."""
+    """Lists jobs, newest first, filtered by state, kind and model, in pages. Without their
+    request bodies (request_json) unless asked for with view JOB_VIEW_FULL.
+    """
     WatchJob: _grpc.UnaryStreamMultiCallable[_training_pb2.WatchJobRequest, _training_pb2.JobEvent]
     """Streams a job's events (state changes, epoch ends, batch progress, log lines) until
     the job ends. Resumable: pass the last event id seen to continue after a disconnect.
@@ -74,15 +86,27 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     Train: _aio.UnaryUnaryMultiCallable[_training_pb2.TrainRequest, _training_pb2.TrainResponse]  # type: ignore[assignment]
     """Validates a training request and queues it as a job. Returns at once, with the job
     in state QUEUED; follow it with WatchJob or GetJob.
+
+    Train, FineTune and Evaluate requests are stored with their jobs, so they are capped:
+    the serialized request at FITSERVE_MAX_JOB_REQUEST_BYTES (1 MiB by default; data goes
+    in datasets, never in the request), and each free-form field: labels as
+    RunOptions.labels says, a uri up to 4096 characters, every other name, key or
+    monitor (Keras identifiers, output, array, feature and layer names) up to 256, and
+    lists and maps of them up to 1000 entries. Either answers INVALID_ARGUMENT naming
+    the field and the limit.
     """
     FineTune: _aio.UnaryUnaryMultiCallable[_training_pb2.FineTuneRequest, _training_pb2.FineTuneResponse]  # type: ignore[assignment]
     """Queues a job that starts from a stored version's model.keras, freezes layers, and fits."""
     Evaluate: _aio.UnaryUnaryMultiCallable[_training_pb2.EvaluateRequest, _training_pb2.EvaluateResponse]  # type: ignore[assignment]
     """Queues a job that evaluates a stored version on a dataset."""
     GetJob: _aio.UnaryUnaryMultiCallable[_training_pb2.GetJobRequest, _training_pb2.Job]  # type: ignore[assignment]
-    """Returns one job: state, attempt, per-epoch history, final metrics, version produced."""
+    """Returns one job: state, attempt, per-epoch history, final metrics, version produced,
+    and the validated request (always the full view).
+    """
     ListJobs: _aio.UnaryUnaryMultiCallable[_training_pb2.ListJobsRequest, _training_pb2.ListJobsResponse]  # type: ignore[assignment]
-    """Lists jobs, newest first, filtered by state, kind and model, in pages."""
+    """Lists jobs, newest first, filtered by state, kind and model, in pages. Without their
+    request bodies (request_json) unless asked for with view JOB_VIEW_FULL.
+    """
     WatchJob: _aio.UnaryStreamMultiCallable[_training_pb2.WatchJobRequest, _training_pb2.JobEvent]  # type: ignore[assignment]
     """Streams a job's events (state changes, epoch ends, batch progress, log lines) until
     the job ends. Resumable: pass the last event id seen to continue after a disconnect.
@@ -115,6 +139,14 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_training_pb2.TrainResponse, _abc.Awaitable[_training_pb2.TrainResponse]]:
         """Validates a training request and queues it as a job. Returns at once, with the job
         in state QUEUED; follow it with WatchJob or GetJob.
+
+        Train, FineTune and Evaluate requests are stored with their jobs, so they are capped:
+        the serialized request at FITSERVE_MAX_JOB_REQUEST_BYTES (1 MiB by default; data goes
+        in datasets, never in the request), and each free-form field: labels as
+        RunOptions.labels says, a uri up to 4096 characters, every other name, key or
+        monitor (Keras identifiers, output, array, feature and layer names) up to 256, and
+        lists and maps of them up to 1000 entries. Either answers INVALID_ARGUMENT naming
+        the field and the limit.
         """
 
     @_abc_1.abstractmethod
@@ -139,7 +171,9 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _training_pb2.GetJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_training_pb2.Job, _abc.Awaitable[_training_pb2.Job]]:
-        """Returns one job: state, attempt, per-epoch history, final metrics, version produced."""
+        """Returns one job: state, attempt, per-epoch history, final metrics, version produced,
+        and the validated request (always the full view).
+        """
 
     @_abc_1.abstractmethod
     def ListJobs(
@@ -147,7 +181,9 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _training_pb2.ListJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_training_pb2.ListJobsResponse, _abc.Awaitable[_training_pb2.ListJobsResponse]]:
-        """Lists jobs, newest first, filtered by state, kind and model, in pages."""
+        """Lists jobs, newest first, filtered by state, kind and model, in pages. Without their
+        request bodies (request_json) unless asked for with view JOB_VIEW_FULL.
+        """
 
     @_abc_1.abstractmethod
     def WatchJob(

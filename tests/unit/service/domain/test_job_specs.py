@@ -261,3 +261,60 @@ def test_class_ids_are_checked_against_a_functional_models_dense_output():
     err = refused(request(model={"keras_json": json.dumps(config)}, fit__class_weight={3: 1.0}))
     assert err.field == "fit.class_weight"
     assert "class 3 cannot occur" in err.message
+
+
+# ---- caps on free-form fields (they are stored in the job record and fitserve.json) ----
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "limit"),
+    [
+        ({"run__labels": {"team": "x" * 257}}, "run.labels.team", "at most 256 characters"),
+        ({"run__labels": {"t" * 64: "x"}}, "run.labels", "at most 63 characters"),
+        ({"run__labels": {"": "x"}}, "run.labels", "at least 1 character"),
+        ({"run__labels": {f"k{i}": "v" for i in range(65)}}, "run.labels", "at most 64 items"),
+        ({"dataset": {"uri": "/d/" + "x" * 4094}}, "dataset.uri", "at most 4096 characters"),
+        ({"dataset": {"dataset": "x" * 257}}, "dataset.dataset", "at most 256 characters"),
+        ({"dataset": {"builtin": "x" * 257}}, "dataset.builtin", "at most 256 characters"),
+        (
+            {"dataset": {"builtin": "mnist", "input_keys": ["x" * 257]}},
+            "dataset.input_keys.0",
+            "at most 256 characters",
+        ),
+        ({"compile__loss": {"name": "x" * 257}}, "compile.loss.name", "at most 256 characters"),
+        (
+            {"compile__loss_weights": {"o" * 257: 1.0}},
+            "compile.loss_weights",
+            "at most 256 characters",
+        ),
+        ({"fit__sample_weight_key": "w" * 257}, "fit.sample_weight_key", "at most 256"),
+        (
+            {"callbacks__early_stopping": {"enabled": True, "monitor": "m" * 257}},
+            "callbacks.early_stopping.monitor",
+            "at most 256 characters",
+        ),
+        ({"run__time_limit_seconds": 0}, "run.time_limit_seconds", "greater than or equal to 1"),
+    ],
+)
+def test_free_form_fields_are_capped_naming_the_field_and_the_limit(changes, field, limit):
+    err = refused(request(**changes))
+
+    assert err.field == field
+    assert err.message.startswith(f"{field}: ")
+    assert limit in err.message
+
+
+def test_a_refused_map_key_is_shown_cut_short():
+    err = refused(request(run__labels={"k" * 10_000: "v"}))
+
+    assert (
+        err.message == f"run.labels: key '{'k' * 64}...': String should have at most 63 characters"
+    )
+
+
+def test_fields_at_their_caps_are_accepted():
+    labels = {f"{i:02d}" + "k" * 61: "v" * 256 for i in range(64)}
+    spec = parse_train(request(run__labels=labels, fit__sample_weight_key="w" * 256))
+
+    assert spec.run.labels == labels
+    assert spec.run.time_limit_seconds is None  # the api pins the server's default

@@ -24,7 +24,7 @@ from service.training.building import build_model
 from tests.unit.service.domain.test_job_specs import refused, request
 
 COMPILE_LOSSES = ["examples>huber", "examples>huber_fn", "faults>exploding_loss"]
-CALLBACKS = ["examples>EpochMarker", "faults>ExplodingCallback", "faults>NeedsParam"]
+CALLBACKS = ["examples>EpochMarker", "faults>ExplodingCallback", "faults>Hang", "faults>NeedsParam"]
 POPEN = {"class_name": "Popen", "config": {}}
 
 

@@ -21,7 +21,7 @@ EXAMPLES = {
     "examples>SimpleDense": (Kind.LAYER, Form.CLASS, "SimpleDense"),
     "examples>EpochMarker": (Kind.CALLBACK, Form.CLASS, "EpochMarker"),
 }
-FAULTS = {"faults>exploding_loss", "faults>ExplodingCallback", "faults>NeedsParam"}
+FAULTS = {"faults>exploding_loss", "faults>ExplodingCallback", "faults>Hang", "faults>NeedsParam"}
 
 
 @pytest.fixture(autouse=True)
