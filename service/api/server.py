@@ -67,10 +67,23 @@ async def create_server(
     reflection.enable_server_reflection(names, server)
     for name in [*names, ""]:
         await app.health.set(name, _NOT_SERVING if name in waiting else _SERVING)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = _bind(server, settings)
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     return app, port
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """Add the gRPC port: TLS (mTLS with a client CA) when settings.tls has a certificate,
+    else plaintext. Raises TlsFileError (a ValueError naming the setting) for bad files."""
+    address = f"{settings.host}:{settings.port}"
+    if not settings.tls.enabled:
+        return server.add_insecure_port(address)
+    cert, key, client_ca = settings.tls.read()
+    credentials = grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+    return server.add_secure_port(address, credentials)
 
 
 def _options(settings: Settings) -> list[tuple[str, int]]:
