@@ -21,6 +21,7 @@ from service.config import Settings
 from service.launch.ready import READY_TIMEOUT, Ready
 from service.launch.redis_server import (
     PASSWORD_FILE,
+    RedisRefused,
     RedisServer,
     masked_url,
     start_redis,
@@ -227,7 +228,7 @@ def run_stack(settings: Settings, *, explicit_redis: bool) -> int:
         with stack:
             print(_banner(stack, settings), flush=True)
             return supervise(stack.children, stopping, "fitserve up", "the stack")
-    except ChildExited as exc:
+    except (ChildExited, RedisRefused) as exc:  # RedisRefused: FITSERVE_REDIS_URL's password
         print(f"fitserve up: {exc}; stopping the stack", file=sys.stderr, flush=True)
         return 1
     except Interrupted:

@@ -3,7 +3,9 @@ its AOF, carried in its URL, never on a command line or in a printed URL."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from service.launch.redis_server import (
 )
 from service.launch.stack import Stack
 from service.launch.supervision import terminate
+from tests.conftest import ROOT
 
 
 def test_a_client_without_the_password_is_refused(tmp_path: Path) -> None:
@@ -129,3 +132,21 @@ def test_a_stack_passes_the_url_with_the_password_to_its_children(tmp_path: Path
         assert f":{stack.redis.password}@" in stack.redis_url
         with redis.Redis.from_url(stack.redis_url) as client:
             assert client.ping()
+
+
+def test_fitserve_up_with_a_wrong_redis_password_says_so_without_showing_it(
+    tmp_path: Path,
+) -> None:
+    server = start_redis(tmp_path / "redis")
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FITSERVE_")}
+        env["FITSERVE_REDIS_URL"] = f"redis://:wrong-{server.password}@127.0.0.1:{server.port}/0"
+        argv = [sys.executable, "-m", "service.main", "up", "--data-dir", str(tmp_path / "d")]
+        done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        terminate([server.proc])
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        f"fitserve up: Redis at redis://:***@127.0.0.1:{server.port}/0 refused the connection"
+    )
+    assert server.password not in done.stderr + done.stdout
