@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.domain.datasets.sources import DEFAULT_URL_SCHEMES
@@ -208,6 +209,112 @@ class JobTimeLimitSettings(BaseModel):
         return self.default_seconds if self.default_seconds is not None else self.max_seconds
 
 
+class TlsFileError(ValueError):
+    """A TLS file named by a setting is missing, unreadable or not what it should be."""
+
+
+class TlsSettings(BaseModel):
+    """TLS of the gRPC port: off unless ``cert_file`` and ``key_file`` are set (then the
+    port accepts TLS only); ``client_ca_file`` on top requires client certificates (mTLS).
+
+    Read by the server only (workers never need the files), and checked when it starts:
+    a missing, unreadable or invalid file stops it with a message naming the setting.
+    """
+
+    cert_file: Path | None = Field(
+        None,
+        description="PEM certificate chain of the server (FITSERVE_TLS__CERT_FILE), leaf "
+        "first; with key_file, the gRPC port serves TLS only.",
+    )
+    key_file: Path | None = Field(
+        None,
+        description="PEM private key of cert_file (FITSERVE_TLS__KEY_FILE); keep it "
+        "readable by the server's user only.",
+    )
+    client_ca_file: Path | None = Field(
+        None,
+        description="PEM certificates of the CAs client certificates must chain to "
+        "(FITSERVE_TLS__CLIENT_CA_FILE). Set: every client must present a certificate they "
+        "signed (mutual TLS); unset: no client certificate is asked for.",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError(
+                "FITSERVE_TLS__CERT_FILE and FITSERVE_TLS__KEY_FILE go together: set both "
+                "(TLS) or neither (plaintext)"
+            )
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError(
+                "FITSERVE_TLS__CLIENT_CA_FILE (mutual TLS) needs FITSERVE_TLS__CERT_FILE and "
+                "FITSERVE_TLS__KEY_FILE too"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @property
+    def mode(self) -> str:
+        """What the port serves, for banners: mTLS, TLS or plaintext."""
+        if self.client_ca_file is not None:
+            return "mTLS"
+        return "TLS" if self.enabled else "plaintext"
+
+    def read(self) -> tuple[bytes, bytes, bytes | None]:
+        """The PEM bytes of the certificate chain, the key and the client CAs (None
+        without mTLS), checked as Python's ssl module loads them.
+
+        Raises TlsFileError naming the setting and the path; TLS must be enabled.
+        """
+        if self.cert_file is None or self.key_file is None:
+            raise TlsFileError("TLS is off: FITSERVE_TLS__CERT_FILE is not set")
+        cert = _read_pem("FITSERVE_TLS__CERT_FILE", self.cert_file)
+        key = _read_pem("FITSERVE_TLS__KEY_FILE", self.key_file)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        except ssl.SSLError as exc:
+            raise TlsFileError(
+                f"FITSERVE_TLS__CERT_FILE={self.cert_file} and FITSERVE_TLS__KEY_FILE="
+                f"{self.key_file} are not a certificate and its private key ({exc.reason})"
+            ) from None
+        if self.client_ca_file is None:
+            return cert, key, None
+        client_ca = _read_pem("FITSERVE_TLS__CLIENT_CA_FILE", self.client_ca_file)
+        try:
+            context.load_verify_locations(cadata=client_ca.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError) as exc:
+            raise TlsFileError(
+                f"FITSERVE_TLS__CLIENT_CA_FILE={self.client_ca_file} holds no PEM "
+                f"certificate ({exc})"
+            ) from None
+        return cert, key, client_ca
+
+
+def _read_pem(setting: str, path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TlsFileError(f"{setting}={path}: cannot read it ({exc.strerror})") from None
+    if b"-----BEGIN " not in data:
+        raise TlsFileError(f"{setting}={path}: not a PEM file (no -----BEGIN line)")
+    return data
+
+
+def _octal_umask(value: object) -> object:
+    """FITSERVE_UMASK=077 (or 0o077) is octal, as the umask command reads it."""
+    if isinstance(value, str) and value.strip().lower() not in ("", "null"):
+        text = value.strip().lower().removeprefix("0o")
+        try:
+            return int(text, 8)
+        except ValueError:
+            raise ValueError(f"umask {value!r} is not an octal number such as 077") from None
+    return value
+
+
 class Settings(BaseSettings):
     """Everything a fitserve process is configured by.
 
@@ -365,6 +472,18 @@ class Settings(BaseSettings):
     auth: Annotated[AuthSettings, NoDecode] = Field(
         default_factory=AuthSettings,
         description="FITSERVE_AUTH=none|tokens|auto sets the mode; FITSERVE_AUTH__* the rest.",
+    )
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    umask: Annotated[int | None, BeforeValidator(_octal_umask)] = Field(
+        0o077,
+        ge=0,
+        le=0o777,
+        description="The umask `fitserve serve`, `worker` and `up` set as they start, in "
+        "octal (FITSERVE_UMASK=077): what they and their children (the embedded Redis) "
+        "create under data_dir (datasets, models, jobs, Redis's AOF) is then readable by "
+        "their own user only. Operators whose servers and workers run as different users "
+        "on one shared volume set a group-readable one (027) and a shared group; null: "
+        "leave the umask the process was started with. Files made before keep their mode.",
     )
 
     @field_validator("dataset_url_schemes")

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from service.config import Settings
+from service.config import Settings, TlsFileError
 from service.logs import configure_logging
 
 
@@ -151,9 +151,29 @@ def _worker(args: argparse.Namespace) -> int:
     from service.launch.workers import gpu_workers, worker_argv
 
     settings = Settings()
+    set_umask(settings)
     if not args.gpus:
         os.execv(sys.executable, worker_argv(args.queues, args.concurrency, settings.log_level))
     return gpu_workers(args.gpus, args.queues, args.concurrency, settings)
+
+
+def set_umask(settings: Settings) -> None:
+    """Apply FITSERVE_UMASK (default 077) to this process and what it starts: files and
+    folders made under the data dir are then owner-only."""
+    if settings.umask is not None:
+        os.umask(settings.umask)
+
+
+def _check_tls(command: str, settings: Settings) -> bool:
+    """Whether the TLS files load; else say which setting is wrong, before anything starts."""
+    if not settings.tls.enabled:
+        return True
+    try:
+        settings.tls.read()
+    except TlsFileError as exc:
+        print(f"fitserve {command}: {exc}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     if args.command == "tokens":
         return _tokens(args, settings)
+    set_umask(settings)
+    if not _check_tls(args.command, settings):
+        return 2
     if args.command == "up":
         from service.launch.stack import run_stack
 

@@ -7,6 +7,7 @@ the only argument. Settings follow what long GPU jobs need; see docs/architectur
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Collection
 from typing import Any
 
@@ -35,6 +36,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_throttle": 1,
     }
     return {
+        **_redis_tls(settings.redis_url),
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,
         # The visibility timeout must be set in all three places Celery reads it.
@@ -58,6 +60,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_queues": [Queue(q, Exchange(q), routing_key=q) for q in (TRAIN_QUEUE, CPU_QUEUE)],
         "task_default_queue": TRAIN_QUEUE,
     }
+
+
+def _redis_tls(url: str) -> dict[str, Any]:
+    """Certificate checks for a rediss:// broker. Kombu given a rediss URL and no TLS
+    options connects without checking the server's certificate (it logs "defaulting to
+    insecure SSL behaviour"); Celery's result backend refuses such a URL. So require the
+    check here; ``ssl_*`` parameters in the URL (``ssl_cert_reqs``, ``ssl_ca_certs``,
+    ``ssl_certfile``, ``ssl_keyfile``) take precedence, as redis-py reads the same ones."""
+    if not url.startswith("rediss://"):
+        return {}
+    options = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return {"broker_use_ssl": options, "redis_backend_use_ssl": options}
 
 
 def create_celery(settings: Settings, name: str = "fitserve") -> Celery:

@@ -88,7 +88,7 @@ async def create_server(
     reflection.enable_server_reflection(names, server)
     for name in [*names, ""]:
         await app.health.set(name, _NOT_SERVING if name in waiting else _SERVING)
-    return app, _bind(server, settings.host, settings.port, share_port)
+    return app, _bind(server, settings, share_port)
 
 
 def _options(settings: Settings, share_port: bool = False) -> list[tuple[str, int]]:
@@ -101,10 +101,23 @@ def _options(settings: Settings, share_port: bool = False) -> list[tuple[str, in
     ]
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int, share_port: bool) -> int:
-    """Bind ``host:port`` (0: a free port); AddressInUse, naming it, when it is taken."""
+def _bind(server: grpc.aio.Server, settings: Settings, share_port: bool) -> int:
+    """Bind ``host:port`` (0: a free port): TLS (mTLS with a client CA) when settings.tls
+    has a certificate, else plaintext. AddressInUse, naming it, when it is taken; TlsFileError
+    (a ValueError naming the setting) for bad files."""
+    host, port = settings.host, settings.port
+    address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if not settings.tls.enabled:
+            bound = server.add_insecure_port(address)
+        else:
+            cert, key, client_ca = settings.tls.read()
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError:  # gRPC's "Failed to bind to address", whatever the cause
         bound = 0
     if bound:

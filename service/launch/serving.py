@@ -88,9 +88,16 @@ def _announce(settings: Settings, port: int, metrics_port: int, aggregated: bool
     )
     print(
         f"fitserve server listening on {settings.host}:{port} (roles: {','.join(settings.roles)}; "
-        f"pid {os.getpid()}; {metrics})",
+        f"pid {os.getpid()}; {metrics}){tls_suffix(settings)}",
         flush=True,
     )
+
+
+def tls_suffix(settings: Settings) -> str:
+    """What a banner adds when the gRPC port serves TLS ("" for plaintext)."""
+    if not settings.tls.enabled:
+        return ""
+    return f"; {settings.tls.mode} (certificate {settings.tls.cert_file})"
 
 
 def serve_argv(*args: str) -> list[str]:
@@ -185,7 +192,8 @@ def _run_servers(
         print(
             f"fitserve serve: {len(children)} processes on {settings.host}:{port} (pids "
             f"{', '.join(str(p.pid) for _, p in children)}); aggregated metrics: "
-            f"http://{settings.host}:{metrics_port}/metrics (from {metrics_dir})",
+            f"http://{settings.host}:{metrics_port}/metrics (from {metrics_dir})"
+            f"{tls_suffix(settings)}",
             flush=True,
         )
         if ready_file is not None:

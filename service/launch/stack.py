@@ -19,7 +19,14 @@ from types import TracebackType
 
 from service.config import Settings
 from service.launch.ready import READY_TIMEOUT, Ready
-from service.launch.redis_server import RedisServer, start_redis, wait_for_redis
+from service.launch.redis_server import (
+    PASSWORD_FILE,
+    RedisRefused,
+    RedisServer,
+    masked_url,
+    start_redis,
+    wait_for_redis,
+)
 from service.launch.serving import serve_argv, start_server
 from service.launch.supervision import (
     Child,
@@ -219,9 +226,9 @@ def run_stack(settings: Settings, *, explicit_redis: bool) -> int:
     )
     try:
         with stack:
-            print(_banner(stack), flush=True)
+            print(_banner(stack, settings), flush=True)
             return supervise(stack.children, stopping, "fitserve up", "the stack")
-    except ChildExited as exc:
+    except (ChildExited, RedisRefused) as exc:  # RedisRefused: FITSERVE_REDIS_URL's password
         print(f"fitserve up: {exc}; stopping the stack", file=sys.stderr, flush=True)
         return 1
     except Interrupted:
@@ -229,9 +236,14 @@ def run_stack(settings: Settings, *, explicit_redis: bool) -> int:
         return 0
 
 
-def _banner(stack: Stack) -> str:
+def _banner(stack: Stack, settings: Settings) -> str:
+    """Where everything is; the Redis password only as the file that holds it."""
     pids = ", ".join(f"{name} pid {proc.pid}" for name, proc in stack.children)
+    redis = masked_url(stack.redis_url)
+    if stack.redis is not None and stack.redis.password:
+        redis += f" (password in {stack.work / 'redis' / PASSWORD_FILE})"
+    grpc = stack.target + (f" ({settings.tls.mode})" if settings.tls.enabled else "")
     return (
-        f"fitserve up: data in {stack.data_dir}; Redis at {stack.redis_url}; gRPC on "
-        f"{stack.target}; metrics on port {stack.metrics_port} ({pids}); Ctrl-C stops the stack"
+        f"fitserve up: data in {stack.data_dir}; Redis at {redis}; gRPC on {grpc}; "
+        f"metrics on port {stack.metrics_port} ({pids}); Ctrl-C stops the stack"
     )

@@ -24,7 +24,8 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.e2e
 FITSERVE = str(Path(sys.executable).parent / "fitserve")
 BANNER = re.compile(
-    r"Redis at redis://127\.0\.0\.1:(\d+)/0; gRPC on 127\.0\.0\.1:(\d+); metrics on port (\d+) "
+    r"Redis at redis://:\*\*\*@127\.0\.0\.1:(\d+)/0 \(password in \S+\); "
+    r"gRPC on 127\.0\.0\.1:(\d+); metrics on port (\d+) "
     r"\(redis pid \d+, server pid (\d+), worker pid (\d+)\)"
 )
 
@@ -34,6 +35,7 @@ class Stack:
         self.proc = proc
         self.redis_port, self.port, self.metrics_port = (int(banner.group(i)) for i in (1, 2, 3))
         self.server_pid, self.worker_pid = int(banner.group(4)), int(banner.group(5))
+        self.banner = banner.string
 
 
 def _banner(stdout: IO[str]) -> re.Match[str]:
@@ -113,6 +115,12 @@ def test_up_trains_serves_and_stops_cleanly(stack: Stack, tmp_path: Path) -> Non
     assert (tmp_path / "data" / "redis" / "appendonly.aof").exists() or any(
         (tmp_path / "data" / "redis").glob("appendonlydir/*")
     )
+
+    data = tmp_path / "data"
+    assert (data / "redis" / "password").read_text().strip() not in stack.banner
+    loose = [p for p in data.rglob("*") if p.stat().st_mode & 0o077]  # FITSERVE_UMASK 077
+    assert loose == []
+    assert any((data / "datasets").rglob("*.npz")), "the upload is among the files checked"
 
     stack.proc.send_signal(signal.SIGINT)
     assert stack.proc.wait(60) == 0

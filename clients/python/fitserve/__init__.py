@@ -7,6 +7,9 @@
     job.wait()
     probs = client.predict("mnist-mlp", x_test)
 
+A server with TLS and tokens: `fitserve.Client(target, token="fst_...",
+tls=fitserve.TlsOptions(ca="ca.pem"))`, or FITSERVE_TOKEN and FITSERVE_TLS_CA set.
+
 Custom losses, metrics, layers and callbacks run as server-side plugins, named in requests
 (`loss=fitserve.plugin("examples>huber", delta=2.0)`); `client.list_plugins()` lists them.
 
@@ -16,6 +19,7 @@ The wire contract (request and response messages, stubs) is in `fitserve.v1`.
 from importlib import metadata as _metadata
 
 from fitserve._client import Client, Prediction
+from fitserve._credentials import TlsOptions
 from fitserve._errors import (
     AlreadyExistsError,
     CancelledError,
@@ -60,6 +64,7 @@ __all__ = [
     "PluginRef",
     "Prediction",
     "ResourceExhaustedError",
+    "TlsOptions",
     "TrainingOptions",
     "UnauthenticatedError",
     "UnavailableError",

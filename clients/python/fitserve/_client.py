@@ -16,6 +16,7 @@ import grpc
 import numpy.typing as npt
 
 from fitserve import _specs
+from fitserve._credentials import TlsOptions, auth_metadata, resolve_tls, resolve_token
 from fitserve._errors import ResourceExhaustedError, from_rpc_error
 from fitserve._job import Job, JobEventStream
 from fitserve._options import TrainingOptions, request_fields
@@ -102,6 +103,7 @@ def _open_channel(
     max_message_bytes: int,
     credentials: grpc.ChannelCredentials | None,
     predict_attempts: int,
+    tls: TlsOptions | None = None,
 ) -> grpc.Channel:
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -110,6 +112,9 @@ def _open_channel(
         # gRPC keeps a request for retrying only up to this size (its default: 256 KiB)
         ("grpc.per_rpc_retry_buffer_size", min(max_message_bytes, RETRY_BUFFER_BYTES)),
     ]
+    if credentials is None and tls is not None:
+        credentials = tls.channel_credentials()
+        options += tls.channel_options()
     if credentials is None:
         return grpc.insecure_channel(target, options=options)
     return grpc.secure_channel(target, credentials, options=options)
@@ -142,11 +147,19 @@ class Client:
         metadata: Sequence[tuple[str, str]] = (),
         credentials: grpc.ChannelCredentials | None = None,
         predict_attempts: int = 3,
+        token: str | None = None,
+        tls: bool | TlsOptions | None = None,
     ) -> None:
         """Connect to `target`, or use `channel` as given (the caller then closes it).
 
-        `metadata` goes with every call, e.g. `[("authorization", "Bearer <token>")]`;
-        `credentials` (e.g. `grpc.ssl_channel_credentials()`) switches to TLS. A request
+        `token` goes with every call as `authorization: Bearer <token>` (None: from
+        `FITSERVE_TOKEN`; "": none). `tls`: False for plaintext, True for TLS trusting the
+        system's root certificates, or `fitserve.TlsOptions(ca=..., cert=..., key=...,
+        server_name=...)` for a private CA and client certificates (mutual TLS); None
+        (the default) reads `FITSERVE_TLS_CA`, `FITSERVE_TLS_CERT`, `FITSERVE_TLS_KEY` (file
+        paths) and `FITSERVE_TLS=1` (system roots), plaintext when none is set. Arguments
+        win over the environment. `metadata` goes with every call too; `credentials` (any
+        `grpc.ChannelCredentials`) replaces `tls`. A request
         over `max_message_bytes` fails here, before sending, with `ResourceExhaustedError`
         (with `channel`, pass the limit that channel was made with). A Predict refused as
         RESOURCE_EXHAUSTED (queue full, server overloaded) or UNAVAILABLE is tried up to
@@ -154,13 +167,25 @@ class Client:
         backoff, within the call's timeout (1: never retried; requests over 16 MiB are
         not retried; with `channel`, that channel's own service config decides).
         """
+        token = resolve_token(token)
+        if token is not None and any(key.lower() == "authorization" for key, _ in metadata):
+            raise ValueError("pass the token once: as token=, or as authorization metadata")
+        if credentials is not None and tls not in (None, False):
+            raise ValueError("pass credentials= or tls=, not both")
         self._owns_channel = channel is None
         if channel is None:
-            channel = _open_channel(target, max_message_bytes, credentials, predict_attempts)
+            tls_options = None if credentials is not None else resolve_tls(tls)
+            channel = _open_channel(
+                target, max_message_bytes, credentials, predict_attempts, tls_options
+            )
         self._channel = channel
         self._timeout = timeout
         self._max_message_bytes = max_message_bytes
-        self._metadata: tuple[tuple[str, str | bytes], ...] = tuple(metadata)
+        # Per-call metadata, not call credentials: gRPC refuses those on plaintext channels.
+        self._metadata: tuple[tuple[str, str | bytes], ...] = (
+            *tuple(metadata),
+            *auth_metadata(token),
+        )
         self._datasets = dataset_pb2_grpc.DatasetServiceStub(self._channel)
         self._training = training_pb2_grpc.TrainingServiceStub(self._channel)
         self._models = model_pb2_grpc.ModelServiceStub(self._channel)

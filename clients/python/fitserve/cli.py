@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 
 from fitserve import _specs
 from fitserve._client import Client
+from fitserve._credentials import CA_ENV, CERT_ENV, KEY_ENV, TLS_ENV, TOKEN_ENV, TlsOptions
 from fitserve._errors import FitserveError
 from fitserve.v1 import training_pb2
 
@@ -33,7 +34,7 @@ _SERVER_COMMANDS = {
     "worker": "run a Celery worker process",
     "tokens": "create, list and revoke API tokens (an operator's command: talks to Redis)",
 }
-_GLOBAL_OPTIONS_WITH_VALUE = ("--target", "--timeout")
+_GLOBAL_OPTIONS_WITH_VALUE = ("--target", "--timeout", "--token", "--ca", "--cert", "--key")
 _Command = Callable[[Client, argparse.Namespace], int]
 _Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -48,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(arguments)
     command_function: _Command = args.run
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(
+            args.target, timeout=args.timeout, token=args.token or "", tls=_tls(args)
+        ) as client:
             return command_function(client, args)
     except FitserveError as error:
         return _fail(error.details)
@@ -107,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds per call (default: 60)"
     )
+    _add_credential_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in _SERVER_COMMANDS.items():
         commands.add_parser(name, help=help_text)
@@ -116,6 +120,44 @@ def _parser() -> argparse.ArgumentParser:
     _add_predict_command(commands)
     _add_plugins_command(commands)
     return parser
+
+
+def _add_credential_options(parser: argparse.ArgumentParser) -> None:
+    """--token and the TLS options, each defaulting to its environment variable (the
+    token's default is never shown: help output is no place for it)."""
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV, ""),
+        help=f"bearer token sent with every call (default: ${TOKEN_ENV}; prefer the "
+        "variable: a command line is visible to other users)",
+    )
+    parser.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"TLS with the system's root certificates, or with --ca (default: ${TLS_ENV}=1, "
+        "or on when --ca/--cert/--key are given; --no-tls: plaintext, whatever is set)",
+    )
+    for option, env, what in (
+        ("--ca", CA_ENV, "CA certificates (PEM) to trust instead of the system's"),
+        ("--cert", CERT_ENV, "client certificate chain (PEM), for mutual TLS"),
+        ("--key", KEY_ENV, "private key (PEM) of --cert"),
+    ):
+        parser.add_argument(
+            option, metavar="FILE", default=os.environ.get(env) or None, help=f"{what} (${env})"
+        )
+
+
+def _tls(args: argparse.Namespace) -> TlsOptions | bool:
+    """TLS as the options (and their environment defaults) ask: --no-tls wins, then any
+    file turns TLS on, then --tls (or FITSERVE_TLS=1) alone means the system's roots."""
+    if args.tls is False:
+        return False
+    if args.ca or args.cert or args.key:
+        return TlsOptions(ca=args.ca, cert=args.cert, key=args.key)
+    if args.tls:
+        return True
+    return TlsOptions.from_env({TLS_ENV: os.environ.get(TLS_ENV, "")}) is not None
 
 
 def _group(commands: _Subparsers, name: str, help_text: str) -> _Subparsers:
