@@ -61,6 +61,12 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
 
 
 def _token_options(tokens: argparse.ArgumentParser) -> None:
+    tokens.add_argument(
+        "--data-dir",
+        dest="data_dir",
+        type=Path,
+        help="without FITSERVE_REDIS_URL: the Redis of `fitserve up` on this data folder",
+    )
     actions = tokens.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="make a token; it is printed once, never stored")
     create.add_argument("--name", required=True, help="who or what holds it (unique)")
@@ -97,7 +103,7 @@ def _tokens(args: argparse.Namespace, settings: Settings) -> int:
     from service.errors import FitserveError
 
     audit = logging.getLogger("fitserve.audit")
-    store = TokenStore(redis.Redis.from_url(settings.redis_url, decode_responses=True))
+    store = TokenStore(redis.Redis.from_url(_operator_redis(settings), decode_responses=True))
     try:
         if args.action == "create":
             token, record = store.create(
@@ -141,6 +147,14 @@ def _tokens(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: Redis at FITSERVE_REDIS_URL did not answer ({exc})", file=sys.stderr)
         return 1
     return 0
+
+
+def _operator_redis(settings: Settings) -> str:
+    """FITSERVE_REDIS_URL; else the embedded Redis of `fitserve up` on this data folder."""
+    embedded = settings.data_dir / "redis" / "url"
+    if "FITSERVE_REDIS_URL" not in os.environ and embedded.exists():
+        return embedded.read_text().strip()
+    return settings.redis_url
 
 
 def _or_default(value: int | None) -> str:

@@ -28,3 +28,12 @@ def read_json(path: Path) -> Any:
     """Read a JSON document written by ``write_json_atomic``."""
     with path.open() as f:
         return json.load(f)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by this user only (secrets)."""
+    temporary = path.with_name(path.name + ".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    os.replace(temporary, path)

@@ -20,10 +20,12 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import cast
 
 import redis
 
+from service.domain.files import write_private
 from service.errors import AlreadyExists, InvalidRequest, NotFound
 
 TOKENS_KEY = "fitserve:tokens"
@@ -134,6 +136,18 @@ class TokenStore:
                 self._r.hdel(TOKENS_KEY, key)
                 return record
         raise NotFound(f"no token named {name!r}")
+
+    def bootstrap_admin(self, path: Path, name: str = "fitserve-up-admin") -> bool:
+        """The first admin token of a new stack, written to ``path`` (owner-only) for the
+        operator to read; only when no token has ever existed here. Returns whether
+        ``path`` holds a token that is valid now (made now, or by an earlier start)."""
+        if path.exists():
+            return digest(path.read_text().strip()) in self._raw()
+        if self._r.exists(ENABLED_KEY) or self._raw():
+            return False  # tokens are managed already: never mint one behind the operator
+        token, _ = self.create(name, Role.ADMIN)
+        write_private(path, token + "\n")
+        return True
 
     def _raw(self) -> dict[str, str]:
         raw = cast(Mapping[str | bytes, str | bytes], self._r.hgetall(TOKENS_KEY))

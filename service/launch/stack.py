@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import redis
+
 from service.config import Settings
+from service.domain.files import write_private
+from service.domain.tokens import TokenStore
 from service.launch.ready import READY_TIMEOUT, Ready
 from service.launch.redis_server import (
     PASSWORD_FILE,
@@ -63,6 +67,8 @@ class WorkerPart:
     prefix: Sequence[str] = ()
 
 
+URL_FILE = "url"  # in the embedded Redis's folder
+ADMIN_TOKEN_FILE = "admin.token"  # in the data folder: the first admin token of `fitserve up`
 SERVER = ServerPart()
 WORKER = WorkerPart()
 
@@ -92,7 +98,9 @@ class Stack:
         logs: bool = True,
         ready_timeout: float = READY_TIMEOUT,
         stopping: Callable[[], bool] = never,
+        after_redis: Callable[[str], None] | None = None,
     ) -> None:
+        self._after_redis = after_redis  # called with Redis's URL before the others start
         self.work, self.data_dir = work, data_dir or work / "data"
         self.redis_url = redis_url or ""
         self._parts, self._base_env, self._cwd = (server, worker), env, cwd
@@ -108,6 +116,8 @@ class Stack:
         self.work.mkdir(parents=True, exist_ok=True)
         try:
             self._start_redis()
+            if self._after_redis is not None:
+                self._after_redis(self.redis_url)
             self._start_worker()
             self._start_server()
         except BaseException:
@@ -180,6 +190,9 @@ class Stack:
             return
         self.redis = start_redis(self.work / "redis")
         self.redis_url, self.logs["redis"] = self.redis.url, self.redis.log
+        # For the operator's commands on this machine (fitserve tokens --data-dir): the
+        # URL with its password, owner-only like the password file beside it.
+        write_private(self.work / "redis" / URL_FILE, self.redis_url + "\n")
 
     def _start_worker(self) -> None:
         part = self._parts[1]
@@ -215,6 +228,17 @@ def run_stack(settings: Settings, *, explicit_redis: bool) -> int:
     """Run the stack until Ctrl-C/SIGTERM (exit 0) or until a child dies (exit 1)."""
     stopping = stop_flag()
     data_dir = settings.data_dir.resolve()
+    token_file = data_dir / ADMIN_TOKEN_FILE
+    admin: list[bool] = []
+
+    def first_token(redis_url: str) -> None:
+        """Auth on from the first start: an admin token for the operator, unless tokens
+        are managed already (or FITSERVE_AUTH=none)."""
+        if settings.auth.mode != "none":
+            client = redis.Redis.from_url(redis_url, decode_responses=True)
+            with client:
+                admin.append(TokenStore(client).bootstrap_admin(token_file))
+
     stack = Stack(
         data_dir,
         data_dir=data_dir,
@@ -223,10 +247,12 @@ def run_stack(settings: Settings, *, explicit_redis: bool) -> int:
         worker=WorkerPart(loglevel=settings.log_level),
         logs=False,
         stopping=stopping,
+        after_redis=first_token,
     )
     try:
         with stack:
             print(_banner(stack, settings), flush=True)
+            print(_auth_line(settings, token_file if admin == [True] else None), flush=True)
             return supervise(stack.children, stopping, "fitserve up", "the stack")
     except (ChildExited, RedisRefused) as exc:  # RedisRefused: FITSERVE_REDIS_URL's password
         print(f"fitserve up: {exc}; stopping the stack", file=sys.stderr, flush=True)
@@ -234,6 +260,19 @@ def run_stack(settings: Settings, *, explicit_redis: bool) -> int:
     except Interrupted:
         print("fitserve up: stopping", flush=True)
         return 0
+
+
+def _auth_line(settings: Settings, token_file: Path | None) -> str:
+    if settings.auth.mode == "none":
+        return "fitserve up: authentication is OFF (FITSERVE_AUTH=none): anyone may call"
+    if token_file is None:
+        return (
+            "fitserve up: calls need a token (fitserve tokens create ...; clients: FITSERVE_TOKEN)"
+        )
+    return (
+        f"fitserve up: calls need a token; an admin one is in {token_file}: "
+        f"export FITSERVE_TOKEN=$(cat {token_file})"
+    )
 
 
 def _banner(stack: Stack, settings: Settings) -> str:

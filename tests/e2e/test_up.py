@@ -36,6 +36,7 @@ class Stack:
         self.redis_port, self.port, self.metrics_port = (int(banner.group(i)) for i in (1, 2, 3))
         self.server_pid, self.worker_pid = int(banner.group(4)), int(banner.group(5))
         self.banner = banner.string
+        self.auth_line = ""  # the line after the banner: how calls authenticate
 
 
 def _banner(stdout: IO[str]) -> re.Match[str]:
@@ -73,6 +74,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     assert proc.stdout is not None
     try:
         stack = Stack(proc, _banner(proc.stdout))
+        stack.auth_line = next(line for line in proc.stdout if "calls need a token" in line)
         assert stack.port != 0
         assert stack.metrics_port != 0
         _wait_serving(stack.port, proc)
@@ -100,7 +102,16 @@ def _alive(pid: int) -> bool:
 def test_up_trains_serves_and_stops_cleanly(stack: Stack, tmp_path: Path) -> None:
     x = np.random.default_rng(0).random((64, 4), dtype=np.float32)
     y = (x.sum(axis=1) > 2).astype(np.int64)
-    with fitserve.Client(f"127.0.0.1:{stack.port}", timeout=120) as client:
+    token_file = tmp_path / "data" / "admin.token"
+    assert f"export FITSERVE_TOKEN=$(cat {token_file})" in stack.auth_line
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    with (
+        fitserve.Client(f"127.0.0.1:{stack.port}", timeout=30, token="") as anonymous,
+        pytest.raises(fitserve.UnauthenticatedError),
+    ):
+        list(anonymous.list_models())
+    token = token_file.read_text().strip()
+    with fitserve.Client(f"127.0.0.1:{stack.port}", timeout=120, token=token) as client:
         ds = client.upload_dataset("tiny", x=x, y=y)
         result = client.train(
             "tiny",
