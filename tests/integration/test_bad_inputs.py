@@ -488,7 +488,7 @@ def test_hostile_keras_configs_are_invalid_arguments(
         ("/data/a\x00b", "dataset.uri '/data/a\\x00b' holds a control character"),
         ("file:///data/a%00b", "holds a control character"),
         ("/data/" + "a" * 300 + "/x", "a path component of 300 bytes; the limit is 255"),
-        ("/" + "a/" * 3000, "bytes long; the limit is 4096"),
+        ("/" + "a/" * 3000, "dataset.uri: String should have at most 4096 characters"),
         ("s3://bucket/a\x00b", "holds a control character"),
     ],
     ids=["nul", "nul-escaped", "long-component", "long-path", "nul-in-url"],
