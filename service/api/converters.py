@@ -135,6 +135,7 @@ def job_to_proto(job: Job, queue_position: int = -1) -> training_pb2.Job:
         finished_at=timestamp(job.finished_at),
         request_json=json.dumps(job.request),
         labels=job.labels,
+        owner=job.owner,
     )
 
 

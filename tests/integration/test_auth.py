@@ -206,6 +206,7 @@ def test_a_trainer_changes_only_what_it_created(
         datasets = dataset_pb2_grpc.DatasetServiceStub(channel)
         _upload(channel, t["alice"], "alice-data")
         job = _train(channel, t["alice"], "alice-model", "alice-data")  # no worker: stays queued
+        assert job.owner == "alice"
         _publish_version(settings, "alice-model")
 
         cancel = training_pb2.CancelJobRequest(job_id=job.id)

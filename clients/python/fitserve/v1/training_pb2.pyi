@@ -1293,6 +1293,7 @@ class Job(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     REQUEST_JSON_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id."""
     kind: Global___JobKind.ValueType
@@ -1309,6 +1310,8 @@ class Job(_message.Message):
     """The version the job published (0 while none)."""
     request_json: _builtins.str
     """The validated request, as JSON. Empty in ListJobs unless its view is JOB_VIEW_FULL."""
+    owner: _builtins.str
+    """The name of the token that submitted it ("" when auth was off)."""
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___EpochRecord]:
         """Per-epoch logs so far."""
@@ -1350,10 +1353,11 @@ class Job(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         request_json: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "history", b"history", "id", b"id", "kind", b"kind", "labels", b"labels", "metrics", b"metrics", "model_name", b"model_name", "model_version", b"model_version", "queue", b"queue", "queue_position", b"queue_position", "request_json", b"request_json", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "history", b"history", "id", b"id", "kind", b"kind", "labels", b"labels", "metrics", b"metrics", "model_name", b"model_name", "model_version", b"model_version", "owner", b"owner", "queue", b"queue", "queue_position", b"queue_position", "request_json", b"request_json", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
