@@ -51,6 +51,13 @@ class FitserveServer:
         await self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace)
         if self._watch is not None:
             self._watch.cancel()
+        await self.close_parts()
+        if self.metrics_server is not None:
+            stop_metrics(self.metrics_server)
+
+    async def close_parts(self) -> None:
+        """Close what the server holds (Redis clients, models, feedback), last added first;
+        also for a server that failed to start, so nothing it opened is left behind."""
         for close in reversed(self.closers):
             name = getattr(close, "__qualname__", close)
             try:
@@ -59,8 +66,6 @@ class FitserveServer:
                 log.error("closing %s took over %.0f s; left behind", name, CLOSE_SECONDS)
             except Exception:  # one part failing to close must not keep the others open
                 log.exception("closing %s failed", name)
-        if self.metrics_server is not None:
-            stop_metrics(self.metrics_server)
 
     async def wait_for_termination(self) -> None:
         """Return once the gRPC server has stopped (``stop``, or a signal's handler)."""

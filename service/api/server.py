@@ -81,14 +81,18 @@ async def create_server(
     server = grpc.aio.server(options=_options(settings, share_port), interceptors=[auth, gate])
     app = FitserveServer(server, settings, metrics, health.aio.HealthServicer())
     app.closers.append(auth.close)
-    if "inference" in settings.roles:
-        _enable_shedding(app, gate, before)
-    names, waiting = _add_services(server, app, outcomes)
-    health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
-    reflection.enable_server_reflection(names, server)
-    for name in [*names, ""]:
-        await app.health.set(name, _NOT_SERVING if name in waiting else _SERVING)
-    return app, _bind(server, settings, share_port)
+    try:
+        if "inference" in settings.roles:
+            _enable_shedding(app, gate, before)
+        names, waiting = _add_services(server, app, outcomes)
+        health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
+        reflection.enable_server_reflection(names, server)
+        for name in [*names, ""]:
+            await app.health.set(name, _NOT_SERVING if name in waiting else _SERVING)
+        return app, _bind(server, settings, share_port)
+    except BaseException:  # the port is taken, a file is bad: close what was opened
+        await app.close_parts()
+        raise
 
 
 def _options(settings: Settings, share_port: bool = False) -> list[tuple[str, int]]:
