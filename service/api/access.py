@@ -64,7 +64,7 @@ class Access:
         await self.owners.add_job(job.owner, job.id)
         audit(f"{job.kind.value.lower()}.submit", job=job.id, model=job.model_name)
 
-    def check_job(self, job: Job, what: str = "cancel") -> None:
+    def check_job(self, job: Job) -> None:
         current_caller().check_owner(job.owner, f"job {job.id}")
 
     # --- models ----------------------------------------------------------------------------

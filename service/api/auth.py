@@ -104,6 +104,7 @@ class Caller:
     def check_owner(self, owner: str, what: str) -> None:
         """Refuse, with PERMISSION_DENIED, a change to ``what`` that this caller did not create."""
         if not self.owns(owner):
+            audit("denied", outcome="denied", target=what, owner=owner or "-")
             by = f"token {owner!r}" if owner else "no token (before auth, or by an admin)"
             raise errors.PermissionDenied(
                 f"{what} was created by {by}; token {self.name!r} ({self.role.value}) may "
@@ -120,9 +121,11 @@ def current_caller() -> Caller:
 
 
 def audit(action: str, outcome: str = "ok", **fields: Any) -> None:
-    """One structured line per change (logger ``fitserve.audit``): who did what to what."""
+    """One structured line per change (logger ``fitserve.audit``): who did what to what;
+    refusals by role or ownership too (``outcome`` "denied", at WARNING)."""
     caller = caller_var.get()
-    audit_log.info(
+    audit_log.log(
+        logging.INFO if outcome == "ok" else logging.WARNING,
         "%s by %s: %s",
         action,
         caller.name or "(no token)",
@@ -290,6 +293,9 @@ class Authenticator(grpc.aio.ServerInterceptor):
             raise errors.Unauthenticated("the token is not valid (unknown, or revoked)")
         if caller.role is not Role.ADMIN and method not in ALLOWED[caller.role]:
             name = method.rsplit("/", 1)[-1]
+            entered = caller_var.set(caller)
+            audit("denied", outcome="denied", method=name)
+            caller_var.reset(entered)
             raise errors.PermissionDenied(
                 f"token {caller.name!r} has role {caller.role.value}, which may not call "
                 f"{name}; ask an admin for a token with a role that may"

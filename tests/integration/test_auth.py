@@ -210,10 +210,15 @@ def test_a_trainer_changes_only_what_it_created(
         _publish_version(settings, "alice-model")
 
         cancel = training_pb2.CancelJobRequest(job_id=job.id)
-        message = _refused(
-            Code.PERMISSION_DENIED, lambda: training.CancelJob(cancel, metadata=_bearer(t["bob"]))
-        )
+        with caplog.at_level(logging.WARNING, logger="fitserve.audit"):
+            message = _refused(
+                Code.PERMISSION_DENIED,
+                lambda: training.CancelJob(cancel, metadata=_bearer(t["bob"])),
+            )
         assert f"job {job.id} was created by token 'alice'" in message
+        [denied] = [r for r in caplog.records if r.name == "fitserve.audit"]
+        assert (denied.outcome, denied.token_name) == ("denied", "bob")  # type: ignore[attr-defined]
+        caplog.clear()
         _refused(
             Code.PERMISSION_DENIED, lambda: _train(channel, t["bob"], "alice-model", "alice-data")
         )
@@ -243,7 +248,7 @@ def test_a_trainer_changes_only_what_it_created(
                 training_pb2.JOB_STATE_CANCELLED,
                 training_pb2.JOB_STATE_CANCELLING,
             )
-        [line] = [r for r in caplog.records if r.name == "fitserve.audit"]
+        [line] = [r for r in caplog.records if r.name == "fitserve.audit" and r.levelname == "INFO"]
         assert (line.audit, line.token_name, line.target_job) == ("job.cancel", "ops", job.id)  # type: ignore[attr-defined]
 
 
