@@ -9,7 +9,7 @@ the benchmarks' reference MLP published, so nothing depends on training.
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -21,9 +21,11 @@ from grpc_status import rpc_status
 import fitserve
 from bench.models import MODEL, publish_reference
 from fitserve.v1 import (
+    dataset_pb2,
     inference_pb2,
     inference_pb2_grpc,
     tensor_pb2,
+    training_pb2,
 )
 from service.config import Settings
 from tests.conftest import RunningServer, private_stack
@@ -214,3 +216,114 @@ def test_feedback_labels_with_a_shape_no_tensor_can_have_are_invalid(channel: gr
 
     assert refused.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert "input 'labels' has an invalid shape" in refused.value.details()  # type: ignore[attr-defined]
+
+
+# ---- bytes that are not the request message ---------------------------------------------
+
+
+def _deep_train_request(levels: int) -> bytes:
+    """A TrainRequest with a layer argument nested ``levels`` lists deep (a Struct)."""
+    request = training_pb2.TrainRequest(model_name="deep")
+    value = request.model.layers.layers.add().fields["units"]
+    for _ in range(levels):
+        value = value.list_value.values.add()
+    value.number_value = 1
+    return request.SerializeToString()
+
+
+GARBAGE = b"\xff\xff\xff\xff not a protobuf message"
+HEADER = dataset_pb2.UploadDatasetRequest(
+    header=dataset_pb2.DatasetHeader(name="hostile", format="npz")
+).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("kind", "method", "messages", "expected"),
+    [
+        (
+            "unary",
+            "/fitserve.v1.TrainingService/Train",
+            [_deep_train_request(200)],
+            "fitserve.v1.TrainRequest: its messages are nested deeper than protobuf's "
+            "recursion limit",
+        ),
+        (
+            "unary",
+            "/fitserve.v1.InferenceService/Predict",
+            [GARBAGE],
+            "fitserve.v1.PredictRequest: its bytes are not a serialized protobuf message",
+        ),
+        (
+            "unary",
+            "/tensorflow.serving.PredictionService/Predict",
+            [GARBAGE],
+            "tensorflow.serving.PredictRequest: its bytes are not a serialized",
+        ),
+        (
+            "unary",
+            "/fitserve.v1.ModelService/GetModel",
+            [b"\x0a\x02\xc3\x28"],  # name: not UTF-8
+            "fitserve.v1.GetModelRequest: a string field is not valid UTF-8",
+        ),
+        (
+            "client_stream",
+            "/fitserve.v1.DatasetService/UploadDataset",
+            [GARBAGE],
+            "fitserve.v1.UploadDatasetRequest: its bytes are not a serialized",
+        ),
+        (
+            "client_stream",
+            "/fitserve.v1.DatasetService/UploadDataset",
+            [HEADER, GARBAGE],
+            "fitserve.v1.UploadDatasetRequest: its bytes are not a serialized",
+        ),
+        (
+            "server_stream",
+            "/fitserve.v1.TrainingService/WatchJob",
+            [GARBAGE],
+            "fitserve.v1.WatchJobRequest: its bytes are not a serialized",
+        ),
+        (
+            "bidi",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            [GARBAGE],
+            "grpc.reflection.v1alpha.ServerReflectionRequest: its bytes are not a serialized",
+        ),
+    ],
+)
+def test_bytes_that_are_not_the_request_message_are_invalid_argument(
+    channel: grpc.Channel, kind: str, method: str, messages: list[bytes], expected: str
+) -> None:
+    calls: dict[str, Callable[[], object]] = {
+        "unary": lambda: channel.unary_unary(method)(messages[0], timeout=30),
+        "client_stream": lambda: channel.stream_unary(method)(iter(messages), timeout=30),
+        "server_stream": lambda: list(channel.unary_stream(method)(messages[0], timeout=30)),
+        "bidi": lambda: list(channel.stream_stream(method)(iter(messages), timeout=30)),
+    }
+
+    with pytest.raises(grpc.RpcError) as refused:
+        calls[kind]()
+
+    assert refused.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    details = refused.value.details()  # type: ignore[attr-defined]
+    assert details == f"request is not a valid {expected}" or details.startswith(
+        f"request is not a valid {expected}"
+    )
+    for internal in ("Error parsing", "upb", "Unexpected", "DecodeError", "request id"):
+        assert internal not in details
+    _still_serving(channel)
+
+
+def test_well_formed_streams_of_every_kind_still_work_through_the_gate(
+    channel: grpc.Channel,
+) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    reply = next(iter(reflection.ServerReflectionInfo(iter([request]), timeout=10)))  # bidi
+    assert "fitserve.v1.InferenceService" in {s.name for s in reply.list_services_response.service}
+    health = health_pb2_grpc.HealthStub(channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)  # coroutine handler
+    assert next(iter(watch)).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
