@@ -1,4 +1,4 @@
-"""What every call passes before its handler: message checks and load shedding.
+"""What every call passes before its handler: message checks, stream bounds, load shedding.
 
 One server interceptor (``CallGate``) wraps every handler once per method; every handler
 then takes its request messages as raw bytes, and the gate parses them:
@@ -11,9 +11,15 @@ then takes its request messages as raw bytes, and the gate parses them:
   where a string must be, or nested deeper than protobuf's recursion limit, as a
   ``google.protobuf.Struct`` 200 levels deep is) are INVALID_ARGUMENT: "request is not a
   valid fitserve.v1.TrainRequest: ...", never protobuf's own text as UNKNOWN or INTERNAL.
+* **Streams.** At most ``FITSERVE_MAX_STREAMS`` streaming calls (any method streaming
+  requests or responses) and ``FITSERVE_MAX_JOB_WATCHERS`` WatchJob calls are open at once;
+  past either, RESOURCE_EXHAUSTED naming the setting, with a retry hint. A slot is freed
+  when its call ends however it ends: by the handler's ``finally`` or gRPC's done callback,
+  whichever comes first (an async generator the client cancelled while it waited to send is
+  never resumed, so its ``finally`` alone might run only when it is garbage collected).
 * **Load shedding.** While the wait in gRPC's own queue (estimated by
-  ``service.api.backlog.Backlog``, which the gate feeds with the calls inside handlers) is
-  over ``FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS``, a
+  ``service.api.backlog.Backlog``, which the gate feeds with the calls inside handlers,
+  counted the same way as stream slots) is over ``FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS``, a
   share of Predict calls (fitserve's and TF Serving's; ``shed_share``) is refused with
   RESOURCE_EXHAUSTED and a RetryInfo, before the request is parsed. Control-plane calls
   (health, jobs, uploads) are never shed.
@@ -26,7 +32,8 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from google.protobuf import message
@@ -46,15 +53,37 @@ SHED_METHODS = frozenset(
         "/tensorflow.serving.PredictionService/Predict",
     }
 )
+WATCH_METHOD = "/fitserve.v1.TrainingService/WatchJob"
 MAX_RETRY_HINT = 5.0  # seconds; the longest retry hint a refusal sends, as the batcher's
+STREAM_RETRY_HINT = 1.0  # seconds; the retry hint of a refusal past a stream bound
 REFUSAL_LOG_SECONDS = 10.0  # one log line per kind of refusal in this long at most
 SHED_LOG_SECONDS = REFUSAL_LOG_SECONDS
 
 
-class CallGate(grpc.aio.ServerInterceptor):
-    """The size and parse checks on every request message, and shedding of Predict calls.
+@dataclass
+class StreamBound:
+    """At most ``limit`` calls of one kind open at once; ``setting`` raises it."""
 
-    ``backlog`` is None when shedding is off (``max_wait`` unset, or no channelz).
+    limit: int
+    what: str  # "streaming calls"
+    setting: str  # "FITSERVE_MAX_STREAMS"
+    open: int = 0
+
+    def refusal(self) -> errors.ResourceExhausted:
+        return errors.ResourceExhausted(
+            f"too many {self.what} open on this server ({self.open}, the most it holds at "
+            f"once: {self.setting}={self.limit}); retry when some have ended, or raise "
+            f"{self.setting}",
+            STREAM_RETRY_HINT,
+        )
+
+
+class CallGate(grpc.aio.ServerInterceptor):
+    """The size and parse checks on every request message, the bounds on open streams, and
+    shedding of Predict calls.
+
+    ``backlog`` is None when shedding is off (``max_wait`` unset, or no channelz); a bound
+    of None is no bound.
     """
 
     def __init__(
@@ -63,9 +92,16 @@ class CallGate(grpc.aio.ServerInterceptor):
         outcomes: RpcOutcomes,
         backlog: Backlog | None = None,
         max_wait: float | None = None,
+        *,
+        max_streams: int | None = None,
+        max_job_watchers: int | None = None,
     ) -> None:
         self._limit, self._outcomes = limit, outcomes
         self.backlog, self.max_wait = backlog, max_wait
+        self.streams = StreamBound(max_streams or 2**62, "streaming calls", "FITSERVE_MAX_STREAMS")
+        self.watchers = StreamBound(
+            max_job_watchers or 2**62, "WatchJob streams", "FITSERVE_MAX_JOB_WATCHERS"
+        )
         self._shed_count = 0
         self._logged: dict[str, float] = {}
         self._wrapped: dict[str, Handler] = {}
@@ -109,6 +145,38 @@ class CallGate(grpc.aio.ServerInterceptor):
             min(wait, MAX_RETRY_HINT),
         )
 
+    def bounds_of(self, method: str) -> tuple[StreamBound, ...]:
+        """The stream bounds a call of a streaming ``method`` takes a slot of."""
+        return (self.watchers, self.streams) if method == WATCH_METHOD else (self.streams,)
+
+    def admit(self, context: Context, bounds: tuple[StreamBound, ...]) -> Callable[[], None]:
+        """Take a slot of each bound and count the call inside a handler; returns ``leave``,
+        which gives them back once (also run by gRPC when the call ends). Raises
+        ResourceExhausted past a bound, holding nothing."""
+        for i, bound in enumerate(bounds):
+            if bound.open >= bound.limit:
+                for held in bounds[:i]:
+                    held.open -= 1
+                raise bound.refusal()
+            bound.open += 1
+        backlog = self.backlog
+        if backlog is not None:
+            backlog.active += 1
+        left = False
+
+        def leave(*_: object) -> None:
+            nonlocal left
+            if left:
+                return
+            left = True
+            if backlog is not None:
+                backlog.active -= 1
+            for bound in bounds:
+                bound.open -= 1
+
+        context.add_done_callback(leave)  # type: ignore[arg-type]  # stubs: a class, no protocol
+        return leave
+
     def _log_refusal(self, kind: str, text: str) -> None:
         """One log line per ``REFUSAL_LOG_SECONDS`` and kind at most, not one per call."""
         now = time.monotonic()
@@ -136,7 +204,7 @@ class CallGate(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
         """``handler`` taking raw request messages, each checked and parsed here; Predict
-        shed; every call counted for the backlog."""
+        shed; streaming calls bounded; every call counted for the backlog."""
         serialize = handler.response_serializer
         name = method.rsplit("/", 1)[-1]
         parse = request_parser(handler.request_deserializer)
@@ -145,18 +213,19 @@ class CallGate(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, name, parse, shed), response_serializer=serialize
             )
+        bounds = self.bounds_of(method)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._client_stream(handler.stream_unary, name, parse),
+                self._client_stream(handler.stream_unary, name, parse, bounds),
                 response_serializer=serialize,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._server_stream(handler.unary_stream, name, parse, streamed=False),
+                self._server_stream(handler.unary_stream, name, parse, bounds, streamed=False),
                 response_serializer=serialize,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._server_stream(handler.stream_stream, name, parse, streamed=True),
+            self._server_stream(handler.stream_stream, name, parse, bounds, streamed=True),
             response_serializer=serialize,
         )
 
@@ -192,18 +261,28 @@ class CallGate(grpc.aio.ServerInterceptor):
 
         return unary_unary
 
-    def _client_stream(self, inner: Any, name: str, parse: Parse) -> Callable[..., Awaitable[Any]]:
+    async def _refuse(self, context: Context, name: str, exc: errors.ResourceExhausted) -> NoReturn:
+        """Refuse a call past a stream bound: counted, logged now and then."""
+        self._log_refusal(f"refusing {name} calls", exc.message)
+        await self._outcomes.fail(context, name, exc, quiet=True)
+
+    def _client_stream(
+        self, inner: Any, name: str, parse: Parse, bounds: tuple[StreamBound, ...]
+    ) -> Callable[..., Awaitable[Any]]:
         """A client-streaming handler taking raw messages, each checked as it arrives."""
 
         async def stream_unary(requests: AsyncIterator[bytes], context: Context) -> Any:
             self._arrived()
-            self._enter()
+            try:
+                leave = self.admit(context, bounds)
+            except errors.ResourceExhausted as exc:
+                await self._refuse(context, name, exc)
             try:
                 return await inner(self._checked_stream(requests, parse), context)
             except errors.FitserveError as exc:  # a handler that maps no errors itself
                 await self._outcomes.fail(context, name, exc)
             finally:
-                self._leave()
+                leave()
 
         return stream_unary
 
@@ -212,6 +291,7 @@ class CallGate(grpc.aio.ServerInterceptor):
         inner: Any,
         name: str,
         parse: Parse,
+        bounds: tuple[StreamBound, ...],
         *,
         streamed: bool,
     ) -> Callable[..., AsyncIterator[Any]]:
@@ -229,7 +309,10 @@ class CallGate(grpc.aio.ServerInterceptor):
                 )
             except errors.FitserveError as exc:
                 await self._outcomes.fail(context, name, exc)
-            self._enter()
+            try:
+                leave = self.admit(context, bounds)
+            except errors.ResourceExhausted as exc:
+                await self._refuse(context, name, exc)
             try:
                 if generator:
                     async for item in inner(request, context):
@@ -239,7 +322,7 @@ class CallGate(grpc.aio.ServerInterceptor):
             except errors.FitserveError as exc:  # a handler that maps no errors itself
                 await self._outcomes.fail(context, name, exc)
             finally:
-                self._leave()
+                leave()
 
         return stream
 

@@ -23,7 +23,12 @@ from fitserve.v1 import (
     training_pb2_grpc,
 )
 from service.api.app import FitserveServer
-from service.api.backlog import Backlog, channelz_counts, channelz_server_ids
+from service.api.backlog import (
+    Backlog,
+    channelz_counts,
+    channelz_open_streams,
+    channelz_server_ids,
+)
 from service.api.datasets import DatasetServicer
 from service.api.gate import CallGate, transport_limit
 from service.api.models import ModelServicer
@@ -56,7 +61,12 @@ async def create_server(
     """Build a server for ``settings`` bound to its host and port; returns it and the port."""
     metrics = metrics or Metrics()
     outcomes = RpcOutcomes(metrics)
-    gate = CallGate(settings.max_message_bytes, outcomes)
+    gate = CallGate(
+        settings.max_message_bytes,
+        outcomes,
+        max_streams=settings.max_streams,
+        max_job_watchers=settings.max_job_watchers,
+    )
     before = channelz_server_ids()
     server = grpc.aio.server(options=_options(settings), interceptors=[gate])
     app = FitserveServer(server, settings, metrics, health.aio.HealthServicer())
@@ -95,7 +105,7 @@ def _backlog(before: set[int]) -> Backlog | None:
         log.warning("load shedding is off: gRPC's channelz does not show this server")
         return None
     server_id = new.pop()
-    return Backlog(lambda: channelz_counts(server_id))
+    return Backlog(lambda: channelz_counts(server_id), lambda: channelz_open_streams(server_id))
 
 
 def _add_services(

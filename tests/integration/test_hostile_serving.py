@@ -8,8 +8,13 @@ the benchmarks' reference MLP published, so nothing depends on training.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import tracemalloc
+import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,6 +22,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from prometheus_client.parser import text_string_to_metric_families
 
 import fitserve
 from bench.models import MODEL, publish_reference
@@ -26,6 +32,7 @@ from fitserve.v1 import (
     inference_pb2_grpc,
     tensor_pb2,
     training_pb2,
+    training_pb2_grpc,
 )
 from service.config import Settings
 from tests.conftest import RunningServer, private_stack
@@ -327,3 +334,144 @@ def test_well_formed_streams_of_every_kind_still_work_through_the_gate(
     watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)  # coroutine handler
     assert next(iter(watch)).status == health_pb2.HealthCheckResponse.SERVING
     watch.cancel()
+
+
+# ---- bursts of cancelled streams, and the bounds on open streams ---------------------------
+
+
+def _queued_job(target: str) -> str:
+    """A job that stays queued (no worker serves this stack), for watchers to wait on."""
+    with fitserve.Client(target, timeout=30) as client:
+        ds = client.upload_dataset("w-data", x=np.zeros((4, 3), np.float32), y=np.zeros(4))
+        return client.train(
+            "w", layers=LAYERS, loss="sparse_categorical_crossentropy", dataset=ds
+        ).id
+
+
+def _gauge(running: RunningServer, name: str) -> float:
+    url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        families = text_string_to_metric_families(response.read().decode())
+    return sum(s.value for f in families for s in f.samples if s.name == name)
+
+
+async def _cancelled_watchers(target: str, job_id: str, count: int) -> None:
+    """``count`` WatchJob calls at once, all cancelled by their client 0.3 s later: some have
+    reached their handler, the rest still wait in gRPC's core."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        calls = [stub.WatchJob(training_pb2.WatchJobRequest(job_id=job_id)) for _ in range(count)]
+        await asyncio.sleep(0.3)
+        for call in calls:
+            call.cancel()
+        await asyncio.sleep(0.5)  # the cancellations reach the server
+
+
+def test_a_burst_of_cancelled_watchers_leaves_no_calls_counted_waiting_and_predict_unshed(
+    hostile: tuple[Settings, RunningServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before the fix, hundreds of the cancelled calls stayed counted as waiting in gRPC's
+    queue for ever (channelz never ends a call cancelled before a handler took it), and
+    nearly every idle Predict was shed until restart."""
+    _settings, running = hostile
+    job_id = _queued_job(running.target)
+    with caplog.at_level(logging.INFO, logger="service.api.backlog"):
+        asyncio.run(_cancelled_watchers(running.target, job_id, 2000))
+
+        deadline = time.monotonic() + WAIT
+        while (queued := _gauge(running, "fitserve_grpc_queued_calls")) > 0:
+            assert time.monotonic() < deadline, f"{queued:.0f} calls still counted waiting"
+            time.sleep(0.1)  # the polling period
+    with fitserve.Client(running.target, timeout=30) as client:
+        refused = 0
+        for _ in range(40):
+            try:
+                assert client.predict(MODEL, _images(1)).shape == (1, 10)
+            except fitserve.ResourceExhaustedError:
+                refused += 1
+
+    assert refused == 0
+    # the burst did leave calls the core's counts hold open: this test saw the leak
+    assert any(
+        "ended in gRPC's core before a handler took them" in r.message for r in caplog.records
+    )
+
+
+async def _first(call: object) -> object:
+    return await call.read()  # type: ignore[attr-defined]
+
+
+async def _refusal(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _first(call)
+    return refused.value
+
+
+async def _admitted_again(open_call: Callable[[], object]) -> object:
+    """A new stream, admitted once a slot has freed (the cancellation reached the server)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        call = open_call()
+        try:
+            await _first(call)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        else:
+            return call
+        assert code == Code.RESOURCE_EXHAUSTED
+        assert time.monotonic() < deadline, "no stream slot freed"
+        await asyncio.sleep(0.05)  # the polling period
+
+
+def test_streams_past_their_bounds_are_refused_naming_the_setting_and_slots_free_as_streams_end(
+    tmp_path: Path,
+) -> None:
+    with private_stack(tmp_path, max_streams=4, max_job_watchers=2) as (_settings, running):
+        job_id = _queued_job(running.target)
+        asyncio.run(_bounded(running.target, job_id))
+
+
+async def _bounded(target: str, job_id: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        training = training_pb2_grpc.TrainingServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def watch_job() -> object:
+            return training.WatchJob(training_pb2.WatchJobRequest(job_id=job_id), timeout=60)
+
+        def watch_health() -> object:
+            return health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+
+        watchers = [watch_job(), watch_job()]
+        for call in watchers:
+            assert (await _first(call)).HasField("state_changed")  # type: ignore[attr-defined]
+        refused = await _refusal(watch_job())
+        assert refused.code() == Code.RESOURCE_EXHAUSTED
+        assert "too many WatchJob streams open on this server" in (refused.details() or "")
+        assert "FITSERVE_MAX_JOB_WATCHERS=2" in (refused.details() or "")
+
+        others = [watch_health(), watch_health()]  # 4 streams open: the server-wide bound
+        for call in others:
+            await _first(call)
+        refused = await _refusal(watch_health())
+        assert refused.code() == Code.RESOURCE_EXHAUSTED
+        assert "too many streaming calls open" in (refused.details() or "")
+        assert "FITSERVE_MAX_STREAMS=4" in (refused.details() or "")
+        trailing = dict(refused.trailing_metadata() or ())
+        assert trailing.get("grpc-retry-pushback-ms") == "1000"  # waiting helps
+
+        job = await training.GetJob(training_pb2.GetJobRequest(job_id=job_id), timeout=10)
+        assert job.state == training_pb2.JOB_STATE_QUEUED  # unary calls are not bounded
+
+        others[0].cancel()  # type: ignore[attr-defined]
+        others.append(await _admitted_again(watch_health))
+        watchers[0].cancel()  # type: ignore[attr-defined]
+        watchers.append(await _admitted_again(watch_job))
+
+        # end the rest as streams end: the job's end closes its watchers
+        await training.CancelJob(training_pb2.CancelJobRequest(job_id=job_id), timeout=10)
+        for call in watchers[1:]:
+            while await _first(call) is not grpc.aio.EOF:
+                pass
+        for call in others[1:]:
+            call.cancel()  # type: ignore[attr-defined]
