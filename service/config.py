@@ -366,6 +366,27 @@ class Settings(BaseSettings):
         "(FITSERVE_MAX_MESSAGE_BYTES). A larger request is refused with RESOURCE_EXHAUSTED "
         "naming this setting (see service.api.gate.CallGate).",
     )
+    # ---- Bounds on streaming calls (service.api.gate.CallGate) ---------------------------
+    # The Predict APIs take no setting of their own: the tensors of one request may decode to
+    # at most max_message_bytes bytes (and elements) together, checked from their shapes
+    # before anything is allocated (service.api.converters.TensorBudget).
+    max_streams: int = Field(
+        4096,
+        ge=1,
+        description="Streaming calls (WatchJob, DownloadJobArtifact, UploadDataset, health "
+        "Watch, reflection) one server process holds open at once; past it a new one is "
+        "refused with RESOURCE_EXHAUSTED naming FITSERVE_MAX_STREAMS and a retry hint. A "
+        "slot frees the moment its call ends, however it ends (cancelled included).",
+    )
+    max_job_watchers: int = Field(
+        2048,
+        ge=1,
+        description="WatchJob streams (job.wait(), `fitserve jobs watch`) one server process "
+        "holds open at once, within max_streams; past it a new one is refused with "
+        "RESOURCE_EXHAUSTED naming FITSERVE_MAX_JOB_WATCHERS and a retry hint. Each costs "
+        "about 20 KB and a state read every few seconds (docs/scaling.md).",
+    )
+    # ---- end of the bounds on streaming calls ---------------------------------------------
     max_dataset_bytes: int = Field(
         4 * 1024**3, ge=1, description="Largest dataset an upload may hold."
     )

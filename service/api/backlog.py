@@ -9,6 +9,18 @@ calls that reached a handler and have not returned are counted by ``CallGate``
 (``service.api.gate``); the difference is the calls still waiting in the core. Divided by
 the rate calls reach the handlers (Little's law), it is how long a call arriving now waits.
 ``shed_share`` turns that wait into the share of Predict calls to refuse.
+
+**Calls that end in the core.** channelz's server counts end a call only when the server
+application has taken it (its final ``RECV_CLOSE_ON_SERVER`` op). A call that ends while it
+still waits in the core's queue (the client cancels it, its deadline passes) is freed there
+without ever being counted as ended, so ``started - succeeded - failed`` keeps it open for
+ever. A burst of cancelled calls (thousands of ``WatchJob`` streams their clients dropped)
+left hundreds of such calls counted as waiting, a wait of minutes, and Predict shed until
+restart. The transport's own counts (channelz's per-connection stream counts) do close
+them; so while calls are counted waiting, the backlog re-bases against those at most every
+``REBASE_SECONDS`` (in a thread; the reads cost ~0.25 ms a connection, so they take at most
+``REBASE_DUTY`` of the time): the calls the server counts open but no connection has open are
+``lost``, never waiting again.
 """
 
 from __future__ import annotations
@@ -30,6 +42,8 @@ DRAIN_SMOOTHING = 0.1  # weight of each interval's drain rate in the moving aver
 MAX_SHED_SHARE = 0.95
 RATE_TTL = 1.0  # seconds a measured drain rate is trusted without a new measurement
 MIN_DRAIN_RATE = 1.0  # calls/s: a server draining slower than this counts as this slow
+REBASE_SECONDS = 1.0  # least time between two re-bases against the connections' counts
+REBASE_DUTY = 0.05  # most of the time spent reading the connections' counts
 
 
 class Overloaded(errors.ResourceExhausted):
@@ -59,6 +73,33 @@ def channelz_counts(server_id: int) -> tuple[int, int, int]:
     )
 
 
+def channelz_open_streams(server_id: int) -> int:
+    """Streams open now on the connections of one gRPC server, from channelz's socket counts.
+
+    The transport closes a stream however its call ends, waiting in the core included, so
+    this counts no call the server's own counts have lost. A connection that closes while
+    it is read holds no open stream.
+    """
+    cygrpc, total, start = _cygrpc(), 0, 0
+    while True:
+        page = json.loads(cygrpc.channelz_get_server_sockets(server_id, start, 0))
+        refs = page.get("socketRef", [])
+        for ref in refs:
+            try:
+                data = json.loads(cygrpc.channelz_get_socket(int(ref["socketId"])))
+            except ValueError:  # closed since it was listed
+                continue
+            counts = data["socket"].get("data", {})
+            total += (
+                int(counts.get("streamsStarted", 0))
+                - int(counts.get("streamsSucceeded", 0))
+                - int(counts.get("streamsFailed", 0))
+            )
+        if page.get("end", False) or not refs:
+            return total
+        start = max(int(r["socketId"]) for r in refs) + 1
+
+
 def channelz_server_ids() -> set[int]:
     """The ids of the gRPC servers of this process (empty when channelz is unavailable)."""
     try:
@@ -80,11 +121,18 @@ class Backlog:
     burst on a server that has not been saturated lately is not shed.
     """
 
-    def __init__(self, read_counts: Callable[[], tuple[int, int, int]]) -> None:
+    def __init__(
+        self,
+        read_counts: Callable[[], tuple[int, int, int]],
+        read_open_streams: Callable[[], int] | None = None,
+    ) -> None:
         self._read = read_counts
+        self._read_open = read_open_streams  # None: never re-based
         self.active = 0  # calls inside a handler
         self.arrived = 0  # calls that have reached a handler, ever
         self.waiting = 0  # calls in the core, not yet at a handler
+        self.lost = 0  # calls the core's counts hold open for ever (ended before a handler)
+        self._rebase_at = 0.0  # when the next re-base may run
         self.wait_seconds = 0.0
         self.drain_rate: float | None = None  # calls/s reaching handlers while some wait
         self._rate_at = 0.0  # when drain_rate was last measured
@@ -112,8 +160,47 @@ class Backlog:
             self.wait_seconds = self.waiting / max(rate, MIN_DRAIN_RATE)
 
     def _waiting_now(self) -> int:
+        return max(0, self._open_calls() - self.active - self.lost)
+
+    def _open_calls(self) -> int:
         started, succeeded, failed = self._read()
-        return max(0, started - succeeded - failed - self.active)
+        return started - succeeded - failed
+
+    def stop_rebasing(self) -> None:
+        """Never re-base again (the connections' counts cannot be read)."""
+        self._read_open = None
+
+    def rebase_due(self, now: float) -> bool:
+        """Whether to re-base now: calls are counted waiting, and the last re-base was long
+        enough ago."""
+        return self._read_open is not None and self.waiting > 0 and now >= self._rebase_at
+
+    def measure_lost(self) -> tuple[int, float]:
+        """The calls the server's counts hold open that no connection has open (lost), and
+        how long reading took; runs in a thread (the reads are slow, and thread-safe).
+
+        The server's counts are read before and after the connections', and the lesser
+        taken: a call that starts or ends while the connections are read then errs towards
+        counting as waiting until the next re-base, not towards hiding a call that waits.
+        """
+        assert self._read_open is not None
+        began = time.monotonic()
+        before = self._open_calls()
+        streams = self._read_open()
+        after = self._open_calls()
+        return max(0, min(before, after) - streams), time.monotonic() - began
+
+    def rebased(self, lost: int, took: float, now: float) -> None:
+        """Take a ``measure_lost`` result; the next re-base waits so reading takes at most
+        ``REBASE_DUTY`` of the time."""
+        if lost > self.lost:
+            log.info(
+                "%d calls ended in gRPC's core before a handler took them (cancelled or "
+                "expired while queued); no longer counted as waiting",
+                lost - self.lost,
+            )
+        self.lost = lost
+        self._rebase_at = now + max(REBASE_SECONDS, took / REBASE_DUTY)
 
     def _measure(self, now: float, waiting: int) -> None:
         """Fold the drain rate of the interval since the last reading into the average if
@@ -143,14 +230,42 @@ def shed_share(wait: float, max_wait: float) -> float:
 
 
 async def watch_backlog(backlog: Backlog, metrics: Metrics, interval: float = 0.01) -> None:
-    """Keep ``backlog`` and its gauges current until cancelled."""
-    while True:
-        await asyncio.sleep(interval)  # a sampling period, not a wait for a condition
-        try:
-            backlog.update()
-        except Exception as exc:  # channelz changed shape: stop shedding, keep serving
-            log.warning("load shedding is off: cannot read gRPC's channelz counts (%s)", exc)
-            backlog.wait_seconds = 0.0
-            return
-        metrics.grpc_queued_calls.set(backlog.waiting)
-        metrics.grpc_queue_wait.set(backlog.wait_seconds)
+    """Keep ``backlog`` and its gauges current until cancelled, re-basing it (in a thread)
+    whenever it is due."""
+    rebase: asyncio.Future[tuple[int, float]] | None = None
+    try:
+        while True:
+            await asyncio.sleep(interval)  # a sampling period, not a wait for a condition
+            try:
+                backlog.update()
+            except Exception as exc:  # channelz changed shape: stop shedding, keep serving
+                log.warning("load shedding is off: cannot read gRPC's channelz counts (%s)", exc)
+                backlog.wait_seconds = 0.0
+                return
+            now = time.monotonic()
+            if rebase is not None and rebase.done():
+                _take_rebase(backlog, rebase, now)
+                rebase = None
+            if rebase is None and backlog.rebase_due(now):
+                rebase = asyncio.ensure_future(asyncio.to_thread(backlog.measure_lost))
+            metrics.grpc_queued_calls.set(backlog.waiting)
+            metrics.grpc_queue_wait.set(backlog.wait_seconds)
+    finally:
+        if rebase is not None:
+            rebase.cancel()
+
+
+def _take_rebase(backlog: Backlog, rebase: asyncio.Future[tuple[int, float]], now: float) -> None:
+    """Apply a finished re-base; one that failed turns re-basing off (the counts it reads
+    changed shape), not shedding."""
+    try:
+        lost, took = rebase.result()
+    except Exception as exc:
+        log.warning(
+            "cannot read gRPC's connection counts (%s); calls that end while "
+            "queued stay counted as waiting",
+            exc,
+        )
+        backlog.stop_rebasing()
+        return
+    backlog.rebased(lost, took, now)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from fitserve.v1 import dataset_pb2, model_pb2, tensor_pb2, training_pb2
 from service.domain.datasets.store import DatasetInfo
 from service.domain.jobs import Job, JobEvent
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, ResourceExhausted
 from service.plugins.registry import Plugin, Registry
 
 _NUMPY_BY_WIRE = {
@@ -33,6 +33,7 @@ _NUMPY_BY_WIRE = {
 }
 _WIRE_BY_NUMPY = {v: k for k, v in _NUMPY_BY_WIRE.items()}
 MAX_DIMS = 32
+MAX_TRANSPORT_BYTES = 2**31 - 1  # gRPC's own bound on one message
 
 
 def _numpy_dtype(dtype: tensor_pb2.DataType.ValueType) -> np.dtype[Any]:
@@ -48,18 +49,77 @@ def _numpy_dtype(dtype: tensor_pb2.DataType.ValueType) -> np.dtype[Any]:
     return np.dtype(_NUMPY_BY_WIRE[dtype]).newbyteorder("<")
 
 
-def tensor_to_array(tensor: tensor_pb2.Tensor, name: str) -> np.ndarray:
-    """Decode a wire tensor; the byte length must equal shape x itemsize."""
-    if len(tensor.shape) > MAX_DIMS or any(d < 0 for d in tensor.shape):
-        raise InvalidRequest(f"input {name!r} has an invalid shape {list(tensor.shape)}")
+class TensorBudget:
+    """What the input tensors of one request may decode to together, checked from their
+    shapes before anything is allocated: at most ``max_bytes`` bytes, and as many elements
+    (none is smaller than a byte). One per request; the Predict servicers give it the
+    server's message limit (FITSERVE_MAX_MESSAGE_BYTES), which a request whose content
+    matches its shapes cannot exceed anyway; a TF Serving value broadcast to a shape can."""
+
+    def __init__(self, max_bytes: int = MAX_TRANSPORT_BYTES) -> None:
+        self.max_bytes = self.left = max_bytes
+
+    def elements(self, name: str, shape: Sequence[int], field: str | None = None) -> int:
+        """The element count of ``shape``, or InvalidRequest for a shape no input can have:
+        over MAX_DIMS dimensions, a negative one, or more elements than ``max_bytes``. The
+        product of the non-zero dimensions is bounded too, so [0, 2**62] is refused: numpy
+        cannot hold it, and no request needs it. At most MAX_DIMS + 1 dimensions are read."""
+        if len(shape) > MAX_DIMS:
+            raise InvalidRequest(
+                f"input {name!r} has an invalid shape: more than {MAX_DIMS} dimensions; expected "
+                f"at most {MAX_DIMS}",
+                field=field,
+            )
+        dims = [int(d) for d in shape]
+        if any(d < 0 for d in dims):
+            raise InvalidRequest(
+                f"input {name!r} has an invalid shape {dims}: every dimension must be 0 or more",
+                field=field,
+            )
+        product = 1
+        for d in dims:
+            product *= d or 1
+            if product > self.max_bytes:
+                raise InvalidRequest(
+                    f"input {name!r} has an invalid shape {dims}: its non-zero dimensions "
+                    f"multiply past the {self.max_bytes} elements one request may hold on this "
+                    "server (from FITSERVE_MAX_MESSAGE_BYTES); expected a smaller shape",
+                    field=field,
+                )
+        return 0 if 0 in dims else product
+
+    def take(self, name: str, nbytes: int, how: str, field: str | None = None) -> None:
+        """Charge an input's decoded size; ResourceExhausted past what is left."""
+        if nbytes > self.left:
+            raise ResourceExhausted(
+                f"input {name!r} decodes to {nbytes} bytes ({how}), over what is left of this "
+                f"server's limit of {self.max_bytes} bytes per request "
+                "(FITSERVE_MAX_MESSAGE_BYTES); send fewer rows per call",
+                field=field,
+            )
+        self.left -= nbytes
+
+
+def tensor_to_array(
+    tensor: tensor_pb2.Tensor,
+    name: str,
+    budget: TensorBudget | None = None,
+    field: str | None = None,
+) -> np.ndarray:
+    """Decode a wire tensor; the byte length must equal shape x itemsize, and the shape fit
+    ``budget`` (the request's; a fresh one at gRPC's own message limit when not given)."""
+    budget = TensorBudget() if budget is None else budget
+    count = budget.elements(name, tensor.shape[: MAX_DIMS + 1], field)
     dtype = _numpy_dtype(tensor.dtype)
-    count = math.prod(tensor.shape)
+    shape = tuple(tensor.shape)
     if len(tensor.content) != count * dtype.itemsize:
         raise InvalidRequest(
-            f"input {name!r} has {len(tensor.content)} bytes; shape {list(tensor.shape)} of "
-            f"{dtype.name} needs {count * dtype.itemsize}"
+            f"input {name!r} has {len(tensor.content)} bytes; shape {list(shape)} of "
+            f"{dtype.name} needs {count * dtype.itemsize}",
+            field=field,
         )
-    array = np.frombuffer(tensor.content, dtype=dtype).reshape(tuple(tensor.shape))
+    budget.take(name, len(tensor.content), "as sent", field)
+    array = np.frombuffer(tensor.content, dtype=dtype).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=False)
 
 

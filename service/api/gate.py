@@ -1,16 +1,28 @@
-"""What every call passes before its handler: the message size limit and load shedding.
+"""What every call passes before its handler: message checks, stream bounds, load shedding.
 
-One server interceptor (``CallGate``) wraps every handler once per method:
+One server interceptor (``CallGate``) wraps every handler once per method; every handler
+then takes its request messages as raw bytes, and the gate parses them:
 
 * **Size.** Request messages over ``FITSERVE_MAX_MESSAGE_BYTES`` are refused with a status
   that names the limit and the setting; gRPC's own refusal ("received message larger than
   max") names neither. The transport is configured with headroom (``transport_limit``) so
   the check, on the raw bytes before they are parsed, sees them.
+* **Parsing.** Bytes that do not parse as the method's request message (corrupt, not UTF-8
+  where a string must be, or nested deeper than protobuf's recursion limit, as a
+  ``google.protobuf.Struct`` 200 levels deep is) are INVALID_ARGUMENT: "request is not a
+  valid fitserve.v1.TrainRequest: ...", never protobuf's own text as UNKNOWN or INTERNAL.
+* **Streams.** At most ``FITSERVE_MAX_STREAMS`` streaming calls (any method streaming
+  requests or responses) and ``FITSERVE_MAX_JOB_WATCHERS`` WatchJob calls are open at once;
+  past either, RESOURCE_EXHAUSTED naming the setting, with a retry hint. A slot is freed
+  when its call ends however it ends: by the handler's ``finally`` or gRPC's done callback,
+  whichever comes first (an async generator the client cancelled while it waited to send is
+  never resumed, so its ``finally`` alone might run only when it is garbage collected).
 * **Load shedding.** While the wait in gRPC's own queue (estimated by
-  ``service.api.backlog.Backlog``, which the gate feeds with the calls inside handlers) is
-  over ``FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS``, a share of Predict calls (fitserve's and
-  TF Serving's; ``shed_share``) is refused with RESOURCE_EXHAUSTED and a RetryInfo, before
-  the request is parsed. Control-plane calls (health, jobs, uploads) are never shed.
+  ``service.api.backlog.Backlog``, which the gate feeds with the calls inside handlers,
+  counted the same way as stream slots) is over ``FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS``, a
+  share of Predict calls (fitserve's and TF Serving's; ``shed_share``) is refused with
+  RESOURCE_EXHAUSTED and a RetryInfo, before the request is parsed. Control-plane calls
+  (health, jobs, uploads) are never shed.
 """
 
 from __future__ import annotations
@@ -20,9 +32,11 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
+from google.protobuf import message
 
 from service import errors
 from service.api.backlog import Backlog, Overloaded, shed_share
@@ -31,6 +45,7 @@ from service.api.status import Context, RpcOutcomes
 log = logging.getLogger(__name__)
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
+Parse: TypeAlias = Callable[[bytes], Any]
 
 SHED_METHODS = frozenset(
     {
@@ -38,14 +53,37 @@ SHED_METHODS = frozenset(
         "/tensorflow.serving.PredictionService/Predict",
     }
 )
+WATCH_METHOD = "/fitserve.v1.TrainingService/WatchJob"
 MAX_RETRY_HINT = 5.0  # seconds; the longest retry hint a refusal sends, as the batcher's
-SHED_LOG_SECONDS = 10.0
+STREAM_RETRY_HINT = 1.0  # seconds; the retry hint of a refusal past a stream bound
+REFUSAL_LOG_SECONDS = 10.0  # one log line per kind of refusal in this long at most
+SHED_LOG_SECONDS = REFUSAL_LOG_SECONDS
+
+
+@dataclass
+class StreamBound:
+    """At most ``limit`` calls of one kind open at once; ``setting`` raises it."""
+
+    limit: int
+    what: str  # "streaming calls"
+    setting: str  # "FITSERVE_MAX_STREAMS"
+    open: int = 0
+
+    def refusal(self) -> errors.ResourceExhausted:
+        return errors.ResourceExhausted(
+            f"too many {self.what} open on this server ({self.open}, the most it holds at "
+            f"once: {self.setting}={self.limit}); retry when some have ended, or raise "
+            f"{self.setting}",
+            STREAM_RETRY_HINT,
+        )
 
 
 class CallGate(grpc.aio.ServerInterceptor):
-    """The size limit on every request message, and shedding of Predict calls.
+    """The size and parse checks on every request message, the bounds on open streams, and
+    shedding of Predict calls.
 
-    ``backlog`` is None when shedding is off (``max_wait`` unset, or no channelz).
+    ``backlog`` is None when shedding is off (``max_wait`` unset, or no channelz); a bound
+    of None is no bound.
     """
 
     def __init__(
@@ -54,10 +92,18 @@ class CallGate(grpc.aio.ServerInterceptor):
         outcomes: RpcOutcomes,
         backlog: Backlog | None = None,
         max_wait: float | None = None,
+        *,
+        max_streams: int | None = None,
+        max_job_watchers: int | None = None,
     ) -> None:
         self._limit, self._outcomes = limit, outcomes
         self.backlog, self.max_wait = backlog, max_wait
-        self._shed_count, self._shed_logged = 0, -SHED_LOG_SECONDS
+        self.streams = StreamBound(max_streams or 2**62, "streaming calls", "FITSERVE_MAX_STREAMS")
+        self.watchers = StreamBound(
+            max_job_watchers or 2**62, "WatchJob streams", "FITSERVE_MAX_JOB_WATCHERS"
+        )
+        self._shed_count = 0
+        self._logged: dict[str, float] = {}
         self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
@@ -99,110 +145,223 @@ class CallGate(grpc.aio.ServerInterceptor):
             min(wait, MAX_RETRY_HINT),
         )
 
+    def bounds_of(self, method: str) -> tuple[StreamBound, ...]:
+        """The stream bounds a call of a streaming ``method`` takes a slot of."""
+        return (self.watchers, self.streams) if method == WATCH_METHOD else (self.streams,)
+
+    def admit(self, context: Context, bounds: tuple[StreamBound, ...]) -> Callable[[], None]:
+        """Take a slot of each bound and count the call inside a handler; returns ``leave``,
+        which gives them back once (also run by gRPC when the call ends). Raises
+        ResourceExhausted past a bound, holding nothing."""
+        for i, bound in enumerate(bounds):
+            if bound.open >= bound.limit:
+                for held in bounds[:i]:
+                    held.open -= 1
+                raise bound.refusal()
+            bound.open += 1
+        backlog = self.backlog
+        if backlog is not None:
+            backlog.active += 1
+        left = False
+
+        def leave(*_: object) -> None:
+            nonlocal left
+            if left:
+                return
+            left = True
+            if backlog is not None:
+                backlog.active -= 1
+            for bound in bounds:
+                bound.open -= 1
+
+        context.add_done_callback(leave)  # type: ignore[arg-type]  # stubs: a class, no protocol
+        return leave
+
+    def _log_refusal(self, kind: str, text: str) -> None:
+        """One log line per ``REFUSAL_LOG_SECONDS`` and kind at most, not one per call."""
+        now = time.monotonic()
+        if now - self._logged.get(kind, -REFUSAL_LOG_SECONDS) >= REFUSAL_LOG_SECONDS:
+            log.warning("%s: %s", kind, text)
+            self._logged[kind] = now
+
     def _shed(self, refusal: Overloaded) -> None:
-        """Count a refusal; log one line per ``SHED_LOG_SECONDS`` at most, not one per call."""
+        """Count a refusal; log it now and then."""
         self._outcomes.metrics.rejections.labels("", "", "overloaded").inc()
         self._shed_count += 1
-        now = time.monotonic()
-        if now - self._shed_logged >= SHED_LOG_SECONDS:
-            log.warning("shedding Predict calls (%d so far): %s", self._shed_count, refusal.message)
-            self._shed_logged = now
+        self._log_refusal(f"shedding Predict calls ({self._shed_count} so far)", refusal.message)
+
+    def _arrived(self) -> None:
+        if self.backlog is not None:
+            self.backlog.arrived += 1
+
+    def _enter(self) -> None:
+        if self.backlog is not None:
+            self.backlog.active += 1
+
+    def _leave(self) -> None:
+        if self.backlog is not None:
+            self.backlog.active -= 1
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
-        """``handler`` with its request messages checked on the raw bytes (unary and
-        client-streaming requests), Predict shed, and the call counted for the backlog."""
+        """``handler`` taking raw request messages, each checked and parsed here; Predict
+        shed; streaming calls bounded; every call counted for the backlog."""
         serialize = handler.response_serializer
+        name = method.rsplit("/", 1)[-1]
+        parse = request_parser(handler.request_deserializer)
         if handler.unary_unary is not None:
+            shed = method in SHED_METHODS and self.backlog is not None
             return grpc.unary_unary_rpc_method_handler(
-                self._counted(self._gated(handler, method)), response_serializer=serialize
+                self._unary(handler.unary_unary, name, parse, shed), response_serializer=serialize
             )
+        bounds = self.bounds_of(method)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._counted(self._gated_stream(handler)), response_serializer=serialize
+                self._client_stream(handler.stream_unary, name, parse, bounds),
+                response_serializer=serialize,
             )
-        parse = handler.request_deserializer
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._counted_stream(handler.unary_stream),
-                request_deserializer=parse,
+                self._server_stream(handler.unary_stream, name, parse, bounds, streamed=False),
                 response_serializer=serialize,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._counted_stream(handler.stream_stream),
-            request_deserializer=parse,
+            self._server_stream(handler.stream_stream, name, parse, bounds, streamed=True),
             response_serializer=serialize,
         )
 
-    def _gated(self, handler: Handler, method: str) -> Callable[..., Awaitable[Any]]:
-        """A unary handler taking the raw request: refused over the size limit, or shed."""
-        name = method.rsplit("/", 1)[-1]
-        shed = method in SHED_METHODS and self.backlog is not None
-        parse = handler.request_deserializer or (lambda raw: raw)
-        inner: Any = handler.unary_unary
+    def _parsed(self, raw: bytes, parse: Parse) -> Any:
+        """One request message from its raw bytes; the refusal when it is too big or does
+        not parse."""
+        if len(raw) > self._limit:
+            raise self.too_big(len(raw))
+        return parse(raw)
+
+    def _unary(
+        self, inner: Any, name: str, parse: Parse, shed: bool
+    ) -> Callable[..., Awaitable[Any]]:
+        """A unary handler taking the raw request: refused over the size limit, shed, or
+        refused when it does not parse."""
 
         async def unary_unary(raw: bytes, context: Context) -> Any:
-            if len(raw) > self._limit:
-                await self._outcomes.fail(context, name, self.too_big(len(raw)))
-            if shed and (refusal := self.overloaded()) is not None:
-                self._shed(refusal)
-                await self._outcomes.fail(context, name, refusal, quiet=True)
-            return await inner(parse(raw), context)
+            self._arrived()
+            self._enter()
+            try:
+                if len(raw) > self._limit:
+                    await self._outcomes.fail(context, name, self.too_big(len(raw)))
+                if shed and (refusal := self.overloaded()) is not None:
+                    self._shed(refusal)
+                    await self._outcomes.fail(context, name, refusal, quiet=True)
+                try:
+                    request = parse(raw)
+                except errors.InvalidRequest as exc:
+                    await self._outcomes.fail(context, name, exc)
+                return await inner(request, context)
+            finally:
+                self._leave()
 
         return unary_unary
 
-    def _gated_stream(self, handler: Handler) -> Callable[..., Awaitable[Any]]:
+    async def _refuse(self, context: Context, name: str, exc: errors.ResourceExhausted) -> NoReturn:
+        """Refuse a call past a stream bound: counted, logged now and then."""
+        self._log_refusal(f"refusing {name} calls", exc.message)
+        await self._outcomes.fail(context, name, exc, quiet=True)
+
+    def _client_stream(
+        self, inner: Any, name: str, parse: Parse, bounds: tuple[StreamBound, ...]
+    ) -> Callable[..., Awaitable[Any]]:
         """A client-streaming handler taking raw messages, each checked as it arrives."""
-        parse = handler.request_deserializer or (lambda raw: raw)
-        inner: Any = handler.stream_unary
 
         async def stream_unary(requests: AsyncIterator[bytes], context: Context) -> Any:
-            return await inner(self._checked_stream(requests, parse), context)
+            self._arrived()
+            try:
+                leave = self.admit(context, bounds)
+            except errors.ResourceExhausted as exc:
+                await self._refuse(context, name, exc)
+            try:
+                return await inner(self._checked_stream(requests, parse), context)
+            except errors.FitserveError as exc:  # a handler that maps no errors itself
+                await self._outcomes.fail(context, name, exc)
+            finally:
+                leave()
 
         return stream_unary
 
-    def _counted(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        """``fn``, counted as a call inside a handler while it runs."""
-        backlog = self.backlog
-        if backlog is None:
-            return fn
-
-        async def call(request: Any, context: Context) -> Any:
-            backlog.arrived += 1
-            backlog.active += 1
-            try:
-                return await fn(request, context)
-            finally:
-                backlog.active -= 1
-
-        return call
-
-    def _counted_stream(self, fn: Any) -> Any:
-        """A response-streaming handler (async generator or coroutine), counted."""
-        backlog = self.backlog
-        if backlog is None:
-            return fn
-        if not inspect.isasyncgenfunction(fn):
-            return self._counted(fn)
+    def _server_stream(
+        self,
+        inner: Any,
+        name: str,
+        parse: Parse,
+        bounds: tuple[StreamBound, ...],
+        *,
+        streamed: bool,
+    ) -> Callable[..., AsyncIterator[Any]]:
+        """A response-streaming handler (async generator or coroutine writing with
+        ``context.write``), with one raw request message (``streamed``: a stream of them)."""
+        generator = inspect.isasyncgenfunction(inner)
 
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            backlog.arrived += 1
-            backlog.active += 1
+            self._arrived()
             try:
-                async for item in fn(request, context):
-                    yield item
+                request = (
+                    self._checked_stream(request, parse)
+                    if streamed
+                    else self._parsed(request, parse)
+                )
+            except errors.FitserveError as exc:
+                await self._outcomes.fail(context, name, exc)
+            try:
+                leave = self.admit(context, bounds)
+            except errors.ResourceExhausted as exc:
+                await self._refuse(context, name, exc)
+            try:
+                if generator:
+                    async for item in inner(request, context):
+                        yield item
+                else:
+                    await inner(request, context)
+            except errors.FitserveError as exc:  # a handler that maps no errors itself
+                await self._outcomes.fail(context, name, exc)
             finally:
-                backlog.active -= 1
+                leave()
 
         return stream
 
     async def _checked_stream(
-        self, requests: AsyncIterator[bytes], parse: Callable[[bytes], Any]
+        self, requests: AsyncIterator[bytes], parse: Parse
     ) -> AsyncIterator[Any]:
         """The parsed messages of a request stream; the handler's edge maps the refusal."""
         async for raw in requests:
-            if len(raw) > self._limit:
-                raise self.too_big(len(raw))
-            yield parse(raw)
+            yield self._parsed(raw, parse)
+
+
+def request_parser(deserialize: Parse | None) -> Parse:
+    """``deserialize`` (a message class's ``FromString``) raising InvalidRequest, with a
+    short reason and the message's name, for bytes that are not that message."""
+    if deserialize is None:
+        return lambda raw: raw
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    what = getattr(descriptor, "full_name", "") or "request message"
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except (message.DecodeError, RecursionError) as exc:
+            raise errors.InvalidRequest(f"request is not a valid {what}: {_why(exc)}") from None
+
+    return parse
+
+
+def _why(exc: Exception) -> str:
+    """What was wrong with bytes that did not parse, in a caller's terms."""
+    text = str(exc).lower()
+    if isinstance(exc, RecursionError) or "depth" in text or "recursion" in text:
+        return (
+            "its messages are nested deeper than protobuf's recursion limit of 100 levels "
+            "(each list or object in a Struct value takes 2); send a shallower message"
+        )
+    if "utf-8" in text or "utf8" in text:
+        return "a string field is not valid UTF-8; strings must be UTF-8 text"
+    return "its bytes are not a serialized protobuf message of that type"
 
 
 def transport_limit(limit: int) -> int:

@@ -32,7 +32,12 @@ from fitserve.v1 import (
 from service.api.access import Access
 from service.api.app import FitserveServer
 from service.api.auth import Authenticator
-from service.api.backlog import Backlog, channelz_counts, channelz_server_ids
+from service.api.backlog import (
+    Backlog,
+    channelz_counts,
+    channelz_open_streams,
+    channelz_server_ids,
+)
 from service.api.datasets import DatasetServicer
 from service.api.gate import CallGate, transport_limit
 from service.api.models import ModelServicer
@@ -73,7 +78,12 @@ async def create_server(
     """
     metrics = metrics or Metrics()
     outcomes = RpcOutcomes(metrics)
-    gate = CallGate(settings.max_message_bytes, outcomes)
+    gate = CallGate(
+        settings.max_message_bytes,
+        outcomes,
+        max_streams=settings.max_streams,
+        max_job_watchers=settings.max_job_watchers,
+    )
     auth = Authenticator(settings, outcomes)
     await auth.start()  # refuses to start beyond loopback with no way to tell callers apart
     before = channelz_server_ids()
@@ -170,7 +180,7 @@ def _backlog(before: set[int]) -> Backlog | None:
         log.warning("load shedding is off: gRPC's channelz does not show this server")
         return None
     server_id = new.pop()
-    return Backlog(lambda: channelz_counts(server_id))
+    return Backlog(lambda: channelz_counts(server_id), lambda: channelz_open_streams(server_id))
 
 
 def _add_services(

@@ -26,9 +26,16 @@ _STATES = {
 class InferenceServicer(Servicer, inference_pb2_grpc.InferenceServiceServicer):
     """Thin handlers over ServingModels and the feedback log."""
 
-    def __init__(self, outcomes: RpcOutcomes, models: ServingModels, feedback: FeedbackLog) -> None:
+    def __init__(
+        self,
+        outcomes: RpcOutcomes,
+        models: ServingModels,
+        feedback: FeedbackLog,
+        max_request_bytes: int = converters.MAX_TRANSPORT_BYTES,
+    ) -> None:
         super().__init__(outcomes)
         self._models, self._feedback = models, feedback
+        self._max_request_bytes = max_request_bytes  # what one request's tensors decode to
         self._predictor = CountedPredictor(models, outcomes.metrics, "Predict")
 
     @unary
@@ -40,7 +47,11 @@ class InferenceServicer(Servicer, inference_pb2_grpc.InferenceServiceServicer):
         name = _model_name(request.model.name)
         if not request.inputs:
             raise InvalidRequest("inputs is empty; send at least one named tensor", field="inputs")
-        inputs = {k: converters.tensor_to_array(t, k) for k, t in request.inputs.items()}
+        budget = converters.TensorBudget(self._max_request_bytes)
+        inputs = {
+            k: converters.tensor_to_array(t, k, budget, f"inputs[{k}]")
+            for k, t in request.inputs.items()
+        }
         result = await self._predictor.predict(
             name, _selector(request.model), inputs, deadline_of(context)
         )
@@ -66,7 +77,8 @@ class InferenceServicer(Servicer, inference_pb2_grpc.InferenceServiceServicer):
             raise InvalidRequest("request_id is required", field="request_id")
         if not request.HasField("labels"):
             raise InvalidRequest("labels are required, one per predicted row", field="labels")
-        labels = converters.tensor_to_array(request.labels, "labels")
+        budget = converters.TensorBudget(self._max_request_bytes)
+        labels = converters.tensor_to_array(request.labels, "labels", budget, "labels")
         result = await self._feedback.score(request.request_id, labels, request.output)
         return inference_pb2.FeedbackResponse(
             model_name=result.model,

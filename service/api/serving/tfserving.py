@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_shape_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
@@ -23,7 +22,9 @@ from tensorflow_serving.apis import (  # type: ignore[import-untyped]
     prediction_service_pb2_grpc,
 )
 
+from service.api.converters import MAX_TRANSPORT_BYTES, TensorBudget
 from service.api.serving.predicting import CountedPredictor, deadline_of, filtered
+from service.api.serving.tensor_protos import to_array
 from service.api.status import Context, RpcOutcomes, Servicer, unary
 from service.domain.resource_names import check_name
 from service.errors import InvalidRequest
@@ -40,19 +41,28 @@ _PREDICT_METHOD = "tensorflow/serving/predict"
 class PredictionServicer(Servicer, prediction_service_pb2_grpc.PredictionServiceServicer):  # type: ignore[misc]
     """TF Serving's Predict and GetModelMetadata; its other methods answer UNIMPLEMENTED."""
 
-    def __init__(self, outcomes: RpcOutcomes, models: ServingModels) -> None:
+    def __init__(
+        self,
+        outcomes: RpcOutcomes,
+        models: ServingModels,
+        max_request_bytes: int = MAX_TRANSPORT_BYTES,
+    ) -> None:
         super().__init__(outcomes)
         self._models = models
+        self._max_request_bytes = max_request_bytes  # what one request's tensors decode to
         self._predictor = CountedPredictor(models, outcomes.metrics, "tfserving.Predict")
 
     @unary
     async def Predict(self, request: Any, context: Context) -> Any:
         """TF Serving's Predict, so its clients work unchanged: TensorProtos in and out;
-        NOT_FOUND for an unknown model or version, RESOURCE_EXHAUSTED on a full queue."""
+        NOT_FOUND for an unknown model or version, RESOURCE_EXHAUSTED on a full queue;
+        INVALID_ARGUMENT for a TensorProto whose values do not match its shape (checked
+        before anything is allocated: ``service.api.serving.tensor_protos``)."""
         name, selector = _model_spec(request.model_spec)
         if not request.inputs:
             raise InvalidRequest("inputs is empty; send at least one named tensor", field="inputs")
-        inputs = {k: _to_array(k, t) for k, t in request.inputs.items()}
+        budget = TensorBudget(self._max_request_bytes)
+        inputs = {k: to_array(k, t, budget) for k, t in request.inputs.items()}
         result = await self._predictor.predict(name, selector, inputs, deadline_of(context))
         outputs = filtered(result.outputs, request.output_filter)
         response = predict_pb2.PredictResponse(model_spec=_spec_of(name, result.version))
@@ -107,16 +117,6 @@ def _spec_of(name: str, version: int) -> Any:
     spec = model_pb2.ModelSpec(name=name, signature_name=SIGNATURE)
     spec.version.value = version
     return spec
-
-
-def _to_array(name: str, proto: Any) -> np.ndarray:
-    try:
-        array: np.ndarray = tf.make_ndarray(proto)
-    except Exception as exc:
-        raise InvalidRequest(
-            f"input {name!r} is not a valid TensorProto: {exc}", field=f"inputs[{name}]"
-        ) from None
-    return array
 
 
 def _signature_def(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> Any:

@@ -39,9 +39,11 @@ def add_inference(server: grpc.aio.Server, app: FitserveServer, outcomes: RpcOut
     if multiprocess():
         models.spawn(models.sample_gauges())
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(outcomes, models, feedback), server
+        InferenceServicer(outcomes, models, feedback, s.max_message_bytes), server
     )
-    tfserving.add_to_server(tfserving.PredictionServicer(outcomes, models), server)
+    tfserving.add_to_server(
+        tfserving.PredictionServicer(outcomes, models, s.max_message_bytes), server
+    )
     names = [
         inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
         tfserving.SERVICE_NAME,
