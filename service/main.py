@@ -20,10 +20,23 @@ from service.logs import configure_logging
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from FITSERVE_* and the command line; a bad value exits 2 naming it."""
+    from pydantic import ValidationError
+
     overrides = {
         k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
     }
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = "__".join(str(part) for part in error["loc"]).upper()
+            print(
+                f"fitserve {args.command}: FITSERVE_{where}: {error['msg']} "
+                f"(got {str(error.get('input'))[:80]!r})",
+                file=sys.stderr,
+            )
+        raise SystemExit(2) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -164,7 +177,7 @@ def _or_default(value: int | None) -> str:
 def _worker(args: argparse.Namespace) -> int:
     from service.launch.workers import gpu_workers, worker_argv
 
-    settings = Settings()
+    settings = _settings(args)
     set_umask(settings)
     if not args.gpus:
         os.execv(sys.executable, worker_argv(args.queues, args.concurrency, settings.log_level))
