@@ -79,7 +79,8 @@ def _service_config(attempts: int) -> str:
     and UNAVAILABLE, retry with exponential backoff, or after the server's pushback when it
     sends one. Retries pause while calls keep failing (retry throttling: a bucket of 10
     tokens, -1 per failure, +0.1 per success, retrying above 5), so an overloaded server is
-    not hit harder."""
+    not hit harder. Nothing else is retried: DATA_LOSS (a version whose files are corrupt),
+    FAILED_PRECONDITION and the caller's own mistakes would fail the same way again."""
     if attempts < 2:
         return json.dumps({})
     policy = {
