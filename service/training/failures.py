@@ -121,7 +121,8 @@ def writing(path: Path, data_dir: Path) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if (full := disk_full(exc, data_dir, path)) is None:
+        full = disk_full(exc, data_dir, path)
+        if full is None or full is exc:
             raise
         raise full from exc
 
@@ -143,6 +144,8 @@ def frees_space_when_full(
             if full is None:
                 raise
             remove_backups(ws.jobs_dir / job.id)
+            if full is exc:
+                raise
             raise full from exc
 
     return wrapper
