@@ -104,6 +104,14 @@ class InferenceSettings(BaseModel):
         description="How often the store is polled for new versions and aliases, as a "
         "fallback to the Redis pub/sub events that normally switch at once.",
     )
+    load_failure_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="How long a version that failed to load (corrupt files: DATA_LOSS; "
+        "failing its warm-up: FAILED_PRECONDITION) answers that failure without loading it "
+        "again; a version of the model published meanwhile ends the wait at once. 0: every "
+        "request tries again.",
+    )
     allow_nan_inputs: bool = Field(
         False, description="Accept NaN in float inputs (rejected as INVALID_ARGUMENT by default)."
     )

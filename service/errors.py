@@ -10,8 +10,10 @@ speak of outcomes without grpc.
     ├── AlreadyExists
     ├── FailedPrecondition      wrong state: cancel a finished job, delete an aliased version
     ├── ResourceExhausted       queue full, quota, size limit
+    │   └── DiskFull            the storage refused a write (no space, quota, file size limit)
     ├── DeadlineExceeded        the caller's deadline passed before the work ran
     ├── Unavailable             Redis down, model still loading
+    ├── DataLoss                stored data is unreadable: a model version's corrupt files
     ├── Unimplemented           an RPC a later release builds
     ├── Unauthenticated
     └── PermissionDenied
@@ -25,6 +27,8 @@ paths and traceback lines out of a message that came from a failure on a worker.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from typing import ClassVar
 
@@ -129,6 +133,44 @@ class ResourceExhausted(FitserveError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class DiskFull(ResourceExhausted):
+    """The storage refused a write: no space left (ENOSPC), a quota reached (EDQUOT) or
+    the file size limit of the process (EFBIG). Waiting does not help; freeing space does.
+    A job that fails of it reports the reason DISK_FULL."""
+
+    reason = "DISK_FULL"
+
+
+STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# How the system words those refusals (TensorFlow's own file writes say it this way too).
+_STORAGE_FULL_TEXTS = tuple(os.strerror(code) for code in sorted(STORAGE_FULL_ERRNOS))
+# The path in such a message: TensorFlow's "<path>; No space left on device", or h5py's
+# "... name = '<path>', errno = 28, ...".
+_REFUSED_PATH = re.compile(
+    r"(/[^\s'\";]+); (?:" + "|".join(map(re.escape, _STORAGE_FULL_TEXTS)) + r")|name = '(/[^']+)'"
+)
+
+
+def storage_full(exc: BaseException) -> tuple[str, str | None] | None:
+    """When ``exc`` (or an exception it was raised from) is the storage refusing a
+    write: the system's words for why ("No space left on device") and the path being
+    written when the error names one; None for any other error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in STORAGE_FULL_ERRNOS:
+            path = current.filename
+            return os.strerror(current.errno), None if path is None else os.fsdecode(path)
+        text = str(current)
+        for words in _STORAGE_FULL_TEXTS:
+            if words in text:
+                found = _REFUSED_PATH.search(text)
+                return words, (found.group(1) or found.group(2)) if found else None
+        current = current.__cause__ or current.__context__
+    return None
+
+
 class DeadlineExceeded(FitserveError):
     """The caller's deadline passed before the work could run."""
 
@@ -139,6 +181,13 @@ class Unavailable(FitserveError):
     """A dependency (Redis, a loading model) is not ready; retrying may succeed."""
 
     code = "UNAVAILABLE"
+
+
+class DataLoss(FitserveError):
+    """Stored data is unreadable (a model version whose files are corrupt or missing):
+    retrying the same call cannot help until someone replaces or deletes it."""
+
+    code = "DATA_LOSS"
 
 
 class Unimplemented(FitserveError):

@@ -174,6 +174,15 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.model_loads = Counter(
+            "fitserve_model_loads_total",
+            "Attempts to load a model version, by result: OK, or the code its requests get "
+            "(DATA_LOSS: unreadable files; FAILED_PRECONDITION: fails its warm-up; "
+            "UNAVAILABLE: out of memory). A failure is remembered for "
+            "FITSERVE_INFERENCE__LOAD_FAILURE_SECONDS, so retried requests load nothing.",
+            [*mv, "result"],
+            registry=r,
+        )
         self.loaded_bytes = _Gauge(
             "fitserve_model_version_loaded_bytes",
             "Variable bytes of a loaded model version (summed over processes).",

@@ -8,6 +8,13 @@ traffic never waits for a load; the old version, once no route points at it, is 
 of service, drains the requests that hold it, and unloads. A request holds its version
 from resolution to answer with no await in between lookup and hold, so a switch under
 load fails nothing. Loaded versions are bounded by count and by variable bytes (LRU).
+
+A version that fails to load answers with what is wrong, in a status no client retries:
+DATA_LOSS when its files are unreadable (a corrupt saved_model.pb, missing variables),
+FAILED_PRECONDITION when it loads but fails its warm-up. That failure is remembered for
+``load_failure_seconds``, so retried or repeated requests do not load it again and again;
+a model event for the model (a version published or deleted, an alias moved) forgets it
+at once. Out of memory stays UNAVAILABLE (retrying may succeed) and is not remembered.
 """
 
 from __future__ import annotations
@@ -26,13 +33,22 @@ import numpy as np
 
 from service.config import BatchingSettings, InferenceSettings
 from service.domain.model_store import ModelStore
-from service.errors import InvalidRequest, NotFound, Unavailable
+from service.errors import (
+    DataLoss,
+    FailedPrecondition,
+    FitserveError,
+    InvalidRequest,
+    NotFound,
+    Unavailable,
+    redacted,
+)
 from service.inference.batcher import Batcher, BatchPolicy, BatchStats
-from service.inference.servable import Servable, TensorSpec
+from service.inference.servable import OUT_OF_MEMORY, Servable, TensorSpec
 from service.metrics import Metrics, multiprocess
 
 log = logging.getLogger(__name__)
 GAUGE_PERIOD = 1.0  # seconds between samples of the gauges with --processes
+DETAIL_CHARS = 400  # of the underlying error, in a load failure's message
 
 Key = tuple[str, int]
 Route = tuple[str, int, str]
@@ -69,6 +85,19 @@ class _Loaded:
 
 
 @dataclass(frozen=True)
+class _Failure:
+    """Why a version failed to load, answered without loading it again until ``until``
+    (``time.monotonic()``)."""
+
+    error: FitserveError
+    until: float
+
+    def again(self) -> FitserveError:
+        """A fresh copy to raise (raising one instance again and again grows its traceback)."""
+        return type(self.error)(self.error.message)
+
+
+@dataclass(frozen=True)
 class Prediction:
     """Outputs of one Predict and the version that answered."""
 
@@ -94,7 +123,9 @@ class ServingModels:
         self._loaded: OrderedDict[Key, _Loaded] = OrderedDict()
         self._loading: dict[Key, asyncio.Task[None]] = {}
         self._unloading: set[Key] = set()
-        self._failed: dict[Key, str] = {}
+        self._failed: dict[Key, _Failure] = {}
+        # Messages name the store as a caller knows it, never by its path on this server.
+        self._hidden = {str(p): "<data folder>/models" for p in (store.root, store.root.resolve())}
         self._routes: dict[Route, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -144,7 +175,8 @@ class ServingModels:
         ):
             for model, v in table:
                 if model == name:
-                    states[v] = (state, self._failed.get((model, v), ""))
+                    failure = self._failed.get((model, v))
+                    states[v] = (state, failure.error.message if failure else "")
         return states
 
     # -- versions ------------------------------------------------------------------
@@ -155,7 +187,12 @@ class ServingModels:
             await self.signature(name, await self.resolve(name))
 
     async def refresh(self, model: str | None = None) -> None:
-        """Re-resolve the routes of ``model`` (every model: None), switching warm."""
+        """Re-resolve the routes of ``model`` (every model: None), switching warm. A
+        refresh for one model (its model event: a version published or deleted, an alias
+        moved) also forgets its versions' load failures, so they are tried again."""
+        if model is not None:
+            for key in [k for k in self._failed if k[0] == model]:
+                del self._failed[key]
         names = sorted({r[0] for r in self._routes} if model is None else {model})
         for name in names:
             async with self._locks.setdefault(name, asyncio.Lock()):
@@ -219,8 +256,8 @@ class ServingModels:
         """Load (and warm up) a version before a route switches to it."""
         try:
             await self.signature(name, version)
-        except Unavailable:
-            log.warning("not switching %s to version %d: it failed to load", name, version)
+        except FitserveError as exc:
+            log.warning("not switching %s to version %d: %s", name, version, exc.message)
             return False
         return True
 
@@ -234,31 +271,72 @@ class ServingModels:
                 return loaded
             task = self._loading.get(key)
             if task is None:
+                if (failure := self._failed.get(key)) and time.monotonic() < failure.until:
+                    raise failure.again()  # remembered: no load until it is due again
                 task = self._loading[key] = asyncio.create_task(self._load(key))
             await asyncio.shield(task)
 
     async def _load(self, key: Key) -> None:
         started = time.monotonic()
+        labels = (key[0], str(key[1]))
         try:
             servable = await asyncio.to_thread(self._build, key)
-        except Exception as exc:
-            self._failed[key] = f"{type(exc).__name__}: {exc}"
-            log.exception("loading %s version %d failed", *key)
-            raise Unavailable(f"model {key[0]!r} version {key[1]} failed to load: {exc}") from None
+        except FitserveError as error:
+            self._metrics.model_loads.labels(*labels, error.code).inc()
+            remembered = not isinstance(error, Unavailable | NotFound)
+            until = time.monotonic() + (self._settings.load_failure_seconds if remembered else 0)
+            self._failed[key] = _Failure(error, until)
+            log.warning("loading %s version %d failed: %s", *key, error.message)
+            raise
         finally:
             self._loading.pop(key, None)
         self._failed.pop(key, None)
+        self._metrics.model_loads.labels(*labels, "OK").inc()
         self._loaded[key] = loaded = _Loaded(servable, self._batcher(servable))
         self._track(key, loaded, time.monotonic() - started)
         self._evict()
 
     def _build(self, key: Key) -> Servable:
-        """Load and warm up a version (in a thread: this is slow)."""
+        """Load and warm up a version (in a thread: this is slow); a failure raises the
+        domain error its requests get (``_load_failure``)."""
         policy = self._policy(key[0])
-        servable = Servable(*key, self._store.path(*key), allow_nan=self._settings.allow_nan_inputs)
+        path = self._store.path(*key)
+        try:
+            servable = Servable(*key, path, allow_nan=self._settings.allow_nan_inputs)
+        except Exception as exc:
+            log.debug("loading %s version %d", *key, exc_info=True)
+            raise self._load_failure(key, exc, warming=False) from exc
         sizes = policy.allowed_batch_sizes or sorted({1, policy.max_batch_size})
-        servable.warm_up(sizes, self._settings.warmup_calls)
+        try:
+            servable.warm_up(sizes, self._settings.warmup_calls)
+        except Exception as exc:
+            log.debug("warming up %s version %d", *key, exc_info=True)
+            raise self._load_failure(key, exc, warming=True) from exc
         return servable
+
+    def _load_failure(self, key: Key, exc: Exception, *, warming: bool) -> FitserveError:
+        """What a request for a version that failed to load is told: which version, what
+        is wrong (the error, its paths named from the data folder), what to do."""
+        name, version = key
+        what = f"model {name!r} version {version}"
+        detail = redacted(f"{type(exc).__name__}: {exc}", self._hidden)[:DETAIL_CHARS]
+        if isinstance(exc, OUT_OF_MEMORY):
+            return Unavailable(f"{what} does not fit in this server's memory ({detail}); retry")
+        if not self._store.path(name, version).is_dir():
+            return NotFound(f"{what} was deleted while it loaded")
+        again = (
+            f"; this server tries it again {self._settings.load_failure_seconds:g} s after "
+            f"this failure, or once a version of {name!r} is published"
+        )
+        if warming:
+            return FailedPrecondition(
+                f"{what} loads but fails when run on a batch of zeros ({detail}); publish a "
+                f"fixed version or delete this one{again}"
+            )
+        return DataLoss(
+            f"{what} cannot be loaded: its files are corrupt or incomplete ({detail}); "
+            f"publish a new version, or delete this one (DeleteVersion){again}"
+        )
 
     def _policy(self, name: str) -> BatchPolicy:
         b = self._batching.for_model(name)

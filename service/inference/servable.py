@@ -11,6 +11,9 @@ import tensorflow as tf
 
 from service.errors import InvalidRequest
 
+OUT_OF_MEMORY = (MemoryError, tf.errors.ResourceExhaustedError)
+"""What loading or running a version raises when memory runs out."""
+
 
 @dataclass(frozen=True)
 class TensorSpec:

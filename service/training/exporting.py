@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from service.domain import model_events
 from service.domain.dtypes import WIRE_DTYPES
 from service.domain.files import write_json_atomic
 from service.domain.model_store import KERAS_FILE, METADATA_FILE, ModelStore
-from service.training import plugins
+from service.training import failures, plugins
 
 
 def export_version(
@@ -27,20 +28,34 @@ def export_version(
     events: model_events.Publisher | None = None,
 ) -> int:
     """Stage the whole version, then publish it by rename; once per job id. ``events``
-    announces it to inference servers (None: they find it by polling the store)."""
+    announces it to inference servers (None: they find it by polling the store).
+
+    A failed export leaves nothing behind: the staged files are removed whatever went
+    wrong, and the storage refusing a write (a full disk) fails DISK_FULL naming the file
+    from the data folder (``failures.writing``)."""
     if (version := store.published_version(name, job_id)) is not None:
         return version
-    staging = store.staging_dir(name, job_id)
-    dropped = training_only_inputs(model)
-    if dropped or _listed_outputs(model):
-        export_serving(model, staging, dropped)
-        metadata = metadata | ({"serving_drops_inputs": dropped} if dropped else {})
-    else:
-        model.export(str(staging), format="tf_saved_model", verbose=False)
-    model.save(str(staging / KERAS_FILE))
-    metadata = metadata | {"signature": read_signature(str(staging))}
-    write_json_atomic(staging / METADATA_FILE, metadata)
-    version = store.publish(name, job_id, staging)
+    data_dir = store.root.parent
+    with failures.writing(store.root / name / ".staging" / job_id, data_dir):
+        staging = store.staging_dir(name, job_id)
+    try:
+        with failures.writing(staging, data_dir):
+            dropped = training_only_inputs(model)
+            if dropped or _listed_outputs(model):
+                export_serving(model, staging, dropped)
+                metadata = metadata | ({"serving_drops_inputs": dropped} if dropped else {})
+            else:
+                model.export(str(staging), format="tf_saved_model", verbose=False)
+        with failures.writing(staging / KERAS_FILE, data_dir):
+            model.save(str(staging / KERAS_FILE))
+        metadata = metadata | {"signature": read_signature(str(staging))}
+        with failures.writing(staging / METADATA_FILE, data_dir):
+            write_json_atomic(staging / METADATA_FILE, metadata)
+        with failures.writing(store.root / name / ".jobs" / job_id, data_dir):  # the marker
+            version = store.publish(name, job_id, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if events is not None:
         events.publish(model_events.ModelEvent(name, version))
     return version

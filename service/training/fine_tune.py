@@ -30,11 +30,12 @@ from service.domain.jobs import Job
 from service.domain.model_store import KERAS_FILE
 from service.domain.workspace import Workspace
 from service.errors import InvalidRequest
-from service.training import building, devices, train
+from service.training import building, devices, failures, train
 
 PHASE2_BACKUP = "backup-phase2"
 
 
+@failures.frees_space_when_full
 def run_fine_tune(job: Job, spec: FineTuneSpec, ws: Workspace) -> None:
     """Fit a stored version under the request's freeze strategy and publish the result.
 

@@ -27,7 +27,7 @@ from service.domain.job_specs import (
 from service.domain.jobs import Job
 from service.domain.workspace import Workspace
 from service.errors import FailedPrecondition
-from service.training import building, data, devices, plugins
+from service.training import building, data, devices, failures, plugins
 from service.training.callbacks import (
     BatchProgress,
     CancelWatcher,
@@ -43,6 +43,7 @@ from service.training.exporting import export_version
 log = logging.getLogger(__name__)
 
 
+@failures.frees_space_when_full
 def run_train(job: Job, spec: TrainSpec, ws: Workspace) -> None:
     """Fit the model a Train request describes and publish it as a new version."""
     job_dir = prepare(job, ws, spec.fit.seed)

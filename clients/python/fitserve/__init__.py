@@ -23,6 +23,7 @@ from fitserve._credentials import TlsOptions
 from fitserve._errors import (
     AlreadyExistsError,
     CancelledError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     FitserveError,
@@ -51,6 +52,7 @@ __all__ = [
     "AlreadyExistsError",
     "CancelledError",
     "Client",
+    "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "FitserveError",

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from fitserve import _specs
 from fitserve._credentials import TlsOptions, auth_metadata, resolve_tls, resolve_token
 from fitserve._errors import ResourceExhaustedError, from_rpc_error
-from fitserve._job import Job, JobEventStream
+from fitserve._job import WATCH_RETRY_SECONDS, Job, JobEventStream
 from fitserve._options import TrainingOptions, request_fields
 from fitserve._specs import DatasetLike, KerasModel
 from fitserve._tensors import to_numpy, to_tensor
@@ -68,6 +68,10 @@ def _translated_errors() -> Iterator[None]:
 
 
 RETRY_BUFFER_BYTES = 16 * 1024 * 1024  # larger Predict requests are not retried
+# gRPC waits ever longer between attempts to reconnect to a server that went away (1 s,
+# 1.6 s, ... up to 120 s), failing calls fast meanwhile: capped here, a server that is back
+# is found within 5 s, whatever the outage lasted.
+MAX_RECONNECT_BACKOFF_MS = 5000
 
 
 def _service_config(attempts: int) -> str:
@@ -75,7 +79,8 @@ def _service_config(attempts: int) -> str:
     and UNAVAILABLE, retry with exponential backoff, or after the server's pushback when it
     sends one. Retries pause while calls keep failing (retry throttling: a bucket of 10
     tokens, -1 per failure, +0.1 per success, retrying above 5), so an overloaded server is
-    not hit harder."""
+    not hit harder. Nothing else is retried: DATA_LOSS (a version whose files are corrupt),
+    FAILED_PRECONDITION and the caller's own mistakes would fail the same way again."""
     if attempts < 2:
         return json.dumps({})
     policy = {
@@ -111,6 +116,7 @@ def _open_channel(
         ("grpc.service_config", _service_config(predict_attempts)),
         # gRPC keeps a request for retrying only up to this size (its default: 256 KiB)
         ("grpc.per_rpc_retry_buffer_size", min(max_message_bytes, RETRY_BUFFER_BYTES)),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ]
     if credentials is None and tls is not None:
         credentials = tls.channel_credentials()
@@ -149,6 +155,7 @@ class Client:
         predict_attempts: int = 3,
         token: str | None = None,
         tls: bool | TlsOptions | None = None,
+        watch_retry_seconds: float | None = WATCH_RETRY_SECONDS,
     ) -> None:
         """Connect to `target`, or use `channel` as given (the caller then closes it).
 
@@ -166,6 +173,8 @@ class Client:
         `predict_attempts` times in all, after the server's retry hint or an exponential
         backoff, within the call's timeout (1: never retried; requests over 16 MiB are
         not retried; with `channel`, that channel's own service config decides).
+        Following a job (`Job.events()`, `Job.wait()`) rides out an outage of up to
+        `watch_retry_seconds` (None: for ever), resuming from the last event seen.
         """
         token = resolve_token(token)
         if token is not None and any(key.lower() == "authorization" for key, _ in metadata):
@@ -180,6 +189,9 @@ class Client:
             )
         self._channel = channel
         self._timeout = timeout
+        if watch_retry_seconds is not None and watch_retry_seconds < 0:
+            raise ValueError("watch_retry_seconds must be >= 0 (or None: retry for ever)")
+        self._watch_retry_seconds = watch_retry_seconds
         self._max_message_bytes = max_message_bytes
         # Per-call metadata, not call credentials: gRPC refuses those on plaintext channels.
         self._metadata: tuple[tuple[str, str | bytes], ...] = (
@@ -218,6 +230,11 @@ class Client:
     def timeout(self) -> float | None:
         """Seconds each call may take unless it is given its own `timeout=`."""
         return self._timeout
+
+    @property
+    def watch_retry_seconds(self) -> float | None:
+        """How long following a job retries through an outage before it gives up."""
+        return self._watch_retry_seconds
 
     # -- plumbing ------------------------------------------------------------------
 

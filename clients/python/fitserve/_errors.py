@@ -16,11 +16,13 @@ knowing the transport. Our exception hierarchy:
   + PermissionDeniedError    - the token's role does not allow this call.
   + UnimplementedError       - the server does not offer this call (yet).
   + InternalError            - a server bug; the details hold a request id for its logs.
+  + DataLossError            - stored data is unreadable, e.g. a model version's corrupt
+                               files; retrying cannot help until it is replaced or deleted.
   + CancelledError           - the call was cancelled.
   + JobFailedError (.job)    - a job this client waited for ended FAILED.
   + JobCancelledError (.job) - a job this client waited for ended CANCELLED.
 
-Status codes without a subclass (UNKNOWN, ABORTED, OUT_OF_RANGE, DATA_LOSS) raise
+Status codes without a subclass (UNKNOWN, ABORTED, OUT_OF_RANGE) raise
 `FitserveError` itself.
 """
 
@@ -33,6 +35,7 @@ from fitserve.v1 import training_pb2
 __all__ = [
     "AlreadyExistsError",
     "CancelledError",
+    "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "FitserveError",
@@ -128,6 +131,13 @@ class InternalError(FitserveError):
     code = grpc.StatusCode.INTERNAL
 
 
+class DataLossError(FitserveError):
+    """Stored data is unreadable: a model version whose files are corrupt or missing. The
+    details name the version and what is wrong; publish a new version or delete it."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class CancelledError(FitserveError):
     """The call was cancelled before it finished."""
 
@@ -171,6 +181,7 @@ _BY_CODE: dict[grpc.StatusCode, type[FitserveError]] = {
         PermissionDeniedError,
         UnimplementedError,
         InternalError,
+        DataLossError,
         CancelledError,
     )
 }

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
-from collections.abc import Generator, Iterator
-from typing import Protocol
+from collections.abc import Callable, Generator, Iterator
+from typing import Protocol, TypeVar
 
 import grpc
 
 from fitserve._errors import (
     DeadlineExceededError,
+    FitserveError,
     JobCancelledError,
     JobFailedError,
     from_rpc_error,
@@ -25,9 +27,15 @@ JobState = training_pb2.JobState
 _TERMINAL_STATES = frozenset(
     {JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED, JobState.JOB_STATE_CANCELLED}
 )
-_WATCH_RETRIES = 5
-_WATCH_BACKOFF_SECONDS = 0.2
-_WATCH_BACKOFF_MAX_SECONDS = 5.0
+WATCH_RETRY_SECONDS = 300.0
+"""How long, by default, following a job rides out an outage (`Client(watch_retry_seconds=)`)."""
+
+_BACKOFF_SECONDS = 0.2  # the first pause after a failed call
+_BACKOFF_MULTIPLIER = 2.0
+_BACKOFF_MAX_SECONDS = 5.0  # the longest pause: a server back is found within this
+_JITTER = 0.2  # each pause is drawn within +-20% of its step, so watchers spread out
+_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+_T = TypeVar("_T")
 
 
 class JobEventStream(Protocol):
@@ -43,6 +51,9 @@ class JobCalls(Protocol):
 
     @property
     def timeout(self) -> float | None: ...
+
+    @property
+    def watch_retry_seconds(self) -> float | None: ...
 
     def job_record(self, job_id: str, *, timeout: float | None = None) -> training_pb2.Job: ...
 
@@ -109,7 +120,9 @@ class Job:
         self._info = self._client.cancel_job(self.id, timeout=timeout)
         return self._info
 
-    def events(self, after_event_id: str = "") -> Iterator[training_pb2.JobEvent]:
+    def events(
+        self, after_event_id: str = "", *, timeout: float | None = None
+    ) -> Iterator[training_pb2.JobEvent]:
         """The job's events after `after_event_id` ("" : from the first) until it ends.
 
         Every event is yielded as the server sent it; its `payload` is one of
@@ -118,18 +131,26 @@ class Job:
         value at the end of an epoch; with `stopped` set, the fit ends there and the
         job goes on to publish the model as usual).
 
-        A dropped connection is resumed transparently from the last event seen, with
-        bounded retries and backoff; only a lasting outage raises `UnavailableError`.
-        A quiet stream that outlasts the per-call timeout is reopened the same way, so
-        following an hours-long job never trips the client's deadline.
+        An outage (the server restarting, Redis down: UNAVAILABLE) is ridden out: the
+        stream is reopened from the last event seen, after pauses that grow 0.2 s, 0.4 s,
+        ... up to 5 s (each +-20% at random), so every event comes once and in order.
+        Retrying ends after the client's `watch_retry_seconds` (default 300) of failed
+        calls with no event between them, raising `UnavailableError`; with `timeout`,
+        retrying goes on until `timeout` seconds after the call instead, then
+        `TimeoutError`. Errors that retrying cannot cure (NOT_FOUND, INVALID_ARGUMENT,
+        PERMISSION_DENIED, UNAUTHENTICATED, ...) raise at once. A quiet stream that
+        outlasts the per-call timeout is reopened the same way, so following an
+        hours-long job never trips the client's deadline.
         """
-        return self._follow(after_event_id, deadline=None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._follow(after_event_id, deadline, self._outage(deadline))
 
     def wait(self, timeout: float | None = None) -> training_pb2.Job:
         """Block until the job ends and return its final record.
 
         Raises `JobFailedError` or `JobCancelledError` when it did not succeed, and
-        `TimeoutError` when `timeout` seconds pass first (the job keeps running).
+        `TimeoutError` when `timeout` seconds pass first (the job keeps running). An
+        outage is ridden out as `events()` does, for up to `timeout` when one is given.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -141,17 +162,18 @@ class Job:
         return _outcome(info)
 
     def _wait_until_terminal(self, deadline: float | None) -> training_pb2.Job:
+        outage = self._outage(deadline)
         while True:
-            saw_events = self._follow_until_terminal_event(deadline)
-            info = self.refresh(timeout=self._call_timeout(deadline))
+            saw_events = self._follow_until_terminal_event(deadline, outage)
+            info = self._retried(lambda: self.refresh(timeout=self._call_timeout(deadline)), outage)
             if info.state in _TERMINAL_STATES:
                 return info
             if not saw_events:  # the stream closed early: don't spin on GetJob
-                _sleep(_WATCH_BACKOFF_SECONDS, deadline)
+                _sleep(_BACKOFF_SECONDS, deadline)
 
-    def _follow_until_terminal_event(self, deadline: float | None) -> bool:
+    def _follow_until_terminal_event(self, deadline: float | None, outage: _Outage) -> bool:
         saw_events = False
-        with contextlib.closing(self._follow(self._last_event_id, deadline)) as events:
+        with contextlib.closing(self._follow(self._last_event_id, deadline, outage)) as events:
             for event in events:
                 saw_events = True
                 if _is_terminal_event(event):
@@ -159,33 +181,38 @@ class Job:
         return saw_events
 
     def _follow(
-        self, after_event_id: str, deadline: float | None
+        self, after_event_id: str, deadline: float | None, outage: _Outage
     ) -> Generator[training_pb2.JobEvent, None, None]:
-        failures = 0
         while True:
             timeout = self._call_timeout(deadline)
             call = self._client.watch_job(self.id, after_event_id, timeout=timeout)
             try:
                 for event in call:
                     after_event_id = self._last_event_id = event.event_id
-                    failures = 0
+                    outage.ended()
                     yield event
                 return
             except grpc.RpcError as error:
-                failures = self._retry_or_raise(error, failures, deadline)
+                self._call_timeout(deadline)  # raises TimeoutError once the deadline has passed
+                if _status_code(error) == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue  # only this call's own deadline lapsed: a quiet job, not an outage
+                outage.pause_or_raise(error, from_rpc_error(error))
             finally:
                 call.cancel()
 
-    def _retry_or_raise(self, error: grpc.RpcError, failures: int, deadline: float | None) -> int:
-        """Count one more failed watch, or raise when it should not be retried."""
-        self._call_timeout(deadline)  # raises TimeoutError once the deadline has passed
-        code = error.code()
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return failures  # only this call's own deadline lapsed: a quiet job, not an outage
-        if code != grpc.StatusCode.UNAVAILABLE or failures >= _WATCH_RETRIES:
-            raise from_rpc_error(error) from error
-        _sleep(min(_WATCH_BACKOFF_SECONDS * 2**failures, _WATCH_BACKOFF_MAX_SECONDS), deadline)
-        return failures + 1
+    def _retried(self, fetch: Callable[[], _T], outage: _Outage) -> _T:
+        """``fetch()`` (a unary call, its errors translated), retried through an outage."""
+        while True:
+            try:
+                result = fetch()
+            except FitserveError as error:
+                outage.pause_or_raise(error.__cause__, error)
+                continue
+            outage.ended()
+            return result
+
+    def _outage(self, deadline: float | None) -> _Outage:
+        return _Outage(self._client.watch_retry_seconds, deadline, self._timeout_message)
 
     def _call_timeout(self, deadline: float | None) -> float | None:
         """The client's per-call timeout, cut to what is left before `deadline`."""
@@ -201,6 +228,81 @@ class Job:
         return f"job {self.id} did not finish in time; it was {self.state} when last fetched"
 
 
+class _Outage:
+    """One stretch of failed calls while following a job: the pause before each retry
+    (capped exponential backoff with jitter, or the server's own retry hint when longer),
+    and when to give up: ``budget`` seconds after the first failure since a call last got
+    through, or at the caller's ``deadline`` when there is one."""
+
+    def __init__(
+        self, budget: float | None, deadline: float | None, timeout_message: Callable[[], str]
+    ) -> None:
+        self._budget, self._deadline, self._timeout_message = budget, deadline, timeout_message
+        self._started: float | None = None
+        self._failures = 0
+
+    def ended(self) -> None:
+        """A call got through: the next failure starts a new outage."""
+        self._started, self._failures = None, 0
+
+    def pause_or_raise(self, cause: BaseException | None, error: FitserveError) -> None:
+        """Sleep before the next try when ``cause`` (the failed call) is worth retrying
+        and time is left; else raise ``error`` (TimeoutError once the deadline passed)."""
+        pause = _retry_pause(cause)
+        if pause is None:
+            raise error
+        now = time.monotonic()
+        if self._started is None:
+            self._started = now
+        give_up = self._give_up_at()
+        if give_up is not None and now >= give_up:
+            if self._deadline is not None:
+                raise TimeoutError(self._timeout_message()) from error
+            raise type(error)(
+                f"{error.details} (still failing after {now - self._started:.0f} s of retries; "
+                "Client(watch_retry_seconds=...) sets how long)",
+                code=error.code,
+            ) from error
+        step = min(_BACKOFF_MAX_SECONDS, _BACKOFF_SECONDS * _BACKOFF_MULTIPLIER**self._failures)
+        self._failures += 1
+        delay = max(step * random.uniform(1 - _JITTER, 1 + _JITTER), pause)
+        _nap(delay if give_up is None else max(0.0, min(delay, give_up - now)))
+
+    def _give_up_at(self) -> float | None:
+        if self._deadline is not None:
+            return self._deadline
+        if self._budget is None or self._started is None:
+            return None
+        return self._started + self._budget
+
+
+def _retry_pause(error: BaseException | None) -> float | None:
+    """The least pause before retrying a failed call, None when retrying cannot help.
+
+    UNAVAILABLE (server unreachable or restarting, Redis down) is retried; so is
+    RESOURCE_EXHAUSTED when the server sent a retry hint (gRPC pushback, in ms; a negative
+    hint means never). Every other code is the caller's to handle.
+    """
+    code = _status_code(error)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return 0.0
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == _PUSHBACK_KEY:
+            with contextlib.suppress(ValueError):
+                hint = int(value)
+                return hint / 1000 if hint >= 0 else None
+    return None
+
+
+def _status_code(error: BaseException | None) -> grpc.StatusCode | None:
+    code = getattr(error, "code", None)
+    value = code() if callable(code) else None
+    return value if isinstance(value, grpc.StatusCode) else None
+
+
 def _is_terminal_event(event: training_pb2.JobEvent) -> bool:
     return (
         event.WhichOneof("payload") == "state_changed"
@@ -214,6 +316,11 @@ def _outcome(info: training_pb2.Job) -> training_pb2.Job:
     if info.state == JobState.JOB_STATE_CANCELLED:
         raise JobCancelledError(info)
     return info
+
+
+def _nap(seconds: float) -> None:
+    """The pause between retries (tests replace it)."""
+    time.sleep(seconds)
 
 
 def _sleep(seconds: float, deadline: float | None) -> None:

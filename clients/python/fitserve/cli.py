@@ -24,6 +24,7 @@ from fitserve import _specs
 from fitserve._client import Client
 from fitserve._credentials import CA_ENV, CERT_ENV, KEY_ENV, TLS_ENV, TOKEN_ENV, TlsOptions
 from fitserve._errors import FitserveError
+from fitserve._job import WATCH_RETRY_SECONDS
 from fitserve.v1 import training_pb2
 
 __all__ = ["main"]
@@ -50,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command_function: _Command = args.run
     try:
         with Client(
-            args.target, timeout=args.timeout, token=args.token or "", tls=_tls(args)
+            args.target,
+            timeout=args.timeout,
+            token=args.token or "",
+            tls=_tls(args),
+            watch_retry_seconds=getattr(args, "retry_for", WATCH_RETRY_SECONDS),
         ) as client:
             return command_function(client, args)
     except FitserveError as error:
@@ -184,6 +189,15 @@ def _add_job_commands(commands: _Subparsers) -> None:
         parser = jobs.add_parser(name, help=help_text)
         parser.add_argument("job_id", metavar="ID")
         parser.set_defaults(run=run)
+        if name == "watch":
+            parser.add_argument(
+                "--retry-for",
+                type=float,
+                default=WATCH_RETRY_SECONDS,
+                metavar="SECONDS",
+                help="ride out an outage (server restarting, Redis down) this long, resuming "
+                f"where the stream stopped, before giving up (default: {WATCH_RETRY_SECONDS:g})",
+            )
     artifacts = jobs.add_parser(
         "artifacts", help="list the files a job wrote (checkpoints, logs, history.csv)"
     )

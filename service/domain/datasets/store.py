@@ -7,7 +7,8 @@ Layout under ``<data_dir>/datasets``::
     names/<name>.json       {"id": "sha256:<hex>", "created_at": ...}
     incoming/               uploads in progress; removed when they fail
 
-An upload becomes visible only after it is complete and valid, by rename. Valid means
+An upload becomes visible only after it is complete and valid, by rename; one that fails,
+a full disk included (RESOURCE_EXHAUSTED, ``DiskFull``), leaves no file behind. Valid means
 also that its arrays hold what their headers declare, and no more than
 ``max_expanded_bytes`` unpacked (``service.domain.datasets.npz``): a compressed .npz
 cannot smuggle a zip bomb past the byte limit of the upload itself.
@@ -19,6 +20,8 @@ import hashlib
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -26,7 +29,14 @@ from typing import BinaryIO
 from service.domain.datasets.npz import ArrayHeader, read_npz_headers
 from service.domain.files import read_json, write_json_atomic
 from service.domain.resource_names import check_name
-from service.errors import InvalidRequest, NotFound, ResourceExhausted, shown
+from service.errors import (
+    DiskFull,
+    InvalidRequest,
+    NotFound,
+    ResourceExhausted,
+    shown,
+    storage_full,
+)
 
 ID_PREFIX = "sha256:"
 FORMATS = ("npz",)
@@ -53,9 +63,10 @@ class DatasetUpload:
         self._expected_size, self._expected_sha = size, sha256.lower()
         self._hash = hashlib.sha256()
         self._size = 0
-        store.incoming_dir.mkdir(parents=True, exist_ok=True)
         self.path = store.incoming_dir / f"{uuid.uuid4().hex}.part"
-        self._file: BinaryIO = self.path.open("wb")
+        with store.storing():
+            store.incoming_dir.mkdir(parents=True, exist_ok=True)
+            self._file: BinaryIO = self.path.open("wb")
 
     def write(self, chunk: bytes) -> None:
         """Append a chunk; refuses to grow past the configured limit."""
@@ -66,14 +77,17 @@ class DatasetUpload:
                 "(FITSERVE_MAX_DATASET_BYTES)"
             )
         self._hash.update(chunk)
-        self._file.write(chunk)
+        with self._store.storing():
+            self._file.write(chunk)
 
     def finish(self) -> DatasetInfo:
         """Check, validate and publish the upload; the temp file is gone either way."""
         try:
-            self._file.close()
+            with self._store.storing():
+                self._file.close()
             digest = self._check_integrity()
-            return self._store._publish(self, digest, self._size)
+            with self._store.storing():
+                return self._store._publish(self, digest, self._size)
         finally:
             self.abort()
 
@@ -126,6 +140,22 @@ class DatasetStore:
                 "(FITSERVE_MAX_DATASET_BYTES)"
             )
         return DatasetUpload(self, name, fmt, size, sha256)
+
+    @contextmanager
+    def storing(self) -> Iterator[None]:
+        """Turn the disk refusing a write (no space, a quota, the file size limit) into
+        DiskFull (RESOURCE_EXHAUSTED), saying so and where, from the data folder."""
+        try:
+            yield
+        except OSError as exc:
+            refused = storage_full(exc)
+            if refused is None:
+                raise
+            raise DiskFull(
+                f"the server's disk refused the upload while storing it under <data folder>/"
+                f"{self.root.name} ({refused[0]}); nothing of it was kept. Free space in the "
+                "server's data folder, then upload again"
+            ) from exc
 
     def get(self, ref: str) -> DatasetInfo:
         """A dataset by id (``sha256:<hex>``) or name."""
@@ -195,19 +225,29 @@ class DatasetStore:
         num_examples = _check_arrays(arrays)
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
         blob = self.blobs_dir / f"{digest}.npz"
-        if not blob.exists():
-            os.replace(upload.path, blob)
+        meta_path = self.blobs_dir / f"{digest}.json"
+        new = not blob.exists()
         meta = {
             "format": upload.format,
             "size_bytes": size,
             "num_examples": num_examples,
             "arrays": [asdict(a) for a in arrays],
         }
-        write_json_atomic(self.blobs_dir / f"{digest}.json", meta)
-        write_json_atomic(
-            self.names_dir / f"{upload.name}.json",
-            {"id": ID_PREFIX + digest, "created_at": time.time()},
-        )
+        try:
+            if new:
+                os.replace(upload.path, blob)
+            write_json_atomic(meta_path, meta)
+            write_json_atomic(
+                self.names_dir / f"{upload.name}.json",
+                {"id": ID_PREFIX + digest, "created_at": time.time()},
+            )
+        except BaseException:
+            # Content this upload stored and no name points at (the name's file could not
+            # be written): gone with it, not kept as an orphan taking space.
+            if new and not any(d.id == ID_PREFIX + digest for d in self.list()):
+                blob.unlink(missing_ok=True)
+                meta_path.unlink(missing_ok=True)
+            raise
         return self.get(upload.name)
 
 

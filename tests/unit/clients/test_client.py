@@ -103,6 +103,9 @@ class FakeTraining(training_pb2_grpc.TrainingServiceServicer):
         self.visible_per_call: list[int] = []
         self.metadata: list[tuple[tuple[str, str], ...]] = []
         self.time_remaining: list[float] = []
+        # (code, trailing metadata) that the next WatchJob and GetJob calls fail with
+        self.watch_failures: list[tuple[grpc.StatusCode, tuple[tuple[str, str], ...]]] = []
+        self.get_failures: list[grpc.StatusCode] = []
 
     def Train(self, request, context):
         self.requests.append(request)
@@ -116,6 +119,8 @@ class FakeTraining(training_pb2_grpc.TrainingServiceServicer):
         return training_pb2.FineTuneResponse(job=training_pb2.Job(id="job-2"))
 
     def GetJob(self, request, context):
+        if self.get_failures:
+            context.abort(self.get_failures.pop(0), "server restarting")
         if request.job_id not in self.jobs:
             context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not found")
         return self.jobs[request.job_id]
@@ -132,6 +137,10 @@ class FakeTraining(training_pb2_grpc.TrainingServiceServicer):
         self.watch_requests.append(request)
         if self.always_unavailable:
             context.abort(grpc.StatusCode.UNAVAILABLE, "redis is down")
+        if self.watch_failures:
+            code, trailing = self.watch_failures.pop(0)
+            context.set_trailing_metadata(trailing)
+            context.abort(code, f"failing with {code.name}")
         published = self._published(len(self.watch_requests) - 1)
         after = int(request.after_event_id or 0)
         for event in published:
@@ -581,15 +590,19 @@ def test_wait_resumes_a_dropped_stream_from_the_last_event(client, fakes):
     assert [r.after_event_id for r in fakes.training.watch_requests] == ["", "1"]
 
 
-def test_a_lasting_outage_raises_unavailable_after_bounded_retries(client, fakes, monkeypatch):
-    monkeypatch.setattr(_job, "_WATCH_BACKOFF_SECONDS", 0.001)
+def test_a_lasting_outage_raises_unavailable_once_the_retry_budget_is_spent(fakes):
     fakes.training.always_unavailable = True
     fakes.training.jobs["job-1"] = training_pb2.Job(id="job-1", state=JobState.JOB_STATE_RUNNING)
+    started = time.monotonic()
 
-    with pytest.raises(fitserve.UnavailableError, match="redis is down"):
+    with (
+        fitserve.Client(fakes.target, timeout=10, watch_retry_seconds=0.5) as client,
+        pytest.raises(fitserve.UnavailableError, match=r"redis is down \(still failing after"),
+    ):
         list(client.get_job("job-1").events())
 
-    assert len(fakes.training.watch_requests) == _job._WATCH_RETRIES + 1
+    assert 0.5 <= time.monotonic() - started < 3
+    assert len(fakes.training.watch_requests) >= 2
 
 
 def test_wait_times_out_while_the_job_runs(client, fakes):
@@ -670,6 +683,7 @@ class PublicCallsOnly:
     """A stand-in client with only the public calls `Job` is documented to use."""
 
     timeout = 5.0
+    watch_retry_seconds = 60.0
 
     def __init__(self, events: list[training_pb2.JobEvent], final: training_pb2.Job) -> None:
         self.events, self.final, self.calls = events, final, []

@@ -18,6 +18,7 @@ MAPPED = [
     (grpc.StatusCode.UNIMPLEMENTED, fitserve.UnimplementedError),
     (grpc.StatusCode.INTERNAL, fitserve.InternalError),
     (grpc.StatusCode.CANCELLED, fitserve.CancelledError),
+    (grpc.StatusCode.DATA_LOSS, fitserve.DataLossError),
 ]
 
 
@@ -45,7 +46,7 @@ def test_each_status_code_maps_to_its_subclass(code, error_type):
 
 
 @pytest.mark.parametrize(
-    "code", [grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.DATA_LOSS]
+    "code", [grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE]
 )
 def test_codes_without_a_subclass_raise_the_base_class(code):
     error = _errors.from_rpc_error(FakeRpcError(code, "boom"))
@@ -103,6 +104,6 @@ def test_job_cancelled_error_carries_the_job():
 def test_the_docstring_tree_names_every_exception():
     classes = [name for name in _errors.__all__ if isinstance(getattr(_errors, name), type)]
 
-    assert len(classes) == 15
+    assert len(classes) == 16
     for name in classes:
         assert name in (_errors.__doc__ or ""), name
