@@ -4,13 +4,13 @@
 Celery's warm shutdown (SIGTERM, a first Ctrl-C) waits for the running task however long
 it runs, and its soft shutdown needs SIGQUIT and always sleeps its whole timeout. So a
 worker's main process, as the warm shutdown begins (``worker_shutting_down``), sends
-``HAND_BACK_SIGNAL`` to its pool children; in a child the handler (installed as it starts,
-``install_child``) tells the running job to stop at its next batch end and hand itself back
-(``worker.runtime.Runtime.hand_back_running``): the job goes back to QUEUED, not counted
-as a lost attempt, its Celery message is sent again, and the task returns, so the warm
-shutdown ends. A job still running when the grace is over (a batch, a data read or an
-export that takes longer) has its child killed, and its lease ended, so another worker
-takes it over at once.
+``HAND_BACK_SIGNAL`` to the pool children running a job; in a child the handler
+(installed as a job starts, ``install_child``) tells the running job to stop at its next
+batch end and hand itself back (``worker.runtime.Runtime.hand_back_running``): the job
+goes back to QUEUED, not counted as a lost attempt, its Celery message is sent again,
+and the task returns, so the warm shutdown ends. A job still running when the grace is
+over (a batch, a data read or an export that takes longer) has its child killed, and its
+lease ended, so another worker takes it over at once.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 import redis
-from celery.signals import worker_init, worker_shutting_down
+from celery.signals import worker_shutting_down
 
 from service.config import Settings
 from service.domain.job_store import JobStore
@@ -34,14 +34,12 @@ HAND_BACK_SIGNAL = signal.SIGUSR2  # billiard uses SIGUSR1 for soft time limits
 STOPPING = "the worker is shutting down"
 
 _settings: Settings | None = None
-_worker: Any = None  # the WorkController of this main process
 
 
 def install_parent(settings: Settings) -> None:
     """Arm the bounded stop in the worker's main process."""
     global _settings
     _settings = settings
-    worker_init.connect(_remember, weak=False)
     worker_shutting_down.connect(_on_shutting_down, weak=False)
 
 
@@ -51,22 +49,12 @@ def install_child(hand_back: Any) -> None:
     signal.signal(HAND_BACK_SIGNAL, lambda _signum, _frame: hand_back(STOPPING))
 
 
-def _remember(sender: Any = None, **_: Any) -> None:
-    global _worker
-    _worker = sender
-
-
 def _on_shutting_down(how: str = "", **_: Any) -> None:
     """Runs in the main process's signal handler: the work happens in a thread."""
     if how != "Warm" or _settings is None:
         return  # a cold shutdown is Celery's (its soft shutdown, bounded as well)
     grace = _settings.worker_stop_grace_seconds
     threading.Thread(target=_stop, args=(grace,), name="bounded-stop", daemon=True).start()
-
-
-def _children() -> list[int]:
-    pool = getattr(getattr(_worker, "pool", None), "_pool", None)
-    return [p.pid for p in getattr(pool, "_pool", None) or [] if p.pid]
 
 
 def _running() -> list[tuple[str, int]]:
@@ -82,23 +70,22 @@ def _running() -> list[tuple[str, int]]:
 
 
 def _stop(grace: float) -> None:
-    for pid in _children():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, HAND_BACK_SIGNAL)
-    running = _running()
-    if running:
-        log.warning(
-            "stopping: %d job(s) handed back at their next batch end, within %g s",
-            len(running),
-            grace,
-        )
+    """Signal every child running a job (also one that starts meanwhile), wait for them
+    to hand their job back, kill those still running at the deadline."""
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not _running():
+    signalled: set[int] = set()
+    while running := _running():
+        for _job_id, pid in running:
+            if pid not in signalled:
+                signalled.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, HAND_BACK_SIGNAL)
+                log.warning("stopping: the running job is handed back within %g s", grace)
+        if time.monotonic() >= deadline:
+            for job_id, pid in running:
+                _kill(job_id, pid)
             return
         time.sleep(0.2)
-    for job_id, pid in _running():
-        _kill(job_id, pid)
 
 
 def _kill(job_id: str, pid: int) -> None:

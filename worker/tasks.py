@@ -9,7 +9,7 @@ from celery import Task
 from celery.exceptions import Reject, TimeLimitExceeded
 
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN
-from worker import limits
+from worker import limits, shutdown
 from worker.app import app, runtime, settings
 from worker.runtime import NotStarted
 
@@ -40,7 +40,10 @@ class JobTask(Task[[str], None]):
 
 def _run(job_id: str) -> None:
     """Run the job; its message goes back to the queue when this worker is stopping
-    before the job started, or when Redis could not be reached to start it."""
+    before the job started, or when Redis could not be reached to start it. The signal
+    a stopping worker's main process sends is handled from here on (billiard resets
+    every handler after the child's initializer runs)."""
+    shutdown.install_child(runtime.hand_back_running)
     if runtime.stopping:
         raise Reject(runtime.stopping, requeue=True)
     try:

@@ -166,12 +166,14 @@ return {'started', attempt}
 )
 
 # The running attempt renewing its lease. KEYS: job hash, leases. ARGV: attempt, owner,
-# lease seconds. Returns the state (RUNNING or CANCELLING), or "!" and why the lease is
-# not this attempt's any more (another attempt, a finished or requeued job, or "gone").
+# lease seconds. Returns the state: RUNNING or CANCELLING (renewed), or the finished state
+# this attempt left it in (nothing to renew); or "!" and why the lease is not this
+# attempt's any more (another attempt holds it, the job was requeued, or it is "gone").
 _HEARTBEAT = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'lease_owner', 'id')
 if not h[1] then return '!gone' end
 if h[2] ~= ARGV[1] or h[3] ~= ARGV[2] then return '!lost' end
+if h[1] == 'SUCCEEDED' or h[1] == 'FAILED' or h[1] == 'CANCELLED' then return h[1] end
 if h[1] ~= 'RUNNING' and h[1] ~= 'CANCELLING' then return '!' .. h[1] end
 local t = redis.call('TIME')
 local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[3])
@@ -396,6 +398,9 @@ def lost_message(max_attempts: int) -> str:
     )
 
 
+MIN_DISPATCH_SECONDS = 5.0
+"""The shortest dispatch lease: time enough to send a Celery message."""
+
 REQUEUED_MESSAGE = (
     "the worker running attempt {attempt} stopped renewing its lease (the worker was lost, "
     "or cut off from Redis); the job is queued again and resumes from its last backup"
@@ -589,7 +594,7 @@ class AsyncJobStore:
             _retention_arg(self._retention),
             str(max_attempts),
             repr(time.time()),
-            repr(dispatch_seconds),
+            repr(max(dispatch_seconds, MIN_DISPATCH_SECONDS)),
             token,
             lost_message(max_attempts),
             REQUEUED_MESSAGE,
@@ -746,7 +751,8 @@ class JobStore:
         self, job_id: str, attempt: int, owner: str, lease_seconds: float
     ) -> JobState | None:
         """Renew the lease ``attempt`` holds for ``lease_seconds`` more; the job's state
-        (RUNNING or CANCELLING), or None when the lease is not this attempt's any more."""
+        (RUNNING or CANCELLING; a finished state once this attempt finished it, with no
+        lease left to renew), or None when the lease is not this attempt's any more."""
         args = [str(attempt), owner, repr(lease_seconds)]
         result = str(self._heartbeat(keys=[job_key(job_id), LEASES], args=args))
         return None if result.startswith("!") else JobState(result)
@@ -771,7 +777,7 @@ class JobStore:
             str(attempt),
             owner,
             repr(time.time()),
-            repr(dispatch_seconds),
+            repr(max(dispatch_seconds, MIN_DISPATCH_SECONDS)),
             token,
             message,
         ]

@@ -144,7 +144,8 @@ class Heartbeat:
         self._thread.join(timeout=self.interval + 5)
 
     def beat(self) -> bool:
-        """Renew the lease once; False (and the control told) when it is lost."""
+        """Renew the lease once; False when there is no lease to renew any more: the job
+        finished, or the lease is lost (the control is then told)."""
         state = self._jobs.heartbeat(self._job_id, self._attempt, self._owner, self._lease)
         if state is None:
             if not self._control.lost:
@@ -157,11 +158,12 @@ class Heartbeat:
         return state in (JobState.RUNNING, JobState.CANCELLING)
 
     def confirm(self, within: float = 60.0) -> bool:
-        """``beat``, retried while Redis is unreachable for up to ``within`` seconds."""
+        """``beat``, retried while Redis is unreachable for up to ``within`` seconds;
+        False when the lease is lost (a finished job counts as confirmed)."""
         deadline = time.monotonic() + within
         while True:
             try:
-                return self.beat()
+                return self.beat() or not self._control.lost
             except (redis.ConnectionError, redis.TimeoutError):
                 if time.monotonic() > deadline:
                     raise

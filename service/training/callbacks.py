@@ -272,7 +272,7 @@ class CancelWatcher(keras.callbacks.Callback):  # type: ignore[misc]
             self._thread.join()
 
     def _poll(self) -> None:
-        control = self._control
+        control, unreachable = self._control, False
         while not self._done.wait(self._interval):
             if control is not None:
                 if control.finished.is_set():
@@ -282,9 +282,15 @@ class CancelWatcher(keras.callbacks.Callback):  # type: ignore[misc]
                     return
             try:
                 state = self._jobs.state(self._job_id)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not unreachable:  # once per outage: it is polled twice a second
+                    log.warning("could not read the job state (%s); retrying", exc)
+                unreachable = True
+                continue
             except Exception:
                 log.warning("could not read the job state", exc_info=True)
                 continue
+            unreachable = False
             if state is JobState.CANCELLING:
                 self.cancelled = True
                 self.model.stop_training = True
