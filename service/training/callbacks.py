@@ -300,6 +300,7 @@ class CancelWatcher(keras.callbacks.Callback):  # type: ignore[misc]
 WEIGHTS_FILE = "weights.weights.h5"
 METADATA_FILE = "metadata.json"
 KEEP_BACKUPS = 2
+STALE_PARTIAL_SECONDS = 3600.0
 _KERAS_WEIGHTS = "latest.weights.h5"  # BackupAndRestore's layout, as fitserve wrote it before
 _KERAS_METADATA = "training_metadata.json"
 
@@ -390,8 +391,9 @@ class JobBackup(keras.callbacks.Callback):  # type: ignore[misc]
         self.save(epoch + 1, {epoch + 1: plain_logs(logs)})  # a no-op once JobProgress saved
 
     def save(self, epochs_done: int, unrecorded: dict[int, dict[str, float]]) -> None:
-        """Back up the model as it is after ``epochs_done`` epochs (once per epoch)."""
-        if epochs_done == self._saved:
+        """Back up the model as it is after ``epochs_done`` epochs (once per epoch; never
+        once the job's lease is another attempt's, which writes its own)."""
+        if epochs_done == self._saved or (self._control is not None and self._control.lost):
             return
         folder = self.backup_dir
         folder.mkdir(parents=True, exist_ok=True)
@@ -488,7 +490,9 @@ class JobBackup(keras.callbacks.Callback):  # type: ignore[misc]
 
     def _prune(self, newest: str) -> None:
         """Keep the backup just written and the newest other one that reads; drop the
-        rest, Keras's old layout and temporary folders of writers that died."""
+        rest, Keras's old layout, and temporary folders of writers that died (an hour
+        old: a worker cut off from Redis may still be writing, for a moment, beside the
+        attempt that took its job over)."""
         kept = 1
         for _key, path in self._generations():
             if path.name == newest:
@@ -499,9 +503,17 @@ class JobBackup(keras.callbacks.Callback):  # type: ignore[misc]
             shutil.rmtree(path, ignore_errors=True)
         for path in self.backup_dir.iterdir():
             if path.name.endswith(".partial"):
-                shutil.rmtree(path, ignore_errors=True)
+                if _age(path) > STALE_PARTIAL_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
             elif path.name.startswith((_KERAS_WEIGHTS, _KERAS_METADATA)):
                 path.unlink(missing_ok=True)
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _metadata_reads(path: Path) -> bool:

@@ -211,7 +211,7 @@ def _dead(pid: int) -> bool:
 
 
 def _measured(what: str, value: float, unit: str = "s") -> None:
-    print(f"\nMEASURED {what}: {value:.1f} {unit}")
+    print(f"\nMEASURED {what}: {round(value, 1):g} {unit}".rstrip())
 
 
 @pytest.fixture(scope="module")
