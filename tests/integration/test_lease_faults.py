@@ -1,7 +1,9 @@
-"""Infrastructure faults against real processes: a Redis restart mid-training, a worker's
-Celery main process SIGKILLed, a worker SIGTERMed mid-job, a cancel whose worker is gone,
-a damaged backup. Each asserts the job's states and attempts, every epoch in its history
-once, its event stream, and exactly one version on disk.
+"""Infrastructure faults against real processes: Redis restarted (3 s, then 10 s down)
+mid-training, a worker's Celery main process SIGKILLed and the newest backup damaged, a
+worker SIGTERMed mid-job, a job that cannot stop within the grace, a cancel whose worker
+is gone. Each asserts the job's states and attempts, its event stream (every epoch, none
+twice but the one redone after a damaged backup), every epoch once in its history, and
+exactly one version on disk.
 
 These run on a Redis, an in-process server and workers of their own (not the session's),
 with short leases (``LEASE``, ``REAPER``) so recovery takes seconds. Epochs are paced by the
@@ -45,7 +47,6 @@ LAYERS = [
     {"type": "Dense", "units": 3, "activation": "softmax"},
 ]
 RUNNING = training_pb2.JOB_STATE_RUNNING
-QUEUED = training_pb2.JOB_STATE_QUEUED
 
 
 @dataclass
