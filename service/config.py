@@ -415,16 +415,55 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Root log level.")
     job_max_attempts: int = Field(
-        3, ge=1, description="Deliveries of one job before it is FAILED (worker lost)."
+        3,
+        ge=1,
+        description="Attempts of one job that may be lost (its worker killed or cut off "
+        "past its lease) before it is FAILED with reason WORKER_LOST. An attempt a "
+        "stopping worker hands back (SIGTERM) does not count.",
     )
     job_visibility_timeout_seconds: int = Field(
         48 * 3600,
         ge=1,
-        description="How long after delivery Redis hands an unacknowledged job to another "
-        "worker: this is how a job whose worker was killed gets redelivered. Production "
-        "needs it above the longest job, or a running job is delivered twice; tests set it "
-        "low to see redelivery quickly.",
+        description="How long after delivery Redis hands an unacknowledged Celery message "
+        "to another worker. Recovery does not rely on it any more: a job whose worker is "
+        "lost is found by its lease and requeued by the api's reaper (job_lease_seconds), "
+        "and a message redelivered while its job's lease is alive is dropped by the worker "
+        "that gets it, so a running job never runs twice. It is only the backstop for a "
+        "message no worker acknowledged; keep it long.",
     )
+    # -- Job leases: a lost worker's job is found and resumed, a stopping worker's handed
+    # back (service.domain.leases, service.domain.reaper, docs/reliability.md) ----------
+    job_lease_seconds: float = Field(
+        30.0,
+        ge=1,
+        description="How long a running job's lease lasts (FITSERVE_JOB_LEASE_SECONDS): its "
+        "worker renews it every third of this from a thread, through long epochs too. "
+        "Once it runs out (the worker was killed, its node lost, or it could not reach "
+        "Redis for that long), the api's reaper requeues the job (it resumes from its "
+        "last epoch's backup) or cancels it if a cancel was asked. A worker that reaches "
+        "Redis again after that stops the job and leaves it to the new attempt. The same "
+        "value on api servers and workers; longer survives longer network cuts without a "
+        "requeue, shorter recovers sooner.",
+    )
+    job_reaper_period_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How often each api server looks for jobs whose lease ran out "
+        "(FITSERVE_JOB_REAPER_PERIOD_SECONDS). A lost worker's job is queued again within "
+        "job_lease_seconds plus this.",
+    )
+    worker_stop_grace_seconds: float = Field(
+        20.0,
+        ge=0,
+        description="On SIGTERM (a rolling restart) a worker stops its running job at the "
+        "next batch end, hands it back to the queue (not counted as a lost attempt; the "
+        "next attempt resumes from the last epoch's backup) and exits; a job still "
+        "running this many seconds after the signal has its worker child killed and is "
+        "requeued by its lease (FITSERVE_WORKER_STOP_GRACE_SECONDS). Keep it below the "
+        "SIGKILL deadline of whatever stops the worker: `fitserve up` and `fitserve "
+        "worker` wait 30 s, Kubernetes terminationGracePeriodSeconds.",
+    )
+    # -- end of the job leases -----------------------------------------------------------
     job_retention_seconds: int | None = Field(
         30 * 24 * 3600,
         ge=1,

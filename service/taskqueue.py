@@ -22,6 +22,8 @@ CPU_QUEUE = "cpu"
 TASK_TRAIN = "fitserve.train"
 TASK_EVALUATE = "fitserve.evaluate"
 TASK_FINE_TUNE = "fitserve.fine_tune"
+TASK_BY_KIND = {"TRAIN": TASK_TRAIN, "EVALUATE": TASK_EVALUATE, "FINE_TUNE": TASK_FINE_TUNE}
+"""The task of each job kind (``JobKind`` values), for a job sent again (``resubmit``)."""
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -53,8 +55,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A child imports TensorFlow at start (worker.app); Celery's 4 s default for a
         # child to come up is too short for that on a busy machine.
         "worker_proc_alive_timeout": 120.0,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "worker_soft_shutdown_timeout": 30.0,
+        # A broker blip (a Redis restart, a network cut) must not kill a training job: the
+        # child keeps training and renews its lease once Redis answers again, its epoch
+        # records buffered meanwhile (service.domain.leases). Its message is acknowledged
+        # on the new connection, or comes back after the visibility timeout to a worker
+        # that finds the job finished and drops it.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # A worker fetches a message only when its child is free, also after a reconnect
+        # (when Celery would otherwise fetch one more while the child still trains): a
+        # busy worker never holds a job an idle one could run.
+        "worker_disable_prefetch": True,
+        # SIGTERM is fitserve's own bounded stop (worker.shutdown): the job is handed back
+        # within FITSERVE_WORKER_STOP_GRACE_SECONDS. Celery's soft shutdown covers the
+        # cold path (SIGQUIT, a second Ctrl-C) with the same bound.
+        "worker_soft_shutdown_timeout": settings.worker_stop_grace_seconds,
         "worker_enable_soft_shutdown_on_idle": True,
         "worker_hijack_root_logger": False,
         "task_queues": [Queue(q, Exchange(q), routing_key=q) for q in (TRAIN_QUEUE, CPU_QUEUE)],
@@ -110,6 +124,11 @@ class TaskQueue:
     def submit(self, task_name: str, job_id: str, queue: str) -> None:
         """Queue a job; the Celery task id is the job id."""
         self._app.send_task(task_name, args=[job_id], task_id=job_id, queue=queue)
+
+    def resubmit(self, kind: str, job_id: str, queue: str) -> None:
+        """Queue a job of ``kind`` (a ``JobKind`` value) again: requeued by the reaper or
+        handed back by a stopping worker."""
+        self.submit(TASK_BY_KIND[kind], job_id, queue)
 
 
 def _task_id(message: str | bytes) -> str:

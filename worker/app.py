@@ -2,6 +2,8 @@
 
 TensorFlow is never imported in the prefork parent: each child imports it as it starts
 (``worker_process_init``), so the parent stays light and a job finds a warm child.
+SIGTERM stops the worker within ``worker_stop_grace_seconds``, its job handed back
+(``worker.shutdown``).
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from typing import Any
 from celery.signals import worker_process_init
 
 from service.config import Settings
-from service.taskqueue import create_celery
+from service.taskqueue import TaskQueue, create_celery
+from worker import shutdown
 from worker.runtime import Runtime
 
 settings = Settings()  # the worker's composition root: read the environment once, here
 app = create_celery(settings, "fitserve-worker")
 app.conf.update(include=["worker.tasks"])
-runtime = Runtime(settings)
+runtime = Runtime(settings, resubmit=TaskQueue(app).resubmit)
+shutdown.install_parent(settings)
 log = logging.getLogger(__name__)
 
 

@@ -6,11 +6,12 @@ from typing import Any
 
 from billiard.einfo import ExceptionInfo
 from celery import Task
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import Reject, TimeLimitExceeded
 
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN
-from worker import limits
+from worker import limits, shutdown
 from worker.app import app, runtime, settings
+from worker.runtime import NotStarted
 
 
 class JobTask(Task[[str], None]):
@@ -37,19 +38,33 @@ class JobTask(Task[[str], None]):
             limits.fail_timed_out(settings, str(args[0]) if args else task_id, self.time_limit)
 
 
+def _run(job_id: str) -> None:
+    """Run the job; its message goes back to the queue when this worker is stopping
+    before the job started, or when Redis could not be reached to start it. The signal
+    a stopping worker's main process sends is handled from here on (billiard resets
+    every handler after the child's initializer runs)."""
+    shutdown.install_child(runtime.hand_back_running)
+    if runtime.stopping:
+        raise Reject(runtime.stopping, requeue=True)
+    try:
+        runtime.run_job(job_id)
+    except NotStarted as exc:
+        raise Reject(str(exc), requeue=True) from None
+
+
 @app.task(name=TASK_TRAIN, base=JobTask)
 def train(job_id: str) -> None:
-    runtime.run_job(job_id)
+    _run(job_id)
 
 
 @app.task(name=TASK_EVALUATE, base=JobTask)
 def evaluate(job_id: str) -> None:
-    runtime.run_job(job_id)
+    _run(job_id)
 
 
 @app.task(name=TASK_FINE_TUNE, base=JobTask)
 def fine_tune(job_id: str) -> None:
-    runtime.run_job(job_id)
+    _run(job_id)
 
 
 __all__: list[Any] = ["evaluate", "fine_tune", "train"]

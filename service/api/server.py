@@ -47,6 +47,7 @@ from service.config import Settings
 from service.domain.datasets.store import DatasetStore
 from service.domain.job_store import AsyncJobStore
 from service.domain.model_store import ModelStore
+from service.domain.reaper import Reaper
 from service.job_metrics import register_store_collectors
 from service.metrics import Metrics
 from service.plugins import discovery
@@ -210,6 +211,14 @@ def _add_api(server: grpc.aio.Server, app: FitserveServer, outcomes: RpcOutcomes
     queue = TaskQueue(create_celery(s, "fitserve-api"), broker=client)
     jobs = AsyncJobStore(client, retention_seconds=s.job_retention_seconds)
     app.closers.append(jobs.notifier.close)
+    reaper = Reaper(
+        jobs,
+        queue.resubmit,
+        lease_seconds=s.job_lease_seconds,
+        period_seconds=s.job_reaper_period_seconds,
+        max_attempts=s.job_max_attempts,
+    )
+    app.closers.append(reaper.start())  # requeues the jobs of lost workers (leases)
     plugins = discovery.load(s.plugins)  # the registry the request checks use
     access = Access(client, jobs, models, datasets, s.auth)
     training = TrainingServicer(

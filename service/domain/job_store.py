@@ -14,11 +14,14 @@ past, and a few of the oldest at each new job (``_SWEEP``).
 
 from __future__ import annotations
 
+import enum
 import json
 import random
 import time
-from collections.abc import Mapping
-from typing import Any, cast
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -29,6 +32,7 @@ from service.domain.jobs import (
     INDEX,
     JOB_BUCKETS,
     JOB_PREFIX,
+    LEASES,
     STATS,
     STREAM_MAXLEN,
     SWEEP,
@@ -45,27 +49,19 @@ from service.errors import FailedPrecondition, NotFound, Unavailable, plain_text
 MAX_ERROR_CHARS = 2000
 _BUCKETS_LUA = ", ".join(map(str, JOB_BUCKETS))
 
-# KEYS: job hash, events stream, job statistics hash, history list. ARGV: retention in
-# seconds ("": for ever), allowed from-states (JSON list), new state, event JSON, now, then
-# field/value pairs to set. Returns the previous state, or {err} when the job is missing,
-# or the current state prefixed with "!" when refused. Statistics for operators are counted
-# in the same step (``service.job_metrics``), and a finished job's keys get their expiry.
-_TRANSITION = (
+# Shared by every script that changes a job's state. KEYS: job hash, events stream, job
+# statistics hash, history list, leases sorted set. ``move`` sets the new state and the
+# given fields, appends the state event, counts the statistics for operators
+# (``service.job_metrics``), and on a finished state sets the keys' expiry and drops the
+# job from the leases. ``clock`` is Redis's own time, which every lease is measured by, so
+# the clocks of workers and api servers never matter.
+_LIB = (
     """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return redis.error_reply('NOTFOUND') end
-local allowed = cjson.decode(ARGV[2])
-local ok = false
-for _, s in ipairs(allowed) do if s == state then ok = true end end
-if not ok then return '!' .. state end
-redis.call('HSET', KEYS[1], 'state', ARGV[3])
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', '10000', '*',
-           'type', 'state', 'time', ARGV[5], 'data', ARGV[4])
-local fields = redis.call('HMGET', KEYS[1], 'kind', 'created_at', 'started_at')
-local kind, created, started = fields[1], fields[2], fields[3]
-local now, new = tonumber(ARGV[5]), ARGV[3]
-local function observe(name, seconds)
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function observe(kind, name, seconds)
   for _, le in ipairs({"""
     + _BUCKETS_LUA
     + """}) do
@@ -74,24 +70,236 @@ local function observe(name, seconds)
   redis.call('HINCRBY', KEYS[3], name .. ':' .. kind .. ':+Inf', 1)
   redis.call('HINCRBYFLOAT', KEYS[3], name .. '_sum:' .. kind, seconds)
 end
-local active = {RUNNING = true, CANCELLING = true}
-if new == 'RUNNING' and state == 'QUEUED' then
-  redis.call('HINCRBY', KEYS[3], 'running:' .. kind, 1)
-  observe('queue_wait', now - tonumber(created))
-end
-if new == 'SUCCEEDED' or new == 'FAILED' or new == 'CANCELLED' then
-  redis.call('HINCRBY', KEYS[3], 'finished:' .. kind .. ':' .. new, 1)
-  if active[state] then
+local function move(state, new, data, now, retention, fields)
+  redis.call('HSET', KEYS[1], 'state', new)
+  for i = 1, #fields, 2 do redis.call('HSET', KEYS[1], fields[i], fields[i + 1]) end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '10000', '*',
+             'type', 'state', 'time', now, 'data', data)
+  local h = redis.call('HMGET', KEYS[1], 'kind', 'created_at', 'started_at', 'queued_at', 'id')
+  local kind, created, started, queued = h[1], h[2], h[3], h[4]
+  local t = tonumber(now)
+  local active = {RUNNING = true, CANCELLING = true}
+  if new == 'RUNNING' and state == 'QUEUED' then
+    redis.call('HINCRBY', KEYS[3], 'running:' .. kind, 1)
+    observe(kind, 'queue_wait', t - tonumber(queued or created))
+  end
+  if new == 'QUEUED' and active[state] then
     redis.call('HINCRBY', KEYS[3], 'running:' .. kind, -1)
-    observe('run', now - tonumber(started))
   end
-  if ARGV[1] ~= '' then
-    for _, key in ipairs({KEYS[1], KEYS[2], KEYS[4]}) do redis.call('EXPIRE', key, ARGV[1]) end
+  if new == 'SUCCEEDED' or new == 'FAILED' or new == 'CANCELLED' then
+    redis.call('HINCRBY', KEYS[3], 'finished:' .. kind .. ':' .. new, 1)
+    if active[state] then
+      redis.call('HINCRBY', KEYS[3], 'running:' .. kind, -1)
+      observe(kind, 'run', t - tonumber(started))
+    end
+    if retention ~= '' then
+      for _, key in ipairs({KEYS[1], KEYS[2], KEYS[4]}) do redis.call('EXPIRE', key, retention) end
+    end
+    redis.call('ZREM', KEYS[5], h[5])
   end
 end
+local function log_event(now, level, message)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '10000', '*', 'type', 'log', 'time', now,
+             'data', cjson.encode({level = level, message = message}))
+end
+"""
+)
+
+# ARGV: retention in seconds ("": for ever), allowed from-states (JSON list), new state,
+# event JSON, now, the attempt the caller runs ("": any), then field/value pairs to set.
+# Returns the previous state, or {err} when the job is missing, or the current state
+# prefixed with "!" when refused (another state, or another attempt holds the job now).
+_TRANSITION = (
+    _LIB
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return redis.error_reply('NOTFOUND') end
+local allowed = cjson.decode(ARGV[2])
+local ok = false
+for _, s in ipairs(allowed) do if s == state then ok = true end end
+if not ok then return '!' .. state end
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[6] then return '!' .. state end
+local fields = {}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+move(state, ARGV[3], ARGV[4], ARGV[5], ARGV[1], fields)
 return state
 """
 )
+
+# A worker taking a job's message. ARGV: retention, attempt cap, lease seconds, owner, now,
+# an owner known to be dead ("": none), the message of a job out of attempts. A QUEUED
+# job, or a RUNNING one whose lease ran out (its worker was lost), becomes RUNNING with
+# the next attempt and a lease; a job another attempt holds a live lease on is left alone
+# (this message is a duplicate: a redelivery or a second requeue), as is a finished one.
+# Returns {outcome, attempt}: started, busy, cancelled, failed, done or gone.
+_START = (
+    _LIB
+    + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'handbacks', 'lease_until',
+                     'lease_owner', 'id')
+local state = h[1]
+if not state then return {'gone', 0} end
+local now, retention = ARGV[5], ARGV[1]
+local live = (tonumber(h[4]) or 0) > clock() and not (ARGV[6] ~= '' and h[5] == ARGV[6])
+if state == 'CANCELLING' then
+  if live then return {'busy', tonumber(h[2]) or 0} end
+  move(state, 'CANCELLED', cjson.encode({state = 'CANCELLED'}), now, retention,
+       {'finished_at', now})
+  return {'cancelled', tonumber(h[2]) or 0}
+end
+if state ~= 'QUEUED' and state ~= 'RUNNING' then return {'done', tonumber(h[2]) or 0} end
+if state == 'RUNNING' and live then return {'busy', tonumber(h[2]) or 0} end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+if attempt - (tonumber(h[3]) or 0) > tonumber(ARGV[2]) then
+  local err = {reason = 'WORKER_LOST', message = ARGV[7]}
+  move(state, 'FAILED', cjson.encode({state = 'FAILED', error = err}), now, retention,
+       {'finished_at', now, 'error_reason', err.reason, 'error_message', err.message})
+  return {'failed', attempt}
+end
+local until_ = clock() + tonumber(ARGV[3])
+move(state, 'RUNNING', cjson.encode({state = 'RUNNING', attempt = attempt}), now, retention,
+     {'started_at', now, 'lease_until', tostring(until_), 'lease_owner', ARGV[4],
+      'dispatch', ''})
+redis.call('ZADD', KEYS[5], until_, h[6])
+return {'started', attempt}
+"""
+)
+
+# The running attempt renewing its lease. KEYS: job hash, leases. ARGV: attempt, owner,
+# lease seconds. Returns the state: RUNNING or CANCELLING (renewed), or the finished state
+# this attempt left it in (nothing to renew); or "!" and why the lease is not this
+# attempt's any more (another attempt holds it, the job was requeued, or it is "gone").
+_HEARTBEAT = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'lease_owner', 'id')
+if not h[1] then return '!gone' end
+if h[2] ~= ARGV[1] or h[3] ~= ARGV[2] then return '!lost' end
+if h[1] == 'SUCCEEDED' or h[1] == 'FAILED' or h[1] == 'CANCELLED' then return h[1] end
+if h[1] ~= 'RUNNING' and h[1] ~= 'CANCELLING' then return '!' .. h[1] end
+local t = redis.call('TIME')
+local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'lease_until', tostring(until_))
+redis.call('ZADD', KEYS[2], until_, h[4])
+return h[1]
+"""
+
+# A stopping worker handing its attempt back. ARGV: retention, attempt, owner, now,
+# dispatch seconds, dispatch token, the log line saying why. RUNNING -> QUEUED (the
+# hand-back is counted apart from lost attempts) with a dispatch lease: if the new Celery
+# message is not confirmed sent (``_DISPATCHED``) before it runs out, the reaper sends it.
+# CANCELLING -> CANCELLED. Returns queued, cancelled, or lost (not this attempt's job).
+_HAND_BACK = (
+    _LIB
+    + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'lease_owner', 'id')
+if not h[1] then return 'lost' end
+if h[2] ~= ARGV[2] or h[3] ~= ARGV[3] then return 'lost' end
+local now = ARGV[4]
+if h[1] == 'CANCELLING' then
+  move(h[1], 'CANCELLED', cjson.encode({state = 'CANCELLED'}), now, ARGV[1], {'finished_at', now})
+  return 'cancelled'
+end
+if h[1] ~= 'RUNNING' then return 'lost' end
+local due = clock() + tonumber(ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'handbacks', 1)
+log_event(now, 'INFO', ARGV[7])
+move(h[1], 'QUEUED', cjson.encode({state = 'QUEUED', attempt = tonumber(h[2])}), now, ARGV[1],
+     {'lease_until', tostring(due), 'lease_owner', '', 'dispatch', ARGV[6], 'queued_at', now})
+redis.call('ZADD', KEYS[5], due, h[4])
+return 'queued'
+"""
+)
+
+# The reaper's step for one job whose lease looks run out. ARGV: retention, attempt cap,
+# now, dispatch seconds, dispatch token, the message of a job out of attempts, the log
+# line of a requeue. Returns {outcome, kind, queue}: alive (renewed meanwhile), cancelled
+# (CANCELLING, its worker gone), failed (out of attempts), requeue (the caller sends a
+# new Celery message, then calls ``_DISPATCHED`` with the token), or skip.
+_REAP = (
+    _LIB
+    + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'handbacks', 'lease_until',
+                     'dispatch', 'kind', 'queue', 'id')
+local state = h[1]
+if not state then return {'skip', '', ''} end
+local t, now, retention = clock(), ARGV[3], ARGV[1]
+local lease = tonumber(h[4]) or 0
+local dispatching = state == 'QUEUED' and h[5] and h[5] ~= ''
+local watched = state == 'RUNNING' or state == 'CANCELLING' or dispatching
+if not watched then
+  redis.call('ZREM', KEYS[5], h[8])
+  return {'skip', h[6], h[7]}
+end
+if lease > t then
+  redis.call('ZADD', KEYS[5], lease, h[8])
+  return {'alive', h[6], h[7]}
+end
+if state == 'CANCELLING' then
+  move(state, 'CANCELLED', cjson.encode({state = 'CANCELLED'}), now, retention,
+       {'finished_at', now})
+  return {'cancelled', h[6], h[7]}
+end
+local due = t + tonumber(ARGV[4])
+if dispatching then
+  redis.call('HSET', KEYS[1], 'lease_until', tostring(due), 'dispatch', ARGV[5])
+  redis.call('ZADD', KEYS[5], due, h[8])
+  return {'requeue', h[6], h[7]}
+end
+local attempt = tonumber(h[2]) or 0
+if attempt - (tonumber(h[3]) or 0) >= tonumber(ARGV[2]) then
+  local err = {reason = 'WORKER_LOST', message = ARGV[6]}
+  move(state, 'FAILED', cjson.encode({state = 'FAILED', error = err}), now, retention,
+       {'finished_at', now, 'error_reason', err.reason, 'error_message', err.message})
+  return {'failed', h[6], h[7]}
+end
+log_event(now, 'WARNING', (string.gsub(ARGV[7], '{attempt}', tostring(attempt))))
+move(state, 'QUEUED', cjson.encode({state = 'QUEUED', attempt = attempt}), now, retention,
+     {'lease_until', tostring(due), 'lease_owner', '', 'dispatch', ARGV[5], 'queued_at', now})
+redis.call('ZADD', KEYS[5], due, h[8])
+return {'requeue', h[6], h[7]}
+"""
+)
+
+# The new Celery message of a requeued job was sent. KEYS: job hash, leases. ARGV: the
+# dispatch token. Clears the dispatch lease unless a worker has started the job already
+# (or another dispatch took over).
+_DISPATCHED = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'dispatch', 'id')
+if h[1] ~= 'QUEUED' or h[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'dispatch', '', 'lease_until', '0')
+redis.call('ZREM', KEYS[2], h[3])
+return 1
+"""
+
+# A worker's main process giving up on a child it killed: its lease runs out now, so the
+# reaper (or a redelivered message) moves the job on at once. KEYS: job hash, leases.
+# ARGV: the owner (host/pid of the child).
+_RELEASE = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'lease_owner', 'id')
+if h[2] ~= ARGV[1] or (h[1] ~= 'RUNNING' and h[1] ~= 'CANCELLING') then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', '0')
+redis.call('ZADD', KEYS[2], 0, h[3])
+return 1
+"""
+
+# One epoch's record: its history entry and its event, together, once. KEYS: job hash,
+# history, events. ARGV: the attempt recording it ("": any), epoch, history entry JSON,
+# time, event JSON. Returns 1 (recorded), 0 (recorded already: a retry) or -1 (another
+# attempt holds the job now).
+_RECORD_EPOCH = """
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return -1 end
+local last = redis.call('LINDEX', KEYS[2], -1)
+if last then
+  local ok, entry = pcall(cjson.decode, last)
+  if ok and type(entry) == 'table' and tonumber(entry['epoch'])
+     and tonumber(entry['epoch']) >= tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'type', 'epoch', 'time', ARGV[4],
+           'data', ARGV[5])
+return 1
+"""
 
 # KEYS: the index. ARGV: created-before time, a random fraction, how many to check, job key
 # prefix. Checks up to that many ids created before the time (only those can have expired:
@@ -131,6 +339,9 @@ def _encode(job: Job) -> dict[str, str]:
         "error_message": job.error_message,
         "labels": json.dumps(job.labels),
         "owner": job.owner,
+        "lease_until": repr(job.lease_until),
+        "lease_owner": job.lease_owner,
+        "handbacks": str(job.handbacks),
     }
 
 
@@ -153,19 +364,68 @@ def _decode(h: Mapping[str, str], history: list[str]) -> Job:
         labels=json.loads(h["labels"]),
         history=[json.loads(e) for e in history],
         owner=h.get("owner", ""),
+        lease_until=float(h.get("lease_until") or 0),
+        lease_owner=h.get("lease_owner", ""),
+        handbacks=int(h.get("handbacks") or 0),
     )
 
 
 def _transition_args(
-    allowed: list[JobState], to: JobState, event: dict[str, Any], fields: dict[str, str]
+    allowed: list[JobState],
+    to: JobState,
+    event: dict[str, Any],
+    fields: dict[str, str],
+    attempt: int | None = None,
 ) -> list[str]:
+    """ARGV of ``_TRANSITION`` after the retention; with ``attempt``, only that attempt
+    may make the change (a worker whose lease was lost can no longer finish the job)."""
     pairs = [x for kv in fields.items() for x in kv]
     data = json.dumps({"state": to.value, **event})
-    return [json.dumps([s.value for s in allowed]), to.value, data, repr(time.time()), *pairs]
+    fence = "" if attempt is None else str(attempt)
+    allowed_json = json.dumps([s.value for s in allowed])
+    return [allowed_json, to.value, data, repr(time.time()), fence, *pairs]
 
 
 def _transition_keys(job_id: str) -> list[str]:
-    return [job_key(job_id), events_key(job_id), STATS, history_key(job_id)]
+    return [job_key(job_id), events_key(job_id), STATS, history_key(job_id), LEASES]
+
+
+def lost_message(max_attempts: int) -> str:
+    """The error of a job FAILED because its workers were lost ``max_attempts`` times."""
+    return (
+        f"the worker running this job was lost {max_attempts} times (killed, or cut off "
+        "from Redis for longer than its lease); the job is not retried again"
+    )
+
+
+MIN_DISPATCH_SECONDS = 5.0
+"""The shortest dispatch lease: time enough to send a Celery message."""
+
+REQUEUED_MESSAGE = (
+    "the worker running attempt {attempt} stopped renewing its lease (the worker was lost, "
+    "or cut off from Redis); the job is queued again and resumes from its last backup"
+)
+
+
+class StartOutcome(enum.StrEnum):
+    """What a worker's ``JobStore.start`` found."""
+
+    STARTED = "started"  # RUNNING now, this attempt's
+    BUSY = "busy"  # another attempt holds a live lease: this message is a duplicate
+    CANCELLED = "cancelled"  # it was cancelled before it could run
+    FAILED = "failed"  # out of attempts
+    DONE = "done"  # finished already
+    GONE = "gone"  # no record (cancelled while queued and expired since)
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """What the reaper did with one job whose lease had run out."""
+
+    job_id: str
+    outcome: str  # alive, cancelled, failed, requeue, skip
+    kind: str = ""
+    queue: str = ""
 
 
 def _retention_arg(seconds: int | None) -> str:
@@ -192,6 +452,8 @@ class AsyncJobStore:
         self._retention = retention_seconds
         self._transition = client.register_script(_TRANSITION)
         self._sweep = client.register_script(_SWEEP)
+        self._reap = client.register_script(_REAP)
+        self._dispatched = client.register_script(_DISPATCHED)
         self.notifier = StreamNotifier(client)
 
     async def create(self, job: Job, idempotency_key: str = "") -> Job:
@@ -312,6 +574,47 @@ class AsyncJobStore:
         except redis.RedisError as exc:
             raise Unavailable(f"Redis is unavailable: {exc}") from None
 
+    # -- the reaper's side of leases (service.domain.reaper) ---------------------------
+
+    async def due_leases(self, limit: int = 100) -> list[str]:
+        """Ids of jobs whose lease has run out by Redis's clock, oldest first."""
+        seconds, micros = await self._r.time()
+        now = seconds + micros / 1e6
+        ids = await self._r.zrangebyscore(LEASES, "-inf", now, start=0, num=limit)
+        return [str(i) for i in ids]
+
+    async def reap(
+        self, job_id: str, max_attempts: int, dispatch_seconds: float, token: str
+    ) -> Reaped:
+        """Move on a job whose lease ran out, unless it was renewed meanwhile: CANCELLING ->
+        CANCELLED; RUNNING -> QUEUED (outcome ``requeue``: send its Celery message, then
+        call ``dispatched``) or FAILED past ``max_attempts`` lost attempts; a requeued job
+        whose message was never confirmed sent is ``requeue`` again."""
+        args = [
+            _retention_arg(self._retention),
+            str(max_attempts),
+            repr(time.time()),
+            repr(max(dispatch_seconds, MIN_DISPATCH_SECONDS)),
+            token,
+            lost_message(max_attempts),
+            REQUEUED_MESSAGE,
+        ]
+        reply = await self._reap(keys=_transition_keys(job_id), args=args)
+        outcome, kind, queue = (str(x or "") for x in reply)
+        return Reaped(job_id, outcome, kind, queue)
+
+    async def dispatched(self, job_id: str, token: str) -> bool:
+        """The Celery message of a requeued job is sent: its dispatch lease is done."""
+        return bool(await self._dispatched(keys=[job_key(job_id), LEASES], args=[token]))
+
+    async def redis_uptime(self) -> float:
+        """Seconds since Redis started (a very large number when INFO is refused)."""
+        try:
+            info = await self._r.info("server")
+        except redis.ResponseError:
+            return float("inf")
+        return float(info.get("uptime_in_seconds", float("inf")))
+
     async def _run(self, job_id: str, args: list[str]) -> JobState | None:
         try:
             result = await self._transition(
@@ -344,13 +647,23 @@ def _matches(job: Job, state: str, kind: str, model_name: str) -> bool:
     )
 
 
+_T = TypeVar("_T")
+DEFAULT_LEASE_SECONDS = 30.0
+
+
 class JobStore:
-    """The worker's view of jobs: start, report progress, finish.
+    """The worker's view of jobs: start, renew the lease, report progress, finish.
 
     ``retention_seconds``: how long a job's records outlive its finish (None: for ever).
     ``hidden``: server folders (the data folder) that no failure or log message a caller
     reads may spell out, each with the words that name it instead; such messages also
     lose traceback lines and source paths (``service.errors.redacted``).
+    ``retry_seconds``: how long the calls that move a job on (start, finish, hand back)
+    retry while Redis is unreachable (a restart, a network blip) before they give up.
+
+    A job this store started is fenced: its epoch records and state changes are made only
+    while the job is still at the attempt this store started, so a worker that lost its
+    lease (the job moved on to another attempt) can no longer record or finish it.
     """
 
     def __init__(
@@ -359,11 +672,20 @@ class JobStore:
         *,
         retention_seconds: int | None = None,
         hidden: dict[str, str] | None = None,
+        retry_seconds: float = 0.0,
     ) -> None:
         self._r = client
         self._retention = retention_seconds
         self._hidden = dict(hidden or {})
+        self._retry_seconds = retry_seconds
+        self._attempts: dict[str, int] = {}  # job id -> the attempt this store started
         self._transition = client.register_script(_TRANSITION)
+        self._start = client.register_script(_START)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._hand_back = client.register_script(_HAND_BACK)
+        self._dispatched = client.register_script(_DISPATCHED)
+        self._release = client.register_script(_RELEASE)
+        self._record = client.register_script(_RECORD_EPOCH)
 
     def get(self, job_id: str) -> Job:
         """One job, with its history."""
@@ -372,37 +694,107 @@ class JobStore:
             raise NotFound(f"job {shown(job_id)} not found")
         return _decode(h, cast(list[str], self._r.lrange(history_key(job_id), 0, -1)))
 
-    def start(self, job_id: str, max_attempts: int) -> Job | None:
-        """Move a job to RUNNING and count the attempt; None when it must not run (also
-        when its record is gone: a task of a job cancelled while queued, taken after the
-        retention)."""
-        try:
-            state = self.state(job_id)
-        except NotFound:
-            return None
-        if state is JobState.CANCELLING:
-            self._run(job_id, _transition_args([state], JobState.CANCELLED, {}, _now_done()))
-        if state not in (JobState.QUEUED, JobState.RUNNING):
-            return None
-        attempt = int(self._r.hincrby(job_key(job_id), "attempt", 1))
-        if attempt > max_attempts:
-            self.fail(
-                job_id,
-                "WORKER_LOST",
-                f"the worker running this job was lost {max_attempts} "
-                "times; the job is not retried again",
-                from_running_only=False,
-            )
-            return None
-        fields = {"started_at": repr(time.time())}
-        args = _transition_args(
-            [JobState.QUEUED, JobState.RUNNING], JobState.RUNNING, {"attempt": attempt}, fields
+    def start(
+        self,
+        job_id: str,
+        max_attempts: int,
+        *,
+        owner: str = "",
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        dead_owner: str = "",
+    ) -> Job | None:
+        """Move a job to RUNNING with the next attempt and a lease held by ``owner``; None
+        when it must not run: finished, cancelled, out of attempts (then FAILED), gone, or
+        held by another attempt's live lease (a duplicate message). A RUNNING job whose
+        lease ran out, or whose lease ``dead_owner`` holds (a process known to be dead),
+        is taken over. Only ``max_attempts`` lost attempts count; hand-backs do not."""
+        return self.start_outcome(
+            job_id, max_attempts, owner=owner, lease_seconds=lease_seconds, dead_owner=dead_owner
+        )[1]
+
+    def start_outcome(
+        self,
+        job_id: str,
+        max_attempts: int,
+        *,
+        owner: str = "",
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        dead_owner: str = "",
+    ) -> tuple[StartOutcome, Job | None]:
+        """``start``, also saying what it found."""
+        now = repr(time.time())
+        args = [
+            _retention_arg(self._retention),
+            str(max_attempts),
+            repr(lease_seconds),
+            owner,
+            now,
+            dead_owner,
+            lost_message(max_attempts),
+        ]
+        reply = self._retrying(lambda: self._start(keys=_transition_keys(job_id), args=args))
+        outcome, attempt = StartOutcome(str(reply[0])), int(reply[1])
+        if outcome is not StartOutcome.STARTED:
+            return outcome, None
+        self._attempts[job_id] = attempt
+        return outcome, self._retrying(lambda: self.get(job_id))
+
+    def forget(self, job_id: str) -> None:
+        """This worker is done with the job (its fence is dropped)."""
+        self._attempts.pop(job_id, None)
+
+    def lease_owner(self, job_id: str) -> str:
+        """Who holds the job's lease ("": nobody)."""
+        return str(self._r.hget(job_key(job_id), "lease_owner") or "")
+
+    def heartbeat(
+        self, job_id: str, attempt: int, owner: str, lease_seconds: float
+    ) -> JobState | None:
+        """Renew the lease ``attempt`` holds for ``lease_seconds`` more; the job's state
+        (RUNNING or CANCELLING; a finished state once this attempt finished it, with no
+        lease left to renew), or None when the lease is not this attempt's any more."""
+        args = [str(attempt), owner, repr(lease_seconds)]
+        result = str(self._heartbeat(keys=[job_key(job_id), LEASES], args=args))
+        return None if result.startswith("!") else JobState(result)
+
+    def hand_back(
+        self, job_id: str, owner: str, reason: str, dispatch_seconds: float
+    ) -> tuple[str, str]:
+        """Give back the attempt this store started (a worker stopping): RUNNING -> QUEUED,
+        not counted as a lost attempt; CANCELLING -> CANCELLED. Returns the outcome
+        (queued, cancelled or lost) and the dispatch token: with ``queued``, send the
+        job's Celery message, then call ``dispatched`` (else the reaper sends it after
+        ``dispatch_seconds``)."""
+        attempt = self._attempts.get(job_id)
+        if attempt is None:
+            return "lost", ""
+        token = uuid.uuid4().hex
+        message = (
+            f"attempt {attempt} was handed back: {reason}; the job resumes from its last backup"
         )
-        if self._run(job_id, args) is None:
-            args = _transition_args([JobState.CANCELLING], JobState.CANCELLED, {}, _now_done())
-            self._run(job_id, args)
-            return None
-        return self.get(job_id)
+        args = [
+            _retention_arg(self._retention),
+            str(attempt),
+            owner,
+            repr(time.time()),
+            repr(max(dispatch_seconds, MIN_DISPATCH_SECONDS)),
+            token,
+            message,
+        ]
+        result = self._retrying(lambda: self._hand_back(keys=_transition_keys(job_id), args=args))
+        return str(result), token
+
+    def dispatched(self, job_id: str, token: str) -> bool:
+        """The Celery message of a job handed back is sent."""
+        args = [token]
+        return bool(
+            self._retrying(lambda: self._dispatched(keys=[job_key(job_id), LEASES], args=args))
+        )
+
+    def release(self, job_id: str, owner: str) -> bool:
+        """End ``owner``'s lease on the job now (its process was killed), so it moves on
+        without waiting for the lease to run out."""
+        return bool(self._release(keys=[job_key(job_id), LEASES], args=[owner]))
 
     def state(self, job_id: str) -> JobState:
         """The current state (the worker polls it for cancellation)."""
@@ -422,10 +814,24 @@ class JobStore:
             maxlen=STREAM_MAXLEN,
         )
 
-    def record_epoch(self, job_id: str, epoch: int, epochs: int, logs: dict[str, float]) -> None:
-        """Store an epoch's logs in the history and stream them."""
-        self._r.rpush(history_key(job_id), json.dumps({"epoch": epoch, "logs": logs}))
-        self.add_event(job_id, "epoch", {"epoch": epoch, "epochs": epochs, "logs": logs})
+    def record_epoch(self, job_id: str, epoch: int, epochs: int, logs: dict[str, float]) -> bool:
+        """Store an epoch's logs in the history and stream them, both at once and once (a
+        retry after a lost reply records nothing more). False when the job has moved on
+        to another attempt than the one this store started (nothing recorded)."""
+        attempt = self._attempts.get(job_id)
+        args = [
+            "" if attempt is None else str(attempt),
+            str(epoch),
+            json.dumps({"epoch": epoch, "logs": logs}),
+            repr(time.time()),
+            json.dumps({"epoch": epoch, "epochs": epochs, "logs": logs}),
+        ]
+        keys = [job_key(job_id), history_key(job_id), events_key(job_id)]
+        return int(self._record(keys=keys, args=args)) >= 0
+
+    def history_length(self, job_id: str) -> int:
+        """Epochs in the job's history."""
+        return int(self._r.llen(history_key(job_id)))
 
     def reset_history(self, job_id: str, keep_epochs: int) -> None:
         """Drop history past the epochs a resumed attempt restarts from."""
@@ -438,14 +844,13 @@ class JobStore:
         """RUNNING -> SUCCEEDED with the final metrics and the published version."""
         fields = _now_done() | {"metrics": json.dumps(metrics), "model_version": str(version)}
         event = {"metrics": metrics, "model_version": version}
-        args = _transition_args([JobState.RUNNING], JobState.SUCCEEDED, event, fields)
+        args = self._args(job_id, [JobState.RUNNING], JobState.SUCCEEDED, event, fields)
         return self._run(job_id, args) is not None
 
     def cancelled(self, job_id: str) -> bool:
         """CANCELLING -> CANCELLED once the worker has stopped."""
-        args = _transition_args(
-            [JobState.CANCELLING, JobState.RUNNING], JobState.CANCELLED, {}, _now_done()
-        )
+        allowed = [JobState.CANCELLING, JobState.RUNNING]
+        args = self._args(job_id, allowed, JobState.CANCELLED, {}, _now_done())
         return self._run(job_id, args) is not None
 
     def fail(
@@ -460,20 +865,46 @@ class JobStore:
         message = redacted(plain_text(message), self._hidden)[:MAX_ERROR_CHARS]
         fields = _now_done() | {"error_reason": reason, "error_message": message}
         event = {"error": {"reason": reason, "message": message}}
-        return (
-            self._run(job_id, _transition_args(allowed, JobState.FAILED, event, fields)) is not None
-        )
+        args = self._args(job_id, allowed, JobState.FAILED, event, fields)
+        return self._run(job_id, args) is not None
+
+    def _args(
+        self,
+        job_id: str,
+        allowed: list[JobState],
+        to: JobState,
+        event: dict[str, Any],
+        fields: dict[str, str],
+    ) -> list[str]:
+        """A transition fenced to the attempt this store started, if it started the job."""
+        return _transition_args(allowed, to, event, fields, self._attempts.get(job_id))
 
     def _run(self, job_id: str, args: list[str]) -> JobState | None:
-        try:
-            result = self._transition(
+        def call() -> Any:
+            return self._transition(
                 keys=_transition_keys(job_id), args=[_retention_arg(self._retention), *args]
             )
+
+        try:
+            result = self._retrying(call)
         except redis.ResponseError as exc:
             if "NOTFOUND" in str(exc):
                 raise NotFound(f"job {shown(job_id)} not found") from None
             raise
         return _previous_state(str(result))
+
+    def _retrying(self, call: Callable[[], _T]) -> _T:
+        """``call``, again while Redis is unreachable, for up to ``retry_seconds``."""
+        deadline = time.monotonic() + self._retry_seconds
+        pause = 0.2
+        while True:
+            try:
+                return call()
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
 
 def _now_done() -> dict[str, str]:

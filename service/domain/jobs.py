@@ -1,8 +1,11 @@
 """Jobs: their kinds, states and records, and the Redis keys that hold them.
 
-Per job: a hash ``fitserve:job:<id>`` (state, attempt, request, result), a list
-``...:history`` (one JSON entry per epoch) and a stream ``...:events``. The store that
-reads and writes them is ``service.domain.job_store``.
+Per job: a hash ``fitserve:job:<id>`` (state, attempt, request, result, lease), a list
+``...:history`` (one JSON entry per epoch) and a stream ``...:events``; and one sorted set
+for all jobs, ``fitserve:leases``, of the jobs whose lease the reaper watches (running or
+cancelling ones, and requeued ones until their new Celery message is sent), scored by
+when it runs out. The store that reads and writes them is ``service.domain.job_store``;
+leases are described in ``service.domain.leases``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,12 @@ class Job:
     labels: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     owner: str = ""  # the name of the token that submitted it ("": auth was off)
+    # The lease of the attempt running it (service.domain.leases): until when (Redis's
+    # clock, seconds since the epoch; 0: none) and who holds it ("host/pid" of the worker
+    # child). A requeued job waiting for its new Celery message holds a dispatch lease.
+    lease_until: float = 0.0
+    lease_owner: str = ""
+    handbacks: int = 0  # attempts handed back by a stopping worker: not counted as lost
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ def history_key(job_id: str) -> str:
 def events_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:events"
 
+
+LEASES = f"{PREFIX}leases"
 
 STATS = f"{PREFIX}jobstats"
 JOB_BUCKETS = (1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 48 * 3600)

@@ -1,25 +1,35 @@
-"""fitserve's own Keras callbacks: progress reporting, cooperative cancel, time limits.
+"""fitserve's own Keras callbacks: progress reporting, cooperative cancel, time limits,
+and the job's backup.
 
 They use epoch hooks only: overriding batch hooks makes Keras sync every step, so
 BatchProgress, which must, is added only to jobs that ask for it. Cancel is
 polled from a background thread that sets ``model.stop_training``, which Keras checks
 after every batch, so a running job stops at the next batch end at no per-batch cost;
-a job's time limit is a timer thread that does the same.
+a job's time limit is a timer thread that does the same. So does a job that must stop
+without finishing (handed back by a stopping worker, or its lease lost:
+``service.domain.leases``); its epoch end then raises before anything of that partial
+epoch is backed up or recorded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import shutil
 import threading
 import time
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import keras
+import redis
 
+from service.domain import leases
 from service.domain.job_specs import ThresholdSpec
 from service.domain.job_store import JobStore
 from service.domain.jobs import JobState
@@ -40,12 +50,26 @@ def plain_logs(logs: dict[str, Any] | None) -> dict[str, float]:
     return out
 
 
-class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
-    """Records every epoch's logs in the job's history and event stream.
+REDIS_WAIT_SECONDS = 60.0
+"""How long the end of a fit waits for Redis to record the epochs it could not yet."""
 
-    A redelivered job resumes (BackupAndRestore) at a later epoch than the request's
+
+class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
+    """Records every epoch's logs in the job's history and event stream, each epoch once.
+
+    A redelivered job resumes (its backup restored) at a later epoch than the request's
     initial_epoch; the history of the epochs it redoes is dropped when it begins, so the
-    history holds each epoch once.
+    history holds each epoch once. Each epoch is backed up before it is recorded (the
+    backup of the running fit is ``JobControl.backup``), so the stream never shows an
+    epoch the next attempt redoes; an epoch a lost attempt backed up but could not record
+    is recorded from the backup when the next attempt begins, so none is missing.
+
+    Redis unreachable (a restart, a network cut) does not stop training: the records wait
+    here, in order (and in the backup), and are sent once Redis answers, at the latest
+    when the fit ends. A job that must stop without finishing (``JobControl.stopping``)
+    raises ``leases.Stopped`` at the epoch end, before the epoch is backed up or recorded;
+    a fit that ends renews the lease first (``JobControl.confirm``), so a job whose lease
+    another attempt holds never goes on to publish.
     """
 
     def __init__(self, jobs: JobStore, job_id: str, epochs: int, initial_epoch: int = 0) -> None:
@@ -53,6 +77,9 @@ class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
         self._jobs, self._job_id, self._epochs = jobs, job_id, epochs
         self._initial_epoch = initial_epoch
         self._begun = False
+        self._control = leases.current()
+        self._pending: list[tuple[int, dict[str, float]]] = []  # not recorded yet, in order
+        self._unreachable = False
         self.last_logs: dict[str, float] = {}
         self.logs_by_epoch: dict[int, dict[str, float]] = {}  # 1-based epochs of this run
 
@@ -60,18 +87,71 @@ class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
         if self._begun:
             return
         self._begun = True
+        keep = epoch - self._initial_epoch
         try:
-            self._jobs.reset_history(self._job_id, epoch - self._initial_epoch)
+            self._jobs.reset_history(self._job_id, keep)
+            self._recover(keep)
         except Exception:
             log.warning("could not trim the history to epoch %d", epoch, exc_info=True)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        control = self._control
+        if control is not None and control.stopping:
+            raise control.stopped()  # nothing of this partial epoch is kept
         self.last_logs = plain_logs(logs) | self._learning_rate()
         self.logs_by_epoch[epoch + 1] = self.last_logs
-        try:
-            self._jobs.record_epoch(self._job_id, epoch + 1, self._epochs, self.last_logs)
-        except Exception:  # reporting must never crash training
-            log.warning("could not record epoch %d", epoch + 1, exc_info=True)
+        self._pending.append((epoch + 1, self.last_logs))
+        backup = control.backup if control is not None else None
+        if isinstance(backup, JobBackup):
+            backup.save(epoch + 1, dict(self._pending))
+        self._flush()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._flush(wait=REDIS_WAIT_SECONDS)
+        if self._control is not None:
+            self._control.confirm()
+
+    def _recover(self, keep: int) -> None:
+        """Record the epochs the restored backup holds that the history lacks."""
+        backup = self._control.backup if self._control is not None else None
+        missing = backup.unrecorded if isinstance(backup, JobBackup) else {}
+        if not missing:
+            return
+        have = self._jobs.history_length(self._job_id)
+        for epoch in range(self._initial_epoch + have + 1, self._initial_epoch + keep + 1):
+            if epoch not in missing:
+                log.warning("epoch %d of an earlier attempt was never recorded", epoch)
+                break
+            self._pending.append((epoch, missing[epoch]))
+        self._flush()
+
+    def _flush(self, wait: float = 0.0) -> None:
+        """Record the pending epochs in order; while Redis is unreachable keep them (and
+        retry for up to ``wait`` seconds)."""
+        deadline = time.monotonic() + wait
+        while self._pending:
+            epoch, logs = self._pending[0]
+            try:
+                recorded = self._jobs.record_epoch(self._job_id, epoch, self._epochs, logs)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not self._unreachable:
+                    log.warning(
+                        "could not record epoch %d (%s); kept until Redis answers", epoch, exc
+                    )
+                self._unreachable = True
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(1.0)
+                continue
+            except Exception:  # reporting must never crash training
+                log.warning("could not record epoch %d", epoch, exc_info=True)
+                recorded = True
+            if self._unreachable:
+                log.info("recording epochs again")
+                self._unreachable = False
+            self._pending.pop(0)
+            if not recorded and self._control is not None:
+                self._control.lose("the job's records belong to another attempt now")
 
     def _learning_rate(self) -> dict[str, float]:
         """The rate this epoch ran at (later callbacks such as ReduceLROnPlateau may
@@ -167,17 +247,22 @@ class Thresholds(keras.callbacks.Callback):  # type: ignore[misc]
 
 
 class CancelWatcher(keras.callbacks.Callback):  # type: ignore[misc]
-    """Stops training soon after the job is set CANCELLING."""
+    """Stops training soon after the job is set CANCELLING, or once it must stop
+    without finishing (``JobControl.stopping``: handed back, lease lost); the thread ends
+    with the fit, or with the job when a fit raised."""
 
     def __init__(self, jobs: JobStore, job_id: str, interval: float = 0.5) -> None:
         super().__init__()
         self._jobs, self._job_id, self._interval = jobs, job_id, interval
+        self._control = leases.current()
         self._done = threading.Event()
         self.cancelled = False
         self._thread: threading.Thread | None = None
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._done.clear()
+        if self._control is not None and self._control.stopping:
+            self.model.stop_training = True  # fit cleared it as it began
         self._thread = threading.Thread(target=self._poll, name="cancel-watcher", daemon=True)
         self._thread.start()
 
@@ -187,38 +272,275 @@ class CancelWatcher(keras.callbacks.Callback):  # type: ignore[misc]
             self._thread.join()
 
     def _poll(self) -> None:
+        control, unreachable = self._control, False
         while not self._done.wait(self._interval):
+            if control is not None:
+                if control.finished.is_set():
+                    return
+                if control.stopping:
+                    self.model.stop_training = True
+                    return
             try:
                 state = self._jobs.state(self._job_id)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not unreachable:  # once per outage: it is polled twice a second
+                    log.warning("could not read the job state (%s); retrying", exc)
+                unreachable = True
+                continue
             except Exception:
                 log.warning("could not read the job state", exc_info=True)
                 continue
+            unreachable = False
             if state is JobState.CANCELLING:
                 self.cancelled = True
                 self.model.stop_training = True
                 return
 
 
-class JobBackup(keras.callbacks.BackupAndRestore):  # type: ignore[misc]
-    """BackupAndRestore for jobs whose worker may be killed at any instant.
+WEIGHTS_FILE = "weights.weights.h5"
+METADATA_FILE = "metadata.json"
+KEEP_BACKUPS = 2
+STALE_PARTIAL_SECONDS = 3600.0
+_KERAS_WEIGHTS = "latest.weights.h5"  # BackupAndRestore's layout, as fitserve wrote it before
+_KERAS_METADATA = "training_metadata.json"
 
-    Keras writes the backup in place, so a kill mid-write leaves a corrupt file: keep the
-    previous backup too (``double_checkpoint``), which Keras falls back to; and when
-    nothing readable is left, start the fit over instead of failing the job.
+
+@dataclass(frozen=True)
+class _Saved:
+    """One backup read back: the epochs it completed, and their logs not yet recorded."""
+
+    name: str
+    epoch: int
+    unrecorded: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A backup on disk: its weights and metadata files."""
+
+    name: str
+    weights: Path
+    metadata: Path
+    keras_layout: bool = False
+
+    def read(self) -> _Saved:
+        """The metadata, checked (and the weights file against it); ValueError or
+        OSError when either is damaged, empty or missing."""
+        meta = json.loads(self.metadata.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("the metadata is not an object")
+        epoch = meta.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"the metadata's epoch is {epoch!r}")
+        if self.keras_layout:
+            if not self.weights.is_file():
+                raise ValueError("the weights file is missing")
+            return _Saved(self.name, epoch)
+        size, digest = _digest(self.weights)
+        if size != meta.get("weights_bytes") or digest != meta.get("weights_sha256"):
+            raise ValueError("the weights file does not match its metadata")
+        unrecorded = {int(k): v for k, v in dict(meta.get("unrecorded") or {}).items()}
+        return _Saved(self.name, epoch, unrecorded)
+
+
+class JobBackup(keras.callbacks.Callback):  # type: ignore[misc]
+    """The job's backup: the model's weights and optimizer state and the epochs done,
+    after every epoch, for a later attempt to resume from (Keras's BackupAndRestore,
+    made safe for workers killed at any instant).
+
+    Each backup is a folder of its own (``gen-<epoch>-<time>``) written under a temporary
+    name, flushed to disk (fsync) and renamed into place, so a kill mid-write leaves a
+    temporary folder and never a damaged backup; its metadata holds the weights file's
+    size and sha256, and the logs of the epochs not yet recorded in Redis (so a next
+    attempt can record them: ``JobProgress``). The last two are kept.
+
+    A fit restores the newest backup that reads back whole, trying the older ones (and
+    Keras's layout of earlier releases, ``latest.weights.h5`` with ``training_metadata.json``
+    and their ``.bkp`` copies) when one is empty, corrupt or does not match: never from
+    the start while a good backup is there. With none readable, the fit starts over; the
+    unreadable files are left until newer backups replace them.
     """
 
     def __init__(self, backup_dir: Path) -> None:
-        super().__init__(str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
+        super().__init__()
+        self.backup_dir = Path(backup_dir)
+        self._control = leases.current()
+        self._saved = -1  # the epochs the newest backup this fit wrote completed
+        self.restored: _Saved | None = None
+
+    @property
+    def unrecorded(self) -> dict[int, dict[str, float]]:
+        """The logs of epochs the restored backup holds that may not be recorded."""
+        return self.restored.unrecorded if self.restored is not None else {}
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        model = self.model
+        if not model.built:
+            raise ValueError("a model must be built before fit() to back it up")
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)  # its state is in the backup
+        if self._control is not None:
+            self._control.backup = self
+        self.restored = self._restore()
+        # A private attribute: BackupAndRestore tells fit where to resume only through it
+        # (no public API); fit never clears it, so a later fit of the same model (a
+        # fine-tune's second phase) must not find an earlier phase's epoch there.
+        model._initial_epoch = self.restored.epoch if self.restored else None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.save(epoch + 1, {epoch + 1: plain_logs(logs)})  # a no-op once JobProgress saved
+
+    def save(self, epochs_done: int, unrecorded: dict[int, dict[str, float]]) -> None:
+        """Back up the model as it is after ``epochs_done`` epochs (once per epoch; never
+        once the job's lease is another attempt's, which writes its own)."""
+        if epochs_done == self._saved or (self._control is not None and self._control.lost):
+            return
+        folder = self.backup_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"gen-{epochs_done:06d}-{time.time_ns():016x}"
+        partial = folder / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        weights = partial / WEIGHTS_FILE
+        self.model.save_weights(str(weights), overwrite=True)
+        _fsync(weights)
+        size, digest = _digest(weights)
+        meta = {
+            "format": 1,
+            "epoch": epochs_done,
+            "weights_bytes": size,
+            "weights_sha256": digest,
+            "unrecorded": {str(k): v for k, v in unrecorded.items()},
+            "saved_at": time.time(),
+        }
+        metadata = partial / METADATA_FILE
+        metadata.write_text(json.dumps(meta))
+        _fsync(metadata)
+        _fsync(partial)
+        os.rename(partial, folder / name)
+        _fsync(folder)
+        self._saved = epochs_done
+        self._prune(name)
+
+    def _restore(self) -> _Saved | None:
+        candidates = self._candidates()
+        if not candidates:
+            return None
+        variables = self._variables()
+        initial = [keras.ops.convert_to_numpy(v.value) for v in variables]
+        for candidate in candidates:
+            try:
+                saved = candidate.read()
+                self._load(candidate.weights)
+            except Exception as exc:  # damaged, or not this model's: try the one before
+                log.warning(
+                    "the job's backup %s is unreadable (%s); trying an older one",
+                    candidate.name,
+                    exc,
+                )
+                for variable, value in zip(variables, initial, strict=True):
+                    variable.assign(value)  # a load that failed midway changed some
+                continue
+            log.info("resuming from the job's backup %s (epoch %d)", candidate.name, saved.epoch)
+            return saved
+        log.warning("no readable backup in %s; the fit starts over", self.backup_dir.name)
+        return None
+
+    def _load(self, weights: Path) -> None:
+        """Load a weights file (Keras wants the name to end in .weights.h5, which the
+        .bkp copies of its old layout do not)."""
+        if weights.name.endswith(".weights.h5"):
+            self.model.load_weights(str(weights))
+            return
+        copy = self.backup_dir / ".restoring.weights.h5"
+        shutil.copyfile(weights, copy)
         try:
-            super().on_train_begin(logs)
-        except (OSError, ValueError):
-            log.warning("the job's backup is unreadable; starting the fit over", exc_info=True)
-            shutil.rmtree(self.backup_dir, ignore_errors=True)
-            # A private attribute: BackupAndRestore tells fit where to resume only through
-            # it (no public API), and a failed restore must not leave a stale epoch there.
-            self.model._initial_epoch = None
+            self.model.load_weights(str(copy))
+        finally:
+            copy.unlink(missing_ok=True)
+
+    def _variables(self) -> list[Any]:
+        optimizer = self.model.optimizer
+        return [*self.model.weights, *(optimizer.variables if optimizer is not None else [])]
+
+    def _generations(self) -> list[tuple[tuple[int, int], Path]]:
+        """This layout's backups, newest first."""
+        found = []
+        if self.backup_dir.is_dir():
+            for path in self.backup_dir.iterdir():
+                parts = path.name.split("-")
+                if len(parts) == 3 and parts[0] == "gen" and path.is_dir():
+                    try:
+                        found.append(((int(parts[1]), int(parts[2], 16)), path))
+                    except ValueError:
+                        continue
+        return sorted(found, reverse=True)
+
+    def _candidates(self) -> list[_Candidate]:
+        out = [
+            _Candidate(path.name, path / WEIGHTS_FILE, path / METADATA_FILE)
+            for _key, path in self._generations()
+        ]
+        for suffix in ("", ".bkp"):
+            weights = self.backup_dir / f"{_KERAS_WEIGHTS}{suffix}"
+            metadata = self.backup_dir / f"{_KERAS_METADATA}{suffix}"
+            if metadata.exists():
+                out.append(_Candidate(metadata.name, weights, metadata, keras_layout=True))
+        return out
+
+    def _prune(self, newest: str) -> None:
+        """Keep the backup just written and the newest other one that reads; drop the
+        rest, Keras's old layout, and temporary folders of writers that died (an hour
+        old: a worker cut off from Redis may still be writing, for a moment, beside the
+        attempt that took its job over)."""
+        kept = 1
+        for _key, path in self._generations():
+            if path.name == newest:
+                continue
+            if kept < KEEP_BACKUPS and _metadata_reads(path / METADATA_FILE):
+                kept += 1
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+        for path in self.backup_dir.iterdir():
+            if path.name.endswith(".partial"):
+                if _age(path) > STALE_PARTIAL_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+            elif path.name.startswith((_KERAS_WEIGHTS, _KERAS_METADATA)):
+                path.unlink(missing_ok=True)
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _metadata_reads(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()).get("epoch"), int)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    """Size and sha256 of a file."""
+    sha = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's content to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class TimeLimitReached(DeadlineExceeded):
