@@ -3,6 +3,8 @@
 Runs in its own process (pinned to a core by the harness) and sends a pre-serialized
 request as raw bytes, so the client does the same small work for every server it drives.
 Prints one JSON object: rps, samples/s, latency percentiles and errors by status code.
+With FITSERVE_TOKEN in its environment every call carries ``authorization: Bearer <token>``
+metadata, per call as the SDK sends it (``fitserve.Client(token=...)``).
 
     python -m bench.loadgen --target 127.0.0.1:50051 --request req.bin --rows 1 \
         --callers 64 --warmup 2 --duration 5
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +35,7 @@ async def _caller(
     stop_at: float,
     latencies: list[float],
     errors: Counter[str],
+    metadata: tuple[tuple[str, str], ...] | None,
 ) -> None:
     start, end = window
     while True:
@@ -40,7 +44,7 @@ async def _caller(
             return
         code = "OK"
         try:
-            await call(request, timeout=30)
+            await call(request, timeout=30, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
         t1 = time.perf_counter()
@@ -51,10 +55,23 @@ async def _caller(
                 errors[code] += 1
 
 
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The metadata each call sends: the bearer token, or none without one."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 async def run(
-    target: str, request: bytes, rows: int, callers: int, warmup: float, duration: float
+    target: str,
+    request: bytes,
+    rows: int,
+    callers: int,
+    warmup: float,
+    duration: float,
+    token: str | None = None,
 ) -> dict[str, Any]:
-    """Drive ``target`` and return the measurements of the measured window."""
+    """Drive ``target`` (with ``token`` on every call, if given) and return the
+    measurements of the measured window."""
+    metadata = auth_metadata(token)
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -66,7 +83,8 @@ async def run(
         latencies: list[float] = []
         errors: Counter[str] = Counter()
         tasks = [
-            _caller(call, request, window, window[1], latencies, errors) for _ in range(callers)
+            _caller(call, request, window, window[1], latencies, errors, metadata)
+            for _ in range(callers)
         ]
         await asyncio.gather(*tasks)
     return summarize(latencies, errors, rows, duration, callers)
@@ -100,7 +118,15 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=5.0)
     a = p.parse_args()
     result = asyncio.run(
-        run(a.target, a.request.read_bytes(), a.rows, a.callers, a.warmup, a.duration)
+        run(
+            a.target,
+            a.request.read_bytes(),
+            a.rows,
+            a.callers,
+            a.warmup,
+            a.duration,
+            os.environ.get("FITSERVE_TOKEN") or None,
+        )
     )
     print(json.dumps(result))
 

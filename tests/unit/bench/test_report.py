@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 
 from bench import report
-from bench.loadgen import summarize
+from bench.loadgen import auth_metadata, summarize
 
 
 def test_a_check_passes_or_misses_against_its_target() -> None:
@@ -71,3 +72,59 @@ def test_serving_checks_hold_every_target_of_the_readme() -> None:
     naive512 = checks["16 callers, 512 rows: fitserve samples/s / naive server"]
     assert (naive512.value, naive512.verdict) == (pytest.approx(0.9), "MISS")
     assert checks["alias switch: p99 / p99 without switches"].value == pytest.approx(1.25)
+
+
+def _auth_round(first: str, off: tuple[float, float], on: tuple[float, float]) -> dict[str, Any]:
+    """One paired round: (64-caller rps, 1-caller p50) with auth off and on."""
+
+    def side(rps: float, p50: float) -> list[dict[str, Any]]:
+        return [
+            {**_point(64, rps, 20.0, 30.0), "errors": {}},
+            {**_point(1, 1200.0, p50, 1.2), "errors": {}},
+        ]
+
+    return {"first": first, "off": side(*off), "on": side(*on)}
+
+
+def _auth_checks(rounds: list[dict[str, Any]], without_token: str) -> dict[str, report.Check]:
+    checks = report.auth_checks({"rounds": rounds, "without_token": without_token})
+    return {c.case: c for c in checks}
+
+
+def test_auth_checks_take_the_median_of_paired_rounds() -> None:
+    rounds = [
+        _auth_round("off", off=(3000, 0.80), on=(2970, 0.82)),  # 0.99, +0.02 ms
+        _auth_round("on", off=(2000, 0.90), on=(1800, 1.00)),  # 0.90, +0.10 ms: a noisy round
+        _auth_round("off", off=(3100, 0.70), on=(3069, 0.73)),  # 0.99, +0.03 ms
+    ]
+    checks = _auth_checks(rounds, "UNAUTHENTICATED")
+    rps = checks["auth on / auth off, 64 callers, 1 row: rps"]
+    assert (rps.value, rps.target, rps.verdict) == (pytest.approx(0.99), 0.97, "PASS")
+    p50 = checks["auth on - auth off, 1 caller, 1 row: p50"]
+    assert (p50.value, p50.target, p50.verdict) == (pytest.approx(0.03), 0.05, "PASS")
+    assert checks["auth on: calls with the predictor token refused"].verdict == "PASS"
+    assert checks["auth on: a call without a token refused UNAUTHENTICATED"].verdict == "PASS"
+
+
+def test_auth_checks_miss_when_the_token_is_refused_or_auth_is_not_on() -> None:
+    refused = _auth_round("off", off=(3000, 0.8), on=(0, 0.8))
+    refused["on"][0] |= {"errors": {"UNAUTHENTICATED": 500}, "p50_ms": None}
+    refused["on"][1] |= {"errors": {"RESOURCE_EXHAUSTED": 7}}  # shed: not the token's fault
+    checks = _auth_checks([refused], "OK")
+    assert checks["auth on / auth off, 64 callers, 1 row: rps"].value == 0.0
+    failed = checks["auth on: calls with the predictor token refused"]
+    assert (failed.value, failed.verdict) == (500.0, "MISS")
+    assert checks["auth on: a call without a token refused UNAUTHENTICATED"].verdict == "MISS"
+
+
+def test_auth_checks_have_no_value_without_latencies() -> None:
+    empty = _auth_round("off", off=(3000, 0.8), on=(3000, 0.8))
+    empty["on"][1]["p50_ms"] = None
+    checks = _auth_checks([empty], "UNAUTHENTICATED")
+    assert checks["auth on - auth off, 1 caller, 1 row: p50"].verdict == "MISS (no data)"
+
+
+def test_the_load_generator_sends_the_token_as_bearer_metadata() -> None:
+    assert auth_metadata("fst_abc") == (("authorization", "Bearer fst_abc"),)
+    assert auth_metadata(None) is None
+    assert auth_metadata("") is None
