@@ -6,7 +6,8 @@ import json
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,32 +228,47 @@ def _auth(work: Path, request: Path, plan: Plan) -> dict[str, Any]:
     Both servers run at once, on their own Redis (a token in the shared one would turn auth
     on for every later server of this run), with the same settings otherwise. Each round
     measures both, alternating which goes first, so a drift in the machine's load falls on
-    both sides; report.auth_checks takes the median of the paired rounds.
+    both sides; report.auth_checks takes the median of the paired rounds. While one side is
+    measured the other is suspended (SIGSTOP): an idle fitserve takes ~5 % of a core, and it
+    would take it from the server core of the one measured.
     """
     with Stack(work / "auth", server=None, worker=None) as stack:
         with redis.Redis.from_url(stack.redis_url, decode_responses=True) as client:
             token, _ = TokenStore(client).create("bench-predictor", Role.PREDICTOR)
         servers = Servers(work, stack.redis_url, logs=work / "auth")
         try:
-            targets = {
-                "off": servers.start("fitserve", FITSERVE_AUTH="none")[0],
-                "on": servers.start("fitserve")[0],
+            started = {
+                "off": servers.start("fitserve", FITSERVE_AUTH="none"),
+                "on": servers.start("fitserve"),
             }
             tokens = {"off": None, "on": token}
-            refused = _without_token(targets["on"], request)
+            refused = _without_token(started["on"][0], request)
             rounds = []
             for i in range(plan.auth_rounds):
                 order = ("off", "on") if i % 2 == 0 else ("on", "off")
                 measured: dict[str, list[dict[str, Any]]] = {}
-                for side in order:
-                    measured[side] = [
-                        load(targets[side], request, 1, callers, plan, tokens[side])
-                        for callers in (64, 1)
-                    ]
+                for side, other in (order, order[::-1]):
+                    with _suspended(started[other][1].pid):
+                        target = started[side][0]
+                        measured[side] = [
+                            load(target, request, 1, callers, plan, tokens[side])
+                            for callers in (64, 1)
+                        ]
                 rounds.append({"first": order[0], **measured})
         finally:
             servers.stop_all()
     return {"rounds": rounds, "without_token": refused}
+
+
+@contextmanager
+def _suspended(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) for the block, continued after it whatever happens."""
+    proc = psutil.Process(pid)
+    proc.suspend()
+    try:
+        yield
+    finally:
+        proc.resume()
 
 
 def _without_token(target: str, request: Path) -> str:
