@@ -143,6 +143,18 @@ def _paired(rounds: list[AuthRound], of: Callable[[AuthRound], float | None]) ->
     return statistics.median(v for v in values if v is not None)
 
 
+def cpu_per_call_us(result: dict[str, Any]) -> float | None:
+    """The server's CPU microseconds per call of the measured window (answered or refused:
+    a refusal costs CPU too)."""
+    calls = result["ok"] + sum(result["errors"].values())
+    cpu = result.get("server_cpu_s")
+    return None if not calls or cpu is None else cpu / calls * 1e6
+
+
+def _cpu_ratio(r: AuthRound) -> float | None:
+    return _ratio(cpu_per_call_us(_at(r["on"], 64)), cpu_per_call_us(_at(r["off"], 64)))
+
+
 def _p50_gap(r: AuthRound) -> float | None:
     on, off = _at(r["on"], 1)["p50_ms"], _at(r["off"], 1)["p50_ms"]
     return None if on is None or off is None else on - off
@@ -164,6 +176,12 @@ def auth_checks(a: dict[str, Any]) -> list[Check]:
         ),
         Check(
             "auth on - auth off, 1 caller, 1 row: p50", _paired(rounds, _p50_gap), "<=", 0.05, " ms"
+        ),
+        Check(
+            "auth on / auth off, 64 callers: server CPU per call",
+            _paired(rounds, _cpu_ratio),
+            "<=",
+            1.03,
         ),
         Check("auth on: calls with the predictor token refused", float(refused), "<=", 0.0),
         Check(

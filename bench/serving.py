@@ -58,10 +58,17 @@ def request_file(work: Path, rows: int) -> Path:
 
 
 def load(
-    target: str, request: Path, rows: int, callers: int, plan: Plan, token: str | None = None
+    target: str,
+    request: Path,
+    rows: int,
+    callers: int,
+    plan: Plan,
+    token: str | None = None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     """Run the load generator in its own (pinned) process; with ``token``, every call
-    carries it as bearer metadata (FITSERVE_TOKEN in the load generator's environment)."""
+    carries it as bearer metadata (FITSERVE_TOKEN in the load generator's environment);
+    with ``server_pid``, the result has that process's CPU seconds in the window."""
     argv = procs.python(
         "bench.loadgen",
         "--target",
@@ -76,6 +83,7 @@ def load(
         str(plan.warmup),
         "--duration",
         str(plan.duration),
+        *(["--server-pid", str(server_pid)] if server_pid is not None else []),
     )
     out = subprocess.run(
         procs.pinned(argv, procs.LOADGEN_CORE),
@@ -230,7 +238,9 @@ def _auth(work: Path, request: Path, plan: Plan) -> dict[str, Any]:
     measures both, alternating which goes first, so a drift in the machine's load falls on
     both sides; report.auth_checks takes the median of the paired rounds. While one side is
     measured the other is suspended (SIGSTOP): an idle fitserve takes ~5 % of a core, and it
-    would take it from the server core of the one measured.
+    would take it from the server core of the one measured. The measured server's CPU in
+    each window is recorded too: CPU that other processes take from the core stretches
+    rps and latency on this shared machine, but hardly the server's CPU per call.
     """
     with Stack(work / "auth", server=None, worker=None) as stack:
         with redis.Redis.from_url(stack.redis_url, decode_responses=True) as client:
@@ -250,8 +260,9 @@ def _auth(work: Path, request: Path, plan: Plan) -> dict[str, Any]:
                 for side, other in (order, order[::-1]):
                     with _suspended(started[other][1].pid):
                         target = started[side][0]
+                        pid = started[side][1].pid
                         measured[side] = [
-                            load(target, request, 1, callers, plan, tokens[side])
+                            load(target, request, 1, callers, plan, tokens[side], pid)
                             for callers in (64, 1)
                         ]
                 rounds.append({"first": order[0], **measured})

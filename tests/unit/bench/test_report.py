@@ -74,14 +74,16 @@ def test_serving_checks_hold_every_target_of_the_readme() -> None:
     assert checks["alias switch: p99 / p99 without switches"].value == pytest.approx(1.25)
 
 
-def _auth_round(first: str, off: tuple[float, float], on: tuple[float, float]) -> dict[str, Any]:
-    """One paired round: (64-caller rps, 1-caller p50) with auth off and on."""
+def _auth_round(first: str, off: tuple[float, ...], on: tuple[float, ...]) -> dict[str, Any]:
+    """One paired round: (64-caller rps, 1-caller p50[, 64-caller server CPU µs per call])
+    with auth off and on."""
 
-    def side(rps: float, p50: float) -> list[dict[str, Any]]:
+    def side(rps: float, p50: float, cpu_us: float = 300.0) -> list[dict[str, Any]]:
         return [
-            {**_point(64, rps, 20.0, 30.0), "errors": {}},
-            {**_point(1, 1200.0, p50, 1.2), "errors": {}},
-        ]
+            {**_point(64, rps, 20.0, 30.0), "ok": 10_000, "errors": {},
+             "server_cpu_s": cpu_us * 1e-6 * 10_000},
+            {**_point(1, 1200.0, p50, 1.2), "ok": 2400, "errors": {}, "server_cpu_s": 0.9},
+        ]  # fmt: skip
 
     return {"first": first, "off": side(*off), "on": side(*on)}
 
@@ -93,15 +95,17 @@ def _auth_checks(rounds: list[dict[str, Any]], without_token: str) -> dict[str, 
 
 def test_auth_checks_take_the_median_of_paired_rounds() -> None:
     rounds = [
-        _auth_round("off", off=(3000, 0.80), on=(2970, 0.82)),  # 0.99, +0.02 ms
-        _auth_round("on", off=(2000, 0.90), on=(1800, 1.00)),  # 0.90, +0.10 ms: a noisy round
-        _auth_round("off", off=(3100, 0.70), on=(3069, 0.73)),  # 0.99, +0.03 ms
+        _auth_round("off", off=(3000, 0.80, 300), on=(2970, 0.82, 303)),  # 0.99, +0.02 ms, 1.01
+        _auth_round("on", off=(2000, 0.90, 300), on=(1800, 1.00, 360)),  # 0.90, +0.1 ms, 1.2
+        _auth_round("off", off=(3100, 0.70, 300), on=(3069, 0.73, 306)),  # 0.99, +0.03 ms, 1.02
     ]
     checks = _auth_checks(rounds, "UNAUTHENTICATED")
     rps = checks["auth on / auth off, 64 callers, 1 row: rps"]
     assert (rps.value, rps.target, rps.verdict) == (pytest.approx(0.99), 0.97, "PASS")
     p50 = checks["auth on - auth off, 1 caller, 1 row: p50"]
     assert (p50.value, p50.target, p50.verdict) == (pytest.approx(0.03), 0.05, "PASS")
+    cpu = checks["auth on / auth off, 64 callers: server CPU per call"]
+    assert (cpu.value, cpu.target, cpu.verdict) == (pytest.approx(1.02), 1.03, "PASS")
     assert checks["auth on: calls with the predictor token refused"].verdict == "PASS"
     assert checks["auth on: a call without a token refused UNAUTHENTICATED"].verdict == "PASS"
 
@@ -117,11 +121,21 @@ def test_auth_checks_miss_when_the_token_is_refused_or_auth_is_not_on() -> None:
     assert checks["auth on: a call without a token refused UNAUTHENTICATED"].verdict == "MISS"
 
 
-def test_auth_checks_have_no_value_without_latencies() -> None:
+def test_auth_checks_have_no_value_without_latencies_or_server_cpu() -> None:
     empty = _auth_round("off", off=(3000, 0.8), on=(3000, 0.8))
     empty["on"][1]["p50_ms"] = None
+    del empty["off"][0]["server_cpu_s"]
     checks = _auth_checks([empty], "UNAUTHENTICATED")
     assert checks["auth on - auth off, 1 caller, 1 row: p50"].verdict == "MISS (no data)"
+    cpu = checks["auth on / auth off, 64 callers: server CPU per call"]
+    assert cpu.verdict == "MISS (no data)"
+
+
+def test_server_cpu_per_call_counts_answered_and_refused_calls() -> None:
+    run = {"ok": 3000, "errors": {"RESOURCE_EXHAUSTED": 1000}, "server_cpu_s": 1.2}
+    assert report.cpu_per_call_us(run) == pytest.approx(300)
+    assert report.cpu_per_call_us(run | {"ok": 0, "errors": {}}) is None
+    assert report.cpu_per_call_us({"ok": 4000, "errors": {}}) is None
 
 
 def test_the_load_generator_sends_the_token_as_bearer_metadata() -> None:
