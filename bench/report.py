@@ -155,6 +155,13 @@ def _cpu_ratio(r: AuthRound) -> float | None:
     return _ratio(cpu_per_call_us(_at(r["on"], 64)), cpu_per_call_us(_at(r["off"], 64)))
 
 
+def _gap_us(inprocess: dict[str, Any] | None) -> float | None:
+    if not inprocess:
+        return None
+    on, off = inprocess.get("on_us"), inprocess.get("off_us")
+    return None if on is None or off is None else float(on - off)
+
+
 def _p50_gap(r: AuthRound) -> float | None:
     on, off = _at(r["on"], 1)["p50_ms"], _at(r["off"], 1)["p50_ms"]
     return None if on is None or off is None else on - off
@@ -182,6 +189,13 @@ def auth_checks(a: dict[str, Any]) -> list[Check]:
             _paired(rounds, _cpu_ratio),
             "<=",
             1.03,
+        ),
+        Check(
+            "auth on - auth off, in-process token check: per call",
+            _gap_us(a.get("inprocess")),
+            "<=",
+            10.0,
+            " us",
         ),
         Check("auth on: calls with the predictor token refused", float(refused), "<=", 0.0),
         Check(

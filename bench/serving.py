@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import redis
 
-from bench import procs
+from bench import authcost, procs
 from bench.loadgen import METHOD
 from bench.models import MODEL, publish_reference
 from service.domain.tokens import Role, TokenStore
@@ -240,7 +240,8 @@ def _auth(work: Path, request: Path, plan: Plan) -> dict[str, Any]:
     measured the other is suspended (SIGSTOP): an idle fitserve takes ~5 % of a core, and it
     would take it from the server core of the one measured. The measured server's CPU in
     each window is recorded too: CPU that other processes take from the core stretches
-    rps and latency on this shared machine, but hardly the server's CPU per call.
+    rps and latency on this shared machine, but hardly the server's CPU per call. And the
+    token check alone, in-process (bench.authcost), which such load moves least of all.
     """
     with Stack(work / "auth", server=None, worker=None) as stack:
         with redis.Redis.from_url(stack.redis_url, decode_responses=True) as client:
@@ -253,6 +254,7 @@ def _auth(work: Path, request: Path, plan: Plan) -> dict[str, Any]:
             }
             tokens = {"off": None, "on": token}
             refused = _without_token(started["on"][0], request)
+            inprocess = authcost.measure(stack.redis_url, token)
             rounds = []
             for i in range(plan.auth_rounds):
                 order = ("off", "on") if i % 2 == 0 else ("on", "off")
@@ -268,7 +270,7 @@ def _auth(work: Path, request: Path, plan: Plan) -> dict[str, Any]:
                 rounds.append({"first": order[0], **measured})
         finally:
             servers.stop_all()
-    return {"rounds": rounds, "without_token": refused}
+    return {"rounds": rounds, "without_token": refused, "inprocess": inprocess}
 
 
 @contextmanager

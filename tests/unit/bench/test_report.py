@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from bench import report
+from bench.authcost import per_call_us
 from bench.loadgen import auth_metadata, summarize
 
 
@@ -88,9 +89,11 @@ def _auth_round(first: str, off: tuple[float, ...], on: tuple[float, ...]) -> di
     return {"first": first, "off": side(*off), "on": side(*on)}
 
 
-def _auth_checks(rounds: list[dict[str, Any]], without_token: str) -> dict[str, report.Check]:
-    checks = report.auth_checks({"rounds": rounds, "without_token": without_token})
-    return {c.case: c for c in checks}
+def _auth_checks(
+    rounds: list[dict[str, Any]], without_token: str, inprocess: dict[str, float] | None = None
+) -> dict[str, report.Check]:
+    results = {"rounds": rounds, "without_token": without_token, "inprocess": inprocess}
+    return {c.case: c for c in report.auth_checks(results)}
 
 
 def test_auth_checks_take_the_median_of_paired_rounds() -> None:
@@ -99,13 +102,15 @@ def test_auth_checks_take_the_median_of_paired_rounds() -> None:
         _auth_round("on", off=(2000, 0.90, 300), on=(1800, 1.00, 360)),  # 0.90, +0.1 ms, 1.2
         _auth_round("off", off=(3100, 0.70, 300), on=(3069, 0.73, 306)),  # 0.99, +0.03 ms, 1.02
     ]
-    checks = _auth_checks(rounds, "UNAUTHENTICATED")
+    checks = _auth_checks(rounds, "UNAUTHENTICATED", {"on_us": 2.5, "off_us": 0.5})
     rps = checks["auth on / auth off, 64 callers, 1 row: rps"]
     assert (rps.value, rps.target, rps.verdict) == (pytest.approx(0.99), 0.97, "PASS")
     p50 = checks["auth on - auth off, 1 caller, 1 row: p50"]
     assert (p50.value, p50.target, p50.verdict) == (pytest.approx(0.03), 0.05, "PASS")
     cpu = checks["auth on / auth off, 64 callers: server CPU per call"]
     assert (cpu.value, cpu.target, cpu.verdict) == (pytest.approx(1.02), 1.03, "PASS")
+    check = checks["auth on - auth off, in-process token check: per call"]
+    assert (check.value, check.target, check.verdict) == (pytest.approx(2.0), 10.0, "PASS")
     assert checks["auth on: calls with the predictor token refused"].verdict == "PASS"
     assert checks["auth on: a call without a token refused UNAUTHENTICATED"].verdict == "PASS"
 
@@ -129,6 +134,8 @@ def test_auth_checks_have_no_value_without_latencies_or_server_cpu() -> None:
     assert checks["auth on - auth off, 1 caller, 1 row: p50"].verdict == "MISS (no data)"
     cpu = checks["auth on / auth off, 64 callers: server CPU per call"]
     assert cpu.verdict == "MISS (no data)"
+    check = checks["auth on - auth off, in-process token check: per call"]
+    assert check.verdict == "MISS (no data)"
 
 
 def test_server_cpu_per_call_counts_answered_and_refused_calls() -> None:
@@ -142,3 +149,7 @@ def test_the_load_generator_sends_the_token_as_bearer_metadata() -> None:
     assert auth_metadata("fst_abc") == (("authorization", "Bearer fst_abc"),)
     assert auth_metadata(None) is None
     assert auth_metadata("") is None
+
+
+def test_the_in_process_token_check_takes_the_fastest_loop() -> None:
+    assert per_call_us([0.050, 0.030, 0.090], number=10_000) == pytest.approx(3.0)
