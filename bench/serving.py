@@ -40,7 +40,7 @@ class Plan:
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        return cls(1.0, 2.0, (1, 64), 2) if quick else cls(2.0, 5.0, (1, 8, 64), 3)
+        return cls(1.0, 2.0, (1, 64), 3) if quick else cls(2.0, 5.0, (1, 8, 64), 3)
 
 
 def request_file(work: Path, rows: int) -> Path:
