@@ -239,9 +239,9 @@ def _auth(work: Path, request: Path, plan: Plan) -> dict[str, Any]:
     both sides; report.auth_checks takes the median of the paired rounds. While one side is
     measured the other is suspended (SIGSTOP): an idle fitserve takes ~5 % of a core, and it
     would take it from the server core of the one measured. The measured server's CPU in
-    each window is recorded too: CPU that other processes take from the core stretches
-    rps and latency on this shared machine, but hardly the server's CPU per call. And the
-    token check alone, in-process (bench.authcost), which such load moves least of all.
+    each window is recorded too (meant to move less than rps when other processes take turns
+    on the core; under heavy load it moves too, bench/README.md), and the token check alone,
+    in-process (bench.authcost), which such load moves least of all.
     """
     with Stack(work / "auth", server=None, worker=None) as stack:
         with redis.Redis.from_url(stack.redis_url, decode_responses=True) as client:
