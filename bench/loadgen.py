@@ -2,7 +2,11 @@
 
 Runs in its own process (pinned to a core by the harness) and sends a pre-serialized
 request as raw bytes, so the client does the same small work for every server it drives.
-Prints one JSON object: rps, samples/s, latency percentiles and errors by status code.
+Prints one JSON object: rps, samples/s, latency percentiles and errors by status code. With
+``--server-pid``, also ``server_cpu_s``: the CPU seconds (user + system) that process used
+during the measured window.
+With FITSERVE_TOKEN in its environment every call carries ``authorization: Bearer <token>``
+metadata, per call as the SDK sends it (``fitserve.Client(token=...)``).
 
     python -m bench.loadgen --target 127.0.0.1:50051 --request req.bin --rows 1 \
         --callers 64 --warmup 2 --duration 5
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +25,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import psutil
 
 METHOD = "/fitserve.v1.InferenceService/Predict"
 MAX_MESSAGE = 512 * 1024 * 1024
@@ -32,6 +38,7 @@ async def _caller(
     stop_at: float,
     latencies: list[float],
     errors: Counter[str],
+    metadata: tuple[tuple[str, str], ...] | None,
 ) -> None:
     start, end = window
     while True:
@@ -40,7 +47,7 @@ async def _caller(
             return
         code = "OK"
         try:
-            await call(request, timeout=30)
+            await call(request, timeout=30, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
         t1 = time.perf_counter()
@@ -51,10 +58,34 @@ async def _caller(
                 errors[code] += 1
 
 
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The metadata each call sends: the bearer token, or none without one."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+async def _cpu_at(when: float, proc: psutil.Process) -> float:
+    await asyncio.sleep(max(0.0, when - time.perf_counter()))
+    return cpu_seconds(proc)
+
+
 async def run(
-    target: str, request: bytes, rows: int, callers: int, warmup: float, duration: float
+    target: str,
+    request: bytes,
+    rows: int,
+    callers: int,
+    warmup: float,
+    duration: float,
+    token: str | None = None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
-    """Drive ``target`` and return the measurements of the measured window."""
+    """Drive ``target`` (with ``token`` on every call, if given) and return the
+    measurements of the measured window (with ``server_pid``: that process's CPU in it)."""
+    metadata = auth_metadata(token)
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -65,11 +96,22 @@ async def run(
         window = (now + warmup, now + warmup + duration)
         latencies: list[float] = []
         errors: Counter[str] = Counter()
+        server = psutil.Process(server_pid) if server_pid is not None else None
+        cpu = (
+            [asyncio.create_task(_cpu_at(when, server)) for when in window]
+            if server is not None
+            else []
+        )
         tasks = [
-            _caller(call, request, window, window[1], latencies, errors) for _ in range(callers)
+            _caller(call, request, window, window[1], latencies, errors, metadata)
+            for _ in range(callers)
         ]
         await asyncio.gather(*tasks)
-    return summarize(latencies, errors, rows, duration, callers)
+        cpu_s = [await task for task in cpu]
+    result = summarize(latencies, errors, rows, duration, callers)
+    if cpu_s:
+        result["server_cpu_s"] = cpu_s[1] - cpu_s[0]
+    return result
 
 
 def summarize(
@@ -98,9 +140,19 @@ def main() -> None:
     p.add_argument("--callers", type=int, default=1)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--server-pid", type=int, help="report this process's CPU in the window")
     a = p.parse_args()
     result = asyncio.run(
-        run(a.target, a.request.read_bytes(), a.rows, a.callers, a.warmup, a.duration)
+        run(
+            a.target,
+            a.request.read_bytes(),
+            a.rows,
+            a.callers,
+            a.warmup,
+            a.duration,
+            os.environ.get("FITSERVE_TOKEN") or None,
+            a.server_pid,
+        )
     )
     print(json.dumps(result))
 

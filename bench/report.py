@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,7 +126,85 @@ def serving_checks(r: dict[str, Any]) -> list[Check]:
     ]
     if "latency_target" in r:
         checks += _latency_target_checks(r["latency_target"], f64)
+    if "auth" in r:
+        checks += auth_checks(r["auth"])
     return checks
+
+
+AUTH_REFUSALS = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+AuthRound = dict[str, Any]  # {"off": [64-caller, 1-caller results], "on": [...], "first": ...}
+
+
+def _paired(rounds: list[AuthRound], of: Callable[[AuthRound], float | None]) -> float | None:
+    """The median over rounds of one paired comparison (None if any round has no data)."""
+    values = [of(r) for r in rounds]
+    if not values or any(v is None for v in values):
+        return None
+    return statistics.median(v for v in values if v is not None)
+
+
+def cpu_per_call_us(result: dict[str, Any]) -> float | None:
+    """The server's CPU microseconds per call of the measured window (answered or refused:
+    a refusal costs CPU too)."""
+    calls = result["ok"] + sum(result["errors"].values())
+    cpu = result.get("server_cpu_s")
+    return None if not calls or cpu is None else cpu / calls * 1e6
+
+
+def _cpu_ratio(r: AuthRound) -> float | None:
+    return _ratio(cpu_per_call_us(_at(r["on"], 64)), cpu_per_call_us(_at(r["off"], 64)))
+
+
+def _gap_us(inprocess: dict[str, Any] | None) -> float | None:
+    if not inprocess:
+        return None
+    on, off = inprocess.get("on_us"), inprocess.get("off_us")
+    return None if on is None or off is None else float(on - off)
+
+
+def _p50_gap(r: AuthRound) -> float | None:
+    on, off = _at(r["on"], 1)["p50_ms"], _at(r["off"], 1)["p50_ms"]
+    return None if on is None or off is None else on - off
+
+
+def auth_checks(a: dict[str, Any]) -> list[Check]:
+    """Auth on against auth off (bench.serving._auth): what the token check costs Predict,
+    each value the median of the paired rounds; and that auth was really on."""
+    rounds: list[AuthRound] = a["rounds"]
+    refused = sum(  # shed calls (RESOURCE_EXHAUSTED) are the load's, not the token's
+        x["errors"].get(code, 0) for r in rounds for x in r["on"] for code in AUTH_REFUSALS
+    )
+    return [
+        Check(
+            "auth on / auth off, 64 callers, 1 row: rps",
+            _paired(rounds, lambda r: _ratio(_at(r["on"], 64)["rps"], _at(r["off"], 64)["rps"])),
+            ">=",
+            0.97,
+        ),
+        Check(
+            "auth on - auth off, 1 caller, 1 row: p50", _paired(rounds, _p50_gap), "<=", 0.05, " ms"
+        ),
+        Check(
+            "auth on / auth off, 64 callers: server CPU per call",
+            _paired(rounds, _cpu_ratio),
+            "<=",
+            1.03,
+        ),
+        Check(
+            "auth on - auth off, in-process token check: per call",
+            _gap_us(a.get("inprocess")),
+            "<=",
+            10.0,
+            " us",
+        ),
+        Check("auth on: calls with the predictor token refused", float(refused), "<=", 0.0),
+        Check(
+            "auth on: a call without a token refused UNAUTHENTICATED",
+            float(a["without_token"] == "UNAUTHENTICATED"),
+            ">=",
+            1.0,
+        ),
+    ]
 
 
 def _latency_target_checks(lt: dict[str, Any], f64: dict[str, Any]) -> list[Check]:

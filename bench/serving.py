@@ -6,16 +6,21 @@ import json
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import psutil
+import redis
 
-from bench import procs
+from bench import authcost, procs
+from bench.loadgen import METHOD
 from bench.models import MODEL, publish_reference
+from service.domain.tokens import Role, TokenStore
 from service.launch.serving import start_server
 from service.launch.stack import ServerPart, Stack
 from service.launch.supervision import terminate
@@ -25,15 +30,17 @@ LATENCY_TARGET_MS = 20.0
 
 @dataclass(frozen=True)
 class Plan:
-    """Durations and concurrency levels of one run."""
+    """Durations and concurrency levels of one run; ``auth_rounds``: how many times the auth
+    on/off pair is measured (alternating which goes first)."""
 
     warmup: float
     duration: float
     sweep: tuple[int, ...]
+    auth_rounds: int = 1
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        return cls(1.0, 2.0, (1, 64)) if quick else cls(2.0, 5.0, (1, 8, 64))
+        return cls(1.0, 2.0, (1, 64), 3) if quick else cls(2.0, 5.0, (1, 8, 64), 3)
 
 
 def request_file(work: Path, rows: int) -> Path:
@@ -50,8 +57,18 @@ def request_file(work: Path, rows: int) -> Path:
     return path
 
 
-def load(target: str, request: Path, rows: int, callers: int, plan: Plan) -> dict[str, Any]:
-    """Run the load generator in its own (pinned) process."""
+def load(
+    target: str,
+    request: Path,
+    rows: int,
+    callers: int,
+    plan: Plan,
+    token: str | None = None,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
+    """Run the load generator in its own (pinned) process; with ``token``, every call
+    carries it as bearer metadata (FITSERVE_TOKEN in the load generator's environment);
+    with ``server_pid``, the result has that process's CPU seconds in the window."""
     argv = procs.python(
         "bench.loadgen",
         "--target",
@@ -66,11 +83,12 @@ def load(target: str, request: Path, rows: int, callers: int, plan: Plan) -> dic
         str(plan.warmup),
         "--duration",
         str(plan.duration),
+        *(["--server-pid", str(server_pid)] if server_pid is not None else []),
     )
     out = subprocess.run(
         procs.pinned(argv, procs.LOADGEN_CORE),
         cwd=procs.ROOT,
-        env=procs.env(),
+        env=procs.env(**({"FITSERVE_TOKEN": token} if token else {})),
         capture_output=True,
         text=True,
         check=True,
@@ -91,10 +109,11 @@ def start_reference(
 
 
 class Servers:
-    """The three servers under test, each pinned to the server core."""
+    """The three servers under test, each pinned to the server core. They read the model
+    store in ``work/data``; their logs go to ``logs`` (default: ``work``)."""
 
-    def __init__(self, work: Path, redis_url: str) -> None:
-        self.work, self.redis_url = work, redis_url
+    def __init__(self, work: Path, redis_url: str, logs: Path | None = None) -> None:
+        self.work, self.redis_url, self.logs = work, redis_url, logs or work
         self.running: dict[int, Callable[[], None]] = {}  # pid -> how to stop it
         self.started = 0
 
@@ -103,7 +122,7 @@ class Servers:
         pin = procs.pin(procs.SERVER_CORE)
         if kind != "fitserve":
             model_dir = self.work / "data" / "models" / MODEL / "1"
-            log = self.work / f"{kind}-{self.started}.log"
+            log = self.logs / f"{kind}-{self.started}.log"
             target, proc = start_reference(kind, model_dir, log, pin)
             self.running[proc.pid] = lambda: terminate([proc])
             return target, proc
@@ -115,7 +134,7 @@ class Servers:
     def _fitserve(self, pin: list[str], settings: dict[str, str]) -> Stack:
         """A server on the shared Redis; its log in ``fitserve-<n>/server.log``."""
         return Stack(
-            self.work / f"fitserve-{self.started}",
+            self.logs / f"fitserve-{self.started}",
             data_dir=self.work / "data",
             redis_url=self.redis_url,
             server=ServerPart(env=settings, prefix=pin),
@@ -158,6 +177,7 @@ def _cases(servers: Servers, work: Path, model_dir: Path, plan: Plan) -> dict[st
         servers.stop(proc)
     results["overload"] = _overload(servers, one, plan)
     results["latency_target"] = _latency_target(servers, one, plan)
+    results["auth"] = _auth(work, one, plan)
     results["inprocess"] = _inprocess(model_dir, plan)
     return results
 
@@ -207,6 +227,72 @@ def _latency_target(servers: Servers, request: Path, plan: Plan) -> dict[str, An
     result = load(target, request, 1, 64, plan)
     servers.stop(proc)
     return result | {"target_ms": LATENCY_TARGET_MS}
+
+
+def _auth(work: Path, request: Path, plan: Plan) -> dict[str, Any]:
+    """fitserve with auth off (FITSERVE_AUTH=none) and on (the default mode once a token
+    exists; the load generator sends a predictor token), 1 row at 64 callers and 1 caller.
+
+    Both servers run at once, on their own Redis (a token in the shared one would turn auth
+    on for every later server of this run), with the same settings otherwise. Each round
+    measures both, alternating which goes first, so a drift in the machine's load falls on
+    both sides; report.auth_checks takes the median of the paired rounds. While one side is
+    measured the other is suspended (SIGSTOP): an idle fitserve takes ~5 % of a core, and it
+    would take it from the server core of the one measured. The measured server's CPU in
+    each window is recorded too (meant to move less than rps when other processes take turns
+    on the core; under heavy load it moves too, bench/README.md), and the token check alone,
+    in-process (bench.authcost), which such load moves least of all.
+    """
+    with Stack(work / "auth", server=None, worker=None) as stack:
+        with redis.Redis.from_url(stack.redis_url, decode_responses=True) as client:
+            token, _ = TokenStore(client).create("bench-predictor", Role.PREDICTOR)
+        servers = Servers(work, stack.redis_url, logs=work / "auth")
+        try:
+            started = {
+                "off": servers.start("fitserve", FITSERVE_AUTH="none"),
+                "on": servers.start("fitserve"),
+            }
+            tokens = {"off": None, "on": token}
+            refused = _without_token(started["on"][0], request)
+            inprocess = authcost.measure(stack.redis_url, token)
+            rounds = []
+            for i in range(plan.auth_rounds):
+                order = ("off", "on") if i % 2 == 0 else ("on", "off")
+                measured: dict[str, list[dict[str, Any]]] = {}
+                for side, other in (order, order[::-1]):
+                    with _suspended(started[other][1].pid):
+                        target = started[side][0]
+                        pid = started[side][1].pid
+                        measured[side] = [
+                            load(target, request, 1, callers, plan, tokens[side], pid)
+                            for callers in (64, 1)
+                        ]
+                rounds.append({"first": order[0], **measured})
+        finally:
+            servers.stop_all()
+    return {"rounds": rounds, "without_token": refused, "inprocess": inprocess}
+
+
+@contextmanager
+def _suspended(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) for the block, continued after it whatever happens."""
+    proc = psutil.Process(pid)
+    proc.suspend()
+    try:
+        yield
+    finally:
+        proc.resume()
+
+
+def _without_token(target: str, request: Path) -> str:
+    """The status of a Predict sent with no token: UNAUTHENTICATED when auth is on."""
+    with grpc.insecure_channel(target) as channel:
+        predict: Any = channel.unary_unary(METHOD)  # raw bytes in and out
+        try:
+            predict(request.read_bytes(), timeout=30)
+        except grpc.RpcError as exc:
+            return str(exc.code().name)
+    return "OK"
 
 
 def _inprocess(model_dir: Path, plan: Plan) -> list[dict[str, Any]]:

@@ -4,16 +4,20 @@ load generator, and the results are well formed. Not a timing test: no speed is 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import redis
 
-from bench import procs, serving
+from bench import authcost, procs, serving
 from bench.models import publish_reference
-from service.config import Settings
+from service.config import AuthSettings, Settings
+from service.domain.tokens import Role, TokenStore
 from service.launch.supervision import terminate
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, private_stack
 
 pytestmark = pytest.mark.integration
 PLAN = serving.Plan(warmup=0.2, duration=0.5, sweep=(4,))
@@ -67,3 +71,29 @@ def test_inprocess_ceiling_reports_each_batch_size(tmp_path: Path) -> None:
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     assert [r["batch"] for r in rows] == [1, 32, 512]
     assert all(r["samples_per_s"] == pytest.approx(r["calls_per_s"] * r["batch"]) for r in rows)
+
+
+def test_with_auth_on_the_load_generator_sends_the_token_and_reads_the_server_cpu(
+    tmp_path: Path,
+) -> None:
+    fast = AuthSettings(refresh_seconds=0.2)
+    with private_stack(tmp_path, auth=fast) as (settings, running):
+        publish_reference(settings.models_dir, versions=1)
+        with redis.Redis.from_url(settings.redis_url, decode_responses=True) as client:
+            token, _ = TokenStore(client).create("bench-predictor", Role.PREDICTOR)
+        time.sleep(4 * fast.refresh_seconds)  # the server has re-read the tokens
+        request = serving.request_file(tmp_path, 1)
+        assert serving._without_token(running.target, request) == "UNAUTHENTICATED"
+        refused = serving.load(running.target, request, 1, 4, PLAN)
+        assert refused["ok"] == 0
+        assert refused["errors"].get("UNAUTHENTICATED", 0) > 0
+        serving.load(running.target, request, 1, 1, PLAN, token)  # loads the model
+        # the server runs in this process
+        result = serving.load(running.target, request, 1, 4, PLAN, token, os.getpid())
+        assert result.pop("server_cpu_s") > 0
+        _check(result, rows=1)
+        cost = authcost.measure(settings.redis_url, token, number=100, repeat=2)
+        assert cost["on_us"] > 0
+        assert cost["off_us"] > 0
+        with pytest.raises(Exception, match="not valid"):
+            authcost.measure(settings.redis_url, "fst_" + "x" * 43, number=10, repeat=1)

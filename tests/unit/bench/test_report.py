@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 
 from bench import report
-from bench.loadgen import summarize
+from bench.authcost import per_call_us
+from bench.loadgen import auth_metadata, summarize
 
 
 def test_a_check_passes_or_misses_against_its_target() -> None:
@@ -71,3 +73,83 @@ def test_serving_checks_hold_every_target_of_the_readme() -> None:
     naive512 = checks["16 callers, 512 rows: fitserve samples/s / naive server"]
     assert (naive512.value, naive512.verdict) == (pytest.approx(0.9), "MISS")
     assert checks["alias switch: p99 / p99 without switches"].value == pytest.approx(1.25)
+
+
+def _auth_round(first: str, off: tuple[float, ...], on: tuple[float, ...]) -> dict[str, Any]:
+    """One paired round: (64-caller rps, 1-caller p50[, 64-caller server CPU µs per call])
+    with auth off and on."""
+
+    def side(rps: float, p50: float, cpu_us: float = 300.0) -> list[dict[str, Any]]:
+        return [
+            {**_point(64, rps, 20.0, 30.0), "ok": 10_000, "errors": {},
+             "server_cpu_s": cpu_us * 1e-6 * 10_000},
+            {**_point(1, 1200.0, p50, 1.2), "ok": 2400, "errors": {}, "server_cpu_s": 0.9},
+        ]  # fmt: skip
+
+    return {"first": first, "off": side(*off), "on": side(*on)}
+
+
+def _auth_checks(
+    rounds: list[dict[str, Any]], without_token: str, inprocess: dict[str, float] | None = None
+) -> dict[str, report.Check]:
+    results = {"rounds": rounds, "without_token": without_token, "inprocess": inprocess}
+    return {c.case: c for c in report.auth_checks(results)}
+
+
+def test_auth_checks_take_the_median_of_paired_rounds() -> None:
+    rounds = [
+        _auth_round("off", off=(3000, 0.80, 300), on=(2970, 0.82, 303)),  # 0.99, +0.02 ms, 1.01
+        _auth_round("on", off=(2000, 0.90, 300), on=(1800, 1.00, 360)),  # 0.90, +0.1 ms, 1.2
+        _auth_round("off", off=(3100, 0.70, 300), on=(3069, 0.73, 306)),  # 0.99, +0.03 ms, 1.02
+    ]
+    checks = _auth_checks(rounds, "UNAUTHENTICATED", {"on_us": 2.5, "off_us": 0.5})
+    rps = checks["auth on / auth off, 64 callers, 1 row: rps"]
+    assert (rps.value, rps.target, rps.verdict) == (pytest.approx(0.99), 0.97, "PASS")
+    p50 = checks["auth on - auth off, 1 caller, 1 row: p50"]
+    assert (p50.value, p50.target, p50.verdict) == (pytest.approx(0.03), 0.05, "PASS")
+    cpu = checks["auth on / auth off, 64 callers: server CPU per call"]
+    assert (cpu.value, cpu.target, cpu.verdict) == (pytest.approx(1.02), 1.03, "PASS")
+    check = checks["auth on - auth off, in-process token check: per call"]
+    assert (check.value, check.target, check.verdict) == (pytest.approx(2.0), 10.0, "PASS")
+    assert checks["auth on: calls with the predictor token refused"].verdict == "PASS"
+    assert checks["auth on: a call without a token refused UNAUTHENTICATED"].verdict == "PASS"
+
+
+def test_auth_checks_miss_when_the_token_is_refused_or_auth_is_not_on() -> None:
+    refused = _auth_round("off", off=(3000, 0.8), on=(0, 0.8))
+    refused["on"][0] |= {"errors": {"UNAUTHENTICATED": 500}, "p50_ms": None}
+    refused["on"][1] |= {"errors": {"RESOURCE_EXHAUSTED": 7}}  # shed: not the token's fault
+    checks = _auth_checks([refused], "OK")
+    assert checks["auth on / auth off, 64 callers, 1 row: rps"].value == 0.0
+    failed = checks["auth on: calls with the predictor token refused"]
+    assert (failed.value, failed.verdict) == (500.0, "MISS")
+    assert checks["auth on: a call without a token refused UNAUTHENTICATED"].verdict == "MISS"
+
+
+def test_auth_checks_have_no_value_without_latencies_or_server_cpu() -> None:
+    empty = _auth_round("off", off=(3000, 0.8), on=(3000, 0.8))
+    empty["on"][1]["p50_ms"] = None
+    del empty["off"][0]["server_cpu_s"]
+    checks = _auth_checks([empty], "UNAUTHENTICATED")
+    assert checks["auth on - auth off, 1 caller, 1 row: p50"].verdict == "MISS (no data)"
+    cpu = checks["auth on / auth off, 64 callers: server CPU per call"]
+    assert cpu.verdict == "MISS (no data)"
+    check = checks["auth on - auth off, in-process token check: per call"]
+    assert check.verdict == "MISS (no data)"
+
+
+def test_server_cpu_per_call_counts_answered_and_refused_calls() -> None:
+    run = {"ok": 3000, "errors": {"RESOURCE_EXHAUSTED": 1000}, "server_cpu_s": 1.2}
+    assert report.cpu_per_call_us(run) == pytest.approx(300)
+    assert report.cpu_per_call_us(run | {"ok": 0, "errors": {}}) is None
+    assert report.cpu_per_call_us({"ok": 4000, "errors": {}}) is None
+
+
+def test_the_load_generator_sends_the_token_as_bearer_metadata() -> None:
+    assert auth_metadata("fst_abc") == (("authorization", "Bearer fst_abc"),)
+    assert auth_metadata(None) is None
+    assert auth_metadata("") is None
+
+
+def test_the_in_process_token_check_takes_the_fastest_loop() -> None:
+    assert per_call_us([0.050, 0.030, 0.090], number=10_000) == pytest.approx(3.0)
