@@ -311,8 +311,8 @@ class Authenticator(grpc.aio.ServerInterceptor):
         if (wrapped := self._wrapped.get(method)) is not None:
             return wrapped
         handler = await continuation(handler_call_details)
-        if handler is None or method.startswith(OPEN_PREFIXES):
-            return handler
+        if handler is None or method.startswith(OPEN_PREFIXES) or self.table is None:
+            return handler  # open methods, and every method with FITSERVE_AUTH=none
         wrapped = self._wrapped[method] = self._wrap(handler, method)
         return wrapped
 
