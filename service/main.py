@@ -30,7 +30,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         for error in exc.errors():
-            where = "__".join(str(part) for part in error["loc"]).upper()
+            where = "__".join(str(p) for p in error["loc"] if not isinstance(p, int)).upper()
             print(
                 f"fitserve {args.command}: FITSERVE_{where}: {error['msg']} "
                 f"(got {str(error.get('input'))[:80]!r})",
