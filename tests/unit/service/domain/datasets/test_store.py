@@ -111,6 +111,18 @@ def test_an_announced_size_past_the_limit_is_refused_before_any_file(tmp_path):
     assert files(store, "incoming") == []
 
 
+def test_a_negative_announced_size_is_invalid_not_over_the_limit(tmp_path):
+    # found by tests/integration/test_fuzz.py: it was RESOURCE_EXHAUSTED, "-1 bytes is over
+    # the limit", with a pushback that tells gRPC not to retry
+    store = DatasetStore(tmp_path, max_bytes=100)
+
+    with pytest.raises(InvalidRequest, match=r"header\.size_bytes is -1") as info:
+        store.begin_upload("neg", "npz", size=-1)
+
+    assert info.value.field == "header.size_bytes"
+    assert files(store, "incoming") == []
+
+
 @pytest.mark.parametrize(
     ("header", "message"),
     [
