@@ -880,6 +880,12 @@ npy_headers = st.one_of(
     ),
     st.just({"descr": "<f4"}),
     texts(giant=False),
+    # a valid header cut short: unclosed brackets and strings (numpy tokenizes those)
+    st.builds(
+        lambda n: "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4)}"[:n],
+        st.integers(0, 55),
+    ),
+    st.sampled_from(['"""', "'", "(" * 300, "[" * 5000]),
     st.builds(
         lambda n: "{'descr': '<f4', 'fortran_order': False, 'shape': (" + "(" * n + ")" * n + ",)}",
         st.integers(1, 300),
