@@ -15,7 +15,7 @@ serializer), so the wire-noise tests send bytes that are no protobuf at all.
 
 Examples and reproducibility:
 
-* ``FITSERVE_FUZZ_EXAMPLES`` (default 200) is the number of examples per test; the
+* ``FITSERVE_FUZZ_EXAMPLES`` (default 300) is the number of examples per test; the
   default keeps this file near a minute on 2 cores.
 * By default the examples are derandomized: every run (CI, a developer) draws the same
   ones, so a failure in CI reproduces with the same command, and no example database is
@@ -64,17 +64,18 @@ from fitserve.v1 import (
     training_pb2_grpc,
 )
 from service.config import AuthSettings, InferenceSettings, Settings
-from service.domain.jobs import PREFIX
+from service.domain.jobs import JOB_PREFIX, PREFIX
 from service.domain.model_store import ModelStore
 from service.domain.tokens import Role, TokenStore
 from service.inference.feedback import KEY_PREFIX as FEEDBACK_PREFIX
 from tests.conftest import RunningServer, private_stack
 from tests.integration import fuzz_strategies as fs
 
-pytestmark = pytest.mark.integration
+EXAMPLES = int(os.environ.get("FITSERVE_FUZZ_EXAMPLES", "300"))
+# A Train or upload example takes about 0.1 s; a long hunt gets the time it needs.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(max(300, EXAMPLES))]
 Code = grpc.StatusCode
 
-EXAMPLES = int(os.environ.get("FITSERVE_FUZZ_EXAMPLES", "200"))
 RANDOM = os.environ.get("FITSERVE_FUZZ_RANDOM", "") not in ("", "0")
 FUZZ = hypothesis_settings(
     max_examples=EXAMPLES,
@@ -157,22 +158,26 @@ class Target:
         return Outcome(Code.OK, "", response)
 
     def redis_state(self) -> dict[str, object]:
-        """Every key but the feedback records (which OK predictions write), with its
-        content for hashes (job records, owners, statistics) and its size otherwise."""
+        """Every key but the feedback records (which OK predictions write): its content
+        for strings and the shared hashes (owners, statistics, tokens), its size for job
+        records and the rest. Two pipelined round trips, however many jobs there are."""
         r = self.redis
-        state: dict[str, object] = {}
-        for key in r.scan_iter(count=1000):
-            if key.startswith(FEEDBACK_PREFIX):
-                continue
-            kind = r.type(key)
-            if kind == "hash":
-                state[key] = r.hgetall(key)
-            elif kind == "string":
-                state[key] = r.get(key)
-            else:
-                size = {"list": r.llen, "set": r.scard, "zset": r.zcard, "stream": r.xlen}
-                state[key] = (kind, size[kind](key))  # type: ignore[operator]
-        return state
+        keys = [k for k in r.scan_iter(count=1000) if not k.startswith(FEEDBACK_PREFIX)]
+        with r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.type(key)
+            kinds = pipe.execute()
+        with r.pipeline(transaction=False) as pipe:
+            for key, kind in zip(keys, kinds, strict=True):
+                if kind == "hash":
+                    pipe.hlen(key) if key.startswith(JOB_PREFIX) else pipe.hgetall(key)
+                elif kind == "string":
+                    pipe.get(key)
+                else:
+                    size = {"list": pipe.llen, "set": pipe.scard, "zset": pipe.zcard}
+                    size.get(kind, pipe.xlen)(key)
+            values = pipe.execute()
+        return {k: (kind, v) for k, kind, v in zip(keys, kinds, values, strict=True)}
 
     def files(self, *folders: Path) -> set[Path]:
         return {p for f in folders if f.exists() for p in f.rglob("*")}
@@ -491,6 +496,24 @@ def test_upload_with_a_negative_size_is_invalid_argument(target: Target) -> None
     assert exc.value.code() == Code.INVALID_ARGUMENT, exc.value  # type: ignore[attr-defined]
     assert _bad_request_field(exc.value) == "header.size_bytes"
     assert target.files(store) == before
+
+
+def test_upload_whose_npy_header_numpy_cannot_tokenize_is_invalid_argument(
+    target: Target,
+) -> None:
+    """Found by test_fuzz_upload_dataset (FITSERVE_FUZZ_RANDOM=1): an .npy header with an
+    unclosed bracket or string made numpy raise tokenize.TokenError: INTERNAL."""
+    store = target.settings.datasets_dir
+    before, redis_before = target.files(store), target.redis_state()
+    member = fs.npy_member("{'descr': '<f4', 'fortran_order': False, 'shape': (", b"")
+    header = dataset_pb2.DatasetHeader(name="garbled", format="npz")
+    messages = [dataset_pb2.UploadDatasetRequest(header=header)]
+    messages.append(dataset_pb2.UploadDatasetRequest(chunk=fs.zipped([("x.npy", member)])))
+    outcome = target.stream(UPLOAD, [m.SerializeToString() for m in messages])
+    assert outcome.code == Code.INVALID_ARGUMENT, outcome
+    assert "not a valid .npz file" in outcome.details
+    assert target.files(store) == before
+    assert target.redis_state() == redis_before
 
 
 # ---- wire noise -----------------------------------------------------------------------
