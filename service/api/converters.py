@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from fitserve.v1 import dataset_pb2, model_pb2, tensor_pb2, training_pb2
 from service.domain.datasets.store import DatasetInfo
 from service.domain.jobs import Job, JobEvent
-from service.errors import InvalidRequest, ResourceExhausted
+from service.errors import ECHO_LIMIT, InvalidRequest, ResourceExhausted, shown
 from service.plugins.registry import Plugin, Registry
 
 _NUMPY_BY_WIRE = {
@@ -148,9 +149,55 @@ def timestamp(seconds: float) -> Timestamp | None:
 
 
 def message_to_data(message: Message) -> dict[str, Any]:
-    """A request as plain data for domain validation (unset fields left out)."""
-    data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    """A request as plain data for domain validation (unset fields left out);
+    INVALID_ARGUMENT naming the field for a NaN or infinite number in a Struct value (a
+    layer argument, a parameter), which JSON, and so a Keras config, cannot hold."""
+    try:
+        data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    except json_format.SerializeToJsonError as exc:
+        found = _non_finite(message)
+        if found is None:
+            raise InvalidRequest(f"the request cannot be read: {str(exc)[:200]}") from None
+        path = found[0].replace("model.layers.layers[", "model.layers[", 1)  # as the domain
+        raise InvalidRequest(
+            f"{path if len(path) <= ECHO_LIMIT else shown(path)} is {found[1]}; layer "
+            "arguments and parameters are JSON, which holds finite numbers only (no NaN or "
+            "Infinity)",
+            field=path,
+        ) from None
     return data
+
+
+def _non_finite(message: Message, path: str = "") -> tuple[str, float] | None:
+    """The path and value of the first NaN or infinite number in a Struct value within
+    ``message``."""
+    if isinstance(message, struct_pb2.Value):
+        kind = message.WhichOneof("kind")
+        if kind == "number_value":
+            return None if math.isfinite(message.number_value) else (path, message.number_value)
+        if kind in ("struct_value", "list_value"):
+            return _non_finite(getattr(message, kind), path)
+        return None
+    if isinstance(message, struct_pb2.Struct):
+        items: list[tuple[str, Any]] = [(f"{path}.{k}", v) for k, v in message.fields.items()]
+    elif isinstance(message, struct_pb2.ListValue):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(message.values)]
+    else:
+        items = []
+        for f, value in message.ListFields():
+            name = f"{path}.{f.name}" if path else f.name
+            if f.message_type is None:
+                continue
+            if f.message_type.GetOptions().map_entry:
+                items += [(f"{name}[{k}]", v) for k, v in value.items()]
+            elif f.is_repeated:
+                items += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+            else:
+                items.append((name, value))
+    for where, value in items:
+        if isinstance(value, Message) and (found := _non_finite(value, where)):
+            return found
+    return None
 
 
 def train_request_data(request: training_pb2.TrainRequest) -> dict[str, Any]:

@@ -17,6 +17,7 @@ before an upload is accepted, :func:`read_npz_headers`
 from __future__ import annotations
 
 import math
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ _UNREADABLE = (
     ValueError,
     RuntimeError,  # an encrypted member
     NotImplementedError,  # a compression method zipfile does not know
+    SyntaxError,  # an .npy header that is no Python literal
+    tokenize.TokenError,  # one with an unclosed bracket or string, which numpy tokenizes
 )
 
 

@@ -134,7 +134,12 @@ class DatasetStore:
                 f"header.format {shown(fmt)} is not supported; expected one of {FORMATS}",
                 field="header.format",
             )
-        if size < 0 or size > self.max_bytes:
+        if size < 0:
+            raise InvalidRequest(
+                f"header.size_bytes is {size}; send the file's size in bytes, or 0 if unknown",
+                field="header.size_bytes",
+            )
+        if size > self.max_bytes:
             raise ResourceExhausted(
                 f"dataset of {size} bytes is over the {self.max_bytes} byte limit "
                 "(FITSERVE_MAX_DATASET_BYTES)"

@@ -111,6 +111,18 @@ def test_an_announced_size_past_the_limit_is_refused_before_any_file(tmp_path):
     assert files(store, "incoming") == []
 
 
+def test_a_negative_announced_size_is_invalid_not_over_the_limit(tmp_path):
+    # found by tests/integration/test_fuzz.py: it was RESOURCE_EXHAUSTED, "-1 bytes is over
+    # the limit", with a pushback that tells gRPC not to retry
+    store = DatasetStore(tmp_path, max_bytes=100)
+
+    with pytest.raises(InvalidRequest, match=r"header\.size_bytes is -1") as info:
+        store.begin_upload("neg", "npz", size=-1)
+
+    assert info.value.field == "header.size_bytes"
+    assert files(store, "incoming") == []
+
+
 @pytest.mark.parametrize(
     ("header", "message"),
     [
@@ -373,6 +385,43 @@ def test_members_that_do_not_hold_what_their_header_says_are_refused(tmp_path, m
         upload(store, "liar", buffer.getvalue(), chunk=4096)
     assert message in info.value.message
     assert nothing_stored(store)
+
+
+def npy_with_header(text, version=1):
+    """An .npy member whose header is ``text``, whatever it says, and no data."""
+    body = text.encode("latin1")
+    body += b" " * (-(len(body) + 11) % 64) + b"\n"
+    size = len(body).to_bytes(2 if version == 1 else 4, "little")
+    return b"\x93NUMPY" + bytes([version, 0]) + size + body
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (",  # cut short
+        '"""',
+        "\x1b[31m",
+        "(" * 300,
+        "not python at all",
+    ],
+    ids=["unclosed-bracket", "unclosed-string", "escape", "deep", "text"],
+)
+def test_an_npy_header_that_numpy_cannot_tokenize_is_invalid(store, header, version):
+    # found by tests/integration/test_fuzz.py: numpy's header filter raised
+    # tokenize.TokenError (no ValueError), which answered INTERNAL
+    content = zipped_members([("x.npy", npy_with_header(header, version))])
+    with pytest.raises(InvalidRequest, match=r"not a valid \.npz file"):
+        upload(store, "garbled", content)
+    assert nothing_stored(store)
+
+
+def zipped_members(members):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members:
+            archive.writestr(name, data)
+    return buffer.getvalue()
 
 
 def test_a_stored_uncompressed_npz_passes_the_checks(store):
