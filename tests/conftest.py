@@ -145,7 +145,20 @@ def stop_server(running: RunningServer, thread: threading.Thread) -> None:
         for task in asyncio.all_tasks(running.loop):
             task.print_stack(file=sys.stderr)
     assert not thread.is_alive(), "the server did not stop within 30 s"
-    running.loop.close()
+    # What asyncio.run does at its end (and `fitserve serve` gets): cancel the tasks left
+    # and close the async generators (stream handlers) with the loop still running, so
+    # none is collected later, in another test, against a closed loop.
+    loop = running.loop
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(_settle(pending))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+
+
+async def _settle(tasks: set[asyncio.Task[Any]]) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @contextmanager
