@@ -73,7 +73,17 @@ from tests.integration import fuzz_strategies as fs
 
 EXAMPLES = int(os.environ.get("FITSERVE_FUZZ_EXAMPLES", "300"))
 # A Train or upload example takes about 0.1 s; a long hunt gets the time it needs.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(max(300, EXAMPLES))]
+# The server under test runs in this process, and its background work (the reaper's
+# jitter, load shedding) draws from the global `random` while hypothesis draws examples:
+# hypothesis then warns as if a strategy had used it. None of the strategies does.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(max(300, EXAMPLES)),
+    pytest.mark.filterwarnings(
+        "ignore:Do not use the `random` module inside strategies"
+        ":hypothesis.errors.HypothesisDeprecationWarning"
+    ),
+]
 Code = grpc.StatusCode
 
 RANDOM = os.environ.get("FITSERVE_FUZZ_RANDOM", "") not in ("", "0")
