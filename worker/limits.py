@@ -12,12 +12,14 @@ job resumes from its backup.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import celery
 import redis
 
 from service.config import Settings
+from service.domain import job_records
 from service.domain.job_store import JobStore
 
 log = logging.getLogger(__name__)
@@ -55,4 +57,6 @@ def fail_timed_out(settings: Settings, job_id: str, seconds: float) -> None:
         log.exception("could not mark job %s FAILED after its hard time limit", job_id)
     finally:
         client.close()
+    with contextlib.suppress(OSError):
+        job_records.remove(settings.jobs_dir, job_id)  # finished: nothing to recover
     log.warning("job %s killed at the hard time limit of %g s", job_id, seconds)

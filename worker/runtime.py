@@ -13,7 +13,7 @@ from typing import assert_never
 import redis
 
 from service.config import Settings
-from service.domain import leases
+from service.domain import job_records, leases
 from service.domain.datasets.store import DatasetStore
 from service.domain.job_store import JobStore, StartOutcome
 from service.domain.jobs import Job, JobKind
@@ -133,6 +133,7 @@ class Runtime:
             if job is None:
                 return
             log.info("job started", extra={"attempt": job.attempt, "kind": job.kind.value})
+            _keep_record(ws, job)
             owner = lease_owner()
             lease = self.settings.job_lease_seconds
             control = leases.JobControl()
@@ -143,6 +144,7 @@ class Runtime:
             try:
                 with beat, leases.running(control):
                     self._run_caught(job, ws)
+                _drop_record(ws, job.id)  # finished: nothing left to recover
             except leases.Stopped as exc:
                 traceback.clear_frames(exc.__traceback__)
                 if control.lost:
@@ -174,6 +176,8 @@ class Runtime:
         )
         if outcome is not StartOutcome.STARTED:
             log.info("job not started: %s", _NOT_STARTED[outcome])
+        if outcome in (StartOutcome.CANCELLED, StartOutcome.FAILED, StartOutcome.DONE):
+            _drop_record(ws, job_id)
         return job
 
     def _run_caught(self, job: Job, ws: Workspace) -> None:
@@ -214,6 +218,23 @@ class Runtime:
             ws.jobs.dispatched(job.id, token)
         except Exception:
             log.warning("could not queue the job again; the reaper will", exc_info=True)
+
+
+def _keep_record(ws: Workspace, job: Job) -> None:
+    """The job's record file, rewritten at this attempt (``service.domain.job_records``):
+    what rebuilds it should Redis lose its data. A disk that refuses it does not stop the
+    job (the export would say so)."""
+    try:
+        job_records.write(ws.jobs_dir, job)
+    except OSError as exc:
+        log.warning("could not write the job's record file (%s)", exc)
+
+
+def _drop_record(ws: Workspace, job_id: str) -> None:
+    try:
+        job_records.remove(ws.jobs_dir, job_id)
+    except OSError as exc:
+        log.warning("could not remove the job's record file (%s)", exc)
 
 
 _NOT_STARTED = {

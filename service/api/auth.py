@@ -173,7 +173,9 @@ class TokenTable:
             pipe.exists(ENABLED_KEY)
             raw, enabled = await pipe.execute()
         table = decode_table(cast(dict[str, str], raw))
-        self.enabled = bool(enabled) or bool(table)
+        # Sticky: Redis losing its data (no token, no trace of one) must not open a server
+        # that required tokens; it refuses every token until new ones are created.
+        self.enabled = self.enabled or bool(enabled) or bool(table)
         if table != self._by_digest:
             self._by_digest, self._by_token = table, {}
         self.loaded = True

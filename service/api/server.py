@@ -217,6 +217,8 @@ def _add_api(server: grpc.aio.Server, app: FitserveServer, outcomes: RpcOutcomes
         lease_seconds=s.job_lease_seconds,
         period_seconds=s.job_reaper_period_seconds,
         max_attempts=s.job_max_attempts,
+        jobs_dir=s.jobs_dir,
+        models_dir=s.models_dir,
     )
     app.closers.append(reaper.start())  # requeues the jobs of lost workers (leases)
     plugins = discovery.load(s.plugins)  # the registry the request checks use

@@ -19,7 +19,7 @@ from service.api.auth import audit
 from service.api.paging import enum_filter, next_token, page
 from service.api.status import Context, RpcOutcomes, Servicer, stream_out, unary
 from service.config import JobTimeLimitSettings
-from service.domain import job_artifacts
+from service.domain import job_artifacts, job_records
 from service.domain.config_check import check_model_spec
 from service.domain.datasets import sources
 from service.domain.datasets.store import DatasetStore
@@ -185,6 +185,8 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         if self._access is not None:
             self._access.check_job(await self._jobs.get(job_id))
         cancelled = await self._jobs.cancel(job_id)
+        if cancelled.state.terminal:  # cancelled while queued: nothing left to recover
+            await asyncio.to_thread(job_records.remove, self._jobs_dir, job_id)
         audit("job.cancel", job=job_id, model=cancelled.model_name)
         return converters.job_to_proto(cancelled)
 
@@ -315,16 +317,31 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
             await self._access.admit_job(job)
         stored = await self._jobs.create(job, idempotency_key)
         if stored.id == job.id:
+            await self._keep_record(stored)
             await self._submit(task, stored)
             if self._access is not None:
                 await self._access.job_recorded(stored)
         return stored
+
+    async def _keep_record(self, job: Job) -> None:
+        """The job's record file on the data disk (``service.domain.job_records``): what
+        tells the reaper the job existed should Redis lose its data. A disk that refuses
+        it refuses the job: nothing of it is kept."""
+        try:
+            await asyncio.to_thread(job_records.write, self._jobs_dir, job)
+        except OSError as exc:
+            await self._jobs.delete(job.id)
+            await asyncio.to_thread(job_records.remove, self._jobs_dir, job.id)
+            raise Unavailable(
+                f"could not queue the job: the data disk refused its record ({exc.strerror})"
+            ) from None
 
     async def _submit(self, task: str, job: Job) -> None:
         try:
             await asyncio.to_thread(self._queue.submit, task, job.id, job.queue)
         except Exception as exc:
             await self._jobs.delete(job.id)
+            await asyncio.to_thread(job_records.remove, self._jobs_dir, job.id)
             raise Unavailable(
                 f"could not queue the job: the broker is unavailable ({exc})"
             ) from None

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from service.errors import InvalidRequest, NotFound
 
 INTERNAL_DIRS = frozenset({"backup", "backup-phase2"})
+INTERNAL_FILES = frozenset({"job.json"})  # service.domain.job_records.RECORD_FILE
 MAX_PATH_CHARS = 1024
 
 
@@ -33,7 +34,9 @@ def list_artifacts(job_dir: Path) -> list[Artifact]:
     found = []
     for path in sorted(job_dir.rglob("*")):
         relative = path.relative_to(job_dir)
-        if relative.parts[0] in INTERNAL_DIRS or path.is_symlink() or not path.is_file():
+        if relative.parts[0] in INTERNAL_DIRS or relative.as_posix() in INTERNAL_FILES:
+            continue
+        if path.is_symlink() or not path.is_file():
             continue
         if not path.resolve().is_relative_to(root):
             continue
@@ -56,7 +59,7 @@ def artifact_path(job_dir: Path, path: str) -> Path:
             f"path {path[:200]!r} must be relative to the job's folder, without '..'",
             field="path",
         )
-    if parts[0] in INTERNAL_DIRS:
+    if parts[0] in INTERNAL_DIRS or path in INTERNAL_FILES:
         raise InvalidRequest(
             f"path {path[:200]!r} is the job's own backup, not an artifact", field="path"
         )

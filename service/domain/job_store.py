@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import random
 import time
 import uuid
@@ -46,6 +47,7 @@ from service.domain.jobs import (
 )
 from service.errors import FailedPrecondition, NotFound, Unavailable, plain_text, redacted, shown
 
+log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 2000
 _BUCKETS_LUA = ", ".join(map(str, JOB_BUCKETS))
 
@@ -301,6 +303,74 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'type', 'epoch', 'time'
 return 1
 """
 
+# A job record rebuilt after Redis lost it (``service.domain.job_records``), only when no
+# record exists. KEYS: job hash, events, statistics, history, leases, index. ARGV:
+# retention, state (RUNNING: the worker running it; FAILED: nobody runs it), the log line
+# saying what happened, now, lease seconds (RUNNING), id, created_at, the state event JSON,
+# then the record's field/value pairs. A RUNNING one gets a lease by Redis's clock and is
+# counted running again; a FAILED one is counted finished and expires with the retention.
+# Returns 1 (rebuilt) or 0 (a record exists: nothing done).
+_REBUILD = (
+    _LIB
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local kind = redis.call('HGET', KEYS[1], 'kind')
+redis.call('ZADD', KEYS[6], tonumber(ARGV[7]), ARGV[6])
+log_event(ARGV[4], 'WARNING', ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', '10000', '*', 'type', 'state', 'time', ARGV[4],
+           'data', ARGV[8])
+if ARGV[2] == 'RUNNING' then
+  local until_ = clock() + tonumber(ARGV[5])
+  redis.call('HSET', KEYS[1], 'lease_until', tostring(until_))
+  redis.call('ZADD', KEYS[5], until_, ARGV[6])
+  redis.call('HINCRBY', KEYS[3], 'running:' .. kind, 1)
+else
+  redis.call('HINCRBY', KEYS[3], 'finished:' .. kind .. ':' .. ARGV[2], 1)
+  if ARGV[1] ~= '' then
+    for _, key in ipairs({KEYS[1], KEYS[2], KEYS[4]}) do redis.call('EXPIRE', key, ARGV[1]) end
+  end
+end
+return 1
+"""
+)
+
+RECORD_LOST = "RECORD_LOST"
+"""The reason of a job FAILED because Redis lost its record while nobody ran it."""
+
+
+def lost_record_message(job: Job) -> str:
+    """The error of a job recreated FAILED with reason RECORD_LOST."""
+    ran = "it had not started" if job.attempt == 0 else f"attempt {job.attempt} was not running"
+    return (
+        "Redis lost this job's record (its data was flushed, or it restarted without its "
+        f"AOF or RDB) while {ran} on any worker; the job was recreated from its folder on "
+        "the data disk as FAILED and will not run: submit it again"
+    )
+
+
+def _rebuild_args(retention: int | None, job: Job, message: str, lease_seconds: float) -> list[str]:
+    event: dict[str, Any] = {"state": job.state.value, "attempt": job.attempt, "rebuilt": True}
+    if job.error_reason:
+        event["error"] = {"reason": job.error_reason, "message": job.error_message}
+    pairs = [x for kv in _encode(job).items() for x in kv]
+    return [
+        _retention_arg(retention),
+        job.state.value,
+        message,
+        repr(time.time()),
+        repr(lease_seconds),
+        job.id,
+        repr(job.created_at),
+        json.dumps(event),
+        *pairs,
+    ]
+
+
+def _rebuild_keys(job_id: str) -> list[str]:
+    return [*_transition_keys(job_id), INDEX]
+
+
 # KEYS: the index. ARGV: created-before time, a random fraction, how many to check, job key
 # prefix. Checks up to that many ids created before the time (only those can have expired:
 # a record is kept the retention after its job finished) and drops those whose record is
@@ -454,6 +524,7 @@ class AsyncJobStore:
         self._sweep = client.register_script(_SWEEP)
         self._reap = client.register_script(_REAP)
         self._dispatched = client.register_script(_DISPATCHED)
+        self._rebuild = client.register_script(_REBUILD)
         self.notifier = StreamNotifier(client)
 
     async def create(self, job: Job, idempotency_key: str = "") -> Job:
@@ -607,6 +678,28 @@ class AsyncJobStore:
         """The Celery message of a requeued job is sent: its dispatch lease is done."""
         return bool(await self._dispatched(keys=[job_key(job_id), LEASES], args=[token]))
 
+    async def states(self, job_ids: list[str]) -> dict[str, JobState | None]:
+        """Each job's state, None for those with no record."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(job_key(job_id), "state")
+            values = await pipe.execute()
+        return {
+            job_id: None if value is None else JobState(str(value))
+            for job_id, value in zip(job_ids, values, strict=True)
+        }
+
+    async def mark_lost(self, job: Job) -> bool:
+        """Recreate the record of a job Redis lost, which nobody runs, as FAILED with
+        reason RECORD_LOST (``job`` as its record file holds it); False when a record
+        exists again (its worker rebuilt it, or another reaper did this first)."""
+        message = lost_record_message(job)
+        job.state, job.finished_at = JobState.FAILED, time.time()
+        job.error_reason, job.error_message = RECORD_LOST, message
+        job.lease_until, job.lease_owner = 0.0, ""
+        args = _rebuild_args(self._retention, job, message, 0.0)
+        return bool(await self._rebuild(keys=_rebuild_keys(job.id), args=args))
+
     async def redis_uptime(self) -> float:
         """Seconds since Redis started (a very large number when INFO is refused)."""
         try:
@@ -679,6 +772,9 @@ class JobStore:
         self._hidden = dict(hidden or {})
         self._retry_seconds = retry_seconds
         self._attempts: dict[str, int] = {}  # job id -> the attempt this store started
+        # job id -> the job this store started, its lease owner and seconds: what rebuilds
+        # its record should Redis lose it (``_ensure_record``)
+        self._running: dict[str, tuple[Job, str, float]] = {}
         self._transition = client.register_script(_TRANSITION)
         self._start = client.register_script(_START)
         self._heartbeat = client.register_script(_HEARTBEAT)
@@ -686,6 +782,7 @@ class JobStore:
         self._dispatched = client.register_script(_DISPATCHED)
         self._release = client.register_script(_RELEASE)
         self._record = client.register_script(_RECORD_EPOCH)
+        self._rebuild = client.register_script(_REBUILD)
 
     def get(self, job_id: str) -> Job:
         """One job, with its history."""
@@ -737,11 +834,35 @@ class JobStore:
         if outcome is not StartOutcome.STARTED:
             return outcome, None
         self._attempts[job_id] = attempt
-        return outcome, self._retrying(lambda: self.get(job_id))
+        job = self._retrying(lambda: self.get(job_id))
+        self._running[job_id] = (job, owner, lease_seconds)
+        return outcome, job
 
     def forget(self, job_id: str) -> None:
         """This worker is done with the job (its fence is dropped)."""
         self._attempts.pop(job_id, None)
+        self._running.pop(job_id, None)
+
+    def _ensure_record(self, job_id: str) -> bool:
+        """Rebuild the record of the job this store started when Redis has lost it (a
+        FLUSHALL, a Redis restarted without its data): RUNNING at this store's attempt and
+        lease, from the job as it started, with a log event saying so. True when it
+        rebuilt it; False when a record exists, or this store did not start the job."""
+        if job_id not in self._running:
+            return False
+        started, owner, lease_seconds = self._running[job_id]
+        job = Job(**{**started.__dict__, "history": []})
+        job.state, job.lease_owner = JobState.RUNNING, owner
+        job.metrics, job.model_version, job.error_reason, job.error_message = {}, 0, "", ""
+        message = (
+            f"the job's record was lost (Redis lost its data); the worker running attempt "
+            f"{job.attempt} rebuilt it and goes on: epochs before now are not in its history"
+        )
+        args = _rebuild_args(self._retention, job, message, lease_seconds)
+        rebuilt = bool(self._rebuild(keys=_rebuild_keys(job_id), args=args))
+        if rebuilt:
+            log.warning("job %s: its record was gone from Redis; rebuilt it (RUNNING)", job_id)
+        return rebuilt
 
     def lease_owner(self, job_id: str) -> str:
         """Who holds the job's lease ("": nobody)."""
@@ -755,6 +876,8 @@ class JobStore:
         lease left to renew), or None when the lease is not this attempt's any more."""
         args = [str(attempt), owner, repr(lease_seconds)]
         result = str(self._heartbeat(keys=[job_key(job_id), LEASES], args=args))
+        if result == "!gone" and self._ensure_record(job_id):
+            result = str(self._heartbeat(keys=[job_key(job_id), LEASES], args=args))
         return None if result.startswith("!") else JobState(result)
 
     def hand_back(
@@ -799,6 +922,8 @@ class JobStore:
     def state(self, job_id: str) -> JobState:
         """The current state (the worker polls it for cancellation)."""
         value = self._r.hget(job_key(job_id), "state")
+        if value is None and self._ensure_record(job_id):
+            value = self._r.hget(job_key(job_id), "state")
         if value is None:
             raise NotFound(f"job {shown(job_id)} not found")
         return JobState(str(value))
@@ -827,7 +952,10 @@ class JobStore:
             json.dumps({"epoch": epoch, "epochs": epochs, "logs": logs}),
         ]
         keys = [job_key(job_id), history_key(job_id), events_key(job_id)]
-        return int(self._record(keys=keys, args=args)) >= 0
+        result = int(self._record(keys=keys, args=args))
+        if result < 0 and not self._r.exists(job_key(job_id)) and self._ensure_record(job_id):
+            result = int(self._record(keys=keys, args=args))
+        return result >= 0
 
     def history_length(self, job_id: str) -> int:
         """Epochs in the job's history."""
@@ -886,7 +1014,12 @@ class JobStore:
             )
 
         try:
-            result = self._retrying(call)
+            try:
+                result = self._retrying(call)
+            except redis.ResponseError as exc:
+                if "NOTFOUND" not in str(exc) or not self._ensure_record(job_id):
+                    raise
+                result = self._retrying(call)  # finishing the job whose record it rebuilt
         except redis.ResponseError as exc:
             if "NOTFOUND" in str(exc):
                 raise NotFound(f"job {shown(job_id)} not found") from None

@@ -10,6 +10,17 @@ confirmed sent: a reaper that dies in between leaves it to the next pass, which 
 again (a duplicate message is harmless: the worker that gets it finds the job started or
 finished and drops it).
 
+It also looks after what Redis losing its data (a FLUSHALL, a restart without its AOF or
+RDB) leaves on the data disk (``service.domain.job_records``), at most once a lease: a job
+folder whose job has had no record for ``orphan_grace_seconds`` (default: two leases and
+two periods, time enough for a live worker to rebuild the record of the job it runs) is
+recreated FAILED with reason RECORD_LOST when it holds the job's ``job.json`` (the job was
+queued, or its worker is gone too), its backups removed and its artifacts kept until that
+record expires; a folder with no ``job.json`` (a finished job whose record is gone, lost
+or expired) is removed. A model's staging folder (``models/<name>/.staging/<job>``) whose
+job has no record or is finished is removed after the same grace. The ``job.json`` of a
+finished job is removed (whoever finished it should have).
+
 Right after Redis restarts, every lease may look run out (Redis was down while the
 workers could not renew them), so no pass runs until Redis has been up for a whole lease:
 by then every live worker has renewed its lease.
@@ -21,12 +32,18 @@ import asyncio
 import contextlib
 import logging
 import random
+import shutil
+import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 
+from service.domain import job_records
 from service.domain.job_store import AsyncJobStore, Reaped
+from service.domain.jobs import JobState
 
 log = logging.getLogger(__name__)
 BATCH = 100  # jobs one pass looks at, at most
@@ -46,10 +63,21 @@ class Reaper:
         lease_seconds: float,
         period_seconds: float,
         max_attempts: int,
+        jobs_dir: Path | None = None,
+        models_dir: Path | None = None,
+        orphan_grace_seconds: float | None = None,
     ) -> None:
         self._jobs, self._send = jobs, send
         self._lease, self._period, self._max_attempts = lease_seconds, period_seconds, max_attempts
         self._failing = False
+        self._jobs_dir, self._models_dir = jobs_dir, models_dir
+        self._grace = (
+            2 * (lease_seconds + period_seconds)
+            if orphan_grace_seconds is None
+            else orphan_grace_seconds
+        )
+        self._orphans: dict[Path, float] = {}  # folder -> when it was first seen orphaned
+        self._last_sweep = float("-inf")
 
     def start(self) -> Callable[[], Awaitable[None]]:
         """Run passes on the running event loop until the returned closer is awaited."""
@@ -89,6 +117,8 @@ class Reaper:
             if reaped.outcome == "requeue":
                 await asyncio.to_thread(self._send, reaped.kind, job_id, reaped.queue)
                 await self._jobs.dispatched(job_id, token)
+            if reaped.outcome in ("failed", "cancelled") and self._jobs_dir is not None:
+                await asyncio.to_thread(job_records.remove, self._jobs_dir, job_id)
             if reaped.outcome in ("requeue", "failed", "cancelled"):
                 log.warning(
                     "job %s: its lease ran out; %s",
@@ -100,4 +130,85 @@ class Reaper:
                     }[reaped.outcome],
                 )
             done.append(reaped)
+        if time.monotonic() - self._last_sweep >= self._lease:
+            self._last_sweep = time.monotonic()
+            await self.sweep_orphans()
         return done
+
+    async def sweep_orphans(self) -> list[Orphan]:
+        """One look at the job and staging folders (see the module docstring): what it did
+        with each folder whose grace had passed."""
+        folders = await asyncio.to_thread(_job_folders, self._jobs_dir, self._models_dir)
+        states: dict[str, JobState | None] = {}
+        ids = sorted({job_id for _, job_id, _ in folders})
+        for start in range(0, len(ids), 500):
+            states |= await self._jobs.states(ids[start : start + 500])
+        now, seen, done = time.monotonic(), set(), []
+        for folder, job_id, staging in folders:
+            state = states.get(job_id)
+            if state is not None and not (staging and state.terminal):
+                if state.terminal and (folder / job_records.RECORD_FILE).exists():
+                    await asyncio.to_thread(job_records.remove, folder.parent, job_id)
+                continue
+            seen.add(folder)
+            if now - self._orphans.setdefault(folder, now) < self._grace:
+                continue
+            done.append(await self._orphan(folder, job_id, staging))
+            self._orphans.pop(folder, None)
+        self._orphans = {f: t for f, t in self._orphans.items() if f in seen}
+        return done
+
+    async def _orphan(self, folder: Path, job_id: str, staging: bool) -> Orphan:
+        job = None if staging else job_records.read(folder.parent, job_id)
+        if job is None:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+            log.warning("removed %s: no job record for it (Redis lost or expired it)", folder)
+            return Orphan(folder, job_id, "removed")
+        marked = await self._jobs.mark_lost(job)
+        await asyncio.to_thread(_drop_backups, folder)
+        if marked:
+            log.warning("job %s: Redis had lost its record; recreated FAILED (RECORD_LOST)", job_id)
+        return Orphan(folder, job_id, "record_lost" if marked else "rebuilt")
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """What the reaper did with a folder left without a job record."""
+
+    folder: Path
+    job_id: str
+    outcome: str  # removed, record_lost, rebuilt (a record existed again: nothing done)
+
+
+def _job_folders(jobs_dir: Path | None, models_dir: Path | None) -> list[tuple[Path, str, bool]]:
+    """(folder, job id, is a staging folder) of every job folder and model staging folder."""
+    found: list[tuple[Path, str, bool]] = []
+    if jobs_dir is not None and jobs_dir.is_dir():
+        found += [(p, p.name, False) for p in jobs_dir.iterdir() if _job_id(p)]
+    if models_dir is not None and models_dir.is_dir():
+        for model in models_dir.iterdir():
+            staging = model / ".staging"
+            if staging.is_dir():
+                found += [(p, p.name, True) for p in staging.iterdir() if _job_id(p)]
+    return found
+
+
+def _job_id(folder: Path) -> bool:
+    """Whether a folder is named as a job is (32 hex digits) and is a real folder."""
+    name = folder.name
+    return (
+        len(name) == 32
+        and all(c in "0123456789abcdef" for c in name)
+        and folder.is_dir()
+        and not folder.is_symlink()
+    )
+
+
+def _drop_backups(folder: Path) -> None:
+    """A job that will not run again: its record file and backups go, its artifacts stay
+    (until its record expires and the folder is removed)."""
+    (folder / job_records.RECORD_FILE).unlink(missing_ok=True)
+    for backup in folder.glob("backup*"):
+        shutil.rmtree(backup, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when nothing else is in it

@@ -140,9 +140,24 @@ class TokenStore:
     def bootstrap_admin(self, path: Path, name: str = "fitserve-up-admin") -> bool:
         """The first admin token of a new stack, written to ``path`` (owner-only) for the
         operator to read; only when no token has ever existed here. Returns whether
-        ``path`` holds a token that is valid now (made now, or by an earlier start)."""
+        ``path`` holds a token that is valid now (made now, or by an earlier start).
+
+        When Redis has lost its data (no token and no trace of one ever: a FLUSHALL, a
+        Redis restarted without its AOF or RDB), the token ``path`` holds is registered
+        again as that admin: the operator keeps the access they had, and no other token
+        comes back (those must be created again)."""
         if path.exists():
-            return digest(path.read_text().strip()) in self._raw()
+            token = path.read_text().strip()
+            if digest(token) in self._raw():
+                return True
+            if token.startswith(PREFIX) and not self._r.exists(ENABLED_KEY) and not self._raw():
+                record = TokenRecord(name, Role.ADMIN, time.time())
+                with self._r.pipeline(transaction=True) as pipe:
+                    pipe.hset(TOKENS_KEY, digest(token), record.encode())
+                    pipe.set(ENABLED_KEY, "1")
+                    pipe.execute()
+                return True
+            return False
         if self._r.exists(ENABLED_KEY) or self._raw():
             return False  # tokens are managed already: never mint one behind the operator
         token, _ = self.create(name, Role.ADMIN)
