@@ -86,7 +86,8 @@ def test_flushall_running_job_recovers_queued_job_fails_record_lost_orphans_remo
         _until(lambda: _recorded(c, running.id) >= 3, 180, "epoch 3 of the running job")
         assert job_records.read(c.settings.jobs_dir, queued.id) is not None  # written at submit
         on_disk = job_records.read(c.settings.jobs_dir, running.id)
-        assert on_disk is not None and on_disk.attempt == 1  # rewritten by the worker
+        assert on_disk is not None
+        assert on_disk.attempt == 1  # rewritten by the worker
         # Leftovers the reaper must remove: a staging folder and a job folder of no job.
         stale_staging = c.settings.models_dir / "served" / ".staging" / uuid.uuid4().hex
         stale_staging.mkdir(parents=True)
@@ -136,7 +137,8 @@ def test_flushall_running_job_recovers_queued_job_fails_record_lost_orphans_remo
         # Still serving: the old model, and a new job end to end.
         np.testing.assert_allclose(client.predict("served", x), before, rtol=1e-5)
         fresh = _small(client, "after-flush").wait(timeout=180)
-        assert fresh.state == SUCCEEDED and fresh.model_version == 1
+        assert fresh.state == SUCCEEDED
+        assert fresh.model_version == 1
         with pytest.raises(fitserve.NotFoundError):
             client.job_record(uuid.uuid4().hex)
         print(f"\nMEASURED FLUSHALL: running job's record rebuilt after {rebuilt:.1f} s")
