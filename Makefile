@@ -8,7 +8,7 @@ GEN_DIR := clients/python
 PROTOS := $(wildcard proto/fitserve/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: help install run test lint fmt typecheck imports proto check-generated keras-signatures unit integration bench bench-quick clean
+.PHONY: help install run test lint fmt typecheck imports proto check-generated keras-signatures unit integration bench bench-quick soak clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -72,6 +72,9 @@ bench: $(STAMP)  ## Every benchmark of bench/README.md against its references; r
 
 bench-quick: $(STAMP)  ## The reduced benchmark, under 3 minutes
 	$(PY) -m bench run --quick
+
+soak: $(STAMP)  ## A bounded soak under random faults (SOAK_SECONDS, default 180); report in bench/results/soak.md
+	$(PY) -m bench.soak $(if $(SOAK_SECONDS),--seconds $(SOAK_SECONDS))
 
 clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
