@@ -255,6 +255,7 @@ class Soak:
         self.warm = threading.Event()
         self.threads: list[threading.Thread] = []
         self.submit_errors: list[tuple[float, str]] = []
+        self.jobs_client = self.client()
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -291,26 +292,26 @@ class Soak:
 
     def _trainer(self) -> None:
         n = 0
-        with self.client() as client:
-            while not self.stop_load.is_set():
-                active = [t for t in self.threads if t.name.startswith("watch-") and t.is_alive()]
-                if len(active) >= 2:
-                    time.sleep(0.5)
-                    continue
-                n += 1
-                name = f"soak-{n}"
-                try:
-                    job = self._train(client, name)
-                except fitserve.FitserveError as exc:
-                    self.submit_errors.append((self.now(), exc.code.name))
-                    time.sleep(1)
-                    continue
-                watched = self.jobs[job.id] = Watched(job.id, name)
-                thread = threading.Thread(
-                    target=self._watch, args=(job, watched), daemon=True, name=f"watch-{n}"
-                )
-                thread.start()
-                self.threads.append(thread)
+        client = self.jobs_client  # open until the checks are done: the watchers use it
+        while not self.stop_load.is_set():
+            active = [t for t in self.threads if t.name.startswith("watch-") and t.is_alive()]
+            if len(active) >= 2:
+                time.sleep(0.5)
+                continue
+            n += 1
+            name = f"soak-{n}"
+            try:
+                job = self._train(client, name)
+            except fitserve.FitserveError as exc:
+                self.submit_errors.append((self.now(), exc.code.name))
+                time.sleep(1)
+                continue
+            watched = self.jobs[job.id] = Watched(job.id, name)
+            thread = threading.Thread(
+                target=self._watch, args=(job, watched), daemon=True, name=f"watch-{n}"
+            )
+            thread.start()
+            self.threads.append(thread)
 
     def _watch(self, job: fitserve.Job, watched: Watched) -> None:
         try:
@@ -318,6 +319,8 @@ class Soak:
                 watched.event_ids.append(event.event_id)
         except fitserve.FitserveError as exc:
             watched.error = f"{exc.code.name}: {exc.details[:200]}"
+        except Exception as exc:  # a bug of the soak's own is a failed check too
+            watched.error = f"{type(exc).__name__}: {exc}"
 
     def _predictor(self) -> None:
         x = np.random.default_rng(1).random((4, 4), dtype=np.float32)
@@ -486,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{soak.now():6.1f} s] faults stopped; waiting for the jobs", flush=True)
             soak.drain()
             checks, facts = soak.checks()
+            soak.jobs_client.close()
         finally:
             parts.stop()
     took = time.monotonic() - started
