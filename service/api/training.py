@@ -37,7 +37,7 @@ from service.domain.job_specs import (
 from service.domain.job_store import AsyncJobStore
 from service.domain.jobs import Job, JobKind, JobState
 from service.domain.model_store import ModelStore
-from service.errors import InvalidRequest, Unavailable, shown
+from service.errors import DiskFull, InvalidRequest, Unavailable, shown, storage_full
 from service.metrics import Metrics
 from service.plugins.registry import Kind, Registry
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN, TaskQueue
@@ -332,9 +332,15 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         except OSError as exc:
             await self._jobs.delete(job.id)
             await asyncio.to_thread(job_records.remove, self._jobs_dir, job.id)
-            raise Unavailable(
-                f"could not queue the job: the data disk refused its record ({exc.strerror})"
-            ) from None
+            message = (
+                f"could not queue the job: the server's disk refused its record under "
+                f"<data folder>/jobs ({exc.strerror}); nothing of it was kept"
+            )
+            if storage_full(exc) is not None:
+                raise DiskFull(
+                    message + "; free space in the data folder, then submit again"
+                ) from None
+            raise Unavailable(message) from None
 
     async def _submit(self, task: str, job: Job) -> None:
         try:

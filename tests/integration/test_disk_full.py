@@ -199,6 +199,17 @@ def test_a_disk_full_during_export_fails_disk_full_leaves_nothing_and_recovers(
         assert str(data) not in message
         assert list((data / "datasets" / "incoming").iterdir()) == []  # no partial file
         assert sorted((data / "datasets" / "blobs").iterdir()) == blobs
+        folders = sorted((data / "jobs").iterdir())
+        jobs = [j.id for j in client.list_jobs()]
+        with pytest.raises(fitserve.ResourceExhaustedError) as no_job:  # its job.json refused
+            _train(client, ds)
+        assert no_job.value.details.startswith(
+            "could not queue the job: the server's disk refused its record under <data folder>/jobs"
+        ), no_job.value.details
+        assert "nothing of it was kept" in no_job.value.details
+        assert str(data) not in no_job.value.details
+        assert sorted((data / "jobs").iterdir()) == folders  # no folder, no record file
+        assert [j.id for j in client.list_jobs()] == jobs  # no record in Redis
 
         filling.free()  # space freed: the service works again
         again = _train(client, ds).wait(timeout=180)
