@@ -20,8 +20,10 @@ Then, with faults stopped, it waits for every job to finish and checks:
   one on disk); any other job published none;
 - each watcher saw exactly the job's final event stream: the same event ids, in order, no
   gap and no duplicate;
-- Predict failed only with UNAVAILABLE, and only during a fault (from its start until
-  ``RECOVERY`` seconds after the part was back);
+- Predict failed only with UNAVAILABLE (or RESOURCE_EXHAUSTED: shed by a server warming
+  up after its restart), and only during a fault (from its start until ``RECOVERY``
+  seconds after the part was back); the SDK is used without retries (one attempt), so
+  every refusal counts;
 - memory stayed flat: the peak RSS of every server process (and every worker, its Celery
   main process plus pool children) stays within ``RSS_BOUND`` x the first process's RSS
   once warmed up (its first sample after the first job finished).
@@ -112,17 +114,27 @@ def stream_check(seen: list[str], final: list[str]) -> str:
     return ""
 
 
+ALLOWED_DURING_FAULTS = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+"""UNAVAILABLE: the server is down or cannot reach Redis. RESOURCE_EXHAUSTED: Predict shed
+(with a retry hint) by a server still warming up after its restart: its load shedding, as
+documented in service/api/gate.py. Nothing else is acceptable, and neither outside a fault."""
+
+
+def fault_of(when: float, faults: list[Fault], slack: float) -> Fault | None:
+    """The fault whose window (its start until ``slack`` after it ended) holds ``when``."""
+    return next((f for f in faults if f.start <= when <= (f.end or f.start) + slack), None)
+
+
 def outside_faults(
     errors: list[tuple[float, str]], faults: list[Fault], slack: float
 ) -> list[tuple[float, str]]:
-    """The Predict errors that are not UNAVAILABLE, or that came outside every fault's
-    window (its start until ``slack`` after it ended)."""
-    bad = []
-    for when, code in errors:
-        during = any(f.start <= when <= (f.end or f.start) + slack for f in faults)
-        if code != "UNAVAILABLE" or not during:
-            bad.append((round(when, 1), code))
-    return bad
+    """The Predict errors with another code than ``ALLOWED_DURING_FAULTS``, or that came
+    outside every fault's window."""
+    return [
+        (round(when, 1), code)
+        for when, code in errors
+        if code not in ALLOWED_DURING_FAULTS or fault_of(when, faults, slack) is None
+    ]
 
 
 def rss_check(samples: dict[int, list[int]], bound: float) -> tuple[bool, int, int]:
@@ -251,6 +263,7 @@ class Soak:
         self.faults: list[Fault] = []
         self.predicts = 0
         self.predict_errors: list[tuple[float, str]] = []
+        self.predict_messages: dict[str, str] = {}  # code -> its first message
         self.rss: dict[str, dict[int, list[int]]] = {"server": {}, "worker": {}}
         self.warm = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -330,6 +343,7 @@ class Soak:
                     client.predict("soak-served", x)
                 except fitserve.FitserveError as exc:
                     self.predict_errors.append((self.now(), exc.code.name))
+                    self.predict_messages.setdefault(exc.code.name, exc.details[:300])
                     time.sleep(0.2)
                 self.predicts += 1
                 time.sleep(0.05)
@@ -422,12 +436,18 @@ class Soak:
         codes: dict[str, int] = {}
         for _, code in self.predict_errors:
             codes[code] = codes.get(code, 0) + 1
+        shed: dict[str, int] = {}  # RESOURCE_EXHAUSTED by the fault whose window held it
+        for when, code in self.predict_errors:
+            fault = fault_of(when, self.faults, RECOVERY)
+            if code == "RESOURCE_EXHAUSTED" and fault is not None:
+                shed[fault.kind] = shed.get(fault.kind, 0) + 1
         checks.append(
             Check(
-                "Predict errors only UNAVAILABLE during faults",
+                "Predict errors only UNAVAILABLE (or shed) during faults",
                 not bad and self.predicts > 0,
                 f"{self.predicts} calls, {len(self.predict_errors)} failed {codes}; "
-                f"outside a fault or not UNAVAILABLE: {bad[:5]}",
+                f"RESOURCE_EXHAUSTED within the window of {shed}; "
+                f"outside a fault or another code: {bad[:5]}",
             )
         )
         memory = {}
@@ -448,6 +468,8 @@ class Soak:
             "faults": [asdict(f) for f in self.faults],
             "predicts": self.predicts,
             "predict_errors": codes,
+            "predict_shed_by_fault": shed,
+            "predict_first_messages": self.predict_messages,
             "submit_errors": len(self.submit_errors),
             "memory": memory,
         }

@@ -141,5 +141,12 @@ def test_flushall_running_job_recovers_queued_job_fails_record_lost_orphans_remo
         assert fresh.model_version == 1
         with pytest.raises(fitserve.NotFoundError):
             client.job_record(uuid.uuid4().hex)
+
+        # No orphan left: every job folder and staging folder belongs to a job on record.
+        def orphans() -> list[str]:
+            folders = [*c.settings.jobs_dir.iterdir(), *c.settings.models_dir.glob("*/.staging/*")]
+            return [p.name for p in folders if _record(client, p.name) is None]
+
+        _until(lambda: not orphans(), 30, "no orphan folder")
         print(f"\nMEASURED FLUSHALL: running job's record rebuilt after {rebuilt:.1f} s")
         print(f"MEASURED FLUSHALL: queued job FAILED RECORD_LOST after {marked:.1f} s")

@@ -20,6 +20,10 @@ def test_predict_errors_pass_only_when_unavailable_within_a_fault_window() -> No
     assert outside_faults([(35.0, "UNAVAILABLE")], faults, 20.0) == [(35.0, "UNAVAILABLE")]
     assert outside_faults([(9.0, "UNAVAILABLE")], faults, 20.0) == [(9.0, "UNAVAILABLE")]
     assert outside_faults([(11.0, "INTERNAL")], faults, 20.0) == [(11.0, "INTERNAL")]
+    assert outside_faults([(12.0, "RESOURCE_EXHAUSTED")], faults, 20.0) == []  # shed, warming
+    assert outside_faults([(50.0, "RESOURCE_EXHAUSTED")], faults, 20.0) == [
+        (50.0, "RESOURCE_EXHAUSTED")
+    ]
     assert outside_faults([(1.0, "UNAVAILABLE")], [], 20.0) == [(1.0, "UNAVAILABLE")]
 
 
