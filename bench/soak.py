@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import psutil
 
@@ -369,7 +371,7 @@ class Soak:
                 getattr(self.parts, kind)()
             fault.end = self.now()
 
-    def drain(self, timeout: float = 600) -> None:
+    def drain(self, timeout: float = 300) -> None:
         """Wait for every watcher to see its job end."""
         deadline = time.monotonic() + timeout
         for thread in self.threads:
@@ -393,12 +395,15 @@ class Soak:
                 if record.error.reason:
                     reasons[record.error.reason] = reasons.get(record.error.reason, 0) + 1
                 if record.state not in TERMINAL:
-                    not_terminal.append(f"{job_id}: {state}")
+                    not_terminal.append(f"{job_id}: {state} attempt {record.attempt}")
                 on_disk = _versions(self.parts.data_dir / "models" / watched.model)
                 want = ["1"] if record.state == training_pb2.JOB_STATE_SUCCEEDED else []
                 if on_disk != want or (want and record.model_version != 1):
                     versions_bad.append(f"{watched.model}: {on_disk} ({state})")
-                final = [e.event_id for e in client.watch_job(job_id, timeout=30)]
+                try:
+                    final = [e.event_id for e in client.watch_job(job_id, timeout=30)]
+                except grpc.RpcError as exc:  # a job that never ended: its stream neither
+                    final = [f"(stream did not end: {exc.code().name})"]
                 problem = watched.error or stream_check(watched.event_ids, final)
                 if problem:
                     streams_bad.append(f"{job_id}: {problem}")
@@ -503,17 +508,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=procs.ROOT / "bench" / "results")
     a = p.parse_args(argv)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="fitserve-soak-") as tmp:
-        parts = Parts(Path(tmp))
-        try:
-            soak = Soak(parts, a.seconds, a.seed)
-            soak.run()
-            print(f"[{soak.now():6.1f} s] faults stopped; waiting for the jobs", flush=True)
-            soak.drain()
-            checks, facts = soak.checks()
-            soak.jobs_client.close()
-        finally:
-            parts.stop()
+    work = Path(tempfile.mkdtemp(prefix="fitserve-soak-"))
+    parts = Parts(work)
+    try:
+        soak = Soak(parts, a.seconds, a.seed)
+        soak.run()
+        print(f"[{soak.now():6.1f} s] faults stopped; waiting for the jobs", flush=True)
+        soak.drain()
+        checks, facts = soak.checks()
+        soak.jobs_client.close()
+    finally:
+        parts.stop()
     took = time.monotonic() - started
     text = markdown(checks, facts, a.seconds, took)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -522,7 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     result |= {"checks": [asdict(c) for c in checks], **facts}
     (a.out / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
     print(text)
-    return 0 if all(c.ok for c in checks) else 1
+    passed = all(c.ok for c in checks)
+    if passed:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"the stack's logs and data are kept in {work}")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
