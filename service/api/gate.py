@@ -17,12 +17,13 @@ then takes its request messages as raw bytes, and the gate parses them:
   when its call ends however it ends: by the handler's ``finally`` or gRPC's done callback,
   whichever comes first (an async generator the client cancelled while it waited to send is
   never resumed, so its ``finally`` alone might run only when it is garbage collected).
-* **Load shedding.** While the wait in gRPC's own queue (estimated by
+* **Load shedding.** While the oldest call waiting in gRPC's own queue has waited longer
+  than ``FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS`` (measured by
   ``service.api.backlog.Backlog``, which the gate feeds with the calls inside handlers,
-  counted the same way as stream slots) is over ``FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS``, a
-  share of Predict calls (fitserve's and TF Serving's; ``shed_share``) is refused with
-  RESOURCE_EXHAUSTED and a RetryInfo, before the request is parsed. Control-plane calls
-  (health, jobs, uploads) are never shed.
+  counted the same way as stream slots), a share of Predict calls (fitserve's and TF
+  Serving's; ``shed_share``) is refused with RESOURCE_EXHAUSTED and a RetryInfo, before the
+  request is parsed. While that measured wait is under the bound, nothing is shed.
+  Control-plane calls (health, jobs, uploads) are never shed.
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ class CallGate(grpc.aio.ServerInterceptor):
         *,
         max_streams: int | None = None,
         max_job_watchers: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._limit, self._outcomes = limit, outcomes
+        self._limit, self._outcomes, self._clock = limit, outcomes, clock
         self.backlog, self.max_wait = backlog, max_wait
         self.streams = StreamBound(max_streams or 2**62, "streaming calls", "FITSERVE_MAX_STREAMS")
         self.watchers = StreamBound(
@@ -134,12 +136,13 @@ class CallGate(grpc.aio.ServerInterceptor):
         """The refusal of a sheddable call now, or None to admit it."""
         if self.backlog is None or self.max_wait is None:
             return None
-        wait = self.backlog.wait_seconds
+        wait = self.backlog.wait_at(self._clock())  # measured: never shed under the bound
         if wait <= self.max_wait or random.random() >= shed_share(wait, self.max_wait):
             return None
         return Overloaded(
             f"server overloaded: calls now wait about {wait * 1000:.0f} ms in gRPC's queue "
-            f"({self.backlog.waiting} calls) before a handler, over this server's "
+            f"before a handler (the oldest of {self.backlog.waiting} waiting calls has waited "
+            "that long), over this server's "
             f"{self.max_wait * 1000:.0f} ms (FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS); retry "
             "with backoff, or add replicas",
             min(wait, MAX_RETRY_HINT),
