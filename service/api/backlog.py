@@ -195,6 +195,11 @@ class Backlog:
         started, succeeded, failed = self._read()
         return started - succeeded - failed
 
+    @property
+    def rebasing(self) -> bool:
+        """Whether the connections' counts can be read (``measure_lost``)."""
+        return self._read_open is not None
+
     def stop_rebasing(self) -> None:
         """Never re-base again (the connections' counts cannot be read)."""
         self._read_open = None

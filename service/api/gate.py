@@ -28,6 +28,7 @@ then takes its request messages as raw bytes, and the gate parses them:
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import random
@@ -55,6 +56,22 @@ SHED_METHODS = frozenset(
     }
 )
 WATCH_METHOD = "/fitserve.v1.TrainingService/WatchJob"
+# Streams that last as long as their client wants: at shutdown they end at once (UNAVAILABLE)
+# rather than hold the grace that in-flight calls get. Downloads and uploads end by
+# themselves, so they are left to finish within the grace like unary calls.
+ENDLESS_STREAMS = frozenset(
+    {
+        WATCH_METHOD,
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
+SHUTTING_DOWN = (
+    "this server is shutting down; retry on another replica (the load balancer or a "
+    "restarted server): a WatchJob resumes with after_event_id set to the last event id "
+    "received, and misses nothing"
+)
 MAX_RETRY_HINT = 5.0  # seconds; the longest retry hint a refusal sends, as the batcher's
 STREAM_RETRY_HINT = 1.0  # seconds; the retry hint of a refusal past a stream bound
 REFUSAL_LOG_SECONDS = 10.0  # one log line per kind of refusal in this long at most
@@ -77,6 +94,16 @@ class StreamBound:
             f"{self.setting}",
             STREAM_RETRY_HINT,
         )
+
+
+@dataclass(eq=False)  # one per call, in a set by identity
+class OpenStream:
+    """An endless stream's call, for ``CallGate.end_streams``: its task, and whether it is
+    inside the handler now (not in gRPC sending a message, where a cancellation would end
+    the call CANCELLED rather than with our status)."""
+
+    task: asyncio.Task[Any]
+    inside: bool = False
 
 
 class CallGate(grpc.aio.ServerInterceptor):
@@ -107,6 +134,8 @@ class CallGate(grpc.aio.ServerInterceptor):
         self._shed_count = 0
         self._logged: dict[str, float] = {}
         self._wrapped: dict[str, Handler] = {}
+        self.closing = False  # the server is stopping: endless streams end with UNAVAILABLE
+        self._endless: set[OpenStream] = set()
 
     async def intercept_service(
         self,
@@ -147,6 +176,16 @@ class CallGate(grpc.aio.ServerInterceptor):
             "with backoff, or add replicas",
             min(wait, MAX_RETRY_HINT),
         )
+
+    def end_streams(self) -> int:
+        """End every endless stream (WatchJob, health Watch, reflection) with UNAVAILABLE
+        saying the server is shutting down, and any that opens from now on; returns how many
+        were open. Called as the server stops accepting calls."""
+        self.closing = True
+        for stream in self._endless:
+            if stream.inside:  # else it ends as it comes back from sending
+                stream.task.cancel()
+        return len(self._endless)
 
     def bounds_of(self, method: str) -> tuple[StreamBound, ...]:
         """The stream bounds a call of a streaming ``method`` takes a slot of."""
@@ -224,11 +263,11 @@ class CallGate(grpc.aio.ServerInterceptor):
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._server_stream(handler.unary_stream, name, parse, bounds, streamed=False),
+                self._server_stream(handler.unary_stream, method, parse, bounds, streamed=False),
                 response_serializer=serialize,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._server_stream(handler.stream_stream, name, parse, bounds, streamed=True),
+            self._server_stream(handler.stream_stream, method, parse, bounds, streamed=True),
             response_serializer=serialize,
         )
 
@@ -292,15 +331,18 @@ class CallGate(grpc.aio.ServerInterceptor):
     def _server_stream(
         self,
         inner: Any,
-        name: str,
+        method: str,
         parse: Parse,
         bounds: tuple[StreamBound, ...],
         *,
         streamed: bool,
     ) -> Callable[..., AsyncIterator[Any]]:
         """A response-streaming handler (async generator or coroutine writing with
-        ``context.write``), with one raw request message (``streamed``: a stream of them)."""
+        ``context.write``), with one raw request message (``streamed``: a stream of them).
+        An endless one ends with UNAVAILABLE when the server stops (``end_streams``)."""
         generator = inspect.isasyncgenfunction(inner)
+        name = method.rsplit("/", 1)[-1]
+        endless = method in ENDLESS_STREAMS
 
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             self._arrived()
@@ -316,18 +358,54 @@ class CallGate(grpc.aio.ServerInterceptor):
                 leave = self.admit(context, bounds)
             except errors.ResourceExhausted as exc:
                 await self._refuse(context, name, exc)
+            task = asyncio.current_task() if endless else None
+            open_stream = None if task is None else OpenStream(task)
             try:
-                if generator:
-                    async for item in inner(request, context):
-                        yield item
+                if open_stream is not None:
+                    self._endless.add(open_stream)
+                if not generator:
+                    await self._inside(open_stream, inner(request, context))
                 else:
-                    await inner(request, context)
+                    responses = aiter(inner(request, context))
+                    try:
+                        while True:
+                            try:
+                                item = await self._inside(open_stream, anext(responses))
+                            except StopAsyncIteration:
+                                break
+                            yield item
+                    finally:
+                        await responses.aclose()
+            except asyncio.CancelledError:
+                if task is None or not self.closing:
+                    raise  # the client cancelled, or gRPC ended the call
+                task.uncancel()
+                await self._outcomes.fail(
+                    context, name, errors.Unavailable(SHUTTING_DOWN), quiet=True
+                )
             except errors.FitserveError as exc:  # a handler that maps no errors itself
                 await self._outcomes.fail(context, name, exc)
             finally:
+                if open_stream is not None:
+                    self._endless.discard(open_stream)
                 leave()
 
         return stream
+
+    async def _inside(self, stream: OpenStream | None, step: Awaitable[Any]) -> Any:
+        """Await ``step`` of a stream's handler, marked as inside it so ``end_streams`` may
+        cancel it there; refused UNAVAILABLE once the server is stopping."""
+        if stream is None:
+            return await step
+        if self.closing:
+            if inspect.iscoroutine(step):
+                step.close()
+            raise errors.Unavailable(SHUTTING_DOWN)
+        stream.inside = True
+        try:
+            return await step
+        finally:
+            stream.inside = False
 
     async def _checked_stream(
         self, requests: AsyncIterator[bytes], parse: Parse
