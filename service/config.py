@@ -221,6 +221,31 @@ class TlsFileError(ValueError):
     """A TLS file named by a setting is missing, unreadable or not what it should be."""
 
 
+class ShutdownSettings(BaseModel):
+    """How a server stops on SIGTERM or SIGINT (docs/reliability.md, "SIGTERM to a server")."""
+
+    drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM/SIGINT the server first reports NOT_SERVING on every health "
+        "entry, then goes on serving new calls for this long, so load balancers and "
+        "health-checking clients move away (FITSERVE_SHUTDOWN__DRAIN_SECONDS); a second "
+        "signal ends the wait. `fitserve up`, the tests and the benchmarks, which have no "
+        "load balancer, set 0 unless it is given.",
+    )
+    grace_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="After the drain the server stops accepting calls and gives the unary "
+        "calls in flight (and uploads and downloads) this long to finish before they are "
+        "cancelled (FITSERVE_SHUTDOWN__GRACE_SECONDS); open WatchJob and health Watch "
+        "streams end at once with UNAVAILABLE. Unset: FITSERVE_GRACE_SECONDS (10). Keep "
+        "drain + grace below the SIGKILL deadline of what stops the server (`fitserve up` "
+        "and `serve --processes N` wait at least 30 s; Kubernetes "
+        "terminationGracePeriodSeconds).",
+    )
+
+
 class TlsSettings(BaseModel):
     """TLS of the gRPC port: off unless ``cert_file`` and ``key_file`` are set (then the
     port accepts TLS only); ``client_ca_file`` on top requires client certificates (mTLS).
@@ -408,8 +433,12 @@ class Settings(BaseSettings):
         "same as max_dataset_bytes (what an uncompressed upload may carry).",
     )
     grace_seconds: float = Field(
-        10.0, ge=0, description="How long in-flight RPCs may finish on shutdown."
+        10.0,
+        ge=0,
+        description="How long in-flight RPCs may finish on shutdown, unless "
+        "FITSERVE_SHUTDOWN__GRACE_SECONDS is set (which see).",
     )
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="json in production; auto picks text on a terminal."
     )

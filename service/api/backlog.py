@@ -6,9 +6,19 @@ event-loop turn. The batcher's queue stays short and the event loop does not lag
 each call waits long before any handler runs. ``Backlog`` measures
 that hidden queue: gRPC's channelz counts the calls the core has started and finished;
 calls that reached a handler and have not returned are counted by ``CallGate``
-(``service.api.gate``); the difference is the calls still waiting in the core. Divided by
-the rate calls reach the handlers (Little's law), it is how long a call arriving now waits.
-``shed_share`` turns that wait into the share of Predict calls to refuse.
+(``service.api.gate``); the difference is the calls still waiting in the core.
+
+**The wait is measured, not estimated from a rate.** Every reading (every 10 ms) records
+when the core's count of calls started reached its value. The core hands calls to the
+server in the order they came (per method), so the calls taken so far are the first
+``started - waiting`` ones, and the oldest call still waiting is the next: it started after
+the last reading that had not counted it yet, so it has waited at least since the first
+reading that did (``wait_at``: a lower bound, to the 10 ms of one reading). Shedding
+(``CallGate``) looks at that age only: a few calls queued on a server that has just
+started, or on a busy machine whose calls still get through in time, are never shed,
+however slowly calls happened to drain a moment ago; a queue whose oldest call has
+waited past ``FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS`` is shed at once, freshly started
+server or not. ``shed_share`` turns that wait into the share of Predict calls to refuse.
 
 **Calls that end in the core.** channelz's server counts end a call only when the server
 application has taken it (its final ``RECV_CLOSE_ON_SERVER`` op). A call that ends while it
@@ -26,6 +36,7 @@ them; so while calls are counted waiting, the backlog re-bases against those at 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import importlib
 import json
 import logging
@@ -38,10 +49,7 @@ from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-DRAIN_SMOOTHING = 0.1  # weight of each interval's drain rate in the moving average
 MAX_SHED_SHARE = 0.95
-RATE_TTL = 1.0  # seconds a measured drain rate is trusted without a new measurement
-MIN_DRAIN_RATE = 1.0  # calls/s: a server draining slower than this counts as this slow
 REBASE_SECONDS = 1.0  # least time between two re-bases against the connections' counts
 REBASE_DUTY = 0.05  # most of the time spent reading the connections' counts
 
@@ -110,15 +118,12 @@ def channelz_server_ids() -> set[int]:
 
 
 class Backlog:
-    """How many calls wait in gRPC's core before a handler, and for how long.
+    """How many calls wait in gRPC's core before a handler, and how long the oldest of them
+    has waited.
 
-    The wait is the calls waiting divided by the rate calls leave the core's queue while it
-    stays busy. An interval is measured only when calls still wait at its end and the
-    calls waiting at its start were enough for all it took: then the server was taking
-    calls all along, and the rate is its capacity, not the rate callers happen to send at
-    (a lightly loaded server, or the interval in which a burst lands, is not measured).
-    A rate older than ``RATE_TTL`` is forgotten; without a rate nothing is estimated, so a
-    burst on a server that has not been saturated lately is not shed.
+    ``update`` reads the core's counts (every few ms); ``wait_at`` answers between
+    readings, counting the calls that have reached a handler since the last one as taken
+    from the front of the queue.
     """
 
     def __init__(
@@ -133,10 +138,14 @@ class Backlog:
         self.waiting = 0  # calls in the core, not yet at a handler
         self.lost = 0  # calls the core's counts hold open for ever (ended before a handler)
         self._rebase_at = 0.0  # when the next re-base may run
-        self.wait_seconds = 0.0
-        self.drain_rate: float | None = None  # calls/s reaching handlers while some wait
-        self._rate_at = 0.0  # when drain_rate was last measured
-        self._last: tuple[float, int] | None = None
+        self.wait_seconds = 0.0  # how long the oldest waiting call had waited, last reading
+        # Readings at which the count of calls started grew: when, and to what. Kept from
+        # the one that first counted the oldest call still waiting.
+        self._times: list[float] = []
+        self._starts: list[int] = []
+        self._started = 0  # calls started, at the last reading
+        self._taken = 0  # calls no longer waiting (at a handler, ended, lost), then
+        self._arrived_then = 0  # ``arrived`` at the last reading
 
     def count_waiting(self) -> int:
         """Calls in the core not at a handler yet, read now (from any thread; 0 when the
@@ -147,17 +156,37 @@ class Backlog:
             return 0
 
     def update(self, now: float | None = None) -> None:
-        """Read the core's counts and re-estimate the wait (called every few ms)."""
+        """Read the core's counts and measure the wait (called every few ms)."""
         now = time.monotonic() if now is None else now
-        waiting = self._waiting_now()
-        self._measure(now, waiting)
-        self._last = (now, self.arrived)
-        self.waiting = waiting
-        rate = self.drain_rate
-        if not self.waiting or rate is None:
-            self.wait_seconds = 0.0
-        else:
-            self.wait_seconds = self.waiting / max(rate, MIN_DRAIN_RATE)
+        started, succeeded, failed = self._read()
+        self.waiting = max(0, started - succeeded - failed - self.active - self.lost)
+        if not self._starts or started > self._starts[-1]:
+            self._times.append(now)
+            self._starts.append(started)
+        self._started, self._taken = started, started - self.waiting
+        self._arrived_then = self.arrived
+        self._forget(self._taken + 1)
+        self.wait_seconds = self.wait_at(now)
+
+    def wait_at(self, now: float) -> float:
+        """How long the oldest call still waiting has waited at ``now``, at least (0 when
+        none waits): the calls that reached a handler since the last reading left the
+        front of the queue."""
+        if not self.waiting:
+            return 0.0
+        oldest = self._taken + max(0, self.arrived - self._arrived_then) + 1
+        if oldest > self._started:  # every call waiting at the last reading has left
+            return 0.0
+        # The first reading that counted it: it has waited since then, at least.
+        since = self._times[bisect.bisect_left(self._starts, oldest)]
+        return max(0.0, now - since)
+
+    def _forget(self, oldest: int) -> None:
+        """Drop the readings older than the one that first counted call ``oldest``."""
+        drop = bisect.bisect_left(self._starts, oldest)
+        drop = min(drop, len(self._starts) - 1)  # always keep the last reading
+        if drop > 0:
+            del self._times[:drop], self._starts[:drop]
 
     def _waiting_now(self) -> int:
         return max(0, self._open_calls() - self.active - self.lost)
@@ -165,6 +194,11 @@ class Backlog:
     def _open_calls(self) -> int:
         started, succeeded, failed = self._read()
         return started - succeeded - failed
+
+    @property
+    def rebasing(self) -> bool:
+        """Whether the connections' counts can be read (``measure_lost``)."""
+        return self._read_open is not None
 
     def stop_rebasing(self) -> None:
         """Never re-base again (the connections' counts cannot be read)."""
@@ -202,24 +236,9 @@ class Backlog:
         self.lost = lost
         self._rebase_at = now + max(REBASE_SECONDS, took / REBASE_DUTY)
 
-    def _measure(self, now: float, waiting: int) -> None:
-        """Fold the drain rate of the interval since the last reading into the average if
-        the server was busy all of it; forget a rate not measured for ``RATE_TTL``."""
-        then, arrived = self._last or (now, self.arrived)
-        taken = self.arrived - arrived
-        # Busy the whole interval: the calls waiting at its start were enough for all it
-        # took, and calls still wait at its end.
-        if now > then and waiting and self.waiting and self.waiting >= taken:
-            sample = taken / (now - then)
-            rate = self.drain_rate
-            self.drain_rate = sample if rate is None else rate + DRAIN_SMOOTHING * (sample - rate)
-            self._rate_at = now
-        elif self.drain_rate is not None and now - self._rate_at > RATE_TTL:
-            self.drain_rate = None
-
 
 def shed_share(wait: float, max_wait: float) -> float:
-    """The share of sheddable calls refused at an estimated ``wait``: none up to
+    """The share of sheddable calls refused at a measured ``wait``: none up to
     ``max_wait``, rising to ``MAX_SHED_SHARE`` at 1.5 x ``max_wait``.
 
     Never all: callers that retry at once without backing off keep gRPC's queue full

@@ -17,16 +17,18 @@ then takes its request messages as raw bytes, and the gate parses them:
   when its call ends however it ends: by the handler's ``finally`` or gRPC's done callback,
   whichever comes first (an async generator the client cancelled while it waited to send is
   never resumed, so its ``finally`` alone might run only when it is garbage collected).
-* **Load shedding.** While the wait in gRPC's own queue (estimated by
+* **Load shedding.** While the oldest call waiting in gRPC's own queue has waited longer
+  than ``FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS`` (measured by
   ``service.api.backlog.Backlog``, which the gate feeds with the calls inside handlers,
-  counted the same way as stream slots) is over ``FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS``, a
-  share of Predict calls (fitserve's and TF Serving's; ``shed_share``) is refused with
-  RESOURCE_EXHAUSTED and a RetryInfo, before the request is parsed. Control-plane calls
-  (health, jobs, uploads) are never shed.
+  counted the same way as stream slots), a share of Predict calls (fitserve's and TF
+  Serving's; ``shed_share``) is refused with RESOURCE_EXHAUSTED and a RetryInfo, before the
+  request is parsed. While that measured wait is under the bound, nothing is shed.
+  Control-plane calls (health, jobs, uploads) are never shed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import random
@@ -54,6 +56,22 @@ SHED_METHODS = frozenset(
     }
 )
 WATCH_METHOD = "/fitserve.v1.TrainingService/WatchJob"
+# Streams that last as long as their client wants: at shutdown they end at once (UNAVAILABLE)
+# rather than hold the grace that in-flight calls get. Downloads and uploads end by
+# themselves, so they are left to finish within the grace like unary calls.
+ENDLESS_STREAMS = frozenset(
+    {
+        WATCH_METHOD,
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
+SHUTTING_DOWN = (
+    "this server is shutting down; retry on another replica (the load balancer or a "
+    "restarted server): a WatchJob resumes with after_event_id set to the last event id "
+    "received, and misses nothing"
+)
 MAX_RETRY_HINT = 5.0  # seconds; the longest retry hint a refusal sends, as the batcher's
 STREAM_RETRY_HINT = 1.0  # seconds; the retry hint of a refusal past a stream bound
 REFUSAL_LOG_SECONDS = 10.0  # one log line per kind of refusal in this long at most
@@ -78,6 +96,16 @@ class StreamBound:
         )
 
 
+@dataclass(eq=False)  # one per call, in a set by identity
+class OpenStream:
+    """An endless stream's call, for ``CallGate.end_streams``: its task, and whether it is
+    inside the handler now (not in gRPC sending a message, where a cancellation would end
+    the call CANCELLED rather than with our status)."""
+
+    task: asyncio.Task[Any]
+    inside: bool = False
+
+
 class CallGate(grpc.aio.ServerInterceptor):
     """The size and parse checks on every request message, the bounds on open streams, and
     shedding of Predict calls.
@@ -95,8 +123,9 @@ class CallGate(grpc.aio.ServerInterceptor):
         *,
         max_streams: int | None = None,
         max_job_watchers: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._limit, self._outcomes = limit, outcomes
+        self._limit, self._outcomes, self._clock = limit, outcomes, clock
         self.backlog, self.max_wait = backlog, max_wait
         self.streams = StreamBound(max_streams or 2**62, "streaming calls", "FITSERVE_MAX_STREAMS")
         self.watchers = StreamBound(
@@ -105,6 +134,8 @@ class CallGate(grpc.aio.ServerInterceptor):
         self._shed_count = 0
         self._logged: dict[str, float] = {}
         self._wrapped: dict[str, Handler] = {}
+        self.closing = False  # the server is stopping: endless streams end with UNAVAILABLE
+        self._endless: set[OpenStream] = set()
 
     async def intercept_service(
         self,
@@ -134,16 +165,27 @@ class CallGate(grpc.aio.ServerInterceptor):
         """The refusal of a sheddable call now, or None to admit it."""
         if self.backlog is None or self.max_wait is None:
             return None
-        wait = self.backlog.wait_seconds
+        wait = self.backlog.wait_at(self._clock())  # measured: never shed under the bound
         if wait <= self.max_wait or random.random() >= shed_share(wait, self.max_wait):
             return None
         return Overloaded(
             f"server overloaded: calls now wait about {wait * 1000:.0f} ms in gRPC's queue "
-            f"({self.backlog.waiting} calls) before a handler, over this server's "
+            f"before a handler (the oldest of {self.backlog.waiting} waiting calls has waited "
+            "that long), over this server's "
             f"{self.max_wait * 1000:.0f} ms (FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS); retry "
             "with backoff, or add replicas",
             min(wait, MAX_RETRY_HINT),
         )
+
+    def end_streams(self) -> int:
+        """End every endless stream (WatchJob, health Watch, reflection) with UNAVAILABLE
+        saying the server is shutting down, and any that opens from now on; returns how many
+        were open. Called as the server stops accepting calls."""
+        self.closing = True
+        for stream in self._endless:
+            if stream.inside:  # else it ends as it comes back from sending
+                stream.task.cancel()
+        return len(self._endless)
 
     def bounds_of(self, method: str) -> tuple[StreamBound, ...]:
         """The stream bounds a call of a streaming ``method`` takes a slot of."""
@@ -221,11 +263,11 @@ class CallGate(grpc.aio.ServerInterceptor):
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._server_stream(handler.unary_stream, name, parse, bounds, streamed=False),
+                self._server_stream(handler.unary_stream, method, parse, bounds, streamed=False),
                 response_serializer=serialize,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._server_stream(handler.stream_stream, name, parse, bounds, streamed=True),
+            self._server_stream(handler.stream_stream, method, parse, bounds, streamed=True),
             response_serializer=serialize,
         )
 
@@ -289,15 +331,18 @@ class CallGate(grpc.aio.ServerInterceptor):
     def _server_stream(
         self,
         inner: Any,
-        name: str,
+        method: str,
         parse: Parse,
         bounds: tuple[StreamBound, ...],
         *,
         streamed: bool,
     ) -> Callable[..., AsyncIterator[Any]]:
         """A response-streaming handler (async generator or coroutine writing with
-        ``context.write``), with one raw request message (``streamed``: a stream of them)."""
+        ``context.write``), with one raw request message (``streamed``: a stream of them).
+        An endless one ends with UNAVAILABLE when the server stops (``end_streams``)."""
         generator = inspect.isasyncgenfunction(inner)
+        name = method.rsplit("/", 1)[-1]
+        endless = method in ENDLESS_STREAMS
 
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             self._arrived()
@@ -313,18 +358,54 @@ class CallGate(grpc.aio.ServerInterceptor):
                 leave = self.admit(context, bounds)
             except errors.ResourceExhausted as exc:
                 await self._refuse(context, name, exc)
+            task = asyncio.current_task() if endless else None
+            open_stream = None if task is None else OpenStream(task)
             try:
-                if generator:
-                    async for item in inner(request, context):
-                        yield item
+                if open_stream is not None:
+                    self._endless.add(open_stream)
+                if not generator:
+                    await self._inside(open_stream, inner(request, context))
                 else:
-                    await inner(request, context)
+                    responses = aiter(inner(request, context))
+                    try:
+                        while True:
+                            try:
+                                item = await self._inside(open_stream, anext(responses))
+                            except StopAsyncIteration:
+                                break
+                            yield item
+                    finally:
+                        await responses.aclose()
+            except asyncio.CancelledError:
+                if task is None or not self.closing:
+                    raise  # the client cancelled, or gRPC ended the call
+                task.uncancel()
+                await self._outcomes.fail(
+                    context, name, errors.Unavailable(SHUTTING_DOWN), quiet=True
+                )
             except errors.FitserveError as exc:  # a handler that maps no errors itself
                 await self._outcomes.fail(context, name, exc)
             finally:
+                if open_stream is not None:
+                    self._endless.discard(open_stream)
                 leave()
 
         return stream
+
+    async def _inside(self, stream: OpenStream | None, step: Awaitable[Any]) -> Any:
+        """Await ``step`` of a stream's handler, marked as inside it so ``end_streams`` may
+        cancel it there; refused UNAVAILABLE once the server is stopping."""
+        if stream is None:
+            return await step
+        if self.closing:
+            if inspect.iscoroutine(step):
+                step.close()
+            raise errors.Unavailable(SHUTTING_DOWN)
+        stream.inside = True
+        try:
+            return await step
+        finally:
+            stream.inside = False
 
     async def _checked_stream(
         self, requests: AsyncIterator[bytes], parse: Parse

@@ -90,11 +90,14 @@ async def create_server(
     before = channelz_server_ids()
     # The token is checked first, so a caller without one costs no parsing and no queue.
     server = grpc.aio.server(options=_options(settings, share_port), interceptors=[auth, gate])
-    app = FitserveServer(server, settings, metrics, health.aio.HealthServicer())
+    app = FitserveServer(server, settings, metrics, health.aio.HealthServicer(), gate=gate)
     app.closers.append(auth.close)
     try:
+        # Every server knows its queue (a stop takes the calls waiting in it first); the
+        # inference role also keeps it measured, to shed and to batch by it.
+        app.backlog = gate.backlog = _backlog(before)
         if "inference" in settings.roles:
-            _enable_shedding(app, gate, before)
+            _enable_shedding(app, gate)
         names, waiting = _add_services(server, app, outcomes)
         health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
         reflection.enable_server_reflection(names, server)
@@ -167,9 +170,9 @@ def in_use_message(host: str, port: int) -> str:
     )
 
 
-def _enable_shedding(app: FitserveServer, gate: CallGate, before: set[int]) -> None:
-    """Give the gate this server's backlog, and the wait past which it sheds."""
-    app.backlog = gate.backlog = _backlog(before)
+def _enable_shedding(app: FitserveServer, gate: CallGate) -> None:
+    """Keep the backlog measured, and give the gate the wait past which it sheds."""
+    app.watch_backlog = True
     max_wait = app.settings.inference.max_queue_wait_ms
     gate.max_wait = None if max_wait is None else max_wait / 1000
 
@@ -178,7 +181,10 @@ def _backlog(before: set[int]) -> Backlog | None:
     """The backlog of the server created since ``before`` was read, via channelz."""
     new = channelz_server_ids() - before
     if len(new) != 1:
-        log.warning("load shedding is off: gRPC's channelz does not show this server")
+        log.warning(
+            "load shedding is off, and a stop may cancel calls queued in gRPC: its "
+            "channelz does not show this server"
+        )
         return None
     server_id = new.pop()
     return Backlog(lambda: channelz_counts(server_id), lambda: channelz_open_streams(server_id))

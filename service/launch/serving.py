@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from service.config import Settings
 from service.launch.ready import READY_TIMEOUT, Ready, wait_ready, write_ready
 from service.launch.supervision import (
+    STOP_TIMEOUT,
     Child,
     ChildExited,
     Interrupted,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fitserve")
 # Set by serve_processes in its children's environment: this server shares its port.
 SHARED_PORT_ENV = "FITSERVE_SERVE_SHARED_PORT"
+DRAIN_ENV = "FITSERVE_SHUTDOWN__DRAIN_SECONDS"
 
 
 class PortTaken(SystemExit):
@@ -53,8 +55,9 @@ class PortTaken(SystemExit):
 
 
 async def serve(settings: Settings, ready_file: Path | None = None) -> None:
-    """Run one server until SIGTERM or SIGINT, then stop gracefully; once it listens,
-    report its ports at ``ready_file``."""
+    """Run one server until SIGTERM or SIGINT, then stop gracefully (``shutdown``: health
+    NOT_SERVING, the drain, the grace); once it listens, report its ports at
+    ``ready_file``."""
     from service.api.server import AddressInUse, create_server
 
     try:
@@ -68,16 +71,19 @@ async def serve(settings: Settings, ready_file: Path | None = None) -> None:
     # under load (measured; bench/README.md).
     gc.collect()
     gc.freeze()
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def signalled() -> None:  # the first signal drains, a second cuts the drain short
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled)
     if ready_file is not None:
         write_ready(ready_file, port, None if aggregated else server.metrics_port)
     _announce(settings, port, server.metrics_port, aggregated)
     await stop.wait()
-    log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
-    await server.stop()
+    await server.shutdown(hurry)
 
 
 def _announce(settings: Settings, port: int, metrics_port: int, aggregated: bool) -> None:
@@ -118,8 +124,13 @@ def start_server(
     """Start a server process that takes ``--ready-file`` (``serve_argv``, or a benchmark's
     reference server) and wait until it listens; returns it and what it reported.
 
-    A server that exits first raises ChildExited at once, with the end of its log.
+    A server that exits first raises ChildExited at once, with the end of its log. Its
+    drain on SIGTERM is 0 unless ``env`` sets FITSERVE_SHUTDOWN__DRAIN_SECONDS: what starts
+    a server this way (``fitserve up``, the tests, the benchmarks) has no load balancer
+    that needs time to move away from it.
     """
+    env = dict(os.environ if env is None else env)
+    env.setdefault(DRAIN_ENV, "0")
     with tempfile.TemporaryDirectory(prefix="fitserve-ready-") as tmp:
         path = Path(tmp) / "ready.json"
         proc = spawn([*prefix, *argv, "--ready-file", str(path)], env, log, cwd)
@@ -173,7 +184,23 @@ def serve_processes(settings: Settings, ready_file: Path | None = None) -> int:
         try:
             return _run_servers(settings, port, Path(metrics_dir), children, stopping, ready_file)
         finally:
-            terminate([proc for _, proc in children])
+            stop_children(settings, children)
+
+
+def stop_timeout(settings: Settings) -> float:
+    """How long a stopping server process gets before SIGKILL: its drain and grace, plus
+    the time to close its parts, and never less than supervision's STOP_TIMEOUT."""
+    from service.api.app import CLOSE_SECONDS
+
+    grace = settings.shutdown.grace_seconds
+    grace = settings.grace_seconds if grace is None else grace
+    return max(STOP_TIMEOUT, settings.shutdown.drain_seconds + grace + CLOSE_SECONDS)
+
+
+def stop_children(settings: Settings, children: list[Child]) -> None:
+    """SIGTERM every server process at once (each drains: health NOT_SERVING, still
+    serving for the drain, then the grace), SIGKILL one still running past its bound."""
+    terminate([proc for _, proc in children], stop_timeout(settings))
 
 
 def _run_servers(
@@ -200,6 +227,7 @@ def _run_servers(
             _report_when_ready(children, metrics_dir, stopping, ready_file, port, metrics_port)
         return supervise(children, stopping, "fitserve serve", "every server process")
     finally:
+        stop_children(settings, children)  # /metrics stays up while they drain
         stop_metrics(http)
 
 

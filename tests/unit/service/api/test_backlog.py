@@ -5,6 +5,7 @@ The counts come from a function, as channelz gives them; the integration test
 """
 
 import asyncio
+import random
 
 import grpc
 import pytest
@@ -29,70 +30,100 @@ class Core:
         return self.started, self.succeeded, self.failed
 
 
-def test_an_idle_server_hit_by_a_burst_estimates_no_wait_until_it_has_drained_once():
-    core = Core()
-    backlog = Backlog(core.counts)
-    backlog.update(now=0.0)
-    core.started = 64  # a burst arrives; no drain rate has been measured yet
+class Queue(Core):
+    """A FIFO queue in gRPC's core with the true arrival time of every call, and a
+    server that takes calls from its front into handlers that return at once."""
 
-    backlog.update(now=0.005)
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrivals: list[float] = []  # when each call started, in order
+        self.backlog = Backlog(self.counts)
 
-    assert backlog.waiting == 64
-    assert backlog.wait_seconds == 0.0
+    def arrive(self, calls: int, now: float) -> None:
+        self.started += calls
+        self.arrivals += [now] * calls
 
+    def take(self, calls: int) -> None:
+        """``calls`` reach a handler (counted by the gate) and finish."""
+        self.backlog.arrived += calls
+        self.succeeded += calls
 
-def test_the_wait_is_the_calls_waiting_over_the_rate_they_drain():
-    core = Core()
-    backlog = Backlog(core.counts)
-    core.started = 100
-    backlog.update(now=0.0)  # 100 waiting
-    for step in range(1, 40):  # 10 calls reach a handler every 5 ms: 2000 calls/s
-        backlog.arrived += 10
-        core.started += 10  # as many new ones arrive, so 100 keep waiting
-        core.succeeded = backlog.arrived  # and each finishes within the interval
-        backlog.update(now=step * 0.005)
-
-    assert backlog.waiting == 100
-    assert backlog.drain_rate == pytest.approx(2000.0)
-    assert backlog.wait_seconds == pytest.approx(100 / 2000)
+    def oldest_age(self, now: float) -> float:
+        """How long the oldest call still waiting has really waited (0: none waits)."""
+        taken = self.succeeded + self.failed
+        return now - self.arrivals[taken] if taken < len(self.arrivals) else 0.0
 
 
-def test_a_lightly_loaded_server_learns_no_rate_and_its_bursts_are_not_shed():
-    core = Core()
-    backlog = Backlog(core.counts)
-    for step in range(100):  # 500 calls/s; the queue holds one call at every other reading
-        core.started += 5
-        backlog.arrived = core.succeeded = core.started - (step % 2)
-        backlog.update(now=step * 0.01)
-    assert backlog.drain_rate is None  # never busy from one reading to the next
+def test_a_fresh_server_with_a_few_queued_calls_measures_a_short_wait_not_seconds():
+    """The old estimate divided 3 calls by a 1 call/s floor: 3000 ms, and shed them."""
+    queue = Queue()
+    queue.arrive(3, now=0.0)  # three calls queued while the server started
+    queue.backlog.update(now=0.0)
+    queue.backlog.update(now=0.01)
 
-    core.started += 65  # a fan-out of 60 calls lands while the server takes 5
-    backlog.arrived = core.succeeded = backlog.arrived + 5
-    backlog.update(now=1.0)
-
-    assert backlog.waiting >= 60
-    assert backlog.drain_rate is None  # the interval the burst landed in says nothing
-    assert backlog.wait_seconds == 0.0
+    assert queue.backlog.waiting == 3
+    assert queue.backlog.wait_seconds == pytest.approx(0.01)
+    assert queue.backlog.wait_at(0.03) == pytest.approx(0.03)
 
 
-def test_a_drain_rate_is_forgotten_once_the_server_has_not_been_busy_for_a_while():
-    core = Core()
-    backlog = Backlog(core.counts)
-    core.started = 100
-    for step in range(20):  # saturated: 100 keep waiting, 2000 calls/s get through
-        backlog.arrived += 20
-        core.started += 20
-        core.succeeded = backlog.arrived
-        backlog.update(now=step * 0.01)
-    assert backlog.drain_rate == pytest.approx(2000.0)
-    backlog.arrived = core.succeeded = core.started  # the queue drains, then stays empty
-    for step in range(20, 140):
-        backlog.update(now=step * 0.01)
+def test_the_wait_is_the_age_of_the_oldest_waiting_call_under_a_steady_queue():
+    queue = Queue()
+    for step in range(200):  # 2000 calls/s arrive and are taken; 100 always wait: 50 ms each
+        now = step * 0.005
+        queue.arrive(10, now)
+        if step >= 10:
+            queue.take(10)
+        queue.backlog.update(now)
 
-    assert backlog.drain_rate is None
-    core.started += 60
-    backlog.update(now=1.4)
-    assert backlog.wait_seconds == 0.0
+    assert queue.backlog.waiting == 100
+    assert queue.oldest_age(0.995) == pytest.approx(0.045)
+    assert queue.backlog.wait_seconds == pytest.approx(0.045)
+
+
+def test_calls_taken_since_the_last_reading_leave_the_front_of_the_queue():
+    queue = Queue()
+    queue.arrive(5, now=0.0)
+    queue.backlog.update(now=0.0)
+    queue.arrive(5, now=0.05)
+    queue.backlog.update(now=0.05)
+    assert queue.backlog.wait_at(0.06) == pytest.approx(0.06)  # the first five still wait
+
+    queue.backlog.arrived += 5  # they reach a handler before the next reading
+    assert queue.backlog.wait_at(0.06) == pytest.approx(0.01)  # the next five: since 0.05
+    queue.backlog.arrived += 5
+    assert queue.backlog.wait_at(0.06) == 0.0  # all taken
+
+
+def test_a_stuck_server_measures_a_wait_that_grows_as_long_as_it_is_stuck():
+    queue = Queue()
+    queue.arrive(10, now=0.0)
+    for step in range(100):  # calls wait and none reaches a handler
+        queue.backlog.update(now=step * 0.01)
+
+    assert queue.backlog.wait_seconds == pytest.approx(0.99)
+    assert queue.backlog.wait_at(5.0) == pytest.approx(5.0)
+
+
+def test_the_measured_wait_never_exceeds_the_true_wait_and_lags_it_by_one_reading_at_most():
+    """Random arrivals and service over 20 s: the measure is a lower bound (so shedding
+    never refuses while calls wait less than the bound), within one reading period of the
+    truth, as long as calls are taken first come, first served."""
+    rng = random.Random(7)
+    queue = Queue()
+    now, period = 0.0, 0.01
+    for _ in range(2000):
+        now += period * rng.uniform(0.5, 1.0)
+        queue.arrive(rng.randrange(0, 30), now - rng.uniform(0.0, period / 2))
+        queue.backlog.update(now)
+        true = queue.oldest_age(now)
+        assert queue.backlog.wait_seconds <= true + 1e-9
+        if queue.backlog.waiting:
+            assert queue.backlog.wait_seconds >= true - period - 1e-9
+        waiting = queue.started - queue.succeeded
+        queue.take(min(waiting, rng.randrange(0, 31)))  # may empty the queue
+        later = now + period * rng.uniform(0.0, 0.5)
+        assert queue.backlog.wait_at(later) <= queue.oldest_age(later) + 1e-9
+    assert len(queue.backlog._starts) < 100  # old readings are forgotten
 
 
 def test_a_failed_reading_counts_nothing_arriving():
@@ -109,32 +140,10 @@ def test_calls_inside_handlers_and_finished_calls_do_not_count_as_waiting():
     backlog.active = 15  # all of them are inside handlers (a watch stream, say)
 
     backlog.update(now=0.0)
+    backlog.update(now=10.0)
 
     assert backlog.waiting == 0
     assert backlog.wait_seconds == 0.0
-
-
-def test_a_drain_rate_measured_only_while_calls_wait():
-    core = Core()
-    backlog = Backlog(core.counts)
-    backlog.update(now=0.0)
-    backlog.arrived += 1  # one call in 1 s on an idle server: not a drain rate
-    core.started = core.succeeded = 1
-    backlog.update(now=1.0)
-
-    assert backlog.drain_rate is None
-
-
-def test_a_stuck_server_estimates_a_long_wait():
-    core = Core()
-    backlog = Backlog(core.counts)
-    core.started = 10
-    backlog.update(now=0.0)
-    for step in range(1, 100):  # calls wait and none reaches a handler
-        backlog.update(now=step * 0.005)
-
-    assert backlog.drain_rate == pytest.approx(0.0, abs=1e-3)
-    assert backlog.wait_seconds == pytest.approx(10.0)  # 10 calls at the 1 call/s floor
 
 
 @pytest.mark.parametrize(
@@ -203,7 +212,7 @@ def test_calls_cancelled_while_queued_are_counted_waiting_for_ever_without_a_reb
         backlog.update(now=step * 0.01)
 
     assert backlog.waiting == 800
-    assert backlog.wait_seconds >= 800 / 1.0 * 0.99  # the drain rate decayed to the floor
+    assert backlog.wait_seconds == pytest.approx(4.99)  # "waiting" since they arrived
     assert not backlog.rebase_due(5.0)
 
 

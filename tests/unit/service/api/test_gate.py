@@ -11,22 +11,47 @@ from service.api.gate import STREAM_RETRY_HINT, WATCH_METHOD, CallGate, request_
 from service.api.status import RpcOutcomes
 from service.errors import InvalidRequest, ResourceExhausted
 from service.metrics import Metrics
-from tests.unit.service.api.test_backlog import Core
+from tests.unit.service.api.test_backlog import Core, Queue
 
 
-def test_the_gate_refuses_only_with_a_backlog_over_the_bound_and_names_the_setting():
-    core = Core()
-    backlog = Backlog(core.counts)
-    gate = CallGate(1024, RpcOutcomes(Metrics()), backlog, max_wait=0.01)
-    assert gate.overloaded() is None
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
 
-    backlog.wait_seconds = 1.0  # far past the bound: the share refused is the maximum
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_gate_never_sheds_while_the_measured_wait_is_under_the_bound():
+    queue = Queue()
+    clock = Clock()
+    gate = CallGate(1024, RpcOutcomes(Metrics()), queue.backlog, max_wait=0.1, clock=clock)
+    queue.arrive(3, now=0.0)  # a fresh server: three calls queued, none served yet
+    for step in range(10):  # they wait 90 ms: under the bound, however slowly they drain
+        clock.now = step * 0.01
+        queue.backlog.update(clock.now)
+        assert [gate.overloaded() for _ in range(200)] == [None] * 200
+    clock.now = 0.1
+    assert [gate.overloaded() for _ in range(200)] == [None] * 200  # at the bound: admitted
+
+
+def test_the_gate_sheds_most_calls_once_the_oldest_has_waited_past_the_bound():
+    queue = Queue()
+    clock = Clock()
+    gate = CallGate(1024, RpcOutcomes(Metrics()), queue.backlog, max_wait=0.01, clock=clock)
+    queue.arrive(40, now=0.0)
+    queue.backlog.update(0.0)
+    clock.now = 1.0  # stuck for a second, far past the bound: the share is the maximum
+
     refusals = [gate.overloaded() for _ in range(2000)]
     refused = [r for r in refusals if r is not None]
 
     assert 0.9 < len(refused) / len(refusals) < 0.99
     assert "FITSERVE_INFERENCE__MAX_QUEUE_WAIT_MS" in refused[0].message
+    assert "the oldest of 40 waiting calls has waited that long" in refused[0].message
     assert refused[0].retry_after_seconds == 1.0
+    queue.take(40)  # the queue empties: nothing is shed any more, before the next reading
+    assert [gate.overloaded() for _ in range(200)] == [None] * 200
     assert CallGate(1024, RpcOutcomes(Metrics())).overloaded() is None  # shedding off
 
 
