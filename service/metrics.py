@@ -86,7 +86,7 @@ PREDICT_CODES = (
 PREDICT_METHODS = ("Predict", "tfserving.Predict")
 REJECTION_REASONS = ("queue_full", "deadline", "unloading")
 LOAD_RESULTS = ("OK", "DATA_LOSS", "FAILED_PRECONDITION", "UNAVAILABLE", "NOT_FOUND")
-_REDIS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+REDIS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -162,7 +162,7 @@ class Metrics:
         self.redis_ping = Histogram(
             "fitserve_redis_ping_seconds",
             "Round trip of the background probe's Redis PING (answered pings only).",
-            buckets=_REDIS_BUCKETS,
+            buckets=REDIS_BUCKETS,
             registry=r,
         )
         self.jobs_submitted = Counter(
@@ -378,6 +378,69 @@ class Metrics:
             self.feedback_correct,
             self.feedback_absolute_error,
         ]
+
+
+# -- training (worker children) -------------------------------------------------------
+
+_STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+TRAINING_KINDS = ("train", "fine_tune")
+
+
+class TrainingMetrics:
+    """What a worker child measures as it trains (files with PROMETHEUS_MULTIPROC_DIR,
+    which its worker's main process serves aggregated: ``worker.metrics``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.epoch_seconds = Histogram(
+            "fitserve_training_epoch_duration_seconds",
+            "Time of one training epoch (validation included), by kind: train, fine_tune.",
+            ["kind"],
+            buckets=_JOB_BUCKETS,
+            registry=r,
+        )
+        for kind in TRAINING_KINDS:
+            self.epoch_seconds.labels(kind)
+        self.step_seconds = Histogram(
+            "fitserve_training_step_duration_seconds",
+            "Time of one training step: from a batch's start to the next one's (the last "
+            "of an epoch to the epoch's end).",
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        )
+        self.samples_per_second = Gauge(
+            "fitserve_training_samples_per_second",
+            "Training throughput of the last epoch: its steps times fit.batch_size over its "
+            "time (0 when no fit runs).",
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.samples_per_second.set(0)
+        self.gpu_devices = Gauge(
+            "fitserve_gpu_devices",
+            "GPUs TensorFlow sees in this worker (0 on a CPU-only worker).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.gpu_memory = Gauge(
+            "fitserve_gpu_memory_used_bytes",
+            "GPU memory TensorFlow holds now, by device (tf.config.experimental."
+            "get_memory_info), sampled at every epoch end; only where a GPU is present.",
+            ["device"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
+
+_training: TrainingMetrics | None = None
+
+
+def training_metrics() -> TrainingMetrics:
+    """This process's TrainingMetrics (made at first use, so in the worker child)."""
+    global _training
+    if _training is None:
+        _training = TrainingMetrics()
+    return _training
 
 
 # -- process, runtime and build -----------------------------------------------------------

@@ -82,6 +82,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         TF_CPP_MIN_LOG_LEVEL="2",
         PYTHONPATH=str(ROOT),
         FITSERVE_PLUGINS=",".join(settings.plugins),
+        FITSERVE_WORKER_METRICS_PORT="0",  # many test workers on one machine: free ports
     )
 
 
