@@ -361,8 +361,8 @@ class Settings(BaseSettings):
         le=65535,
         description="HTTP port of a worker's /metrics (FITSERVE_WORKER_METRICS_PORT), served "
         "by its main process for it and its prefork children; 0 picks a free one, written "
-        "to the worker's ready file (worker_ready_file) and its log. `fitserve worker --gpus` "
-        "gives its N workers this port and the N-1 after it.",
+        "to the worker's ready file (worker_ready_file) and its log. Several workers on one "
+        "host (`fitserve worker --gpus N`) need a port each, or 0.",
     )
     worker_metrics_host: str = Field(
         "127.0.0.1",

@@ -410,8 +410,8 @@ class TrainingMetrics:
         )
         self.samples_per_second = Gauge(
             "fitserve_training_samples_per_second",
-            "Training throughput of the last epoch: its steps times fit.batch_size over its "
-            "time (0 when no fit runs).",
+            "Training throughput of the last epoch this worker ran: its steps times "
+            "fit.batch_size over its time (0 before the first).",
             registry=r,
             multiprocess_mode="livemostrecent",
         )

@@ -112,6 +112,20 @@ def gone_code(context: Context) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
 
+def answered_code(context: Context) -> str:
+    """The code the client of a call whose handler returned gets: OK, unless the answer
+    comes too late (its deadline passed while the server was busy: gRPC does not send
+    it) or the client cancelled the call meanwhile."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return "DEADLINE_EXCEEDED"
+    try:
+        cancelled = context.cancelled()
+    except NotImplementedError:  # a context that cannot tell
+        cancelled = False
+    return "CANCELLED" if cancelled else "OK"
+
+
 class RpcOutcomes:
     """How every RPC ends, counted and timed by code: answered (``ok``), aborted with the
     status its error maps to and logged (``fail``), or cancelled by the client or its
@@ -151,9 +165,10 @@ class RpcOutcomes:
         )
         raise AssertionError("unreachable")  # abort raises
 
-    def ok(self, method: str, started: float) -> None:
-        """Count a call that returned, and time it from ``started`` (monotonic)."""
-        self._count(method, "OK", started)
+    def ok(self, method: str, started: float, context: Context | None = None) -> None:
+        """Count a call that returned, and time it from ``started`` (monotonic): OK, or
+        as its client sees it (``answered_code``) given its ``context``."""
+        self._count(method, "OK" if context is None else answered_code(context), started)
 
     def gone(self, context: Context, method: str, started: float) -> None:
         """Count and time a call that ended without an answer (``gone_code``)."""
@@ -201,7 +216,7 @@ def unary(
             await self.outcomes.fail(context, method, exc, started=started)
         finally:
             request_id_var.reset(token)
-        self.outcomes.ok(method, started)
+        self.outcomes.ok(method, started, context)
         return response
 
     setattr(wrapper, _RPC_MARK, True)
@@ -228,7 +243,7 @@ def stream_out(
             raise
         except Exception as exc:
             await self.outcomes.fail(context, method, exc, started=started)
-        self.outcomes.ok(method, started)
+        self.outcomes.ok(method, started, context)
 
     setattr(wrapper, _RPC_MARK, True)
     return wrapper

@@ -123,7 +123,6 @@ class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
         self._flush()
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        training_metrics().samples_per_second.set(0)
         self._flush(wait=REDIS_WAIT_SECONDS)
         if self._control is not None:
             self._control.confirm()

@@ -60,7 +60,8 @@ class CountedPredictor:
             code = exc.code if isinstance(exc, FitserveError) else "INTERNAL"
             self._count(name, version, code, started)
             raise
-        self._count(name, version, "OK", started)
+        late = deadline is not None and time.monotonic() >= deadline  # gRPC sends no answer
+        self._count(name, version, "DEADLINE_EXCEEDED" if late else "OK", started)
         return result
 
     def _count(self, name: str, version: str, code: str, started: float) -> None:
