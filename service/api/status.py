@@ -235,14 +235,28 @@ def stream_out(
         # abandons is closed from another context, where ContextVar.reset would fail.
         request_id_var.set(new_request_id())
         started = time.monotonic()
+        counted = False
+
+        def on_done(_: Context) -> None:
+            # A stream the client abandons while gRPC itself sends an item is ended
+            # outside this generator, which is closed only when collected: count it
+            # when the call is done, unless counted already.
+            if not counted:
+                self.outcomes.gone(context, method, started)
+
+        context.add_done_callback(on_done)  # type: ignore[arg-type]  # the stub wants a class
         try:
             async for item in fn(self, request, context):
                 yield item
         except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed, abandoned
-            self.outcomes.gone(context, method, started)
+            if not counted:
+                counted = True
+                self.outcomes.gone(context, method, started)
             raise
         except Exception as exc:
+            counted = True
             await self.outcomes.fail(context, method, exc, started=started)
+        counted = True
         self.outcomes.ok(method, started, context)
 
     setattr(wrapper, _RPC_MARK, True)
