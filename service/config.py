@@ -379,6 +379,41 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         9464, ge=0, le=65535, description="HTTP port of /metrics; 0 picks a free one."
     )
+    # -- Observability: worker /metrics, the Redis probe, worker heartbeats (docs/metrics.md)
+    worker_metrics_port: int = Field(
+        9465,
+        ge=0,
+        le=65535,
+        description="HTTP port of a worker's /metrics (FITSERVE_WORKER_METRICS_PORT), served "
+        "by its main process for it and its prefork children; 0 picks a free one, written "
+        "to the worker's ready file (worker_ready_file) and its log. Several workers on one "
+        "host (`fitserve worker --gpus N`) need a port each, or 0.",
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address a worker's /metrics binds (FITSERVE_WORKER_METRICS_HOST); "
+        "0.0.0.0 for a Prometheus on another host.",
+    )
+    worker_ready_file: Path | None = Field(
+        None,
+        description='Where a worker writes {"port": <metrics port>, "metrics_port": ..., '
+        '"pid": ...} once its /metrics listens (FITSERVE_WORKER_READY_FILE): how '
+        "`fitserve up` and the tests find a port picked with worker_metrics_port=0.",
+    )
+    redis_probe_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How often servers and workers PING Redis from a background thread for "
+        "fitserve_redis_up and fitserve_redis_ping_seconds (FITSERVE_REDIS_PROBE_SECONDS).",
+    )
+    worker_heartbeat_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How often a worker's main process writes its heartbeat key per queue "
+        "(expiring after three periods); the api counts them as fitserve_queue_workers "
+        "(FITSERVE_WORKER_HEARTBEAT_SECONDS).",
+    )
+    # -- end of observability ------------------------------------------------------------
     roles: list[Role] = Field(
         default_factory=lambda: list[Role](["api", "inference"]),
         description="Which services this server runs: api (control plane, no TensorFlow), "

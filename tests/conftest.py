@@ -82,7 +82,13 @@ def worker_env(settings: Settings) -> dict[str, str]:
         TF_CPP_MIN_LOG_LEVEL="2",
         PYTHONPATH=str(ROOT),
         FITSERVE_PLUGINS=",".join(settings.plugins),
+        FITSERVE_WORKER_METRICS_PORT="0",  # many test workers on one machine: free ports
     )
+
+
+def worker_ready_file(settings: Settings) -> Path:
+    """Where the session's worker reports its /metrics port."""
+    return settings.data_dir.parent / f"{settings.data_dir.name}-worker-ready.json"
 
 
 def start_worker(settings: Settings, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
@@ -105,7 +111,8 @@ def worker(
         data_dir=settings.data_dir,
         redis_url=settings.redis_url,
         server=None,
-        worker=WorkerPart(),
+        # its /metrics port (FITSERVE_WORKER_METRICS_PORT=0 picks one) is reported here
+        worker=WorkerPart(env={"FITSERVE_WORKER_READY_FILE": str(worker_ready_file(settings))}),
         env=worker_env(settings),
         cwd=ROOT,
     )

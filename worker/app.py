@@ -3,7 +3,8 @@
 TensorFlow is never imported in the prefork parent: each child imports it as it starts
 (``worker_process_init``), so the parent stays light and a job finds a warm child.
 SIGTERM stops the worker within ``worker_stop_grace_seconds``, its job handed back
-(``worker.shutdown``).
+(``worker.shutdown``). The main process serves /metrics for itself and its children
+(``worker.metrics``, on FITSERVE_WORKER_METRICS_PORT).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from celery.signals import worker_process_init
 from service.config import Settings
 from service.taskqueue import TaskQueue, create_celery
 from worker import shutdown
+from worker.metrics import WorkerMetrics
 from worker.runtime import Runtime
 
 settings = Settings()  # the worker's composition root: read the environment once, here
@@ -38,3 +40,6 @@ def warm_child(**_: Any) -> None:
     devices.configure(settings.worker_cpu_devices)
     plugins = runtime.plugins
     log.info("worker child ready (TensorFlow imported); %d plugin objects", len(plugins.plugins))
+
+
+WorkerMetrics(settings).install()  # after warm_child: a child counts GPUs once set up

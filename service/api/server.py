@@ -49,7 +49,7 @@ from service.domain.job_store import AsyncJobStore
 from service.domain.model_store import ModelStore
 from service.domain.reaper import Reaper
 from service.job_metrics import register_store_collectors
-from service.metrics import Metrics
+from service.metrics import Metrics, start_redis_probe
 from service.plugins import discovery
 from service.taskqueue import TaskQueue, create_celery
 
@@ -92,6 +92,7 @@ async def create_server(
     server = grpc.aio.server(options=_options(settings, share_port), interceptors=[auth, gate])
     app = FitserveServer(server, settings, metrics, health.aio.HealthServicer(), gate=gate)
     app.closers.append(auth.close)
+    app.closers.append(start_redis_probe(metrics, settings.redis_url, settings.redis_probe_seconds))
     try:
         # Every server knows its queue (a stop takes the calls waiting in it first); the
         # inference role also keeps it measured, to shed and to batch by it.

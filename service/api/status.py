@@ -1,9 +1,12 @@
 """Maps domain errors to gRPC status at the edge, and wraps every RPC the same way.
 
 Each handler is wrapped by ``unary`` or ``stream_out``: the wrapper gives the call a request
-id, counts and times it, turns a ``FitserveError`` into the status its ``code`` names
-(INVALID_ARGUMENT carries a google.rpc.BadRequest naming the field), and turns anything
-else into INTERNAL with the request id, logging the traceback instead of sending it.
+id, counts and times it whatever its outcome, turns a ``FitserveError`` into the status its
+``code`` names (INVALID_ARGUMENT carries a google.rpc.BadRequest naming the field), and
+turns anything else into INTERNAL with the request id, logging the traceback instead of
+sending it. A call that ends without an answer (the client cancelled it, or its deadline
+passed: gRPC cancels the handler's task, which ``except Exception`` does not see) is
+counted as gRPC reports it to the client, CANCELLED or DEADLINE_EXCEEDED (``gone``).
 
 Every message and field name sent is cut to ``MAX_MESSAGE_BYTES`` and ``MAX_FIELD_BYTES``
 of UTF-8 (``capped``): the message travels in the trailers twice (grpc-message, percent
@@ -13,6 +16,7 @@ client as RESOURCE_EXHAUSTED instead of the error.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -101,18 +105,47 @@ class _Status(grpc.Status):
     trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
+def gone_code(context: Context) -> str:
+    """The code gRPC gives the client of a call that ended without an answer: its
+    deadline passed (DEADLINE_EXCEEDED) or the client cancelled it (CANCELLED)."""
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
+def answered_code(context: Context) -> str:
+    """The code the client of a call whose handler returned gets: OK, unless the answer
+    comes too late (its deadline passed while the server was busy: gRPC does not send
+    it) or the client cancelled the call meanwhile."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return "DEADLINE_EXCEEDED"
+    try:
+        cancelled = context.cancelled()
+    except NotImplementedError:  # a context that cannot tell
+        cancelled = False
+    return "CANCELLED" if cancelled else "OK"
+
+
 class RpcOutcomes:
-    """How every RPC ends: counted and timed on success (``ok``), or aborted with the
-    status its error maps to, counted and logged (``fail``). One per server."""
+    """How every RPC ends, counted and timed by code: answered (``ok``), aborted with the
+    status its error maps to and logged (``fail``), or cancelled by the client or its
+    deadline (``gone``). One per server."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     async def fail(
-        self, context: Context, method: str, exc: BaseException, *, quiet: bool = False
+        self,
+        context: Context,
+        method: str,
+        exc: BaseException,
+        *,
+        quiet: bool = False,
+        started: float | None = None,
     ) -> NoReturn:
         """Abort the call with the status ``exc`` maps to (``quiet``: count it, log nothing;
-        for refusals that come by the thousand and have their own metric)."""
+        for refusals that come by the thousand and have their own metric; ``started``:
+        also time it, from that ``time.monotonic()``)."""
         if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
             exc = errors.Unavailable(
                 f"Redis did not answer ({type(exc).__name__}: {exc}); retry shortly"
@@ -120,11 +153,11 @@ class RpcOutcomes:
             log.warning("%s: %s", method, exc.message)  # logged louder than a caller's mistake
             quiet = True
         if isinstance(exc, errors.FitserveError):
-            self._count(method, exc.code)
+            self._count(method, exc.code, started)
             if not quiet:
                 log.info("%s: %s", method, exc.message, extra={"code": exc.code})
             await context.abort_with_status(to_status(exc))
-        self._count(method, "INTERNAL")
+        self._count(method, "INTERNAL", started)
         log.error("%s failed", method, exc_info=exc)
         await context.abort(
             grpc.StatusCode.INTERNAL,
@@ -132,20 +165,33 @@ class RpcOutcomes:
         )
         raise AssertionError("unreachable")  # abort raises
 
-    def ok(self, method: str, started: float) -> None:
-        """Count a call that returned, and time it from ``started`` (monotonic)."""
-        self._count(method, "OK")
-        self.metrics.rpc_latency.labels(method).observe(time.monotonic() - started)
+    def ok(self, method: str, started: float, context: Context | None = None) -> None:
+        """Count a call that returned, and time it from ``started`` (monotonic): OK, or
+        as its client sees it (``answered_code``) given its ``context``."""
+        self._count(method, "OK" if context is None else answered_code(context), started)
 
-    def _count(self, method: str, code: str) -> None:
+    def gone(self, context: Context, method: str, started: float) -> None:
+        """Count and time a call that ended without an answer (``gone_code``)."""
+        self._count(method, gone_code(context), started)
+
+    def _count(self, method: str, code: str, started: float | None = None) -> None:
         self.metrics.rpc_requests.labels(method, code).inc()
+        if started is not None:
+            self.metrics.rpc_latency.labels(method, code).observe(time.monotonic() - started)
+
+
+_RPC_MARK = "__fitserve_rpc__"
 
 
 class Servicer:
-    """Base of fitserve servicers: holds the RpcOutcomes the wrappers use."""
+    """Base of fitserve servicers: holds the RpcOutcomes the wrappers use, and creates
+    the call counters of its methods at zero, one per code (``Metrics.prepare_rpc``)."""
 
     def __init__(self, outcomes: RpcOutcomes) -> None:
         self.outcomes = outcomes
+        for name in dir(type(self)):
+            if getattr(getattr(type(self), name, None), _RPC_MARK, False):
+                outcomes.metrics.prepare_rpc(name)
 
 
 S = TypeVar("S", bound=Servicer)
@@ -163,13 +209,17 @@ def unary(
         started = time.monotonic()
         try:
             response = await fn(self, request, context)
+        except asyncio.CancelledError:
+            self.outcomes.gone(context, method, started)
+            raise
         except Exception as exc:
-            await self.outcomes.fail(context, method, exc)
+            await self.outcomes.fail(context, method, exc, started=started)
         finally:
             request_id_var.reset(token)
-        self.outcomes.ok(method, started)
+        self.outcomes.ok(method, started, context)
         return response
 
+    setattr(wrapper, _RPC_MARK, True)
     return wrapper
 
 
@@ -185,11 +235,29 @@ def stream_out(
         # abandons is closed from another context, where ContextVar.reset would fail.
         request_id_var.set(new_request_id())
         started = time.monotonic()
+        counted = False
+
+        def on_done(_: Context) -> None:
+            # A stream the client abandons while gRPC itself sends an item is ended
+            # outside this generator, which is closed only when collected: count it
+            # when the call is done, unless counted already.
+            if not counted:
+                self.outcomes.gone(context, method, started)
+
+        context.add_done_callback(on_done)  # type: ignore[arg-type]  # the stub wants a class
         try:
             async for item in fn(self, request, context):
                 yield item
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed, abandoned
+            if not counted:
+                counted = True
+                self.outcomes.gone(context, method, started)
+            raise
         except Exception as exc:
-            await self.outcomes.fail(context, method, exc)
-        self.outcomes.ok(method, started)
+            counted = True
+            await self.outcomes.fail(context, method, exc, started=started)
+        counted = True
+        self.outcomes.ok(method, started, context)
 
+    setattr(wrapper, _RPC_MARK, True)
     return wrapper

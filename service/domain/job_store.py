@@ -90,6 +90,10 @@ local function move(state, new, data, now, retention, fields)
   end
   if new == 'SUCCEEDED' or new == 'FAILED' or new == 'CANCELLED' then
     redis.call('HINCRBY', KEYS[3], 'finished:' .. kind .. ':' .. new, 1)
+    if new == 'FAILED' then  -- by reason, for fitserve_jobs_failed_total
+      local why = redis.call('HGET', KEYS[1], 'error_reason') or ''
+      redis.call('HINCRBY', KEYS[3], 'failed:' .. kind .. ':' .. why, 1)
+    end
     if active[state] then
       redis.call('HINCRBY', KEYS[3], 'running:' .. kind, -1)
       observe(kind, 'run', t - tonumber(started))

@@ -20,7 +20,6 @@ at once. Out of memory stays UNAVAILABLE (retrying may succeed) and is not remem
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
@@ -145,7 +144,6 @@ class ServingModels:
         self, name: str, version: int, inputs: dict[str, np.ndarray], deadline: float | None
     ) -> Prediction:
         """Run one request on a resolved version through its batcher."""
-        started = time.monotonic()
         loaded = await self._hold(name, version)
         try:
             checked, rows = loaded.servable.check_inputs(inputs)
@@ -154,8 +152,6 @@ class ServingModels:
             outputs = await loaded.batcher.submit(checked, rows, deadline)
         finally:
             loaded.release()
-        elapsed = time.monotonic() - started
-        self._metrics.predict_latency.labels(name, str(version)).observe(elapsed)
         return Prediction(name, version, outputs)
 
     async def signature(self, name: str, version: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -279,10 +275,12 @@ class ServingModels:
     async def _load(self, key: Key) -> None:
         started = time.monotonic()
         labels = (key[0], str(key[1]))
+        self._metrics.prepare_version(*key)
         try:
             servable = await asyncio.to_thread(self._build, key)
         except FitserveError as error:
             self._metrics.model_loads.labels(*labels, error.code).inc()
+            self._metrics.model_load_failures.labels(error.code).inc()
             remembered = not isinstance(error, Unavailable | NotFound)
             until = time.monotonic() + (self._settings.load_failure_seconds if remembered else 0)
             self._failed[key] = _Failure(error, until)
@@ -405,6 +403,7 @@ class ServingModels:
     def _track(self, key: Key, loaded: _Loaded, seconds: float) -> None:
         labels = (key[0], str(key[1]))
         m = self._metrics
+        m.prepare_version(*key, [o.name for o in loaded.servable.outputs])
         m.model_load_seconds.labels(*labels).observe(seconds)
         m.loaded_versions.labels(*labels).set(1)
         m.loaded_bytes.labels(*labels).set(loaded.servable.nbytes)
@@ -414,12 +413,8 @@ class ServingModels:
         log.info("loaded %s version %d in %.2f s", *key, seconds)
 
     def _untrack(self, key: Key) -> None:
-        labels = (key[0], str(key[1]))
-        m = self._metrics
-        gauges = (m.loaded_versions, m.loaded_bytes, m.queue_depth, m.in_flight, m.batch_timeout)
-        for gauge in gauges:
-            with contextlib.suppress(KeyError):
-                gauge.remove(*labels)
+        """Remove every series of the version (``Metrics.forget_version``)."""
+        self._metrics.forget_version(*key)
 
 
 def _getter(fn: Callable[[], int]) -> Callable[[], float]:

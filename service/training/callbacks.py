@@ -34,6 +34,7 @@ from service.domain.job_specs import ThresholdSpec
 from service.domain.job_store import JobStore
 from service.domain.jobs import JobState
 from service.errors import DeadlineExceeded
+from service.metrics import training_metrics
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,20 @@ class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
     another attempt holds never goes on to publish.
     """
 
-    def __init__(self, jobs: JobStore, job_id: str, epochs: int, initial_epoch: int = 0) -> None:
+    def __init__(
+        self,
+        jobs: JobStore,
+        job_id: str,
+        epochs: int,
+        initial_epoch: int = 0,
+        *,
+        kind: str = "train",
+        batch_size: int = 0,
+    ) -> None:
         super().__init__()
         self._jobs, self._job_id, self._epochs = jobs, job_id, epochs
         self._initial_epoch = initial_epoch
+        self._timer = EpochTimer(kind, batch_size)
         self._begun = False
         self._control = leases.current()
         self._pending: list[tuple[int, dict[str, float]]] = []  # not recorded yet, in order
@@ -83,7 +94,11 @@ class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
         self.last_logs: dict[str, float] = {}
         self.logs_by_epoch: dict[int, dict[str, float]] = {}  # 1-based epochs of this run
 
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._timer.step()
+
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._timer.begin()
         if self._begun:
             return
         self._begun = True
@@ -98,6 +113,7 @@ class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
         control = self._control
         if control is not None and control.stopping:
             raise control.stopped()  # nothing of this partial epoch is kept
+        self._timer.end()
         self.last_logs = plain_logs(logs) | self._learning_rate()
         self.logs_by_epoch[epoch + 1] = self.last_logs
         self._pending.append((epoch + 1, self.last_logs))
@@ -160,6 +176,54 @@ class JobProgress(keras.callbacks.Callback):  # type: ignore[misc]
             return {"learning_rate": float(self.model.optimizer.learning_rate)}
         except (AttributeError, TypeError, ValueError):
             return {}
+
+
+class EpochTimer:
+    """Epoch and step times and throughput for /metrics (``TrainingMetrics``); GPU memory
+    sampled at each epoch end. Steps are timed from one batch's start to the next (a
+    batch begin hook only: an end hook would stop Keras dispatching batch ends
+    asynchronously)."""
+
+    def __init__(self, kind: str, batch_size: int) -> None:
+        self._kind, self._batch_size = kind, batch_size
+        self._epoch_started = self._step_started = 0.0
+        self._steps = 0
+
+    def begin(self) -> None:
+        self._epoch_started, self._step_started, self._steps = time.monotonic(), 0.0, 0
+
+    def step(self) -> None:
+        now = time.monotonic()
+        if self._step_started:
+            training_metrics().step_seconds.observe(now - self._step_started)
+        self._step_started = now
+        self._steps += 1
+
+    def end(self) -> None:
+        if not self._epoch_started:
+            return
+        m, now = training_metrics(), time.monotonic()
+        if self._step_started:
+            m.step_seconds.observe(now - self._step_started)
+            self._step_started = 0.0
+        seconds = now - self._epoch_started
+        m.epoch_seconds.labels(self._kind).observe(seconds)
+        if seconds > 0 and self._batch_size:
+            m.samples_per_second.set(self._steps * self._batch_size / seconds)
+        sample_gpu_memory()
+
+
+def sample_gpu_memory() -> None:
+    """fitserve_gpu_memory_used_bytes of each GPU TensorFlow sees (none on CPU)."""
+    import tensorflow as tf
+
+    gauge = training_metrics().gpu_memory
+    for index, _device in enumerate(tf.config.list_logical_devices("GPU")):
+        try:
+            used = tf.config.experimental.get_memory_info(f"GPU:{index}")["current"]
+        except (ValueError, RuntimeError):  # a device TensorFlow keeps no statistics for
+            continue
+        gauge.labels(str(index)).set(used)
 
 
 class BatchProgress(keras.callbacks.Callback):  # type: ignore[misc]

@@ -242,7 +242,14 @@ def job_reporting(
         else []
     )
     return Reporting(
-        progress=JobProgress(ws.jobs, job.id, epochs, initial_epoch),
+        progress=JobProgress(
+            ws.jobs,
+            job.id,
+            epochs,
+            initial_epoch,
+            kind=job.kind.value.lower(),
+            batch_size=FitSpec.model_validate(job.request.get("fit") or {}).batch_size,
+        ),
         cancel=CancelWatcher(ws.jobs, job.id),
         thresholds=Thresholds(ws.jobs, job.id, list(spec.thresholds)),
         plugins=plugins.callbacks(list(spec.plugins), ws.jobs, job.id),

@@ -159,10 +159,27 @@ def test_two_processes_share_the_port_and_metrics_add_up(served: Served) -> None
     ):
         assert time.monotonic() < deadline, "queue depth and in flight never aggregated"
         time.sleep(0.2)  # the polling period
+    _runtime_metrics_of_every_process(served)
 
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(60) == 0
     assert not any(_alive(pid) for pid in served.pids)
+
+
+def _runtime_metrics_of_every_process(served: Served) -> None:
+    """The served (aggregated) registry has process_* of the supervisor and of each
+    child, by pid, build info, the children's Redis probe, and no _created series."""
+    url = f"http://127.0.0.1:{served.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        samples = [
+            s for f in text_string_to_metric_families(response.read().decode()) for s in f.samples
+        ]
+    rss = {s.labels["pid"] for s in samples if s.name == "process_resident_memory_bytes"}
+    assert rss == {str(served.proc.pid), *(str(pid) for pid in served.pids)}
+    assert any(s.name == "process_cpu_seconds_total" for s in samples)
+    assert [s.value for s in samples if s.name == "fitserve_build_info"] == [1.0]
+    assert [s.value for s in samples if s.name == "fitserve_redis_up"] == [1.0]
+    assert not [s.name for s in samples if s.name.endswith("_created")]
 
 
 def test_a_killed_server_process_brings_the_supervisor_down(served: Served) -> None:

@@ -3,6 +3,7 @@ prediction with its outcomes counted, and output filtering."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ def deadline_of(context: Context) -> float | None:
 @dataclass(frozen=True)
 class CountedPredictor:
     """Prediction for one of the Predict APIs, each outcome counted under its ``method``
-    label by model, version and code, so both APIs count alike."""
+    label by model, version and code, so both APIs count alike, and timed by code once the
+    version is known (a call cancelled or past its deadline too: CANCELLED or
+    DEADLINE_EXCEEDED, as gRPC reports it)."""
 
     models: ServingModels
     metrics: Metrics
@@ -43,19 +46,30 @@ class CountedPredictor:
         must not become a Prometheus series.
         """
         version = ""
+        started = time.monotonic()
         try:
             resolved = await self.models.resolve(name, *selector)
             version = str(resolved)
+            started = time.monotonic()
             result = await self.models.predict(name, resolved, inputs, deadline)
+        except asyncio.CancelledError:
+            gone = deadline is not None and time.monotonic() >= deadline
+            self._count(name, version, "DEADLINE_EXCEEDED" if gone else "CANCELLED", started)
+            raise
         except Exception as exc:
             code = exc.code if isinstance(exc, FitserveError) else "INTERNAL"
-            self._count(name if version else "", version, code)
+            self._count(name, version, code, started)
             raise
-        self._count(name, version, "OK")
+        late = deadline is not None and time.monotonic() >= deadline  # gRPC sends no answer
+        self._count(name, version, "DEADLINE_EXCEEDED" if late else "OK", started)
         return result
 
-    def _count(self, name: str, version: str, code: str) -> None:
+    def _count(self, name: str, version: str, code: str, started: float) -> None:
+        if not version:  # not resolved: no series for a caller's typo
+            self.metrics.predict_requests.labels("", "", self.method, code).inc()
+            return
         self.metrics.predict_requests.labels(name, version, self.method, code).inc()
+        self.metrics.predict_latency.labels(name, version, code).observe(time.monotonic() - started)
 
 
 def filtered(outputs: dict[str, np.ndarray], wanted: Iterable[str]) -> dict[str, np.ndarray]:

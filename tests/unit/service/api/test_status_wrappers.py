@@ -23,7 +23,62 @@ class Broken(Servicer, model_pb2_grpc.ModelServiceServicer):
             raise NotFound("model 'missing' not found")
         if request.name == "no-redis":
             raise redis.ConnectionError("No connection available.")
+        if request.name == "wait":  # until the client gives up
+            ENTERED.set()
+            await asyncio.Event().wait()
         raise RuntimeError("secret internal detail")
+
+
+ENTERED = asyncio.Event()
+
+
+async def _gone(metrics: Metrics) -> tuple[grpc.StatusCode, grpc.StatusCode]:
+    """A call past its deadline and a cancelled call, both inside the handler."""
+    server = grpc.aio.server()
+    model_pb2_grpc.add_ModelServiceServicer_to_server(Broken(RpcOutcomes(metrics)), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = model_pb2_grpc.ModelServiceStub(channel)
+            request = model_pb2.GetModelRequest(name="wait")
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await stub.GetModel(request, timeout=1.0)
+            ENTERED.clear()
+            call = stub.GetModel(request, timeout=60)
+            await ENTERED.wait()  # in the handler now
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            for _ in range(100):  # the server sees the cancel a moment later
+                got = metrics.registry.get_sample_value(
+                    "fitserve_rpc_requests_total", {"method": "GetModel", "code": "CANCELLED"}
+                )
+                if got:
+                    break
+                await asyncio.sleep(0.05)  # the polling period
+            return late.value.code(), await call.code()
+    finally:
+        await server.stop(0)
+
+
+def test_deadlines_and_cancellations_are_counted_and_timed_as_the_client_sees_them() -> None:
+    metrics = Metrics()
+    assert (
+        metrics.registry.get_sample_value(
+            "fitserve_rpc_requests_total", {"method": "GetModel", "code": "CANCELLED"}
+        )
+        is None
+    )
+    late, cancelled = asyncio.run(_gone(metrics))
+    assert (late, cancelled) == (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+    for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
+        labels = {"method": "GetModel", "code": code}
+        assert metrics.registry.get_sample_value("fitserve_rpc_requests_total", labels) == 1.0
+        assert metrics.registry.get_sample_value("fitserve_rpc_duration_seconds_count", labels) == 1
+    # every code of the servicer's methods was there at zero from the start
+    zero = {"method": "GetModel", "code": "DATA_LOSS"}
+    assert metrics.registry.get_sample_value("fitserve_rpc_requests_total", zero) == 0.0
 
 
 async def _call(name: str, metrics: Metrics) -> grpc.aio.AioRpcError:

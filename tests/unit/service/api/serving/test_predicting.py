@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,37 @@ def test_a_refusal_counts_the_code_its_error_names() -> None:
 def test_a_bug_counts_as_internal() -> None:
     counted = outcome(Models(error=RuntimeError("boom")))
     assert counted == {("mnist", "3", "tfserving.Predict", "INTERNAL"): 1.0}
+
+
+def _cancelled(deadline: float | None) -> dict[tuple[str, ...], float]:
+    metrics = Metrics()
+    predictor = CountedPredictor(
+        Models(error=asyncio.CancelledError()),  # type: ignore[arg-type]
+        metrics,
+        "Predict",
+    )
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(predictor.predict("mnist", (0, ""), INPUTS, deadline))
+    return {
+        (s.labels["code"], s.name): s.value
+        for m in metrics.registry.collect()
+        for s in m.samples
+        if m.name in ("fitserve_predict_requests", "fitserve_predict_duration_seconds")
+        and s.name.endswith(("_total", "_count"))
+        and s.labels.get("model") == "mnist"
+    }
+
+
+def test_a_call_cancelled_past_its_deadline_counts_and_times_deadline_exceeded() -> None:
+    counted = _cancelled(time.monotonic() - 1)
+    assert counted[("DEADLINE_EXCEEDED", "fitserve_predict_requests_total")] == 1.0
+    assert counted[("DEADLINE_EXCEEDED", "fitserve_predict_duration_seconds_count")] == 1.0
+
+
+def test_a_call_the_client_cancels_counts_and_times_cancelled() -> None:
+    counted = _cancelled(time.monotonic() + 60)
+    assert counted[("CANCELLED", "fitserve_predict_requests_total")] == 1.0
+    assert counted[("CANCELLED", "fitserve_predict_duration_seconds_count")] == 1.0
 
 
 def test_filtered_keeps_the_outputs_asked_for_and_names_an_unknown_one() -> None:
