@@ -41,6 +41,7 @@ from fitserve._errors import (
 from fitserve._job import Job
 from fitserve._options import TrainingOptions
 from fitserve._specs import PluginRef, plugin
+from fitserve._states import JobState
 from fitserve._tensors import to_numpy, to_tensor
 
 try:
@@ -61,6 +62,7 @@ __all__ = [
     "Job",
     "JobCancelledError",
     "JobFailedError",
+    "JobState",
     "NotFoundError",
     "PermissionDeniedError",
     "PluginRef",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import pathlib
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -16,11 +16,13 @@ import grpc
 import numpy.typing as npt
 
 from fitserve import _specs
+from fitserve._calls import retry_pause, service_config
 from fitserve._credentials import TlsOptions, auth_metadata, resolve_tls, resolve_token
 from fitserve._errors import ResourceExhaustedError, from_rpc_error
 from fitserve._job import WATCH_RETRY_SECONDS, Job, JobEventStream
 from fitserve._options import TrainingOptions, request_fields
 from fitserve._specs import DatasetLike, KerasModel
+from fitserve._states import JobState
 from fitserve._tensors import to_numpy, to_tensor
 from fitserve.v1 import (
     dataset_pb2,
@@ -40,7 +42,6 @@ _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 _Item = TypeVar("_Item")
 
-JobState = training_pb2.JobState
 JobKind = training_pb2.JobKind
 JobView = training_pb2.JobView
 
@@ -74,46 +75,17 @@ RETRY_BUFFER_BYTES = 16 * 1024 * 1024  # larger Predict requests are not retried
 MAX_RECONNECT_BACKOFF_MS = 5000
 
 
-def _service_config(attempts: int) -> str:
-    """gRPC's retry policy for Predict: on RESOURCE_EXHAUSTED (a full queue, a shed call)
-    and UNAVAILABLE, retry with exponential backoff, or after the server's pushback when it
-    sends one. Retries pause while calls keep failing (retry throttling: a bucket of 10
-    tokens, -1 per failure, +0.1 per success, retrying above 5), so an overloaded server is
-    not hit harder. Nothing else is retried: DATA_LOSS (a version whose files are corrupt),
-    FAILED_PRECONDITION and the caller's own mistakes would fail the same way again."""
-    if attempts < 2:
-        return json.dumps({})
-    policy = {
-        "maxAttempts": attempts,
-        "initialBackoff": "0.05s",
-        "maxBackoff": "2s",
-        "backoffMultiplier": 2,
-        "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
-    }
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    "name": [{"service": "fitserve.v1.InferenceService", "method": "Predict"}],
-                    "retryPolicy": policy,
-                }
-            ],
-            "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
-        }
-    )
-
-
 def _open_channel(
     target: str,
     max_message_bytes: int,
     credentials: grpc.ChannelCredentials | None,
-    predict_attempts: int,
+    service_config: str,
     tls: TlsOptions | None = None,
 ) -> grpc.Channel:
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.service_config", _service_config(predict_attempts)),
+        ("grpc.service_config", service_config),
         # gRPC keeps a request for retrying only up to this size (its default: 256 KiB)
         ("grpc.per_rpc_retry_buffer_size", min(max_message_bytes, RETRY_BUFFER_BYTES)),
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
@@ -152,7 +124,8 @@ class Client:
         max_message_bytes: int = 256 * 1024 * 1024,
         metadata: Sequence[tuple[str, str]] = (),
         credentials: grpc.ChannelCredentials | None = None,
-        predict_attempts: int = 3,
+        predict_attempts: int | None = None,
+        retry_attempts: int = 3,
         token: str | None = None,
         tls: bool | TlsOptions | None = None,
         watch_retry_seconds: float | None = WATCH_RETRY_SECONDS,
@@ -168,11 +141,16 @@ class Client:
         win over the environment. `metadata` goes with every call too; `credentials` (any
         `grpc.ChannelCredentials`) replaces `tls`. A request
         over `max_message_bytes` fails here, before sending, with `ResourceExhaustedError`
-        (with `channel`, pass the limit that channel was made with). A Predict refused as
-        RESOURCE_EXHAUSTED (queue full, server overloaded) or UNAVAILABLE is tried up to
-        `predict_attempts` times in all, after the server's retry hint or an exponential
-        backoff, within the call's timeout (1: never retried; requests over 16 MiB are
-        not retried; with `channel`, that channel's own service config decides).
+        (with `channel`, pass the limit that channel was made with).
+
+        Idempotent calls (reads, Predict, SetAlias; Train and FineTune only with an
+        `idempotency_key`) refused as RESOURCE_EXHAUSTED (queue full, server shedding
+        load) or UNAVAILABLE (server unreachable) are tried up to `retry_attempts` times
+        in all (at most 5; Predict: `predict_attempts`, default the same), after the
+        server's retry hint or an exponential backoff, within the call's timeout (1:
+        never retried; requests over 16 MiB are not retried; with `channel`, that
+        channel's own service config decides, and only Train and FineTune are retried
+        by the SDK). Nothing else is ever retried.
         Following a job (`Job.events()`, `Job.wait()`) rides out an outage of up to
         `watch_retry_seconds` (None: for ever), resuming from the last event seen.
         """
@@ -181,12 +159,16 @@ class Client:
             raise ValueError("pass the token once: as token=, or as authorization metadata")
         if credentials is not None and tls not in (None, False):
             raise ValueError("pass credentials= or tls=, not both")
+        if retry_attempts < 1 or (predict_attempts is not None and predict_attempts < 1):
+            raise ValueError("retry_attempts and predict_attempts must be >= 1 (1: no retries)")
+        self._retry_attempts = min(retry_attempts, 5)
         self._owns_channel = channel is None
         if channel is None:
             tls_options = None if credentials is not None else resolve_tls(tls)
-            channel = _open_channel(
-                target, max_message_bytes, credentials, predict_attempts, tls_options
+            config = service_config(
+                retry_attempts, retry_attempts if predict_attempts is None else predict_attempts
             )
+            channel = _open_channel(target, max_message_bytes, credentials, config, tls_options)
         self._channel = channel
         self._timeout = timeout
         if watch_retry_seconds is not None and watch_retry_seconds < 0:
@@ -251,6 +233,33 @@ class Client:
             self._check_size(_byte_size(request))
         with _translated_errors():
             return method(request, timeout=self._timeout_for(timeout), metadata=self._metadata)
+
+    def _call_retried(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: float | None,
+        retry: bool,
+    ) -> _Response:
+        """`_call`, retried here (not by gRPC's policy) when `retry`: for calls that are
+        idempotent only when they carry an idempotency key. The attempts share the one
+        deadline."""
+        if not retry:
+            return self._call(method, request, timeout)
+        self._check_size(_byte_size(request))
+        budget = self._timeout_for(timeout)
+        deadline = None if budget is None else time.monotonic() + budget
+        attempt = 1
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                return method(request, timeout=left, metadata=self._metadata)
+            except grpc.RpcError as error:
+                pause = retry_pause(error, attempt) if attempt < self._retry_attempts else None
+                if pause is None or (deadline is not None and time.monotonic() + pause >= deadline):
+                    raise from_rpc_error(error) from error
+                attempt += 1
+                time.sleep(pause)
 
     def _check_size(self, size: int) -> None:
         """Refuse a request gRPC would refuse, with a message that says which setting."""
@@ -372,7 +381,10 @@ class Client:
             dataset=_specs.dataset_ref(dataset),
             **fields,
         )
-        return Job(self, self._call(self._training.Train, request, timeout).job)
+        response = self._call_retried(
+            self._training.Train, request, timeout, retry=bool(request.idempotency_key)
+        )
+        return Job(self, response.job)
 
     def fine_tune(
         self,
@@ -424,7 +436,10 @@ class Client:
             dataset=_specs.dataset_ref(dataset),
             **request_fields("fine_tune", options),
         )
-        return Job(self, self._call(self._training.FineTune, request, timeout).job)
+        response = self._call_retried(
+            self._training.FineTune, request, timeout, retry=bool(request.idempotency_key)
+        )
+        return Job(self, response.job)
 
     def evaluate(
         self,
@@ -477,7 +492,7 @@ class Client:
 
     def list_jobs(
         self,
-        state: str | JobState.ValueType | None = None,
+        state: JobState | str | int | None = None,
         model_name: str = "",
         kind: str | JobKind.ValueType | None = None,
         *,
@@ -485,18 +500,21 @@ class Client:
         page_size: int = 0,
         timeout: float | None = None,
     ) -> Iterator[training_pb2.Job]:
-        """Jobs, newest first; `state` ("RUNNING") and `kind` ("train") filter them.
+        """Jobs, newest first; `state` (`fitserve.JobState.RUNNING`, or "RUNNING") and
+        `kind` ("train") filter them; an unknown state raises ValueError naming them.
+        Each is the wire record: `fitserve.JobState.of(job.state)` gives its state as a
+        `JobState` (`get_job(job.id).state` does too).
 
         Each job comes without its request body (`request_json` empty) unless
         `view="full"`; `get_job(id).info.request_json` has it for one job.
         """
-        state_value = _enum_value(JobState, "JOB_STATE_", state)
+        state_value = JobState.UNSPECIFIED if state is None else JobState.of(state)
         kind_value = _enum_value(JobKind, "JOB_KIND_", kind)
         view_value = _enum_value(JobView, "JOB_VIEW_", view)
 
         def fetch(token: str) -> tuple[Iterable[training_pb2.Job], str]:
             request = training_pb2.ListJobsRequest(
-                state=JobState.ValueType(state_value),
+                state=state_value.number,
                 kind=JobKind.ValueType(kind_value),
                 model_name=model_name,
                 page_size=page_size,
