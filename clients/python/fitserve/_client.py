@@ -292,11 +292,9 @@ class Client:
         once, so re-uploading the same arrays is cheap for the server.
         """
         self._check_size(chunk_bytes + _CHUNK_OVERHEAD_BYTES)
-        content = _specs.npz_bytes({"x": x, "y": y, "sample_weight": sample_weight, **arrays})
-        header = _specs.npz_header(
-            name, size_bytes=len(content), sha256=hashlib.sha256(content).hexdigest()
-        )
-        return self._upload(header, _specs.memory_chunks(content, chunk_bytes), timeout)
+        parts = {"x": x, "y": y, "sample_weight": sample_weight, **arrays}
+        header, chunks = upload_parts(name, chunk_bytes, parts)
+        return self._upload(header, chunks, timeout)
 
     def upload_dataset_file(
         self,
@@ -372,14 +370,8 @@ class Client:
         Python function or class passed here raises TypeError. Pass an `idempotency_key`
         to make retrying this call safe.
         """
-        fields = request_fields(
-            "train", options, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch
-        )
-        request = training_pb2.TrainRequest(
-            model_name=model_name,
-            model=_specs.model_spec(layers, model),
-            dataset=_specs.dataset_ref(dataset),
-            **fields,
+        request = train_request(
+            model_name, layers, model, dataset, initial_epoch, steps_per_epoch, options
         )
         response = self._call_retried(
             self._training.Train, request, timeout, retry=bool(request.idempotency_key)
@@ -508,19 +500,9 @@ class Client:
         Each job comes without its request body (`request_json` empty) unless
         `view="full"`; `get_job(id).info.request_json` has it for one job.
         """
-        state_value = JobState.UNSPECIFIED if state is None else JobState.of(state)
-        kind_value = _enum_value(JobKind, "JOB_KIND_", kind)
-        view_value = _enum_value(JobView, "JOB_VIEW_", view)
 
         def fetch(token: str) -> tuple[Iterable[training_pb2.Job], str]:
-            request = training_pb2.ListJobsRequest(
-                state=state_value.number,
-                kind=JobKind.ValueType(kind_value),
-                model_name=model_name,
-                page_size=page_size,
-                page_token=token,
-                view=JobView.ValueType(view_value),
-            )
+            request = list_jobs_request(state, model_name, kind, view, page_size, token)
             response = self._call(self._training.ListJobs, request, timeout)
             return response.jobs, response.next_page_token
 
@@ -608,7 +590,7 @@ class Client:
         outputs = self.predict_full(
             model_name, x, version=version, alias=alias, inputs=inputs, timeout=timeout
         ).outputs
-        return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+        return first_output(outputs)
 
     def predict_full(
         self,
@@ -622,20 +604,9 @@ class Client:
         timeout: float | None = None,
     ) -> Prediction:
         """Like `predict`, but also returns the version that answered and the request id."""
-        request = inference_pb2.PredictRequest(
-            model=_specs.model_ref(model_name, version, alias),
-            inputs=_input_tensors(x, inputs),
-            output_filter=list(output_filter),
-        )
-        raw = request.SerializeToString()
+        raw = predict_request(model_name, x, version, alias, inputs, output_filter)
         self._check_size(len(raw))
-        response = self._call(self._predict_raw, raw, timeout)
-        return Prediction(
-            outputs={name: to_numpy(tensor) for name, tensor in response.outputs.items()},
-            model_name=response.model_name,
-            version=response.version,
-            request_id=response.request_id,
-        )
+        return prediction(self._call(self._predict_raw, raw, timeout))
 
     def feedback(
         self,
@@ -731,3 +702,97 @@ def _enum_value(enum_type: Any, prefix: str, value: str | int | None) -> int:
         known = enum_type.keys()
         names = [n.removeprefix(prefix) for n in known if not n.endswith("UNSPECIFIED")]
         raise ValueError(f"unknown value {value!r}; expected one of {', '.join(names)}") from None
+
+
+# -- what Client and AsyncClient share: requests built and responses converted once ------
+
+
+def train_request(
+    model_name: str,
+    layers: Sequence[Mapping[str, Any]] | None,
+    model: str | KerasModel | None,
+    dataset: DatasetLike,
+    initial_epoch: int,
+    steps_per_epoch: int,
+    options: Mapping[str, Any],
+) -> training_pb2.TrainRequest:
+    """The TrainRequest of `train(...)`; bad arguments raise here, before any call."""
+    fields = request_fields(
+        "train", options, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch
+    )
+    return training_pb2.TrainRequest(
+        model_name=model_name,
+        model=_specs.model_spec(layers, model),
+        dataset=_specs.dataset_ref(dataset),
+        **fields,
+    )
+
+
+def predict_request(
+    model_name: str,
+    x: npt.ArrayLike | None,
+    version: int | None,
+    alias: str | None,
+    inputs: Mapping[str, npt.ArrayLike] | None,
+    output_filter: Sequence[str] = (),
+) -> bytes:
+    """A serialized PredictRequest (sized once, sent as is)."""
+    request = inference_pb2.PredictRequest(
+        model=_specs.model_ref(model_name, version, alias),
+        inputs=_input_tensors(x, inputs),
+        output_filter=list(output_filter),
+    )
+    return request.SerializeToString()
+
+
+def prediction(response: inference_pb2.PredictResponse) -> Prediction:
+    """A PredictResponse as numpy arrays."""
+    return Prediction(
+        outputs={name: to_numpy(tensor) for name, tensor in response.outputs.items()},
+        model_name=response.model_name,
+        version=response.version,
+        request_id=response.request_id,
+    )
+
+
+def first_output(
+    outputs: dict[str, npt.NDArray[Any]],
+) -> npt.NDArray[Any] | dict[str, npt.NDArray[Any]]:
+    """What `predict` returns: the one output's array, or the dict of several."""
+    return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+
+def list_jobs_request(
+    state: JobState | str | int | None,
+    model_name: str,
+    kind: str | int | None,
+    view: str | int | None,
+    page_size: int,
+    token: str,
+) -> training_pb2.ListJobsRequest:
+    """One page's ListJobsRequest; an unknown state, kind or view raises ValueError."""
+    state_value = JobState.UNSPECIFIED if state is None else JobState.of(state)
+    return training_pb2.ListJobsRequest(
+        state=state_value.number,
+        kind=JobKind.ValueType(_enum_value(JobKind, "JOB_KIND_", kind)),
+        model_name=model_name,
+        page_size=page_size,
+        page_token=token,
+        view=JobView.ValueType(_enum_value(JobView, "JOB_VIEW_", view)),
+    )
+
+
+def upload_parts(
+    name: str, chunk_bytes: int, arrays: Mapping[str, npt.ArrayLike | None]
+) -> tuple[dataset_pb2.DatasetHeader, Iterator[bytes]]:
+    """The header and content chunks of `upload_dataset(name, x=..., y=..., ...)`."""
+    content = _specs.npz_bytes(arrays)
+    header = _specs.npz_header(
+        name, size_bytes=len(content), sha256=hashlib.sha256(content).hexdigest()
+    )
+    return header, _specs.memory_chunks(content, chunk_bytes)
+
+
+def dataset_key(dataset: str | dataset_pb2.Dataset) -> str:
+    """A dataset's id, or the name given."""
+    return _dataset_key(dataset)

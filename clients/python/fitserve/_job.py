@@ -24,7 +24,7 @@ from fitserve._progress import ProgressBar, Verbose, resolve_verbose, total_epoc
 from fitserve._states import JobState
 from fitserve.v1 import training_pb2
 
-__all__ = ["Job"]
+__all__ = ["Job", "JobRecord"]
 
 _TERMINAL_STATES = frozenset(
     {
@@ -74,20 +74,16 @@ class JobCalls(Protocol):
     ) -> JobEventStream: ...
 
 
-class Job:
-    """A handle on a server-side job: follow its events, wait for it, or cancel it.
+class JobRecord:
+    """What `Job` and `AsyncJob` read alike from the job record as last fetched: id,
+    state, per-epoch history, learning curves."""
 
-    `info` is the job record as last fetched (`refresh()`, `wait()`, `cancel()`); the
-    server holds the truth, so a handle is cheap and many can point at one job.
-    """
-
-    def __init__(self, client: JobCalls, info: training_pb2.Job) -> None:
-        self._client = client
+    def __init__(self, info: training_pb2.Job) -> None:
         self._info = info
         self._last_event_id = ""
 
     def __repr__(self) -> str:
-        return f"<Job {self.id} {self.state}>"
+        return f"<{type(self).__name__} {self.id} {self.state}>"
 
     @property
     def id(self) -> str:
@@ -157,6 +153,21 @@ class Job:
             figure.savefig(os.fspath(path))
         finally:
             pyplot.close(figure)
+
+    def _timeout_message(self) -> str:
+        return f"job {self.id} did not finish in time; it was {self.state} when last fetched"
+
+
+class Job(JobRecord):
+    """A handle on a server-side job: follow its events, wait for it, or cancel it.
+
+    `info` is the job record as last fetched (`refresh()`, `wait()`, `cancel()`); the
+    server holds the truth, so a handle is cheap and many can point at one job.
+    """
+
+    def __init__(self, client: JobCalls, info: training_pb2.Job) -> None:
+        super().__init__(info)
+        self._client = client
 
     def refresh(self, *, timeout: float | None = None) -> training_pb2.Job:
         """Fetch the job record again, and return it."""
@@ -293,9 +304,6 @@ class Job:
             raise TimeoutError(self._timeout_message())
         return remaining if default is None else min(default, remaining)
 
-    def _timeout_message(self) -> str:
-        return f"job {self.id} did not finish in time; it was {self.state} when last fetched"
-
 
 class _Outage:
     """One stretch of failed calls while following a job: the pause before each retry
@@ -317,6 +325,11 @@ class _Outage:
     def pause_or_raise(self, cause: BaseException | None, error: FitserveError) -> None:
         """Sleep before the next try when ``cause`` (the failed call) is worth retrying
         and time is left; else raise ``error`` (TimeoutError once the deadline passed)."""
+        _nap(self.next_pause(cause, error))
+
+    def next_pause(self, cause: BaseException | None, error: FitserveError) -> float:
+        """The seconds to wait before the next try (``pause_or_raise`` without the sleep,
+        for the AsyncJob to await instead)."""
         pause = _retry_pause(cause)
         if pause is None:
             raise error
@@ -335,7 +348,7 @@ class _Outage:
         step = min(_BACKOFF_MAX_SECONDS, _BACKOFF_SECONDS * _BACKOFF_MULTIPLIER**self._failures)
         self._failures += 1
         delay = max(step * random.uniform(1 - _JITTER, 1 + _JITTER), pause)
-        _nap(delay if give_up is None else max(0.0, min(delay, give_up - now)))
+        return delay if give_up is None else max(0.0, min(delay, give_up - now))
 
     def _give_up_at(self) -> float | None:
         if self._deadline is not None:
