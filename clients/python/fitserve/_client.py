@@ -501,6 +501,8 @@ class Client:
         `view="full"`; `get_job(id).info.request_json` has it for one job.
         """
 
+        list_jobs_request(state, model_name, kind, view, page_size, "")  # fail here, not later
+
         def fetch(token: str) -> tuple[Iterable[training_pb2.Job], str]:
             request = list_jobs_request(state, model_name, kind, view, page_size, token)
             response = self._call(self._training.ListJobs, request, timeout)
