@@ -131,7 +131,7 @@ def test_verbose_0_is_silent_and_bad_verbose_is_refused(finished, capsys):
 
 
 def test_history_is_the_per_epoch_logs_of_the_jobs_events(finished):
-    client, job = finished
+    _, job = finished
 
     epochs = [e.epoch_ended for e in job.events() if e.WhichOneof("payload") == "epoch_ended"]
 
