@@ -7,6 +7,10 @@
     job.wait()
     probs = client.predict("mnist-mlp", x_test)
 
+For asyncio services, `fitserve.AsyncClient` has the same calls, awaited (`job = await
+client.train(...)`, `await job.wait()`); both clients take an existing channel
+(`channel=`), which they then never close.
+
 A server with TLS and tokens: `fitserve.Client(target, token="fst_...",
 tls=fitserve.TlsOptions(ca="ca.pem"))`, or FITSERVE_TOKEN and FITSERVE_TLS_CA set.
 
@@ -18,6 +22,7 @@ The wire contract (request and response messages, stubs) is in `fitserve.v1`.
 
 from importlib import metadata as _metadata
 
+from fitserve._async import AsyncClient, AsyncJob
 from fitserve._client import Client, Prediction
 from fitserve._credentials import TlsOptions
 from fitserve._errors import (
@@ -41,6 +46,7 @@ from fitserve._errors import (
 from fitserve._job import Job
 from fitserve._options import TrainingOptions
 from fitserve._specs import PluginRef, plugin
+from fitserve._states import JobState
 from fitserve._tensors import to_numpy, to_tensor
 
 try:
@@ -50,6 +56,8 @@ except _metadata.PackageNotFoundError:  # running from a source tree without ins
 
 __all__ = [
     "AlreadyExistsError",
+    "AsyncClient",
+    "AsyncJob",
     "CancelledError",
     "Client",
     "DataLossError",
@@ -61,6 +69,7 @@ __all__ = [
     "Job",
     "JobCancelledError",
     "JobFailedError",
+    "JobState",
     "NotFoundError",
     "PermissionDeniedError",
     "PluginRef",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import pathlib
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -16,11 +16,13 @@ import grpc
 import numpy.typing as npt
 
 from fitserve import _specs
+from fitserve._calls import retry_pause, service_config
 from fitserve._credentials import TlsOptions, auth_metadata, resolve_tls, resolve_token
 from fitserve._errors import ResourceExhaustedError, from_rpc_error
 from fitserve._job import WATCH_RETRY_SECONDS, Job, JobEventStream
 from fitserve._options import TrainingOptions, request_fields
 from fitserve._specs import DatasetLike, KerasModel
+from fitserve._states import JobState
 from fitserve._tensors import to_numpy, to_tensor
 from fitserve.v1 import (
     dataset_pb2,
@@ -40,7 +42,6 @@ _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 _Item = TypeVar("_Item")
 
-JobState = training_pb2.JobState
 JobKind = training_pb2.JobKind
 JobView = training_pb2.JobView
 
@@ -74,46 +75,17 @@ RETRY_BUFFER_BYTES = 16 * 1024 * 1024  # larger Predict requests are not retried
 MAX_RECONNECT_BACKOFF_MS = 5000
 
 
-def _service_config(attempts: int) -> str:
-    """gRPC's retry policy for Predict: on RESOURCE_EXHAUSTED (a full queue, a shed call)
-    and UNAVAILABLE, retry with exponential backoff, or after the server's pushback when it
-    sends one. Retries pause while calls keep failing (retry throttling: a bucket of 10
-    tokens, -1 per failure, +0.1 per success, retrying above 5), so an overloaded server is
-    not hit harder. Nothing else is retried: DATA_LOSS (a version whose files are corrupt),
-    FAILED_PRECONDITION and the caller's own mistakes would fail the same way again."""
-    if attempts < 2:
-        return json.dumps({})
-    policy = {
-        "maxAttempts": attempts,
-        "initialBackoff": "0.05s",
-        "maxBackoff": "2s",
-        "backoffMultiplier": 2,
-        "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
-    }
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    "name": [{"service": "fitserve.v1.InferenceService", "method": "Predict"}],
-                    "retryPolicy": policy,
-                }
-            ],
-            "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
-        }
-    )
-
-
 def _open_channel(
     target: str,
     max_message_bytes: int,
     credentials: grpc.ChannelCredentials | None,
-    predict_attempts: int,
+    service_config: str,
     tls: TlsOptions | None = None,
 ) -> grpc.Channel:
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.service_config", _service_config(predict_attempts)),
+        ("grpc.service_config", service_config),
         # gRPC keeps a request for retrying only up to this size (its default: 256 KiB)
         ("grpc.per_rpc_retry_buffer_size", min(max_message_bytes, RETRY_BUFFER_BYTES)),
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
@@ -152,7 +124,8 @@ class Client:
         max_message_bytes: int = 256 * 1024 * 1024,
         metadata: Sequence[tuple[str, str]] = (),
         credentials: grpc.ChannelCredentials | None = None,
-        predict_attempts: int = 3,
+        predict_attempts: int | None = None,
+        retry_attempts: int = 3,
         token: str | None = None,
         tls: bool | TlsOptions | None = None,
         watch_retry_seconds: float | None = WATCH_RETRY_SECONDS,
@@ -168,11 +141,16 @@ class Client:
         win over the environment. `metadata` goes with every call too; `credentials` (any
         `grpc.ChannelCredentials`) replaces `tls`. A request
         over `max_message_bytes` fails here, before sending, with `ResourceExhaustedError`
-        (with `channel`, pass the limit that channel was made with). A Predict refused as
-        RESOURCE_EXHAUSTED (queue full, server overloaded) or UNAVAILABLE is tried up to
-        `predict_attempts` times in all, after the server's retry hint or an exponential
-        backoff, within the call's timeout (1: never retried; requests over 16 MiB are
-        not retried; with `channel`, that channel's own service config decides).
+        (with `channel`, pass the limit that channel was made with).
+
+        Idempotent calls (reads, Predict, SetAlias; Train and FineTune only with an
+        `idempotency_key`) refused as RESOURCE_EXHAUSTED (queue full, server shedding
+        load) or UNAVAILABLE (server unreachable) are tried up to `retry_attempts` times
+        in all (at most 5; Predict: `predict_attempts`, default the same), after the
+        server's retry hint or an exponential backoff, within the call's timeout (1:
+        never retried; requests over 16 MiB are not retried; with `channel`, that
+        channel's own service config decides, and only Train and FineTune are retried
+        by the SDK). Nothing else is ever retried.
         Following a job (`Job.events()`, `Job.wait()`) rides out an outage of up to
         `watch_retry_seconds` (None: for ever), resuming from the last event seen.
         """
@@ -181,12 +159,16 @@ class Client:
             raise ValueError("pass the token once: as token=, or as authorization metadata")
         if credentials is not None and tls not in (None, False):
             raise ValueError("pass credentials= or tls=, not both")
+        if retry_attempts < 1 or (predict_attempts is not None and predict_attempts < 1):
+            raise ValueError("retry_attempts and predict_attempts must be >= 1 (1: no retries)")
+        self._retry_attempts = min(retry_attempts, 5)
         self._owns_channel = channel is None
         if channel is None:
             tls_options = None if credentials is not None else resolve_tls(tls)
-            channel = _open_channel(
-                target, max_message_bytes, credentials, predict_attempts, tls_options
+            config = service_config(
+                retry_attempts, retry_attempts if predict_attempts is None else predict_attempts
             )
+            channel = _open_channel(target, max_message_bytes, credentials, config, tls_options)
         self._channel = channel
         self._timeout = timeout
         if watch_retry_seconds is not None and watch_retry_seconds < 0:
@@ -252,6 +234,33 @@ class Client:
         with _translated_errors():
             return method(request, timeout=self._timeout_for(timeout), metadata=self._metadata)
 
+    def _call_retried(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: float | None,
+        retry: bool,
+    ) -> _Response:
+        """`_call`, retried here (not by gRPC's policy) when `retry`: for calls that are
+        idempotent only when they carry an idempotency key. The attempts share the one
+        deadline."""
+        if not retry:
+            return self._call(method, request, timeout)
+        self._check_size(_byte_size(request))
+        budget = self._timeout_for(timeout)
+        deadline = None if budget is None else time.monotonic() + budget
+        attempt = 1
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                return method(request, timeout=left, metadata=self._metadata)
+            except grpc.RpcError as error:
+                pause = retry_pause(error, attempt) if attempt < self._retry_attempts else None
+                if pause is None or (deadline is not None and time.monotonic() + pause >= deadline):
+                    raise from_rpc_error(error) from error
+                attempt += 1
+                time.sleep(pause)
+
     def _check_size(self, size: int) -> None:
         """Refuse a request gRPC would refuse, with a message that says which setting."""
         if size > self._max_message_bytes:
@@ -283,11 +292,9 @@ class Client:
         once, so re-uploading the same arrays is cheap for the server.
         """
         self._check_size(chunk_bytes + _CHUNK_OVERHEAD_BYTES)
-        content = _specs.npz_bytes({"x": x, "y": y, "sample_weight": sample_weight, **arrays})
-        header = _specs.npz_header(
-            name, size_bytes=len(content), sha256=hashlib.sha256(content).hexdigest()
-        )
-        return self._upload(header, _specs.memory_chunks(content, chunk_bytes), timeout)
+        parts = {"x": x, "y": y, "sample_weight": sample_weight, **arrays}
+        header, chunks = upload_parts(name, chunk_bytes, parts)
+        return self._upload(header, chunks, timeout)
 
     def upload_dataset_file(
         self,
@@ -363,16 +370,13 @@ class Client:
         Python function or class passed here raises TypeError. Pass an `idempotency_key`
         to make retrying this call safe.
         """
-        fields = request_fields(
-            "train", options, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch
+        request = train_request(
+            model_name, layers, model, dataset, initial_epoch, steps_per_epoch, options
         )
-        request = training_pb2.TrainRequest(
-            model_name=model_name,
-            model=_specs.model_spec(layers, model),
-            dataset=_specs.dataset_ref(dataset),
-            **fields,
+        response = self._call_retried(
+            self._training.Train, request, timeout, retry=bool(request.idempotency_key)
         )
-        return Job(self, self._call(self._training.Train, request, timeout).job)
+        return Job(self, response.job)
 
     def fine_tune(
         self,
@@ -424,7 +428,10 @@ class Client:
             dataset=_specs.dataset_ref(dataset),
             **request_fields("fine_tune", options),
         )
-        return Job(self, self._call(self._training.FineTune, request, timeout).job)
+        response = self._call_retried(
+            self._training.FineTune, request, timeout, retry=bool(request.idempotency_key)
+        )
+        return Job(self, response.job)
 
     def evaluate(
         self,
@@ -477,7 +484,7 @@ class Client:
 
     def list_jobs(
         self,
-        state: str | JobState.ValueType | None = None,
+        state: JobState | str | int | None = None,
         model_name: str = "",
         kind: str | JobKind.ValueType | None = None,
         *,
@@ -485,24 +492,19 @@ class Client:
         page_size: int = 0,
         timeout: float | None = None,
     ) -> Iterator[training_pb2.Job]:
-        """Jobs, newest first; `state` ("RUNNING") and `kind` ("train") filter them.
+        """Jobs, newest first; `state` (`fitserve.JobState.RUNNING`, or "RUNNING") and
+        `kind` ("train") filter them; an unknown state raises ValueError naming them.
+        Each is the wire record: `fitserve.JobState.of(job.state)` gives its state as a
+        `JobState` (`get_job(job.id).state` does too).
 
         Each job comes without its request body (`request_json` empty) unless
         `view="full"`; `get_job(id).info.request_json` has it for one job.
         """
-        state_value = _enum_value(JobState, "JOB_STATE_", state)
-        kind_value = _enum_value(JobKind, "JOB_KIND_", kind)
-        view_value = _enum_value(JobView, "JOB_VIEW_", view)
+
+        list_jobs_request(state, model_name, kind, view, page_size, "")  # fail here, not later
 
         def fetch(token: str) -> tuple[Iterable[training_pb2.Job], str]:
-            request = training_pb2.ListJobsRequest(
-                state=JobState.ValueType(state_value),
-                kind=JobKind.ValueType(kind_value),
-                model_name=model_name,
-                page_size=page_size,
-                page_token=token,
-                view=JobView.ValueType(view_value),
-            )
+            request = list_jobs_request(state, model_name, kind, view, page_size, token)
             response = self._call(self._training.ListJobs, request, timeout)
             return response.jobs, response.next_page_token
 
@@ -590,7 +592,7 @@ class Client:
         outputs = self.predict_full(
             model_name, x, version=version, alias=alias, inputs=inputs, timeout=timeout
         ).outputs
-        return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+        return first_output(outputs)
 
     def predict_full(
         self,
@@ -604,20 +606,9 @@ class Client:
         timeout: float | None = None,
     ) -> Prediction:
         """Like `predict`, but also returns the version that answered and the request id."""
-        request = inference_pb2.PredictRequest(
-            model=_specs.model_ref(model_name, version, alias),
-            inputs=_input_tensors(x, inputs),
-            output_filter=list(output_filter),
-        )
-        raw = request.SerializeToString()
+        raw = predict_request(model_name, x, version, alias, inputs, output_filter)
         self._check_size(len(raw))
-        response = self._call(self._predict_raw, raw, timeout)
-        return Prediction(
-            outputs={name: to_numpy(tensor) for name, tensor in response.outputs.items()},
-            model_name=response.model_name,
-            version=response.version,
-            request_id=response.request_id,
-        )
+        return prediction(self._call(self._predict_raw, raw, timeout))
 
     def feedback(
         self,
@@ -713,3 +704,97 @@ def _enum_value(enum_type: Any, prefix: str, value: str | int | None) -> int:
         known = enum_type.keys()
         names = [n.removeprefix(prefix) for n in known if not n.endswith("UNSPECIFIED")]
         raise ValueError(f"unknown value {value!r}; expected one of {', '.join(names)}") from None
+
+
+# -- what Client and AsyncClient share: requests built and responses converted once ------
+
+
+def train_request(
+    model_name: str,
+    layers: Sequence[Mapping[str, Any]] | None,
+    model: str | KerasModel | None,
+    dataset: DatasetLike,
+    initial_epoch: int,
+    steps_per_epoch: int,
+    options: Mapping[str, Any],
+) -> training_pb2.TrainRequest:
+    """The TrainRequest of `train(...)`; bad arguments raise here, before any call."""
+    fields = request_fields(
+        "train", options, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch
+    )
+    return training_pb2.TrainRequest(
+        model_name=model_name,
+        model=_specs.model_spec(layers, model),
+        dataset=_specs.dataset_ref(dataset),
+        **fields,
+    )
+
+
+def predict_request(
+    model_name: str,
+    x: npt.ArrayLike | None,
+    version: int | None,
+    alias: str | None,
+    inputs: Mapping[str, npt.ArrayLike] | None,
+    output_filter: Sequence[str] = (),
+) -> bytes:
+    """A serialized PredictRequest (sized once, sent as is)."""
+    request = inference_pb2.PredictRequest(
+        model=_specs.model_ref(model_name, version, alias),
+        inputs=_input_tensors(x, inputs),
+        output_filter=list(output_filter),
+    )
+    return request.SerializeToString()
+
+
+def prediction(response: inference_pb2.PredictResponse) -> Prediction:
+    """A PredictResponse as numpy arrays."""
+    return Prediction(
+        outputs={name: to_numpy(tensor) for name, tensor in response.outputs.items()},
+        model_name=response.model_name,
+        version=response.version,
+        request_id=response.request_id,
+    )
+
+
+def first_output(
+    outputs: dict[str, npt.NDArray[Any]],
+) -> npt.NDArray[Any] | dict[str, npt.NDArray[Any]]:
+    """What `predict` returns: the one output's array, or the dict of several."""
+    return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+
+def list_jobs_request(
+    state: JobState | str | int | None,
+    model_name: str,
+    kind: str | int | None,
+    view: str | int | None,
+    page_size: int,
+    token: str,
+) -> training_pb2.ListJobsRequest:
+    """One page's ListJobsRequest; an unknown state, kind or view raises ValueError."""
+    state_value = JobState.UNSPECIFIED if state is None else JobState.of(state)
+    return training_pb2.ListJobsRequest(
+        state=state_value.number,
+        kind=JobKind.ValueType(_enum_value(JobKind, "JOB_KIND_", kind)),
+        model_name=model_name,
+        page_size=page_size,
+        page_token=token,
+        view=JobView.ValueType(_enum_value(JobView, "JOB_VIEW_", view)),
+    )
+
+
+def upload_parts(
+    name: str, chunk_bytes: int, arrays: Mapping[str, npt.ArrayLike | None]
+) -> tuple[dataset_pb2.DatasetHeader, Iterator[bytes]]:
+    """The header and content chunks of `upload_dataset(name, x=..., y=..., ...)`."""
+    content = _specs.npz_bytes(arrays)
+    header = _specs.npz_header(
+        name, size_bytes=len(content), sha256=hashlib.sha256(content).hexdigest()
+    )
+    return header, _specs.memory_chunks(content, chunk_bytes)
+
+
+def dataset_key(dataset: str | dataset_pb2.Dataset) -> str:
+    """A dataset's id, or the name given."""
+    return _dataset_key(dataset)

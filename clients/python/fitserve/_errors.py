@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import grpc
 
+from fitserve._states import JobState
 from fitserve.v1 import training_pb2
 
 __all__ = [
@@ -152,6 +153,11 @@ class JobFailedError(FitserveError):
         self.job = job
 
     @property
+    def state(self) -> JobState:
+        """`JobState.FAILED`, the state of `.job` as a `JobState`."""
+        return JobState.of(self.job.state)
+
+    @property
     def reason(self) -> str:
         """The stable code of the failure, e.g. "INVALID_LABELS" or "OUT_OF_MEMORY"."""
         return self.job.error.reason
@@ -165,6 +171,11 @@ class JobCancelledError(FitserveError):
     def __init__(self, job: training_pb2.Job) -> None:
         super().__init__(f"job {job.id} was cancelled")
         self.job = job
+
+    @property
+    def state(self) -> JobState:
+        """`JobState.CANCELLED`, the state of `.job` as a `JobState`."""
+        return JobState.of(self.job.state)
 
 
 _BY_CODE: dict[grpc.StatusCode, type[FitserveError]] = {

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import sys
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Protocol, TypeVar
 
 import grpc
@@ -18,14 +20,22 @@ from fitserve._errors import (
     JobFailedError,
     from_rpc_error,
 )
+from fitserve._progress import ProgressBar, Verbose, resolve_verbose, total_epochs
+from fitserve._states import JobState
 from fitserve.v1 import training_pb2
 
-__all__ = ["Job"]
-
-JobState = training_pb2.JobState
+__all__ = ["Job", "JobRecord"]
 
 _TERMINAL_STATES = frozenset(
-    {JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED, JobState.JOB_STATE_CANCELLED}
+    {
+        training_pb2.JOB_STATE_SUCCEEDED,
+        training_pb2.JOB_STATE_FAILED,
+        training_pb2.JOB_STATE_CANCELLED,
+    }
+)
+_PLOT_EXTRA = (
+    "Job.plot needs matplotlib, which the SDK does not install by default: "
+    "pip install 'fitserve[plot]'"
 )
 WATCH_RETRY_SECONDS = 300.0
 """How long, by default, following a job rides out an outage (`Client(watch_retry_seconds=)`)."""
@@ -64,20 +74,16 @@ class JobCalls(Protocol):
     ) -> JobEventStream: ...
 
 
-class Job:
-    """A handle on a server-side job: follow its events, wait for it, or cancel it.
+class JobRecord:
+    """What `Job` and `AsyncJob` read alike from the job record as last fetched: id,
+    state, per-epoch history, learning curves."""
 
-    `info` is the job record as last fetched (`refresh()`, `wait()`, `cancel()`); the
-    server holds the truth, so a handle is cheap and many can point at one job.
-    """
-
-    def __init__(self, client: JobCalls, info: training_pb2.Job) -> None:
-        self._client = client
+    def __init__(self, info: training_pb2.Job) -> None:
         self._info = info
         self._last_event_id = ""
 
     def __repr__(self) -> str:
-        return f"<Job {self.id} {self.state}>"
+        return f"<{type(self).__name__} {self.id} {self.state}>"
 
     @property
     def id(self) -> str:
@@ -90,9 +96,9 @@ class Job:
         return self._info
 
     @property
-    def state(self) -> str:
-        """The state as last fetched, e.g. "RUNNING" or "SUCCEEDED"."""
-        return JobState.Name(self._info.state).removeprefix("JOB_STATE_")
+    def state(self) -> JobState:
+        """The state as last fetched, e.g. `JobState.RUNNING` (equal to "RUNNING")."""
+        return JobState.of(self._info.state)
 
     @property
     def history(self) -> dict[str, list[float]]:
@@ -109,6 +115,59 @@ class Job:
         """The epoch numbers (1-based) that ``history`` holds, as ``History.epoch`` does
         (0-based there)."""
         return [record.epoch for record in self._info.history]
+
+    def plot(self, path: str | os.PathLike[str], *, metrics: Iterable[str] | None = None) -> None:
+        """Save the learning curves of ``history`` to ``path`` (PNG, SVG, PDF: by its
+        suffix): one panel per metric, its ``val_`` twin on the same panel, as
+        ``pd.DataFrame(history.history).plot()`` would draw them. ``metrics`` picks the
+        panels (default: every metric but ``val_`` ones and the learning rate). Needs
+        the ``fitserve[plot]`` extra (matplotlib); ImportError naming it otherwise;
+        ValueError when the job has no epochs yet or a metric is not in its history."""
+        history = self.history
+        if not history:
+            raise ValueError(
+                f"job {self.id} has no per-epoch history to plot yet ({self.state}); "
+                "wait() for it or refresh() it first"
+            )
+        names = _panels(history, metrics)
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            from matplotlib import pyplot
+        except ImportError as error:
+            raise ImportError(_PLOT_EXTRA) from error
+        figure, axes = pyplot.subplots(
+            1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False
+        )
+        try:
+            for axis, name in zip(axes[0], names, strict=True):
+                for key in (name, f"val_{name}"):
+                    if key in history:
+                        axis.plot(self.epochs, history[key], marker="o", label=key)
+                axis.set_title(name)
+                axis.set_xlabel("epoch")
+                axis.legend()
+            figure.suptitle(f"job {self.id} ({self.info.model_name})")
+            figure.tight_layout()
+            figure.savefig(os.fspath(path))
+        finally:
+            pyplot.close(figure)
+
+    def _timeout_message(self) -> str:
+        return f"job {self.id} did not finish in time; it was {self.state} when last fetched"
+
+
+class Job(JobRecord):
+    """A handle on a server-side job: follow its events, wait for it, or cancel it.
+
+    `info` is the job record as last fetched (`refresh()`, `wait()`, `cancel()`); the
+    server holds the truth, so a handle is cheap and many can point at one job.
+    """
+
+    def __init__(self, client: JobCalls, info: training_pb2.Job) -> None:
+        super().__init__(info)
+        self._client = client
 
     def refresh(self, *, timeout: float | None = None) -> training_pb2.Job:
         """Fetch the job record again, and return it."""
@@ -145,37 +204,58 @@ class Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         return self._follow(after_event_id, deadline, self._outage(deadline))
 
-    def wait(self, timeout: float | None = None) -> training_pb2.Job:
+    def wait(self, timeout: float | None = None, *, verbose: Verbose = "auto") -> training_pb2.Job:
         """Block until the job ends and return its final record.
+
+        On the way it draws a progress bar on stdout as Keras's `fit(verbose=...)` does:
+        "auto" (the default) is 1 on a terminal and 0 otherwise; 0 prints nothing; 1 an
+        `Epoch 3/10` line and a bar per epoch (batch by batch when the job was started
+        with `callbacks={"batch_progress": True}`), with loss and metrics; 2 one line per
+        epoch. Following from a fresh handle replays the epochs already run.
 
         Raises `JobFailedError` or `JobCancelledError` when it did not succeed, and
         `TimeoutError` when `timeout` seconds pass first (the job keeps running). An
         outage is ridden out as `events()` does, for up to `timeout` when one is given.
         """
+        level = resolve_verbose(verbose, sys.stdout)
         deadline = None if timeout is None else time.monotonic() + timeout
+        bar = ProgressBar(level, epochs=total_epochs(self._info.request_json))
         try:
-            info = self._wait_until_terminal(deadline)
+            info = self._wait_until_terminal(deadline, bar.update if level else None)
         except DeadlineExceededError as error:
             if deadline is None or time.monotonic() < deadline:
                 raise
             raise TimeoutError(self._timeout_message()) from error
+        finally:
+            bar.close()
         return _outcome(info)
 
-    def _wait_until_terminal(self, deadline: float | None) -> training_pb2.Job:
+    def _wait_until_terminal(
+        self,
+        deadline: float | None,
+        on_event: Callable[[training_pb2.JobEvent], None] | None = None,
+    ) -> training_pb2.Job:
         outage = self._outage(deadline)
         while True:
-            saw_events = self._follow_until_terminal_event(deadline, outage)
+            saw_events = self._follow_until_terminal_event(deadline, outage, on_event)
             info = self._retried(lambda: self.refresh(timeout=self._call_timeout(deadline)), outage)
             if info.state in _TERMINAL_STATES:
                 return info
             if not saw_events:  # the stream closed early: don't spin on GetJob
                 _sleep(_BACKOFF_SECONDS, deadline)
 
-    def _follow_until_terminal_event(self, deadline: float | None, outage: _Outage) -> bool:
+    def _follow_until_terminal_event(
+        self,
+        deadline: float | None,
+        outage: _Outage,
+        on_event: Callable[[training_pb2.JobEvent], None] | None = None,
+    ) -> bool:
         saw_events = False
         with contextlib.closing(self._follow(self._last_event_id, deadline, outage)) as events:
             for event in events:
                 saw_events = True
+                if on_event is not None:
+                    on_event(event)
                 if _is_terminal_event(event):
                     break
         return saw_events
@@ -224,9 +304,6 @@ class Job:
             raise TimeoutError(self._timeout_message())
         return remaining if default is None else min(default, remaining)
 
-    def _timeout_message(self) -> str:
-        return f"job {self.id} did not finish in time; it was {self.state} when last fetched"
-
 
 class _Outage:
     """One stretch of failed calls while following a job: the pause before each retry
@@ -248,6 +325,11 @@ class _Outage:
     def pause_or_raise(self, cause: BaseException | None, error: FitserveError) -> None:
         """Sleep before the next try when ``cause`` (the failed call) is worth retrying
         and time is left; else raise ``error`` (TimeoutError once the deadline passed)."""
+        _nap(self.next_pause(cause, error))
+
+    def next_pause(self, cause: BaseException | None, error: FitserveError) -> float:
+        """The seconds to wait before the next try (``pause_or_raise`` without the sleep,
+        for the AsyncJob to await instead)."""
         pause = _retry_pause(cause)
         if pause is None:
             raise error
@@ -266,7 +348,7 @@ class _Outage:
         step = min(_BACKOFF_MAX_SECONDS, _BACKOFF_SECONDS * _BACKOFF_MULTIPLIER**self._failures)
         self._failures += 1
         delay = max(step * random.uniform(1 - _JITTER, 1 + _JITTER), pause)
-        _nap(delay if give_up is None else max(0.0, min(delay, give_up - now)))
+        return delay if give_up is None else max(0.0, min(delay, give_up - now))
 
     def _give_up_at(self) -> float | None:
         if self._deadline is not None:
@@ -311,11 +393,32 @@ def _is_terminal_event(event: training_pb2.JobEvent) -> bool:
 
 
 def _outcome(info: training_pb2.Job) -> training_pb2.Job:
-    if info.state == JobState.JOB_STATE_FAILED:
+    if info.state == training_pb2.JOB_STATE_FAILED:
         raise JobFailedError(info)
-    if info.state == JobState.JOB_STATE_CANCELLED:
+    if info.state == training_pb2.JOB_STATE_CANCELLED:
         raise JobCancelledError(info)
     return info
+
+
+def _panels(history: dict[str, list[float]], metrics: Iterable[str] | None) -> list[str]:
+    """The metrics to draw a panel of: those asked for, or every one but val_ twins
+    (drawn with theirs) and the learning rate."""
+    if metrics is None:
+        names = [
+            key
+            for key in history
+            if key not in ("lr", "learning_rate")
+            and not (key.startswith("val_") and key.removeprefix("val_") in history)
+        ]
+        return names or list(history)
+    names = list(metrics)
+    missing = [name for name in names if name not in history]
+    if missing or not names:
+        raise ValueError(
+            f"cannot plot {', '.join(map(repr, missing)) or 'no metrics'}: the job's "
+            f"history has {', '.join(sorted(history))}"
+        )
+    return names
 
 
 def _nap(seconds: float) -> None:
