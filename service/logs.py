@@ -202,7 +202,7 @@ class Relayed:
             name = "tensorflow.native"
         elif celery:
             self._level, message = logging.getLevelNamesMapping()[celery.group(3)], celery.group(5)
-            fields["process"] = celery.group(4)
+            fields["celery_process"] = celery.group(4)
             name = self.logger.name
         else:
             message, name = line, self.logger.name

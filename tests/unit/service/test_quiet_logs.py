@@ -34,7 +34,7 @@ def test_foreign_lines_become_records_with_their_level() -> None:
         "WARNING",
         "slow job",
     )
-    assert record.__dict__["process"] == "ForkPoolWorker-1"
+    assert record.__dict__["celery_process"] == "ForkPoolWorker-1"
     cont = relayed.record("Traceback (most recent call last):")  # takes the level before
     assert isinstance(cont, logging.LogRecord)
     assert cont.levelname == "WARNING"
