@@ -114,7 +114,7 @@ def serve_argv(*args: str) -> list[str]:
 def start_server(
     argv: Sequence[str],
     env: Mapping[str, str] | None = None,
-    log: Path | None = None,
+    log: Path | int | None = None,
     cwd: Path | None = None,
     *,
     prefix: Sequence[str] = (),

@@ -9,6 +9,7 @@ neither loses its Redis while it shuts down.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -21,7 +22,9 @@ import redis
 
 from service.config import Settings
 from service.domain.files import write_private
+from service.domain.model_store import ModelStore
 from service.domain.tokens import TokenStore
+from service.errors import FitserveError
 from service.launch.ready import READY_TIMEOUT, Ready
 from service.launch.redis_server import (
     PASSWORD_FILE,
@@ -31,6 +34,7 @@ from service.launch.redis_server import (
     start_redis,
     wait_for_redis,
 )
+from service.launch.relay import Relay
 from service.launch.serving import serve_argv, start_server
 from service.launch.supervision import (
     Child,
@@ -43,6 +47,7 @@ from service.launch.supervision import (
     terminate,
 )
 from service.launch.workers import start_worker
+from service.logs import is_debug, quiet_environment, resolved_format
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,13 @@ class WorkerPart:
     loglevel: str = "INFO"
     env: Mapping[str, str] = field(default_factory=dict)
     prefix: Sequence[str] = ()
+    quiet: bool = False  # without Celery's start banner
 
 
 URL_FILE = "url"  # in the embedded Redis's folder
 ADMIN_TOKEN_FILE = "admin.token"  # in the data folder: the first admin token of `fitserve up`
 SERVER = ServerPart()
+log = logging.getLogger("fitserve.up")
 WORKER = WorkerPart()
 
 
@@ -82,7 +89,8 @@ class Stack:
     ``redis_url`` no Redis is started. Every child gets ``env`` (default: this process's
     environment) with FITSERVE_DATA_DIR and FITSERVE_REDIS_URL set, then its part's ``env``.
     ``stopping`` is polled while the server starts: when it turns true, start raises
-    Interrupted.
+    Interrupted. With ``relay`` (and no ``logs``), the server's and the worker's output
+    go through it into this process's log.
     """
 
     def __init__(
@@ -99,7 +107,9 @@ class Stack:
         ready_timeout: float = READY_TIMEOUT,
         stopping: Callable[[], bool] = never,
         after_redis: Callable[[str], None] | None = None,
+        relay: Relay | None = None,
     ) -> None:
+        self._relay = relay if not logs else None
         self._after_redis = after_redis  # called with Redis's URL before the others start
         self.work, self.data_dir = work, data_dir or work / "data"
         self.redis_url = redis_url or ""
@@ -198,14 +208,28 @@ class Stack:
         part = self._parts[1]
         if part is None:
             return
-        self.worker = start_worker(
-            self._env(part.env),
-            self.logs.get("worker"),
-            self._cwd,
-            queues=part.queues,
-            loglevel=part.loglevel,
-            prefix=part.prefix,
-        )
+        out = self._output("worker")
+        try:
+            self.worker = start_worker(
+                self._env(part.env),
+                out,
+                self._cwd,
+                queues=part.queues,
+                loglevel=part.loglevel,
+                prefix=part.prefix,
+                quiet=part.quiet,
+            )
+        finally:
+            self._close(out)
+
+    def _output(self, name: str) -> Path | int | None:
+        """Where a child writes: its log file, a pipe of the relay, or our own output."""
+        return self._relay.pipe(name) if self._relay is not None else self.logs.get(name)
+
+    @staticmethod
+    def _close(out: Path | int | None) -> None:
+        if isinstance(out, int):
+            os.close(out)  # the child holds its own copy
 
     def _start_server(self) -> None:
         part = self._parts[0]
@@ -213,23 +237,38 @@ class Stack:
             return
         argv = serve_argv("--host", part.host, "--port", str(part.port))
         argv += ["--metrics-port", str(part.metrics_port), *part.args]
-        self.server, self.ready = start_server(
-            argv,
-            self._env(part.env),
-            self.logs.get("server"),
-            self._cwd,
-            prefix=part.prefix,
-            timeout=self._timeout,
-            stopping=self._stopping,
-        )
+        out = self._output("server")
+        try:
+            self.server, self.ready = start_server(
+                argv,
+                self._env(part.env),
+                out,
+                self._cwd,
+                prefix=part.prefix,
+                timeout=self._timeout,
+                stopping=self._stopping,
+            )
+        finally:
+            self._close(out)
 
 
 def run_stack(settings: Settings, *, explicit_redis: bool) -> int:
-    """Run the stack until Ctrl-C/SIGTERM (exit 0) or until a child dies (exit 1)."""
+    """Run the stack until Ctrl-C/SIGTERM (exit 0) or until a child dies (exit 1).
+
+    It prints where everything listens, then the log of every process in one format: the
+    children's output is relayed (``service.launch.relay``), held until that banner is out,
+    with the start-up notices of TensorFlow, CUDA and Celery nobody can act on left out
+    (all of it back with FITSERVE_LOG_LEVEL=debug).
+    """
     stopping = stop_flag()
     data_dir = settings.data_dir.resolve()
     token_file = data_dir / ADMIN_TOKEN_FILE
     admin: list[bool] = []
+    root = os.geteuid() == 0
+    env = quiet_environment(
+        os.environ, settings.log_level, resolved_format(settings.log_format), root=root
+    )
+    relay = Relay(settings.log_level, _native_min_level(env))
 
     def first_token(redis_url: str) -> None:
         """Auth on from the first start: an admin token for the operator, unless tokens
@@ -244,45 +283,83 @@ def run_stack(settings: Settings, *, explicit_redis: bool) -> int:
         data_dir=data_dir,
         redis_url=settings.redis_url if explicit_redis else None,
         server=ServerPart(settings.host, settings.port, settings.metrics_port),
-        worker=WorkerPart(loglevel=settings.log_level),
+        worker=WorkerPart(loglevel=settings.log_level, quiet=not is_debug(settings.log_level)),
+        env=env,
         logs=False,
         stopping=stopping,
         after_redis=first_token,
+        relay=relay,
     )
     try:
         with stack:
-            print(_banner(stack, settings), flush=True)
-            print(_auth_line(settings, token_file if admin == [True] else None), flush=True)
+            print(_banner(stack, settings, token_file if admin == [True] else None), flush=True)
+            if root:
+                log.info(
+                    "running as root: Celery's C_FORCE_ROOT set for the embedded worker "
+                    "(run fitserve up as another user to have the worker run as that user)"
+                )
+            relay.release()
             return supervise(stack.children, stopping, "fitserve up", "the stack")
     except (ChildExited, RedisRefused) as exc:  # RedisRefused: FITSERVE_REDIS_URL's password
+        relay.release()  # what the children said before, which tells why
         print(f"fitserve up: {exc}; stopping the stack", file=sys.stderr, flush=True)
         return 1
     except Interrupted:
         print("fitserve up: stopping", flush=True)
         return 0
+    finally:
+        relay.join()
+
+
+def _native_min_level(env: Mapping[str, str]) -> int:
+    """TF_CPP_MIN_LOG_LEVEL as a number (0: all TensorFlow's C++ lines)."""
+    try:
+        return int(env.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        return 0
 
 
 def _auth_line(settings: Settings, token_file: Path | None) -> str:
     if settings.auth.mode == "none":
-        return "fitserve up: authentication is OFF (FITSERVE_AUTH=none): anyone may call"
+        return "authentication is OFF (FITSERVE_AUTH=none): anyone may call"
     if token_file is None:
-        return (
-            "fitserve up: calls need a token (fitserve tokens create ...; clients: FITSERVE_TOKEN)"
-        )
+        return "calls need a token (fitserve tokens create ...; clients: FITSERVE_TOKEN)"
     return (
-        f"fitserve up: calls need a token; an admin one is in {token_file}: "
+        f"calls need a token; an admin one is in {token_file}: "
         f"export FITSERVE_TOKEN=$(cat {token_file})"
     )
 
 
-def _banner(stack: Stack, settings: Settings) -> str:
+def _models(settings: Settings) -> str:
+    """The models the server serves: each one's version (its alias ``stable``, else its
+    latest) among how many it has."""
+    store = ModelStore(settings.data_dir.resolve() / "models")
+    served = []
+    for name in store.models():
+        versions = store.versions(name)
+        try:
+            version = store.resolve(name)
+        except FitserveError:
+            version = versions[-1]
+        served.append(f"{name} v{version} (of {len(versions)})")
+    return ", ".join(served) or "none yet (train one: see README.md)"
+
+
+def _banner(stack: Stack, settings: Settings, token_file: Path | None) -> str:
     """Where everything is; the Redis password only as the file that holds it."""
     pids = ", ".join(f"{name} pid {proc.pid}" for name, proc in stack.children)
     redis = masked_url(stack.redis_url)
     if stack.redis is not None and stack.redis.password:
-        redis += f" (password in {stack.work / 'redis' / PASSWORD_FILE})"
+        redis += f" (password in {stack.work / 'redis' / PASSWORD_FILE}; log {stack.redis.log})"
     grpc = stack.target + (f" ({settings.tls.mode})" if settings.tls.enabled else "")
-    return (
-        f"fitserve up: data in {stack.data_dir}; Redis at {redis}; gRPC on {grpc}; "
-        f"metrics on port {stack.metrics_port} ({pids}); Ctrl-C stops the stack"
+    rows = (
+        ("gRPC", grpc),
+        ("metrics", f"http://{settings.host}:{stack.metrics_port}/metrics"),
+        ("Redis", redis),
+        ("data", str(stack.data_dir)),
+        ("auth", _auth_line(settings, token_file)),
+        ("models", _models(settings)),
+        ("processes", pids),
     )
+    lines = [f"  {name:<10} {value}" for name, value in rows]
+    return "\n".join(["fitserve up: ready; Ctrl-C stops the stack", *lines])

@@ -47,12 +47,17 @@ def never() -> bool:
 def spawn(
     argv: Sequence[str],
     env: Mapping[str, str] | None = None,
-    log: Path | None = None,
+    log: Path | int | None = None,
     cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own session, its output in ``log`` (else on ours)."""
+    """Start ``argv`` in its own session, its output in ``log`` (a file, or a file
+    descriptor such as a pipe's write end; else on ours)."""
     if log is None:
         return subprocess.Popen(argv, env=env, cwd=cwd, start_new_session=True)
+    if isinstance(log, int):
+        return subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     with log.open("wb") as out:
         return subprocess.Popen(
             argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -116,8 +121,8 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def log_tail(log: Path | None, chars: int = 2000) -> str:
+def log_tail(log: Path | int | None, chars: int = 2000) -> str:
     """The end of a child's log, for an error that says why it died ("" without one)."""
-    if log is None or not log.exists():
+    if not isinstance(log, Path) or not log.exists():
         return ""
     return f"; its log {log} ends:\n{log.read_text(errors='replace')[-chars:]}"

@@ -18,13 +18,17 @@ from service.config import Settings
 from service.launch.supervision import spawn, stop_flag, supervise, terminate
 
 
-def worker_argv(queues: str, concurrency: int, loglevel: str, node: str = "") -> list[str]:
+def worker_argv(
+    queues: str, concurrency: int, loglevel: str, node: str = "", *, quiet: bool = False
+) -> list[str]:
     """The Celery command line of one fitserve worker process; ``node`` names it in
-    Celery (default ``fitserve-<pid>``), which must differ between processes of a host."""
+    Celery (default ``fitserve-<pid>``), which must differ between processes of a host;
+    ``quiet``: without Celery's start banner."""
     return [
         sys.executable,
         "-m",
         "celery",
+        *(["--quiet"] if quiet else []),
         "-A",
         "worker.app",
         "worker",
@@ -45,16 +49,17 @@ def worker_argv(queues: str, concurrency: int, loglevel: str, node: str = "") ->
 
 def start_worker(
     env: Mapping[str, str],
-    log: Path | None = None,
+    log: Path | int | None = None,
     cwd: Path | None = None,
     *,
     queues: str = "train,cpu",
     loglevel: str = "INFO",
     prefix: Sequence[str] = (),
+    quiet: bool = False,
 ) -> subprocess.Popen[bytes]:
     """A worker process (prefork, one child) in its own session, whose process group
     holds its pool child too (a killpg of its pid reaches both)."""
-    return spawn([*prefix, *worker_argv(queues, 1, loglevel)], env, log, cwd)
+    return spawn([*prefix, *worker_argv(queues, 1, loglevel, quiet=quiet)], env, log, cwd)
 
 
 class GpuChoiceError(ValueError):
