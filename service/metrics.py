@@ -31,7 +31,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
 import redis
@@ -525,12 +525,18 @@ def children_of(pid: int | None = None) -> list[int]:
 REDIS_PROBE_TIMEOUT = 2.0
 
 
+class Settable(Protocol):
+    """What RedisProbe sets: a Gauge, or a plain holder read by a collector."""
+
+    def set(self, value: float) -> None: ...
+
+
 class RedisProbe:
     """PINGs Redis from a daemon thread every ``period`` s: ``fitserve_redis_up`` 1 or 0,
     ``fitserve_redis_ping_seconds`` the answered round trips. A thread, so a busy event
     loop or a job in progress does not delay it."""
 
-    def __init__(self, url: str, up: Gauge, ping: Histogram, period: float) -> None:
+    def __init__(self, url: str, up: Settable, ping: Histogram, period: float) -> None:
         self._client = redis.Redis.from_url(
             url, socket_timeout=REDIS_PROBE_TIMEOUT, socket_connect_timeout=REDIS_PROBE_TIMEOUT
         )

@@ -50,6 +50,7 @@ class WorkerMetrics:
         self.queues: list[str] = []
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self.redis_up = _LastValue()
         self._redis: redis.Redis | None = None
         self._probe: Any = None
 
@@ -79,7 +80,7 @@ class WorkerMetrics:
             log.exception("worker /metrics could not start")
 
     def _start(self) -> None:
-        from prometheus_client import Gauge, Histogram
+        from prometheus_client import Histogram
 
         from service.metrics import (
             REDIS_BUCKETS,
@@ -92,12 +93,11 @@ class WorkerMetrics:
         assert self.folder is not None
         registry = aggregate_registry(str(self.folder))
         registry.register(_WorkerCollector(self))
-        up = Gauge(
-            "fitserve_redis_up",
-            "1 when this process's last Redis PING answered, else 0.",
-            multiprocess_mode="livemin",
-            registry=None,
-        )
+        # Not a multiprocess Gauge: a pool child forked after this point (one replacing a
+        # killed or recycled child) resets every inherited value to 0 in a file of its own,
+        # and "livemin" would then read Redis as down. The main process alone probes, so
+        # the collector reports its last answer.
+        up = self.redis_up
         ping = Histogram(
             "fitserve_redis_ping_seconds",
             "Round trip of the background probe's Redis PING.",
@@ -174,6 +174,16 @@ class WorkerMetrics:
         return len(state.active_requests)
 
 
+class _LastValue:
+    """The probe's last answer, kept in this process's memory only."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
 class _WorkerCollector(Collector):
     """What only the main process knows, read at scrape time."""
 
@@ -197,6 +207,12 @@ class _WorkerCollector(Collector):
         )
         running.add_metric([w.hostname], float(w.jobs_running()))
         yield running
+        if w.redis_up.value is not None:
+            redis_up = GaugeMetricFamily(
+                "fitserve_redis_up", "1 when this worker's last Redis PING answered, else 0."
+            )
+            redis_up.add_metric([], w.redis_up.value)
+            yield redis_up
         yield from _gpu_utilization()
 
 
