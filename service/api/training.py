@@ -39,7 +39,7 @@ from service.domain.jobs import Job, JobKind, JobState
 from service.domain.model_store import ModelStore
 from service.errors import DiskFull, InvalidRequest, Unavailable, shown, storage_full
 from service.metrics import Metrics
-from service.plugins.registry import Kind, Registry
+from service.plugins.registry import Kind, Registry, check_recorded
 from service.taskqueue import TASK_EVALUATE, TASK_FINE_TUNE, TASK_TRAIN, TaskQueue
 
 ARTIFACT_CHUNK_BYTES = 1024 * 1024
@@ -286,6 +286,10 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
     def _resolve(self, spec: EvaluateSpec) -> EvaluateSpec:
         """Pin the version now: NOT_FOUND for an unknown model, version or alias."""
         version = self._models.resolve(spec.model_name, spec.version, spec.alias)
+        meta = self._models.metadata(spec.model_name, version)
+        check_recorded(
+            meta.get("plugins"), self._plugins, f"version {version} of {spec.model_name!r}"
+        )
         return spec.model_copy(update={"version": version})
 
     def _resolve_base(self, spec: FineTuneSpec) -> FineTuneSpec:
@@ -294,6 +298,7 @@ class TrainingServicer(Servicer, training_pb2_grpc.TrainingServiceServicer):
         base = spec.base
         version = self._models.resolve(base.name, base.version, base.alias)
         meta = self._models.metadata(base.name, version)
+        check_recorded(meta.get("plugins"), self._plugins, f"version {version} of {base.name!r}")
         check_layer_counts(spec.freeze, layer_count(meta))
         check_loss(spec, meta)
         return spec.model_copy(update={"base": base.model_copy(update={"version": version})})

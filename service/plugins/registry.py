@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import enum
 import functools
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import InvalidRequest
+from service.errors import FailedPrecondition, InvalidRequest
 
 SEPARATOR = ">"  # Keras's registered names are "package>name"
 
@@ -191,6 +192,47 @@ class Registry:
             f"{at}unknown {kind} plugin {name!r}; installed {kind} plugins: {listing}",
             field=field or None,
         )
+
+
+def used_plugins(registry: Registry, *texts: str) -> list[dict[str, str]]:
+    """The plugins whose registered name occurs, quoted, in any of ``texts`` (a model's
+    Keras JSON, a version's metadata): what its fitserve.json records under ``plugins``,
+    with the distribution and version that provided each."""
+    blob = "\n".join(texts)
+    return [
+        {"name": p.name, "kind": str(p.kind), "distribution": p.distribution, "version": p.version}
+        for p in registry.plugins
+        if json.dumps(p.name) in blob
+    ]
+
+
+def check_recorded(recorded: object, registry: Registry, what: str) -> None:
+    """FAILED_PRECONDITION naming the packages and versions to install when ``what`` (a
+    stored version) uses plugins ``registry`` lacks; versions stored before plugins were
+    recorded (no list) pass, and the worker reports an unknown name if one is missing."""
+    if not isinstance(recorded, list):
+        return
+    missing = [
+        r
+        for r in recorded
+        if isinstance(r, dict)
+        and isinstance(r.get("name"), str)
+        and registry.get(r["name"]) is None
+    ]
+    if not missing:
+        return
+
+    def _source(r: dict[str, Any]) -> str:
+        dist, version = r.get("distribution") or "", r.get("version") or ""
+        if not dist:
+            return "a module listed in FITSERVE_PLUGINS"
+        return f"{dist}=={version}" if version else str(dist)
+
+    need = "; ".join(f"{r['name']} (install {_source(r)})" for r in missing)
+    raise FailedPrecondition(
+        f"{what} uses plugins this server does not have: {need}. Install them on every "
+        "server and worker, then retry"
+    )
 
 
 EMPTY = Registry()

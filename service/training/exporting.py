@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ from service.domain import model_events
 from service.domain.dtypes import WIRE_DTYPES
 from service.domain.files import write_json_atomic
 from service.domain.model_store import KERAS_FILE, METADATA_FILE, ModelStore
+from service.plugins.registry import installed, used_plugins
 from service.training import failures, plugins
 
 
@@ -48,7 +50,12 @@ def export_version(
                 model.export(str(staging), format="tf_saved_model", verbose=False)
         with failures.writing(staging / KERAS_FILE, data_dir):
             model.save(str(staging / KERAS_FILE))
-        metadata = metadata | {"signature": read_signature(str(staging))}
+        metadata = metadata | {
+            "signature": read_signature(str(staging)),
+            "plugins": used_plugins(
+                installed(), model.to_json(), json.dumps(metadata, default=str)
+            ),
+        }
         with failures.writing(staging / METADATA_FILE, data_dir):
             write_json_atomic(staging / METADATA_FILE, metadata)
         with failures.writing(store.root / name / ".jobs" / job_id, data_dir):  # the marker

@@ -8,6 +8,7 @@ model.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,35 @@ def test_a_plugin_metric_and_layer_through_publish_predict_fine_tune_evaluate(
     assert tuned.model_version == trained.model_version + 1
     after = _evaluate(client, "custom-layer", tuned.model_version, tiny["cls"])
     assert "categorical_true_positives" in after
+
+    # fitserve.json records the plugins a version uses, with the package that provides them
+    meta_file = settings.models_dir / "custom-layer" / str(tuned.model_version) / "fitserve.json"
+    meta = json.loads(meta_file.read_text())
+    recorded = {p["name"]: p for p in meta["plugins"]}
+    assert set(recorded) == {"examples>SimpleDense", "examples>CategoricalTruePositives"}
+    assert recorded["examples>SimpleDense"]["kind"] == "layer"
+    assert recorded["examples>SimpleDense"]["distribution"] == "fitserve-examples"
+    assert recorded["examples>SimpleDense"]["version"] == "0.1.0"
+    # a version using a plugin this server lacks: FAILED_PRECONDITION naming what to install,
+    # for FineTune and Evaluate, before any job is queued
+    gone = {"name": "gone>Layer", "kind": "layer", "distribution": "gone-plugins", "version": "0.3"}
+    meta_file.write_text(json.dumps(meta | {"plugins": [*meta["plugins"], gone]}))
+    jobs_before = len(list(client.list_jobs()))
+    with pytest.raises(
+        fitserve.FailedPreconditionError, match=r"gone>Layer \(install gone-plugins==0\.3\)"
+    ):
+        client.fine_tune(
+            "custom-layer",
+            version=tuned.model_version,
+            train_last_n_layers=1,
+            dataset=tiny["cls"],
+            loss="sparse_categorical_crossentropy",
+        )
+    with pytest.raises(fitserve.FailedPreconditionError, match=r"install gone-plugins==0\.3"):
+        client.evaluate(
+            "custom-layer", version=tuned.model_version, dataset=tiny["cls"], batch_size=N
+        )
+    assert len(list(client.list_jobs())) == jobs_before
 
 
 def test_a_plugin_callback_runs_with_its_parameters(

@@ -335,3 +335,42 @@ def test_install_makes_a_registry_the_installed_one():
     finally:
         install(old)
     assert installed() is old
+
+
+def test_a_version_records_the_plugins_its_config_names_with_their_package():
+    from dataclasses import replace
+
+    from service.plugins.registry import used_plugins
+
+    dense = replace(DENSE, distribution="pkg-plugins", version="1.2.0")
+    registry = Registry((HUBER, dense, COUNT))
+    keras_json = '{"class_name": "Dense", "registered_name": "pkg>Dense", "config": {}}'
+    metadata = '{"compile": {"loss": {"name": "pkg>huber"}, "metrics": ["accuracy"]}}'
+    assert used_plugins(registry, keras_json, metadata) == [
+        {"name": "pkg>huber", "kind": "loss", "distribution": "", "version": ""},
+        {"name": "pkg>Dense", "kind": "layer", "distribution": "pkg-plugins", "version": "1.2.0"},
+    ]
+    # a name is matched whole: "pkg>Dense" does not make "pkg>DenseX" used, nor the reverse
+    assert used_plugins(registry, '{"registered_name": "pkg>DenseX"}') == []
+
+
+def test_a_version_using_a_plugin_this_server_lacks_is_a_failed_precondition():
+    from service.errors import FailedPrecondition
+    from service.plugins.registry import check_recorded
+
+    recorded = [
+        {"name": "pkg>huber", "kind": "loss", "distribution": "", "version": ""},
+        {"name": "gone>Layer", "kind": "layer", "distribution": "gone-plugins", "version": "0.3"},
+    ]
+    with pytest.raises(FailedPrecondition) as refused:
+        check_recorded(recorded, REGISTRY, "version 2 of 'm'")
+    assert str(refused.value) == (
+        "version 2 of 'm' uses plugins this server does not have: gone>Layer (install "
+        "gone-plugins==0.3). Install them on every server and worker, then retry"
+    )
+    assert refused.value.code == "FAILED_PRECONDITION"
+    # what the server has passes; so does a version stored before plugins were recorded
+    check_recorded(recorded[:1], REGISTRY, "v")
+    check_recorded(None, REGISTRY, "v")
+    with pytest.raises(FailedPrecondition, match=r"install a module listed in FITSERVE_PLUGINS"):
+        check_recorded([{"name": "x>y"}], REGISTRY, "v")
