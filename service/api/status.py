@@ -240,8 +240,11 @@ def stream_out(
         def on_done(_: Context) -> None:
             # A stream the client abandons while gRPC itself sends an item is ended
             # outside this generator, which is closed only when collected: count it
-            # when the call is done, unless counted already.
+            # when the call is done, unless counted already; and mark it counted, or the
+            # generator's later close would count it a second time.
+            nonlocal counted
             if not counted:
+                counted = True
                 self.outcomes.gone(context, method, started)
 
         context.add_done_callback(on_done)  # type: ignore[arg-type]  # the stub wants a class
