@@ -89,9 +89,10 @@ def register_store_collectors(
     client = redis.Redis.from_url(
         settings.redis_url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2
     )
-    registry.register(JobStatsCollector(lambda: client.hgetall(STATS)))  # type: ignore[arg-type,return-value]
+    registry.register(JobStatsCollector(lambda: client.hgetall(STATS)))
     registry.register(QueueCollector(client))
-    return client.close
+    close: Callable[[], None] = client.close
+    return close
 
 
 class JobStatsCollector(Collector):
