@@ -12,6 +12,9 @@ deadline, sent to the server, which `asyncio.timeout` around the call would not 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import pathlib
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -28,7 +31,12 @@ from fitserve._client import (
     MAX_RECONNECT_BACKOFF_MS,
     RETRY_BUFFER_BYTES,
     Prediction,
+    artifact_target,
     dataset_key,
+    evaluate_request,
+    feedback_request,
+    file_upload_header,
+    fine_tune_request,
     first_output,
     list_jobs_request,
     predict_request,
@@ -244,6 +252,24 @@ class AsyncClient:
         self._check_size(chunk_bytes + _CHUNK_OVERHEAD_BYTES)
         parts = {"x": x, "y": y, "sample_weight": sample_weight, **arrays}
         header, chunks = upload_parts(name, chunk_bytes, parts)
+        return await self._upload(header, chunks, timeout)
+
+    async def upload_dataset_file(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+        timeout: float | None = None,
+    ) -> dataset_pb2.Dataset:
+        """`Client.upload_dataset_file`, awaited: streamed from disk, never loaded whole."""
+        self._check_size(chunk_bytes + _CHUNK_OVERHEAD_BYTES)
+        header = await asyncio.to_thread(file_upload_header, name, path)
+        return await self._upload(header, _specs.file_chunks(path, chunk_bytes), timeout)
+
+    async def _upload(
+        self, header: dataset_pb2.DatasetHeader, chunks: Iterable[bytes], timeout: float | None
+    ) -> dataset_pb2.Dataset:
         requests = _specs.upload_requests(header, chunks)
         try:
             response: dataset_pb2.Dataset = await self._datasets.UploadDataset(
@@ -274,6 +300,13 @@ class AsyncClient:
 
         return self._pages(fetch, lambda response: response.datasets)
 
+    async def delete_dataset(
+        self, dataset: str | dataset_pb2.Dataset, *, timeout: float | None = None
+    ) -> None:
+        """`Client.delete_dataset`, awaited."""
+        request = dataset_pb2.DeleteDatasetRequest(dataset=dataset_key(dataset))
+        await self._call(self._datasets.DeleteDataset, request, timeout)
+
     # -- jobs ----------------------------------------------------------------------
 
     async def train(
@@ -295,6 +328,71 @@ class AsyncClient:
         response = await self._call(
             self._training.Train, request, timeout, retry=bool(request.idempotency_key)
         )
+        return AsyncJob(self, response.job)
+
+    async def fine_tune(
+        self,
+        base_model: str,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        model_name: str = "",
+        train_last_n_layers: int | None = None,
+        new_head: int | Mapping[str, Any] | None = None,
+        freeze_layers: Sequence[str | int] | None = None,
+        head_layers: Sequence[Mapping[str, Any]] | None = None,
+        drop_last: int = 0,
+        train_base: bool = False,
+        unfreeze_top_k: int = 0,
+        unfreeze_learning_rate: float = 0.0,
+        unfreeze_epochs: int = 0,
+        dataset: DatasetLike,
+        timeout: float | None = None,
+        **options: Unpack[TrainingOptions],
+    ) -> AsyncJob:
+        """`Client.fine_tune`, awaited: queue the job and return its `AsyncJob` at once."""
+        request = fine_tune_request(
+            base_model,
+            version,
+            alias,
+            model_name,
+            _specs.freeze_options(
+                train_last_n_layers=train_last_n_layers,
+                new_head=new_head,
+                freeze_layers=freeze_layers,
+                head_layers=head_layers,
+                drop_last=drop_last,
+                train_base=train_base,
+                unfreeze_top_k=unfreeze_top_k,
+                unfreeze_learning_rate=unfreeze_learning_rate,
+                unfreeze_epochs=unfreeze_epochs,
+            ),
+            dataset,
+            options,
+        )
+        response = await self._call(
+            self._training.FineTune, request, timeout, retry=bool(request.idempotency_key)
+        )
+        return AsyncJob(self, response.job)
+
+    async def evaluate(
+        self,
+        model_name: str,
+        *,
+        dataset: DatasetLike,
+        version: int | None = None,
+        alias: str | None = None,
+        batch_size: int = 32,
+        queue: str = "",
+        labels: Mapping[str, str] | None = None,
+        time_limit_seconds: int | None = None,
+        timeout: float | None = None,
+    ) -> AsyncJob:
+        """`Client.evaluate`, awaited: queue the job and return its `AsyncJob` at once."""
+        request = evaluate_request(
+            model_name, dataset, version, alias, batch_size, queue, labels, time_limit_seconds
+        )
+        response = await self._call(self._training.Evaluate, request, timeout)
         return AsyncJob(self, response.job)
 
     async def get_job(self, job_id: str, *, timeout: float | None = None) -> AsyncJob:
@@ -342,6 +440,60 @@ class AsyncClient:
         result: training_pb2.Job = await self._call(self._training.CancelJob, request, timeout)
         return result
 
+    async def list_artifacts(
+        self, job_id: str, *, timeout: float | None = None
+    ) -> list[training_pb2.JobArtifact]:
+        """`Client.list_artifacts`, awaited."""
+        request = training_pb2.ListJobArtifactsRequest(job_id=job_id)
+        response = await self._call(self._training.ListJobArtifacts, request, timeout)
+        return list(response.artifacts)
+
+    async def download_artifact(
+        self,
+        job_id: str,
+        path: str,
+        destination: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> bytes | pathlib.Path:
+        """`Client.download_artifact`, awaited: the bytes, or written to `destination`
+        chunk by chunk (a partly written file is removed when the download fails)."""
+        request = training_pb2.DownloadJobArtifactRequest(job_id=job_id, path=path)
+        chunks = self._training.DownloadJobArtifact(
+            request, timeout=self._timeout_for(timeout), metadata=self._metadata
+        )
+        target = None if destination is None else artifact_target(path, destination)
+        partial = None if target is None else target.with_name(target.name + ".part")
+        parts: list[bytes] = []
+        try:
+            with contextlib.ExitStack() as stack:
+                file = None if partial is None else stack.enter_context(partial.open("wb"))
+                try:
+                    async for chunk in chunks:
+                        if file is None:
+                            parts.append(chunk.data)
+                        else:
+                            file.write(chunk.data)
+                except grpc.RpcError as error:
+                    raise from_rpc_error(error) from error
+            if target is None or partial is None:
+                return b"".join(parts)
+            partial.replace(target)
+            return target
+        finally:
+            if partial is not None:
+                partial.unlink(missing_ok=True)
+
+    async def list_plugins(
+        self, kind: str | None = None, *, timeout: float | None = None
+    ) -> training_pb2.ListPluginsResponse:
+        """`Client.list_plugins`, awaited."""
+        request = training_pb2.ListPluginsRequest(kind=kind or "")
+        result: training_pb2.ListPluginsResponse = await self._call(
+            self._training.ListPlugins, request, timeout
+        )
+        return result
+
     # -- inference and models --------------------------------------------------------
 
     async def predict(
@@ -375,6 +527,21 @@ class AsyncClient:
         raw = predict_request(model_name, x, version, alias, inputs, output_filter)
         return prediction(await self._call(self._predict_raw, raw, timeout))
 
+    async def feedback(
+        self,
+        request_id: str,
+        labels: npt.ArrayLike,
+        *,
+        output: str = "",
+        timeout: float | None = None,
+    ) -> inference_pb2.FeedbackResponse:
+        """`Client.feedback`, awaited."""
+        request = feedback_request(request_id, labels, output)
+        result: inference_pb2.FeedbackResponse = await self._call(
+            self._inference.Feedback, request, timeout
+        )
+        return result
+
     def list_models(
         self, *, page_size: int = 0, timeout: float | None = None
     ) -> AsyncIterator[model_pb2.ModelSummary]:
@@ -401,6 +568,20 @@ class AsyncClient:
             self._models.SetAlias, request, timeout
         )
         return result
+
+    async def delete_alias(
+        self, model_name: str, alias: str, *, timeout: float | None = None
+    ) -> None:
+        """`Client.delete_alias`, awaited."""
+        request = model_pb2.DeleteAliasRequest(model_name=model_name, alias=alias)
+        await self._call(self._models.DeleteAlias, request, timeout)
+
+    async def delete_version(
+        self, model_name: str, version: int, *, timeout: float | None = None
+    ) -> None:
+        """`Client.delete_version`, awaited."""
+        request = model_pb2.DeleteVersionRequest(model_name=model_name, version=version)
+        await self._call(self._models.DeleteVersion, request, timeout)
 
     async def model_status(
         self, model_name: str, version: int = 0, *, timeout: float | None = None

@@ -306,9 +306,7 @@ class Client:
     ) -> dataset_pb2.Dataset:
         """Upload an existing .npz file, streamed from disk (never loaded whole)."""
         self._check_size(chunk_bytes + _CHUNK_OVERHEAD_BYTES)
-        header = _specs.npz_header(
-            name, size_bytes=os.path.getsize(path), sha256=_specs.file_sha256(path)
-        )
+        header = file_upload_header(name, path)
         return self._upload(header, _specs.file_chunks(path, chunk_bytes), timeout)
 
     def _upload(
@@ -411,10 +409,12 @@ class Client:
         The result is published under `model_name` (default: `base_model`), with lineage.
         Compile and fit options are those of `train` (`TrainingOptions`).
         """
-        request = training_pb2.FineTuneRequest(
-            base=_specs.model_ref(base_model, version, alias),
-            model_name=model_name,
-            freeze=_specs.freeze_options(
+        request = fine_tune_request(
+            base_model,
+            version,
+            alias,
+            model_name,
+            _specs.freeze_options(
                 train_last_n_layers=train_last_n_layers,
                 new_head=new_head,
                 freeze_layers=freeze_layers,
@@ -425,8 +425,8 @@ class Client:
                 unfreeze_learning_rate=unfreeze_learning_rate,
                 unfreeze_epochs=unfreeze_epochs,
             ),
-            dataset=_specs.dataset_ref(dataset),
-            **request_fields("fine_tune", options),
+            dataset,
+            options,
         )
         response = self._call_retried(
             self._training.FineTune, request, timeout, retry=bool(request.idempotency_key)
@@ -448,16 +448,8 @@ class Client:
     ) -> Job:
         """Queue a job that evaluates a stored version; its metrics land on the version.
         `time_limit_seconds` bounds its run on the worker (default: the server's)."""
-        request = training_pb2.EvaluateRequest(
-            model=_specs.model_ref(model_name, version, alias),
-            dataset=_specs.dataset_ref(dataset),
-            batch_size=batch_size,
-            run=_specs.run_options(
-                queue=queue,
-                mixed_precision="",
-                labels=labels,
-                time_limit_seconds=time_limit_seconds,
-            ),
+        request = evaluate_request(
+            model_name, dataset, version, alias, batch_size, queue, labels, time_limit_seconds
         )
         return Job(self, self._call(self._training.Evaluate, request, timeout).job)
 
@@ -543,9 +535,7 @@ class Client:
         if destination is None:
             with _translated_errors():
                 return b"".join(chunk.data for chunk in chunks)
-        target = pathlib.Path(destination)
-        if target.is_dir():
-            target = target / pathlib.PurePosixPath(path).name
+        target = artifact_target(path, destination)
         partial = target.with_name(target.name + ".part")
         try:
             with _translated_errors(), partial.open("wb") as file:
@@ -620,9 +610,7 @@ class Client:
     ) -> inference_pb2.FeedbackResponse:
         """Report the true labels of an earlier prediction, for live accuracy per version;
         a model with several outputs needs `output`, the one the labels are for."""
-        request = inference_pb2.FeedbackRequest(
-            request_id=request_id, labels=to_tensor(labels), output=output
-        )
+        request = feedback_request(request_id, labels, output)
         return self._call(self._inference.Feedback, request, timeout)
 
     def model_status(
@@ -727,6 +715,72 @@ def train_request(
         model=_specs.model_spec(layers, model),
         dataset=_specs.dataset_ref(dataset),
         **fields,
+    )
+
+
+def fine_tune_request(
+    base_model: str,
+    version: int | None,
+    alias: str | None,
+    model_name: str,
+    freeze: training_pb2.FreezeOptions,
+    dataset: DatasetLike,
+    options: TrainingOptions,
+) -> training_pb2.FineTuneRequest:
+    """The FineTune request of `Client.fine_tune` (and `AsyncClient.fine_tune`)."""
+    return training_pb2.FineTuneRequest(
+        base=_specs.model_ref(base_model, version, alias),
+        model_name=model_name,
+        freeze=freeze,
+        dataset=_specs.dataset_ref(dataset),
+        **request_fields("fine_tune", options),
+    )
+
+
+def evaluate_request(
+    model_name: str,
+    dataset: DatasetLike,
+    version: int | None,
+    alias: str | None,
+    batch_size: int,
+    queue: str,
+    labels: Mapping[str, str] | None,
+    time_limit_seconds: int | None,
+) -> training_pb2.EvaluateRequest:
+    """The Evaluate request of `Client.evaluate` (and `AsyncClient.evaluate`)."""
+    return training_pb2.EvaluateRequest(
+        model=_specs.model_ref(model_name, version, alias),
+        dataset=_specs.dataset_ref(dataset),
+        batch_size=batch_size,
+        run=_specs.run_options(
+            queue=queue,
+            mixed_precision="",
+            labels=labels,
+            time_limit_seconds=time_limit_seconds,
+        ),
+    )
+
+
+def feedback_request(
+    request_id: str, labels: npt.ArrayLike, output: str
+) -> inference_pb2.FeedbackRequest:
+    """The Feedback request of `Client.feedback` (and `AsyncClient.feedback`)."""
+    return inference_pb2.FeedbackRequest(
+        request_id=request_id, labels=to_tensor(labels), output=output
+    )
+
+
+def artifact_target(path: str, destination: str | os.PathLike[str]) -> pathlib.Path:
+    """Where `download_artifact` writes artifact `path`: `destination`, or the file of the
+    artifact's name in it when it is a folder."""
+    target = pathlib.Path(destination)
+    return target / pathlib.PurePosixPath(path).name if target.is_dir() else target
+
+
+def file_upload_header(name: str, path: str | os.PathLike[str]) -> dataset_pb2.DatasetHeader:
+    """The header of an .npz file's upload: its size and digest, read from disk."""
+    return _specs.npz_header(
+        name, size_bytes=os.path.getsize(path), sha256=_specs.file_sha256(path)
     )
 
 
