@@ -35,13 +35,13 @@ def data_dir() -> Path:
 
 
 def connect() -> fitserve.Client:
-    """A client of the stack at FITSERVE_ADDRESS (default localhost:50051), with the token
-    of FITSERVE_TOKEN, else the admin token ``make run`` wrote in the data folder."""
-    address = os.environ.get("FITSERVE_ADDRESS", "localhost:50051")
+    """A client of the stack at FITSERVE_TARGET (default localhost:50051, as for the CLI),
+    with the token of FITSERVE_TOKEN, else the admin token ``make run`` wrote in the data
+    folder."""
     token = os.environ.get("FITSERVE_TOKEN")
     if token is None and (data_dir() / "admin.token").exists():
         token = (data_dir() / "admin.token").read_text().strip()
-    return fitserve.Client(address, token=token or "", timeout=300)
+    return fitserve.Client(token=token or "", timeout=300)
 
 
 Split = tuple[np.ndarray, np.ndarray]

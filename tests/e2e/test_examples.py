@@ -77,7 +77,7 @@ def lesson_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
             TokenStore(client).bootstrap_admin(work / "data" / "admin.token")
 
     with Stack(work, env=env, cwd=ROOT, after_redis=admin_token) as stack:
-        yield env | {"FITSERVE_ADDRESS": stack.target, "FITSERVE_DATA_DIR": str(stack.data_dir)}
+        yield env | {"FITSERVE_TARGET": stack.target, "FITSERVE_DATA_DIR": str(stack.data_dir)}
 
 
 def test_every_script_of_the_lesson_is_tested() -> None:

@@ -44,7 +44,13 @@ from fitserve._client import (
     train_request,
     upload_parts,
 )
-from fitserve._credentials import TlsOptions, auth_metadata, resolve_tls, resolve_token
+from fitserve._credentials import (
+    TlsOptions,
+    auth_metadata,
+    resolve_target,
+    resolve_tls,
+    resolve_token,
+)
 from fitserve._errors import (
     DeadlineExceededError,
     FitserveError,
@@ -94,7 +100,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str = "localhost:50051",
+        target: str | None = None,
         *,
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = 60.0,
@@ -119,6 +125,7 @@ class AsyncClient:
         self._retry_attempts = min(retry_attempts, 5)
         self._owns_channel = channel is None
         if channel is None:
+            target = resolve_target(target)
             options: list[tuple[str, Any]] = [
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),

@@ -17,7 +17,13 @@ import numpy.typing as npt
 
 from fitserve import _specs
 from fitserve._calls import retry_pause, service_config
-from fitserve._credentials import TlsOptions, auth_metadata, resolve_tls, resolve_token
+from fitserve._credentials import (
+    TlsOptions,
+    auth_metadata,
+    resolve_target,
+    resolve_tls,
+    resolve_token,
+)
 from fitserve._errors import ResourceExhaustedError, from_rpc_error
 from fitserve._job import WATCH_RETRY_SECONDS, Job, JobEventStream
 from fitserve._options import TrainingOptions, request_fields
@@ -117,7 +123,7 @@ class Client:
 
     def __init__(
         self,
-        target: str = "localhost:50051",
+        target: str | None = None,
         *,
         channel: grpc.Channel | None = None,
         timeout: float | None = 60.0,
@@ -130,7 +136,8 @@ class Client:
         tls: bool | TlsOptions | None = None,
         watch_retry_seconds: float | None = WATCH_RETRY_SECONDS,
     ) -> None:
-        """Connect to `target`, or use `channel` as given (the caller then closes it).
+        """Connect to `target` (None: `FITSERVE_TARGET`, else localhost:50051), or use
+        `channel` as given (the caller then closes it).
 
         `token` goes with every call as `authorization: Bearer <token>` (None: from
         `FITSERVE_TOKEN`; "": none). `tls`: False for plaintext, True for TLS trusting the
@@ -168,7 +175,9 @@ class Client:
             config = service_config(
                 retry_attempts, retry_attempts if predict_attempts is None else predict_attempts
             )
-            channel = _open_channel(target, max_message_bytes, credentials, config, tls_options)
+            channel = _open_channel(
+                resolve_target(target), max_message_bytes, credentials, config, tls_options
+            )
         self._channel = channel
         self._timeout = timeout
         if watch_retry_seconds is not None and watch_retry_seconds < 0:

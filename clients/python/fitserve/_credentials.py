@@ -24,6 +24,8 @@ __all__ = ["TlsOptions", "auth_metadata", "resolve_tls", "resolve_token"]
 PemSource = bytes | str | os.PathLike[str]
 """PEM content (bytes, or text with a ``-----BEGIN`` line) or the path of a PEM file."""
 
+TARGET_ENV = "FITSERVE_TARGET"
+DEFAULT_TARGET = "localhost:50051"
 TOKEN_ENV = "FITSERVE_TOKEN"
 TLS_ENV = "FITSERVE_TLS"
 CA_ENV = "FITSERVE_TLS_CA"
@@ -112,6 +114,14 @@ def resolve_tls(
     if not isinstance(tls, TlsOptions):
         raise TypeError(f"tls must be True, False, None or fitserve.TlsOptions, not {type(tls)}")
     return tls
+
+
+def resolve_target(target: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """The server address: the argument, else FITSERVE_TARGET, else localhost:50051 (the
+    CLI's --target default is the same)."""
+    if target is None:
+        target = (os.environ if environ is None else environ).get(TARGET_ENV, "")
+    return target.strip() or DEFAULT_TARGET
 
 
 def resolve_token(token: str | None, environ: Mapping[str, str] | None = None) -> str | None:

@@ -342,3 +342,12 @@ def test_cli_help_never_shows_the_token(
 def test_cli_server_commands_skip_the_credential_options() -> None:
     argv = ["--token", "t", "--tls", "--ca", "ca.pem", "--cert", "c", "--key", "k", "up", "-v"]
     assert cli._server_command(argv) == ("up", ["-v"])
+
+
+def test_the_target_comes_from_the_argument_then_fitserve_target() -> None:
+    from fitserve._credentials import resolve_target
+
+    assert resolve_target("server:1", {"FITSERVE_TARGET": "other:2"}) == "server:1"
+    assert resolve_target(None, {"FITSERVE_TARGET": " other:2 "}) == "other:2"
+    assert resolve_target(None, {}) == "localhost:50051"
+    assert resolve_target(None, {"FITSERVE_TARGET": ""}) == "localhost:50051"
