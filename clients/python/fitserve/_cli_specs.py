@@ -178,7 +178,10 @@ def train_arguments(spec: Mapping[str, Any], base_dir: Path, where: str) -> dict
     if not isinstance(model_name, str) or not model_name:
         raise SpecError(f"{where}: model_name (the name to publish the model under) is missing")
     if "dataset" not in spec:
-        raise SpecError(f"{where}: dataset is missing (a local .npz, a dataset name or a URI)")
+        raise SpecError(
+            f"{where}: dataset is missing (a local .npz, a dataset name or a URI; in the spec "
+            "or as --dataset)"
+        )
     arguments = _with_datasets(spec, base_dir)
     if "model" in arguments:
         arguments["model"] = _keras_model(arguments["model"], base_dir, where)

@@ -534,62 +534,52 @@ def _add_plugins_command(commands: _Subparsers) -> None:
 
 def _train(client: Client, args: argparse.Namespace) -> int:
     spec_path = Path(args.spec)
-    spec = _cli_specs.load_spec(spec_path)
+    spec = _with_command_line(_cli_specs.load_spec(spec_path), args)
+    arguments = _cli_specs.train_arguments(spec, spec_path.parent, str(spec_path))
+    job = client.train(**_uploaded(client, arguments, args))
+    return _follow(client, job, args)
+
+
+def _with_command_line(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The spec with what the command line gives instead: --model-name, --epochs,
+    --dataset (a relative .npz path read from here, not from the spec's folder) and
+    --dataset-name."""
+    spec = dict(spec)
     if args.model_name:
         spec["model_name"] = args.model_name
     if args.epochs is not None:
         spec["epochs"] = args.epochs
-    if args.dataset_name and not args.dataset:
-        spec["dataset_name"] = args.dataset_name
-    here = Path.cwd()
-    arguments = _cli_specs.train_arguments(
-        _without_overrides(spec, args), spec_path.parent, str(spec_path)
-    )
     if args.dataset:
-        arguments["dataset"] = _cli_specs.resolve_dataset(args.dataset, here, args.dataset_name)
-    arguments = _uploaded(client, arguments, args)
-    job = client.train(**arguments)
-    return _follow(client, job, args)
-
-
-def _without_overrides(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """The spec without the dataset keys --dataset replaces (so a missing spec dataset is
-    no error when the command line gives one)."""
-    if getattr(args, "dataset", None):
-        spec = {k: v for k, v in spec.items() if k not in ("dataset", "dataset_name")}
-        spec["dataset"] = "placeholder"
+        spec.pop("dataset_name", None)
+        local = args.dataset.lower().endswith(".npz") and "://" not in args.dataset
+        spec["dataset"] = str(Path(args.dataset).absolute()) if local else args.dataset
+    if args.dataset_name:
+        spec["dataset_name"] = args.dataset_name
     return spec
 
 
 def _fine_tune(client: Client, args: argparse.Namespace) -> int:
     name, version, alias = _cli_specs.parse_model_ref(args.model)
     spec: dict[str, Any] = {}
-    where = "fine-tune options"
-    base_dir = Path.cwd()
+    where, base_dir = "fine-tune", Path.cwd()
     if args.spec:
         spec = _cli_specs.load_spec(args.spec)
         where, base_dir = args.spec, Path(args.spec).parent
-    overrides = {
-        "model_name": args.model_name,
+    options = {
         "train_last_n_layers": args.train_last_n_layers,
         "new_head": args.new_head,
         "freeze_layers": _layer_list(args.freeze_layers),
         "loss": args.loss,
         "optimizer": args.optimizer,
         "metrics": _split(args.metrics),
-        "epochs": args.epochs,
         "batch_size": args.batch_size,
     }
-    spec.update({key: value for key, value in overrides.items() if value is not None})
-    if not args.dataset and "dataset" not in spec:
+    spec.update({key: value for key, value in options.items() if value is not None})
+    spec = _with_command_line(spec, args)
+    if "dataset" not in spec:
         raise SpecError("fine-tune needs a dataset: --dataset, or dataset in --spec")
-    arguments = _cli_specs.fine_tune_arguments(_without_overrides(spec, args), base_dir, where)
-    if args.dataset:
-        arguments["dataset"] = _cli_specs.resolve_dataset(
-            args.dataset, Path.cwd(), args.dataset_name
-        )
-    arguments = _uploaded(client, arguments, args)
-    job = client.fine_tune(name, version=version, alias=alias, **arguments)
+    arguments = _cli_specs.fine_tune_arguments(spec, base_dir, where)
+    job = client.fine_tune(name, version=version, alias=alias, **_uploaded(client, arguments, args))
     return _follow(client, job, args)
 
 

@@ -190,6 +190,31 @@ def test_the_example_spec_is_a_valid_spec() -> None:
     assert spec["dataset"] == "digits.npz"
 
 
+def test_the_command_line_wins_over_the_spec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "here.npz", x=np.zeros(2))
+    args = cli._parser().parse_args(
+        ["train", "s.yaml", "--model-name", "n", "--epochs", "4", "--dataset", "here.npz"]
+    )
+    spec = cli._with_command_line(_spec(dataset="there.npz", dataset_name="t"), args)
+    arguments = _cli_specs.train_arguments(spec, tmp_path / "elsewhere", "s.yaml")
+
+    assert (arguments["model_name"], arguments["epochs"]) == ("n", 4)
+    # read from the working folder, not the spec's; named after the file, not the spec's name
+    assert arguments["dataset"] == LocalDataset(tmp_path / "here.npz", "here")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--json", "models", "list"], ["models", "list", "--json"], ["--json", "jobs", "get", "j"]],
+)
+def test_json_goes_before_or_after_the_command(argv: list[str]) -> None:
+    assert cli._parser().parse_args(argv).json is True
+    assert cli._parser().parse_args([a for a in argv if a != "--json"]).json is False
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
