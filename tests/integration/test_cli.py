@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 import fitserve
 from fitserve import cli
-from tests.conftest import ROOT, RunningServer, refused_port
+from service.config import AuthSettings
+from service.domain.tokens import Role, TokenStore
+from tests.conftest import ROOT, RunningServer, private_stack, refused_port
 from tests.integration.conftest import MLP_LAYERS
 
 pytestmark = pytest.mark.integration
@@ -181,6 +184,13 @@ def test_detach_prints_the_job_id_and_returns_at_once(
     status, out, _ = run(capsys, target, "jobs", "get", job_id)
     assert status == cli.EXIT_OK
     assert ["state", "SUCCEEDED"] in [line.split() for line in out.splitlines()]
+    status, out, _ = run(capsys, target, "jobs", "watch", job_id, "--json")
+    assert status == cli.EXIT_OK
+    assert json.loads(out)["state"] == "SUCCEEDED"
+    status, out, _ = run(capsys, target, "jobs", "list", "--model", "cli-detach", "--json")
+    assert status == cli.EXIT_OK
+    assert {job["state"] for job in json.loads(out)} == {"SUCCEEDED"}
+    assert {job["id"] for job in json.loads(out)} == {job_id, detached["id"]}
 
 
 # -- evaluate, fine-tune, aliases, versions --------------------------------------------
@@ -395,6 +405,33 @@ def test_a_failed_job_exits_1(
     upload, error = err.splitlines()  # what was uploaded, then the one error line
     assert upload.startswith("uploading ")
     assert error.startswith("error: ")
+
+    status, out, err = run(capsys, target, "train", str(spec), "--json")
+    assert status == cli.EXIT_JOB_FAILED
+    job = json.loads(out)  # with --json, the failed job's record too
+    assert job["state"] == "FAILED"
+    assert "faults>exploding_loss" in job["error"]["message"]
+    assert err.startswith("error: ")
+
+
+def test_a_missing_or_too_weak_token_exits_4(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with private_stack(tmp_path, auth=AuthSettings(refresh_seconds=0.2)) as (settings, running):
+        store = TokenStore(redis.Redis.from_url(settings.redis_url, decode_responses=True))
+        viewer, _ = store.create("cli-viewer", Role.VIEWER)  # auth is on from the first token
+        wait_for(
+            lambda: cli.main(["--target", running.target, "models", "list"]) == cli.EXIT_AUTH,
+            "the server to require tokens",
+        )
+        status, _, err = run(capsys, running.target, "models", "list")
+        assert status == cli.EXIT_AUTH == 4
+        assert err.startswith("error: ")
+        as_viewer = ("--token", viewer)
+        assert run(capsys, running.target, *as_viewer, "models", "list")[0] == cli.EXIT_OK
+        status, _, err = run(capsys, running.target, *as_viewer, "datasets", "delete", "x", "-y")
+        assert status == cli.EXIT_AUTH
+        assert err.count("\n") == 1
 
 
 # -- as a process ----------------------------------------------------------------------
@@ -634,3 +671,28 @@ def test_ctrl_c_on_a_terminal_asks_whether_to_cancel_or_stop_watching(
                 if not client.get_job(job_id).state.terminal:
                     client.cancel_job(job_id)
                     wait_until_ended(client, job_id)
+
+
+def test_destructive_commands_ask_on_a_terminal(
+    target: str, data_folder: Path, terminal: Callable[..., Terminal]
+) -> None:
+    with fitserve.Client(target) as client:
+        client.upload_dataset_file("cli-asked", data_folder / "digits.npz")
+        declined = terminal("--target", target, "datasets", "delete", "cli-asked")
+        declined.expect(r"delete dataset cli-asked\? \[y/N\]")
+        declined.type("n\n")
+        assert declined.close() == cli.EXIT_JOB_FAILED
+        assert "nothing done" in declined.output
+        assert client.get_dataset("cli-asked").name == "cli-asked"
+
+        confirmed = terminal("--target", target, "datasets", "delete", "cli-asked")
+        confirmed.expect(r"\[y/N\]")
+        confirmed.type("y\n")
+        assert confirmed.close() == cli.EXIT_OK
+        assert "dataset cli-asked deleted" in confirmed.output
+        with pytest.raises(fitserve.NotFoundError):
+            client.get_dataset("cli-asked")
+
+        unasked = terminal("--target", target, "datasets", "delete", "cli-asked", "--yes")
+        assert unasked.close() == cli.EXIT_NOT_FOUND  # --yes: straight to the server
+        assert "[y/N]" not in unasked.output

@@ -640,7 +640,7 @@ def _follow(client: Client, job: Job, args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{kind} job {job.id} of model {job.info.model_name} submitted", flush=True)
     try:
-        info = job.wait(verbose=0 if args.json else args.verbose)
+        info = _wait(job, args, 0 if args.json else args.verbose)
     except KeyboardInterrupt:
         return _interrupted(job, args)
     if args.json:
@@ -648,6 +648,17 @@ def _follow(client: Client, job: Job, args: argparse.Namespace) -> int:
     else:
         print(_job_outcome(info))
     return EXIT_OK
+
+
+def _wait(job: Job, args: argparse.Namespace, verbose: int) -> training_pb2.Job:
+    """`job.wait(verbose=...)`; with --json a job that failed or was cancelled is printed
+    too (then its error raised), so a script gets the record whatever the outcome."""
+    try:
+        return job.wait(verbose=0 if verbose == 0 else 2 if verbose == 2 else 1)
+    except (JobFailedError, JobCancelledError) as error:
+        if args.json:
+            _print_document(_job_document(error.job))
+        raise
 
 
 def _job_outcome(info: training_pb2.Job) -> str:
@@ -680,7 +691,7 @@ def _interrupted(job: Job, args: argparse.Namespace) -> int:
     except FailedPreconditionError:
         pass  # it ended meanwhile: its outcome follows
     try:
-        info = job.wait(verbose=0)  # JobCancelledError once it stopped: EXIT_JOB_FAILED
+        info = _wait(job, args, 0)  # JobCancelledError once it stopped: EXIT_JOB_FAILED
     except KeyboardInterrupt:
         print(f"\nstopped watching job {job.id} while it stops", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -812,7 +823,7 @@ def _watch_job(client: Client, args: argparse.Namespace) -> int:
         for event in job.events():
             if not args.json:
                 print(_describe_event(event), flush=True)
-        info = job.wait(verbose=0)
+        info = _wait(job, args, 0)
     except KeyboardInterrupt:
         print(f"\nstopped watching job {job.id}", file=sys.stderr)
         return EXIT_INTERRUPTED
