@@ -227,7 +227,26 @@ def _follow_options() -> argparse.ArgumentParser:
     return parent
 
 
+def _add_retry_for(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--retry-for",
+        type=float,
+        default=WATCH_RETRY_SECONDS,
+        metavar="SECONDS",
+        help="while following: ride out an outage (server restarting, Redis down) this "
+        "long, resuming where the stream stopped, before giving up (default: "
+        f"{WATCH_RETRY_SECONDS:g})",
+    )
+
+
 _FOLLOW = _follow_options()
+_add_retry_for(_FOLLOW)
+_FOLLOW_EPILOG = (
+    "The job is followed until it ends (exit status 0 when it SUCCEEDED, 1 when it FAILED "
+    "or was CANCELLED). Ctrl-C asks, on a terminal, whether to cancel the job (c) or just "
+    "stop watching (w: it goes on running; resume with fitserve jobs watch ID); without a "
+    "terminal it stops watching. See fitserve --help for every exit status."
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -328,6 +347,7 @@ def _add_training_commands(commands: _Subparsers) -> None:
         "train a model from a spec file (YAML or JSON) and follow the job",
         _FOLLOW,
     )
+    train.epilog = _FOLLOW_EPILOG
     train.add_argument(
         "spec",
         metavar="SPEC",
@@ -349,6 +369,7 @@ def _add_training_commands(commands: _Subparsers) -> None:
         "fine-tune a stored version on new data and follow the job",
         _FOLLOW,
     )
+    fine_tune.epilog = _FOLLOW_EPILOG
     fine_tune.add_argument("model", metavar="MODEL[:VERSION|@ALIAS]", help="the base version")
     fine_tune.add_argument(
         "--spec",
@@ -385,6 +406,7 @@ def _add_training_commands(commands: _Subparsers) -> None:
         "evaluate a stored version on a dataset and follow the job",
         _FOLLOW,
     )
+    evaluate.epilog = _FOLLOW_EPILOG
     evaluate.add_argument(
         "model", metavar="MODEL[:VERSION|@ALIAS]", help="default: the stable alias, else latest"
     )
@@ -423,14 +445,7 @@ def _add_job_commands(commands: _Subparsers) -> None:
     get.add_argument("job_id", metavar="ID")
     watch = _command(jobs, "watch", _watch_job, "print a job's events until it ends")
     watch.add_argument("job_id", metavar="ID")
-    watch.add_argument(
-        "--retry-for",
-        type=float,
-        default=WATCH_RETRY_SECONDS,
-        metavar="SECONDS",
-        help="ride out an outage (server restarting, Redis down) this long, resuming "
-        f"where the stream stopped, before giving up (default: {WATCH_RETRY_SECONDS:g})",
-    )
+    _add_retry_for(watch)
     cancel = _command(jobs, "cancel", _cancel_job, "cancel a job")
     cancel.add_argument("job_id", metavar="ID")
     artifacts = _command(
