@@ -552,7 +552,7 @@ def _train(client: Client, args: argparse.Namespace) -> int:
     spec = _with_command_line(_cli_specs.load_spec(spec_path), args)
     arguments = _cli_specs.train_arguments(spec, spec_path.parent, str(spec_path))
     job = client.train(**_uploaded(client, arguments, args))
-    return _follow(client, job, args)
+    return _follow(job, args)
 
 
 def _with_command_line(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -595,7 +595,7 @@ def _fine_tune(client: Client, args: argparse.Namespace) -> int:
         raise SpecError("fine-tune needs a dataset: --dataset, or dataset in --spec")
     arguments = _cli_specs.fine_tune_arguments(spec, base_dir, where)
     job = client.fine_tune(name, version=version, alias=alias, **_uploaded(client, arguments, args))
-    return _follow(client, job, args)
+    return _follow(job, args)
 
 
 def _evaluate(client: Client, args: argparse.Namespace) -> int:
@@ -611,7 +611,7 @@ def _evaluate(client: Client, args: argparse.Namespace) -> int:
         time_limit_seconds=args.time_limit,
         **arguments,
     )
-    return _follow(client, job, args)
+    return _follow(job, args)
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -638,7 +638,7 @@ def _uploaded(
     return result
 
 
-def _follow(client: Client, job: Job, args: argparse.Namespace) -> int:
+def _follow(job: Job, args: argparse.Namespace) -> int:
     """Wait for `job` with the SDK's progress bar, then print its result; --detach
     returns at once; Ctrl-C asks whether to cancel the job or only stop watching."""
     kind = _enum_name(training_pb2.JobKind, job.info.kind).lower()
@@ -721,9 +721,9 @@ def _interactive() -> bool:
     return sys.stdin.isatty() and sys.stderr.isatty()
 
 
-def _ask(question: str, answers: Sequence[str], default: str) -> str:
+def _ask(question: str, answers: Sequence[str], default: str, *, enter: str = "") -> str:
     """Ask on stderr until one of `answers` (first letters count) comes; EOF or another
-    Ctrl-C is `default`."""
+    Ctrl-C is `default`, an empty line `enter` (none: ask again)."""
     while True:
         print(question, end="", file=sys.stderr, flush=True)
         try:
@@ -732,7 +732,7 @@ def _ask(question: str, answers: Sequence[str], default: str) -> str:
             return default
         if not line:
             return default
-        reply = line.strip().lower()[:1]
+        reply = line.strip().lower()[:1] or enter
         if reply in answers:
             return reply
 
@@ -741,7 +741,7 @@ def _confirmed(args: argparse.Namespace, question: str) -> bool:
     """True with --yes or without a terminal; else what the user answers."""
     if args.yes or not _interactive():
         return True
-    if _ask(f"{question} [y/N] ", ("y", "n"), "n") == "y":
+    if _ask(f"{question} [y/N] ", ("y", "n"), "n", enter="n") == "y":
         return True
     print("nothing done", file=sys.stderr)
     return False

@@ -349,3 +349,13 @@ def test_ask_repeats_until_an_answer_and_eof_is_the_default(
     assert cli._ask("cancel? [c/w] ", ("c", "w"), "w") == answer
     asked = capsys.readouterr().err.count("cancel? [c/w] ")
     assert asked == max(1, typed.count("\n"))
+
+
+def test_enter_is_no_to_a_confirmation_and_asks_again_for_c_or_w(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert cli._ask("delete? [y/N] ", ("y", "n"), "n", enter="n") == "n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("\nc\n"))
+    assert cli._ask("[c/w] ", ("c", "w"), "w") == "c"
+    assert capsys.readouterr().err.count("[c/w] ") == 2
