@@ -132,6 +132,45 @@ def test_train_from_a_json_spec_prints_the_job_as_json(
     assert [record["epoch"] for record in job["history"]] == [1]
 
 
+def test_a_functional_model_from_a_json_file_with_a_dataset_mapping(
+    capsys: pytest.CaptureFixture[str], target: str, tmp_path: Path
+) -> None:
+    import keras
+
+    x = keras.Input((4,), name="x")
+    hidden = keras.layers.Dense(8, activation="relu")(x)
+    cls = keras.layers.Dense(3, activation="softmax", name="cls")(hidden)
+    reg = keras.layers.Dense(1, name="reg")(hidden)
+    (tmp_path / "two.json").write_text(keras.Model(x, [cls, reg]).to_json())
+    rng = np.random.default_rng(3)
+    features = rng.random((64, 4), dtype=np.float32)
+    np.savez(
+        tmp_path / "two.npz",
+        x=features,
+        cls=features[:, :3].argmax(axis=1),
+        reg=features.sum(axis=1, keepdims=True),
+    )
+    with fitserve.Client(target) as client:
+        client.upload_dataset_file("cli-two-outputs", tmp_path / "two.npz")
+    spec = write_spec(
+        tmp_path,
+        "two.yaml",
+        model_name="cli-two-outputs",
+        model="two.json",  # model.to_json() saved beside the spec
+        dataset={"dataset": "cli-two-outputs", "input_keys": ["x"], "target_keys": ["cls", "reg"]},
+        loss={"cls": LOSS, "reg": "mse"},
+        metrics={"cls": ["accuracy"], "reg": ["mae"]},
+        epochs=2,
+        seed=1,
+    )
+
+    status, out, err = run(capsys, target, "train", str(spec), "--json")
+
+    assert status == cli.EXIT_OK, err
+    job = json.loads(out)
+    assert {"cls_accuracy", "reg_mae"} <= set(job["history"][-1]["logs"])
+
+
 def test_the_example_spec_trains(
     capsys: pytest.CaptureFixture[str], target: str, tmp_path: Path
 ) -> None:
