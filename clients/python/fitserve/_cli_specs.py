@@ -177,7 +177,7 @@ def train_arguments(spec: Mapping[str, Any], base_dir: Path, where: str) -> dict
     model_name = spec.get("model_name")
     if not isinstance(model_name, str) or not model_name:
         raise SpecError(f"{where}: model_name (the name to publish the model under) is missing")
-    if "dataset" not in spec:
+    if spec.get("dataset") is None:
         raise SpecError(
             f"{where}: dataset is missing (a local .npz, a dataset name or a URI; in the spec "
             "or as --dataset)"
@@ -191,13 +191,19 @@ def train_arguments(spec: Mapping[str, Any], base_dir: Path, where: str) -> dict
 def fine_tune_arguments(spec: Mapping[str, Any], base_dir: Path, where: str) -> dict[str, Any]:
     """The keyword arguments of `Client.fine_tune` but the base model."""
     check_keys(spec, FINE_TUNE_KEYS, where)
-    if "dataset" not in spec:
+    if spec.get("dataset") is None:
         raise SpecError(f"{where}: dataset is missing (a local .npz, a dataset name or a URI)")
     return _with_datasets(spec, base_dir)
 
 
 def _with_datasets(spec: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
-    arguments = {key: value for key, value in spec.items() if key not in _NAME_KEYS.values()}
+    """The call's arguments: a key left empty (YAML's `epochs:`, JSON's null) takes the
+    SDK's default, and local datasets become LocalDataset."""
+    arguments = {
+        key: value
+        for key, value in spec.items()
+        if key not in _NAME_KEYS.values() and value is not None
+    }
     for key in _DATASET_KEYS:
         name = spec.get(_NAME_KEYS[key])
         if name is not None and not isinstance(name, str):

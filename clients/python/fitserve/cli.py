@@ -591,7 +591,7 @@ def _fine_tune(client: Client, args: argparse.Namespace) -> int:
     }
     spec.update({key: value for key, value in options.items() if value is not None})
     spec = _with_command_line(spec, args)
-    if "dataset" not in spec:
+    if spec.get("dataset") is None:
         raise SpecError("fine-tune needs a dataset: --dataset, or dataset in --spec")
     arguments = _cli_specs.fine_tune_arguments(spec, base_dir, where)
     job = client.fine_tune(name, version=version, alias=alias, **_uploaded(client, arguments, args))

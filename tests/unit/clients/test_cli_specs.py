@@ -94,6 +94,7 @@ def test_an_unknown_key_lists_the_accepted_ones(tmp_path: Path) -> None:
     [
         ({"layers": LAYERS, "dataset": "d"}, "model_name .* is missing"),
         ({"model_name": "m", "layers": LAYERS}, "dataset is missing"),
+        (_spec(dataset=None), "dataset is missing"),
         (_spec(dataset=3), "dataset must be a local .npz file"),
         (_spec(dataset_name="x"), "dataset_name goes with a local .npz dataset"),
         (_spec(dataset="nope.npz"), r"dataset file .*nope.npz does not exist"),
@@ -120,6 +121,14 @@ def test_a_local_npz_is_read_from_the_spec_folder_and_named_after_the_file(
     assert arguments["dataset"] == LocalDataset(tmp_path / "My Digits.npz", "My-Digits")
     assert arguments["validation_data"] == LocalDataset(tmp_path / "val.npz", "v")
     assert "validation_data_name" not in arguments  # not a keyword of Client.train
+
+
+def test_an_empty_key_takes_the_sdks_default(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(
+        "model_name: m\ndataset: d\nlayers: [{type: Dense, units: 1}]\nmetrics:\nseed:\n"
+    )
+    spec = _cli_specs.load_spec(tmp_path / "s.yaml")
+    assert "metrics" not in _cli_specs.train_arguments(spec, tmp_path, "s.yaml")
 
 
 def test_a_spec_dataset_name_names_the_upload(tmp_path: Path) -> None:
