@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml examples/plugins/pyprojec
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:3]; sys.exit(0 if (3, 11, 4) <= v < (3, 13) else "fitserve needs Python 3.11.4+ or 3.12, found %d.%d.%d; run: make PYTHON=python3.12 ..." % v)'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '$(GEN_DIR)[plot]' -e '.[dev]' -e examples/plugins
+	$(PY) -m pip install --quiet -e '$(GEN_DIR)[plot,cli]' -e '.[dev]' -e examples/plugins
 	touch $(STAMP)
 
 install: $(STAMP)  ## Create .venv and install the server, worker, SDK, example plugins and dev tools

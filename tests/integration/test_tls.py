@@ -131,7 +131,10 @@ def test_the_cli_with_tls_and_ca(
     argv = ["--target", running.target, "--tls", "--ca", str(pki.ca_file), "--token", "fst_t"]
     assert cli.main([*argv, "datasets", "list"]) == 0
     assert "NAME" in capsys.readouterr().out
-    assert cli.main(["--target", running.target, "--timeout", "10", "datasets", "list"]) == 1
+    assert (
+        cli.main(["--target", running.target, "--timeout", "10", "datasets", "list"])
+        == cli.EXIT_UNAVAILABLE
+    )
     assert capsys.readouterr().err.startswith("error: ")
 
 

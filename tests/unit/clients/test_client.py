@@ -898,13 +898,20 @@ def test_an_unreachable_server_is_unavailable():
 # -- the command line ------------------------------------------------------------------------
 
 
-def test_cli_gets_a_job_as_json(fakes, capsys):
+def test_cli_gets_a_job_as_fields_or_as_json(fakes, capsys):
     fakes.training.jobs["job-1"] = training_pb2.Job(id="job-1", state=JobState.JOB_STATE_RUNNING)
 
-    status = cli.main(["--target", fakes.target, "jobs", "get", "job-1"])
+    assert cli.main(["--target", fakes.target, "jobs", "get", "job-1"]) == 0
+    fields = [line.split() for line in capsys.readouterr().out.splitlines()]
+    status = cli.main(["--target", fakes.target, "jobs", "get", "job-1", "--json"])
 
     assert status == 0
-    assert json.loads(capsys.readouterr().out) == {"id": "job-1", "state": "JOB_STATE_RUNNING"}
+    assert ["id", "job-1"] in fields
+    assert ["state", "RUNNING"] in fields
+    document = json.loads(capsys.readouterr().out)
+    assert document["id"] == "job-1"
+    assert document["state"] == "RUNNING"  # the JobState value, never the wire's number
+    assert document["model_version"] == 0  # every field, 64-bit integers as numbers
 
 
 def test_cli_lists_jobs_as_a_table_or_whole_as_json_lines(fakes, capsys):
@@ -919,10 +926,10 @@ def test_cli_lists_jobs_as_a_table_or_whole_as_json_lines(fakes, capsys):
     assert views == [training_pb2.JobView.JOB_VIEW_BASIC, training_pb2.JobView.JOB_VIEW_FULL]
 
 
-def test_cli_prints_server_errors_and_exits_1(fakes, capsys):
+def test_cli_prints_server_errors_and_exits_with_their_status(fakes, capsys):
     status = cli.main(["--target", fakes.target, "models", "get", "ghost"])
 
-    assert status == 1
+    assert status == cli.EXIT_NOT_FOUND == 3
     assert capsys.readouterr().err == "error: model 'ghost' does not exist\n"
 
 
@@ -961,7 +968,8 @@ def test_cli_uploads_a_dataset_file(fakes, capsys, tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, x=np.zeros(3), y=np.ones(3))
 
-    status = cli.main(["--target", fakes.target, "datasets", "upload", "tiny", str(path)])
+    argv = ["--target", fakes.target, "datasets", "upload", "tiny", str(path), "--json"]
+    status = cli.main(argv)
 
     assert status == 0
     assert json.loads(capsys.readouterr().out)["name"] == "tiny"

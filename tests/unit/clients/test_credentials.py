@@ -316,14 +316,20 @@ def test_cli_mtls_from_the_environment(
     assert cli.main(["--target", mtls.target, "models", "list"]) == 0
     assert "mnist" in capsys.readouterr().out
     assert mtls.recorder.authorizations() == [f"Bearer {TOKEN}"]
-    assert cli.main(["--target", mtls.target, "--no-tls", "--timeout", "5", "models", "list"]) == 1
+    assert (
+        cli.main(["--target", mtls.target, "--no-tls", "--timeout", "5", "models", "list"])
+        == cli.EXIT_UNAVAILABLE
+    )
     assert "error:" in capsys.readouterr().err
 
 
 def test_cli_without_tls_to_a_tls_server_fails(
     tls: Fake, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["--target", tls.target, "--timeout", "5", "models", "list"]) == 1
+    assert (
+        cli.main(["--target", tls.target, "--timeout", "5", "models", "list"])
+        == cli.EXIT_UNAVAILABLE
+    )
     assert capsys.readouterr().err.startswith("error: ")
 
 

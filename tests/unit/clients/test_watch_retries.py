@@ -163,7 +163,7 @@ def test_cli_watch_retry_for_sets_the_budget(fakes, capsys):
 
     status = cli.main(["--target", fakes.target, "jobs", "watch", "job-1", "--retry-for", "0.5"])
 
-    assert status == 1
+    assert status == cli.EXIT_UNAVAILABLE
     assert 0.5 <= time.monotonic() - started < 3
     assert "still failing after" in capsys.readouterr().err
 
