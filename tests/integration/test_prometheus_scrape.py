@@ -321,3 +321,69 @@ def test_dashboards_preview_renders_a_png_per_dashboard(traffic: Traffic, tmp_pa
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 20_000
+
+
+def test_a_version_that_fails_to_load_fires_its_alert_with_readable_texts(
+    traffic: Traffic,
+    server: RunningServer,
+    settings: Settings,
+    digits: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Last (it leaves the stack unhealthy): a corrupt version fires FitserveModelLoadFailures
+    (no `for`) and puts FitservePredictServerErrors in pending, their texts rendered from
+    the real labels."""
+    name = "promscrape-corrupt"
+    x, y = digits
+    with fitserve.Client(server.target, timeout=120) as client:
+        ds = client.upload_dataset(f"{name}-data", x=x[:32], y=y[:32])
+        job = client.train(
+            name, layers=MLP_LAYERS, loss="sparse_categorical_crossentropy", dataset=ds, epochs=1
+        )
+        version = job.wait(timeout=120).model_version
+        pb = settings.models_dir / name / str(version) / "saved_model.pb"
+        pb.write_bytes(b"not a SavedModel \xff\xfe" * 64)
+        with pytest.raises(fitserve.DataLossError):
+            client.predict(name, x[:1], version=version)
+        # rate() starts from the series' first sample, which already counts that call (its
+        # series are created as the version loads): the next calls are what it sees
+        until(
+            lambda: bool(
+                query(
+                    traffic.base,
+                    f'fitserve_predict_requests_total{{model="{name}", code="DATA_LOSS"}}',
+                )
+            ),
+            "the failed call scraped",
+        )
+        for _ in range(3):
+            with pytest.raises(fitserve.DataLossError):  # the failure is remembered
+                client.predict(name, x[:1], version=version)
+
+    def alerts() -> dict[str, Any]:
+        found = preview.api(traffic.base, "/api/v1/alerts")["alerts"]
+        return {a["labels"]["alertname"]: a for a in found}
+
+    until(
+        lambda: alerts().get("FitserveModelLoadFailures", {}).get("state") == "firing",
+        "FitserveModelLoadFailures firing",
+    )
+    until(lambda: "FitservePredictServerErrors" in alerts(), "FitservePredictServerErrors")
+    now = alerts()
+    load = now["FitserveModelLoadFailures"]
+    instance = f"127.0.0.1:{server.metrics_port}"
+    assert load["labels"] == {
+        "alertname": "FitserveModelLoadFailures",
+        "instance": instance,
+        "reason": "DATA_LOSS",
+        "severity": "ticket",
+    }
+    assert (
+        load["annotations"]["summary"] == f"{instance} failed to load a model version (DATA_LOSS)"
+    )
+    assert load["annotations"]["runbook"].endswith("docs/runbook.md#fitservemodelloadfailures")
+    errors = now["FitservePredictServerErrors"]
+    assert errors["state"] == "pending"  # for 10 minutes
+    assert errors["labels"]["model"] == name
+    assert errors["annotations"]["summary"] == (
+        f"100% of Predict calls to {name} version {version} fail with a server error"
+    )
