@@ -424,7 +424,7 @@ def variable(name: str, query: str, label: str) -> Any:
         "label": label,
         "type": "query",
         "datasource": {"type": "prometheus", "uid": "${datasource}"},
-        "query": {"query": query, "refId": f"{name}-values"},
+        "query": query,
         "definition": query,
         "refresh": 2,
         "includeAll": True,
