@@ -22,7 +22,13 @@ RI = "$__rate_interval"
 SERVER = 'job="fitserve-server", instance=~"$instance"'
 WORKER = 'job="fitserve-worker", instance=~"$instance"'
 MV = 'model=~"$model", version=~"$version"'
-UNRESOLVED = '"model", "(unresolved)", "model", ""'  # label_replace: empty model reads well
+
+
+def target(expr: str) -> str:
+    """``expr`` with a label ``target``: "model vN", or "(unresolved name)" for the series
+    of names that resolve to no version (empty model and version)."""
+    joined = f'label_join({expr}, "target", " v", "model", "version")'
+    return f'label_replace({joined}, "target", "(unresolved name)", "target", " v")'
 
 
 def q(expr: str, legend: str) -> dict[str, str]:
@@ -104,11 +110,13 @@ SERVING: list[Any] = [
         "reqps",
         [
             q(
-                f"label_replace(sum by (model, version, code) (rate(fitserve_predict_requests_total{{{SERVER}, {MV}}}[{RI}])), {UNRESOLVED})",
-                "{{model}} v{{version}} {{code}}",
+                target(
+                    f"sum by (model, version, code) (rate(fitserve_predict_requests_total{{{SERVER}, {MV}}}[{RI}]))"
+                ),
+                "{{target}} {{code}}",
             )
         ],
-        "(unresolved): names that resolve to no version.",
+        "(unresolved name): Predicts naming no version that exists.",
     ),
     panel(
         "Predict latency by version (OK calls)",

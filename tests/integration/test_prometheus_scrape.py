@@ -10,7 +10,8 @@ dashboard expression and every alert expression is run through Prometheus's HTTP
 
 Expected empty in this stack (everything else must return data):
 
-- dashboards: ``EMPTY`` below (no shedding, no GPU on these machines);
+- dashboards: ``EMPTY`` below (no shedding, no GPU on these machines); every other
+  expression must return a finite value, and every legend must read without holes;
 - alerts: all but FitserveAccuracyBelowEvaluation. The stack is healthy (its errors are the
   client's: INVALID_ARGUMENT, NOT_FOUND, a job failing INVALID_INPUTS), so each alert
   expression evaluates to nothing. FitserveAccuracyBelowEvaluation is the exception on
@@ -267,6 +268,21 @@ def test_every_dashboard_expression_parses_and_returns_data(traffic: Traffic) ->
             empty.append(f"{board} / {title} / {ref} has data; drop it from EMPTY")
     assert failed == []
     assert empty == []
+
+
+def test_every_legend_reads_well_with_every_label_value(traffic: Traffic) -> None:
+    """With every variable at All (names that resolve to nothing included), no legend has a
+    hole: no "{{", no doubled space, no "v" without a version."""
+    holes = []
+    for path in sorted((DEPLOY / "grafana").glob("*.json")):
+        for panel in preview.panels(json.loads(path.read_text())):
+            for target in panel["targets"]:
+                expr = preview.expand(target["expr"], {}, RATE_INTERVAL)
+                for series in query(traffic.base, expr):
+                    name = preview.legend(target["legendFormat"], series["metric"]).strip()
+                    if "{{" in name or "  " in name or re.search(r"\bv(\s|$)", name):
+                        holes.append(f"{path.name} / {panel['title']}: {name!r}")
+    assert holes == []
     # every template variable's values query answers with this stack's labels
     loaded = query(traffic.base, "fitserve_model_version_loaded")
     assert MODEL in {m["metric"]["model"] for m in loaded}

@@ -112,6 +112,7 @@ def test_dashboard_is_well_formed(path: Path) -> None:
                 assert window == "$__rate_interval", f"{title}: {function}(...[{window}])"
             labels = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
             grouped = set(re.findall(r"\w+", " ".join(re.findall(r"by \(([^)]*)\)", expr))))
+            grouped |= set(re.findall(r'\),\s*"(\w+)"', expr))  # label_join/label_replace
             assert labels <= grouped | {"instance"}, (
                 f"{title}: legend {legend} names {labels - grouped}"
             )
