@@ -8,7 +8,7 @@ GEN_DIR := clients/python
 PROTOS := $(wildcard proto/fitserve/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: help install run test lint fmt typecheck imports proto check-generated keras-signatures unit integration bench bench-quick soak clean
+.PHONY: help install run test lint fmt typecheck imports proto check-generated keras-signatures unit integration bench bench-quick soak dashboards dashboards-preview clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -75,6 +75,18 @@ bench-quick: $(STAMP)  ## The reduced benchmark, under 3 minutes
 
 soak: $(STAMP)  ## A bounded soak under random faults (SOAK_SECONDS, default 180); report in bench/results/soak.md
 	$(PY) -m bench.soak $(if $(SOAK_SECONDS),--seconds $(SOAK_SECONDS))
+
+dashboards: $(STAMP)  ## Regenerate deploy/grafana/*.json from deploy/dashboards.py
+	$(PY) deploy/dashboards.py
+
+PROMETHEUS_URL ?=
+dashboards-preview: $(STAMP)  ## PNGs of every dashboard into deploy/preview/: from PROMETHEUS_URL, or from a test stack
+ifneq ($(PROMETHEUS_URL),)
+	$(PY) deploy/preview.py --prometheus $(PROMETHEUS_URL) $(PREVIEW_ARGS)
+else
+	FITSERVE_DASHBOARDS_PREVIEW=$(CURDIR)/deploy/preview $(BIN)/pytest -q \
+		tests/integration/test_prometheus_scrape.py -k preview $(PYTEST_ARGS)
+endif
 
 clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
