@@ -204,7 +204,8 @@ SERVING: list[Any] = [
                 "live {{model}} v{{version}} {{output}}",
             ),
             q(
-                f'max by (model, version, dataset, metric) (fitserve_model_evaluation_metric{{{SERVER}, {MV}, metric=~".*accuracy"}})',
+                # the dataset label is a content id (sha256:...): its first 8 hex digits name it
+                f'label_replace(max by (model, version, dataset, metric) (fitserve_model_evaluation_metric{{{SERVER}, {MV}, metric=~".*accuracy"}}), "dataset", "$1", "dataset", "(?:sha256:)?(.{{8}}).*")',
                 "evaluated {{model}} v{{version}} {{metric}} on {{dataset}}",
             ),
         ],
