@@ -96,6 +96,11 @@ class ProgressBar:
         self._dynamic = bool(callable(isatty) and isatty())
         self._epoch = 0  # the epoch whose header is printed
         self._started = clock()
+        # Epochs are timed by the events' own times (the worker's clock) when they carry
+        # them: events can arrive in bursts, so the local clock would time the burst.
+        self._boundary: float | None = None  # when the last epoch ended (or the job ran)
+        self._epoch_start: float | None = None  # when this epoch began, by event times
+        self._stamp: float | None = None  # the time of the event being drawn
         self._batches = 0  # batches per epoch, once a batch event said so
         self._open_line = False  # a bar drawn in place, not ended with a newline yet
         self._width = 0
@@ -105,6 +110,9 @@ class ProgressBar:
         if self._verbose == 0:
             return
         kind = event.WhichOneof("payload")
+        self._stamp = event.time.ToNanoseconds() / 1e9 if event.HasField("time") else None
+        if kind == "state_changed" and self._stamp is not None:
+            self._boundary = self._stamp  # e.g. RUNNING: the first epoch starts about now
         if kind == "batch_progress":
             batch = event.batch_progress
             self._begin(batch.epoch)
@@ -119,6 +127,7 @@ class ProgressBar:
             self._begin(ended.epoch)
             steps = self._batches or 1
             self._draw(steps, dict(ended.logs), final=True)
+            self._boundary = self._stamp
 
     def close(self) -> None:
         """End a bar left open (the job stopped mid-epoch)."""
@@ -132,12 +141,16 @@ class ProgressBar:
         self.close()
         self._epoch = epoch
         self._started = self._clock()
+        self._epoch_start = self._boundary if self._boundary is not None else self._stamp
         total = self._epochs if self._epochs >= epoch else "?"
         self._write(f"Epoch {epoch}/{total}\n")
 
     def _draw(self, current: int, logs: Mapping[str, float], *, final: bool) -> None:
         target = self._batches or (current if final else 0)
-        elapsed = self._clock() - self._started
+        if self._stamp is not None and self._epoch_start is not None:
+            elapsed = max(self._stamp - self._epoch_start, 0.0)
+        else:
+            elapsed = self._clock() - self._started
         per_step = elapsed / current if current else 0.0
         if self._verbose == 2:
             if final:
@@ -149,8 +162,8 @@ class ProgressBar:
             count = f"{current:{len(str(target))}d}/{target}"
             done = min(_WIDTH, int(_WIDTH * current / target))
             plain_bar = "━" * _WIDTH
-            bar = f"\x1b[1m{count}\x1b[0m \x1b[32m{plain_bar[:done]}\x1b[0m"
-            bar += f"\x1b[37m{plain_bar[done:]}\x1b[0m"
+            bar = f"{self._style(1, count)} {self._style(32, plain_bar[:done])}"
+            bar += self._style(37, plain_bar[done:])
             visible = len(count) + 1 + _WIDTH
         else:
             bar = f"{current:7d}/Unknown"
@@ -160,8 +173,9 @@ class ProgressBar:
         else:
             eta = per_step * (target - current)
             timing = f"{eta:.0f}s" if eta < 60 else f"{eta // 60:.0f}:{eta % 60:02.0f}"
-        info = f" \x1b[1m{timing}\x1b[0m {format_step_time(per_step)}{format_logs(logs)}"
-        visible += len(info) - 8
+        info = f" {timing} {format_step_time(per_step)}{format_logs(logs)}"
+        visible += len(info)
+        info = f" {self._style(1, timing)} {format_step_time(per_step)}{format_logs(logs)}"
         text = bar + info
         if self._dynamic:
             pad = " " * max(0, self._width - visible)
@@ -170,6 +184,11 @@ class ProgressBar:
         elif final:  # not a terminal: no redrawing, only the epoch's last line
             self._write(text + "\n")
         self._width = 0 if final else visible
+
+    def _style(self, code: int, text: str) -> str:
+        """``text`` in Keras's bar style (bold, green, grey) on a terminal; plain in a
+        pipe or a file, which has no use for escape codes."""
+        return f"\x1b[{code}m{text}\x1b[0m" if self._dynamic else text
 
     def _write(self, text: str) -> None:
         self._stream.write(text)

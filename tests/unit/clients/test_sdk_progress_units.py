@@ -53,10 +53,30 @@ def test_verbose_1_off_a_terminal_prints_the_epochs_last_bar_only():
     bar.update(_batch(1, 1, 2, loss=1.0))
     clock.now = 0.02
     bar.update(_epoch(1, 3, loss=0.25))
+    assert out.getvalue() == (  # no escape codes in a pipe or a file
+        "Epoch 1/3\n2/2 " + "━" * 20 + " 0s 10ms/step - loss: 0.2500\n"
+    )
+
+
+def _at(event: training_pb2.JobEvent, seconds: float) -> training_pb2.JobEvent:
+    event.time.FromNanoseconds(int(seconds * 1e9))
+    return event
+
+
+def test_epochs_are_timed_by_the_events_times_when_they_arrive_in_a_burst():
+    out, clock = io.StringIO(), Clock()  # the local clock never moves: one burst
+    bar = _progress.ProgressBar(2, epochs=2, stream=out, clock=clock)
+    running = training_pb2.JobEvent(
+        state_changed=training_pb2.StateChanged(state=training_pb2.JOB_STATE_RUNNING)
+    )
+    bar.update(_at(running, 100.0))
+    bar.update(_at(_batch(1, 1, 4, loss=1.0), 100.5))
+    bar.update(_at(_epoch(1, 2, loss=0.5), 102.0))  # 2 s after RUNNING
+    bar.update(_at(_batch(2, 1, 4, loss=0.4), 102.2))
+    bar.update(_at(_epoch(2, 2, loss=0.3), 103.0))  # 1 s after epoch 1 ended
     assert out.getvalue() == (
-        "Epoch 1/3\n"
-        "\x1b[1m2/2\x1b[0m \x1b[32m" + "━" * 20 + "\x1b[0m\x1b[37m\x1b[0m"
-        " \x1b[1m0s\x1b[0m 10ms/step - loss: 0.2500\n"
+        "Epoch 1/2\n4/4 - 2s - 500ms/step - loss: 0.5000\n"
+        "Epoch 2/2\n4/4 - 1s - 250ms/step - loss: 0.3000\n"
     )
 
 
