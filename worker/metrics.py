@@ -146,9 +146,10 @@ class WorkerMetrics:
         self._heartbeat = threading.Thread(target=self._beating, name="heartbeat", daemon=True)
         self._heartbeat.start()
         log.info(
-            "worker heartbeat every %g s (keys live %g s)",
+            "worker heartbeat every %g s (keys live %g s), as %s",
             s.worker_heartbeat_seconds,
             s.heartbeat_ttl_seconds,
+            self.process,
         )
 
     def _beat(self) -> None:

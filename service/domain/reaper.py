@@ -32,8 +32,9 @@ process marks the job received by it (``received_by``: its hostname/pid,
 ``JobStore.mark_received``, ``worker.received``) and puts it in the leases set, due one
 heartbeat TTL later; the reaper then looks whether that worker process's alive key
 (``service.domain.jobs.alive_key``, renewed with its heartbeat) is still there. While it
-is, the job is looked at again a TTL later (a pool child starting the job clears the mark
-and takes the lease). Once it is gone, the job's message is sent again, with the same
+is, the job is looked at again at the next pass (a pool child starting the job clears the
+mark and takes the lease), so it is sent again within a TTL and a period of the worker's
+last heartbeat. Once it is gone, the job's message is sent again, with the same
 compare-and-set and dispatch lease as a requeue (one reaper sends it), the attempt
 unchanged, and a log event in the job's stream saying which worker stopped before
 starting it. A job nobody received is left alone (its queue's alerts are for that). The
@@ -138,8 +139,9 @@ class Reaper:
                 self._max_attempts,
                 self._lease,
                 token,
-                received_check_seconds=self._ttl,
-                # and their heartbeats a TTL to be written again
+                # a received job whose worker lives is looked at again next pass
+                received_check_seconds=min(self._ttl, self._period),
+                # after a Redis restart, workers get a TTL to write their alive keys again
                 resend_received=uptime >= self._ttl,
             )
             if reaped.outcome in ("requeue", "resend"):
