@@ -139,8 +139,9 @@ class Reaper:
                 self._max_attempts,
                 self._lease,
                 token,
-                # a received job whose worker lives is looked at again next pass
-                received_check_seconds=min(self._ttl, self._period),
+                # a received job whose worker lives is due again by the next pass (passes
+                # are 0.8-1.2 periods apart)
+                received_check_seconds=min(self._ttl, 0.5 * self._period),
                 # after a Redis restart, workers get a TTL to write their alive keys again
                 resend_received=uptime >= self._ttl,
             )
