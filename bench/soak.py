@@ -57,6 +57,7 @@ import psutil
 import fitserve
 from bench import procs
 from fitserve.v1 import training_pb2
+from service.domain.job_store import RESENT_MESSAGE
 from service.launch.redis_server import RedisServer, start_redis
 from service.launch.stack import ServerPart, Stack, WorkerPart
 from service.launch.supervision import terminate
@@ -116,6 +117,7 @@ def stream_check(seen: list[str], final: list[str]) -> str:
     return ""
 
 
+RESENT = RESENT_MESSAGE.split("{worker}")[0]  # a job sent again by the reaper's log event
 ALLOWED_DURING_FAULTS = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 """UNAVAILABLE: the server is down or cannot reach Redis. RESOURCE_EXHAUSTED: Predict shed
 (with a retry hint) by a server still warming up after its restart: its load shedding, as
@@ -383,6 +385,7 @@ class Soak:
         states: dict[str, int] = {}
         reasons: dict[str, int] = {}
         not_terminal, versions_bad, streams_bad = [], [], []
+        resent = 0
         with self.client() as client:
             for job_id, watched in self.jobs.items():
                 try:
@@ -401,9 +404,12 @@ class Soak:
                 if on_disk != want or (want and record.model_version != 1):
                     versions_bad.append(f"{watched.model}: {on_disk} ({state})")
                 try:
-                    final = [e.event_id for e in client.watch_job(job_id, timeout=30)]
+                    events = list(client.watch_job(job_id, timeout=30))
+                    final = [e.event_id for e in events]
                 except grpc.RpcError as exc:  # a job that never ended: its stream neither
-                    final = [f"(stream did not end: {exc.code().name})"]
+                    events, final = [], [f"(stream did not end: {exc.code().name})"]
+                if any(e.log.message.startswith(RESENT) for e in events if e.HasField("log")):
+                    resent += 1  # its worker died between receiving and starting it
                 problem = watched.error or stream_check(watched.event_ids, final)
                 if problem:
                     streams_bad.append(f"{job_id}: {problem}")
@@ -412,7 +418,8 @@ class Soak:
             Check(
                 "every job terminal",
                 not not_terminal and bool(self.jobs),
-                f"{len(self.jobs)} jobs: {states}; not terminal: {not_terminal[:5]}",
+                f"{len(self.jobs)} jobs: {states}; not terminal: {not_terminal[:5]}; sent "
+                f"again after their worker died before starting them: {resent}",
             )
         )
         checks.append(
@@ -476,6 +483,7 @@ class Soak:
             "predict_shed_by_fault": shed,
             "predict_first_messages": self.predict_messages,
             "submit_errors": len(self.submit_errors),
+            "resent_after_receive": resent,
             "memory": memory,
         }
         return checks, facts

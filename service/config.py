@@ -410,8 +410,19 @@ class Settings(BaseSettings):
         5.0,
         gt=0,
         description="How often a worker's main process writes its heartbeat key per queue "
-        "(expiring after three periods); the api counts them as fitserve_queue_workers "
-        "(FITSERVE_WORKER_HEARTBEAT_SECONDS).",
+        "(expiring after worker_heartbeat_ttl_seconds); the api counts them as "
+        "fitserve_queue_workers (FITSERVE_WORKER_HEARTBEAT_SECONDS).",
+    )
+    worker_heartbeat_ttl_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="How long a worker's heartbeat keys live without renewal "
+        "(FITSERVE_WORKER_HEARTBEAT_TTL_SECONDS); unset: three heartbeat periods (15 s). "
+        "Also the grace of a job a worker received but never started: once the receiving "
+        "worker's heartbeat has been gone this long (it was killed between taking the "
+        "message and starting the job), the api's reaper sends the job's message again "
+        "(docs/reliability.md). Set the same on api servers and workers; it must be longer "
+        "than worker_heartbeat_seconds.",
     )
     # -- end of observability ------------------------------------------------------------
     roles: list[Role] = Field(
@@ -645,6 +656,23 @@ class Settings(BaseSettings):
             text = value.strip()
             return json.loads(text) if text.startswith("{") else {"mode": text}
         return value
+
+    @model_validator(mode="after")
+    def _check_heartbeat_ttl(self) -> Settings:
+        ttl = self.worker_heartbeat_ttl_seconds
+        if ttl is not None and ttl <= self.worker_heartbeat_seconds:
+            raise ValueError(
+                f"FITSERVE_WORKER_HEARTBEAT_TTL_SECONDS ({ttl:g}) must be longer than "
+                f"FITSERVE_WORKER_HEARTBEAT_SECONDS ({self.worker_heartbeat_seconds:g}): a "
+                "heartbeat key would expire before its worker renews it"
+            )
+        return self
+
+    @property
+    def heartbeat_ttl_seconds(self) -> float:
+        """How long a worker's heartbeat keys live: the setting, or three periods."""
+        ttl = self.worker_heartbeat_ttl_seconds
+        return 3 * self.worker_heartbeat_seconds if ttl is None else ttl
 
     @model_validator(mode="after")
     def _default_dataset_roots(self) -> Settings:

@@ -4,7 +4,9 @@ TensorFlow is never imported in the prefork parent: each child imports it as it 
 (``worker_process_init``), so the parent stays light and a job finds a warm child.
 SIGTERM stops the worker within ``worker_stop_grace_seconds``, its job handed back
 (``worker.shutdown``). The main process serves /metrics for itself and its children
-(``worker.metrics``, on FITSERVE_WORKER_METRICS_PORT).
+(``worker.metrics``, on FITSERVE_WORKER_METRICS_PORT), keeps its heartbeat, and marks
+each job whose message it receives (``worker.received``), so that the api's reaper sends
+the job again should this worker die before a child starts it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from service.config import Settings
 from service.taskqueue import TaskQueue, create_celery
 from worker import shutdown
 from worker.metrics import WorkerMetrics
+from worker.received import ReceivedMarks
 from worker.runtime import Runtime
 
 settings = Settings()  # the worker's composition root: read the environment once, here
@@ -43,3 +46,4 @@ def warm_child(**_: Any) -> None:
 
 
 WorkerMetrics(settings).install()  # after warm_child: a child counts GPUs once set up
+ReceivedMarks(settings).install()  # each job received, marked: the reaper finds it if we die

@@ -8,7 +8,9 @@ GPUs: ``service.metrics.TrainingMetrics``) is a file there. Once the pool runs
 aggregated, every process's ``process_*`` (a ``pid`` label each), and what only it knows:
 ``fitserve_worker_up``, ``fitserve_worker_jobs_running``, GPU utilisation (NVML). It also
 PINGs Redis (``fitserve_redis_up``) and keeps a heartbeat key per queue alive in Redis,
-which the api counts as ``fitserve_queue_workers``. On shutdown it deletes its keys and
+which the api counts as ``fitserve_queue_workers``, and an alive key of its process, by
+which the api's reaper knows the worker that received a job still runs (the heartbeat
+starts even when /metrics cannot bind its port). On shutdown it deletes its keys and
 the folder.
 """
 
@@ -32,6 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service.config import Settings
+from service.domain.jobs import alive_key, worker_process
 from service.job_metrics import heartbeat_key
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ class WorkerMetrics:
         self.hostname = ""
         self.queues: list[str] = []
         self._stop = threading.Event()
+        self._beat_failing = False
         self._heartbeat: threading.Thread | None = None
         self.redis_up = _LastValue()
         self._redis: redis.Redis | None = None
@@ -91,6 +95,9 @@ class WorkerMetrics:
 
         s = self.settings
         assert self.folder is not None
+        # The heartbeat first, whatever happens to /metrics: the api counts workers by it,
+        # and its reaper tells by it whether the worker that received a job still runs.
+        self._start_heartbeat()
         registry = aggregate_registry(str(self.folder))
         registry.register(_WorkerCollector(self))
         # Not a multiprocess Gauge: a pool child forked after this point (one replacing a
@@ -113,17 +120,12 @@ class WorkerMetrics:
             print(
                 f"fitserve worker: /metrics cannot bind {s.worker_metrics_host}:"
                 f"{s.worker_metrics_port} ({exc}); set FITSERVE_WORKER_METRICS_PORT to a free "
-                "port (0 picks one); the worker runs on without /metrics",
+                "port (0 picks one); the worker runs on without /metrics (its heartbeat "
+                "goes on)",
                 file=sys.stderr,
                 flush=True,
             )
             raise
-        self._redis = redis.Redis.from_url(
-            s.redis_url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True
-        )
-        self._beat()
-        self._heartbeat = threading.Thread(target=self._beating, name="heartbeat", daemon=True)
-        self._heartbeat.start()
         if s.worker_ready_file is not None:
             from service.launch.ready import write_ready
 
@@ -134,21 +136,49 @@ class WorkerMetrics:
             flush=True,
         )
 
+    def _start_heartbeat(self) -> None:
+        """Write the heartbeat keys now and renew them from a thread."""
+        s = self.settings
+        self._redis = redis.Redis.from_url(
+            s.redis_url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True
+        )
+        self._beat()
+        self._heartbeat = threading.Thread(target=self._beating, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+        log.info(
+            "worker heartbeat every %g s (keys live %g s), as %s",
+            s.worker_heartbeat_seconds,
+            s.heartbeat_ttl_seconds,
+            self.process,
+        )
+
     def _beat(self) -> None:
-        """Renew this worker's heartbeat key of each queue (three periods to live)."""
+        """Renew this worker's heartbeat key of each queue, and its process's alive key
+        (``heartbeat_ttl_seconds`` to live)."""
         assert self._redis is not None
-        ttl = max(1, round(self.settings.worker_heartbeat_seconds * 3))
+        ttl_ms = max(1, round(self.settings.heartbeat_ttl_seconds * 1000))
         try:
             with self._redis.pipeline(transaction=False) as pipe:
                 for queue in self.queues:
-                    pipe.set(heartbeat_key(queue, self.hostname), os.getpid(), ex=ttl)
+                    pipe.set(heartbeat_key(queue, self.hostname), os.getpid(), px=ttl_ms)
+                pipe.set(alive_key(self.process), ",".join(self.queues), px=ttl_ms)
                 pipe.execute()
+            if self._beat_failing:
+                log.info("worker heartbeat written again")
+            self._beat_failing = False
         except redis.RedisError as exc:
-            log.warning("worker heartbeat not written (%s); retried shortly", exc)
+            if not self._beat_failing:
+                log.warning("worker heartbeat not written (%s); retried shortly", exc)
+            self._beat_failing = True
 
     def _beating(self) -> None:
         while not self._stop.wait(self.settings.worker_heartbeat_seconds):  # a period
             self._beat()
+
+    @property
+    def process(self) -> str:
+        """This worker main process (hostname/pid), as the jobs it receives name it."""
+        return worker_process(self.hostname, os.getpid())
 
     def _on_shutdown(self, **_: Any) -> None:
         """Delete the heartbeat keys (the queue has one worker less at once), stop serving
@@ -156,7 +186,8 @@ class WorkerMetrics:
         self._stop.set()
         if self._redis is not None:
             with contextlib.suppress(redis.RedisError):
-                self._redis.delete(*(heartbeat_key(q, self.hostname) for q in self.queues))
+                keys = [heartbeat_key(q, self.hostname) for q in self.queues]
+                self._redis.delete(*keys, alive_key(self.process))
             self._redis.close()
         if self._probe is not None:
             self._probe.close()

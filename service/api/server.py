@@ -226,6 +226,7 @@ def _add_api(server: grpc.aio.Server, app: FitserveServer, outcomes: RpcOutcomes
         max_attempts=s.job_max_attempts,
         jobs_dir=s.jobs_dir,
         models_dir=s.models_dir,
+        heartbeat_ttl_seconds=s.heartbeat_ttl_seconds,
     )
     app.closers.append(reaper.start())  # requeues the jobs of lost workers (leases)
     plugins = discovery.load(s.plugins)  # the registry the request checks use

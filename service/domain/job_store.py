@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 
 from service.domain.job_watch import StreamNotifier
 from service.domain.jobs import (
+    ALIVE_PREFIX,
     IDEMPOTENCY,
     INDEX,
     JOB_BUCKETS,
@@ -165,11 +166,30 @@ end
 local until_ = clock() + tonumber(ARGV[3])
 move(state, 'RUNNING', cjson.encode({state = 'RUNNING', attempt = attempt}), now, retention,
      {'started_at', now, 'lease_until', tostring(until_), 'lease_owner', ARGV[4],
-      'dispatch', ''})
+      'dispatch', '', 'received_by', '', 'received_at', ''})
 redis.call('ZADD', KEYS[5], until_, h[6])
 return {'started', attempt}
 """
 )
+
+# A worker's main process has received a job's message (Celery's task_received, before a
+# pool child starts the job). KEYS: job hash, leases. ARGV: the worker process
+# (hostname/pid), seconds until the reaper first looks at it (the heartbeat's TTL). Only
+# a QUEUED job is marked: ``received_by`` names the worker, and the job is in the leases
+# set so the reaper checks, once that worker's alive key could have expired, that it
+# still runs (``_REAP``). The job's message is delivered, so a dispatch lease (a requeue
+# whose send was not confirmed yet) is over. Returns 1 (marked) or 0 (not QUEUED: a
+# duplicate of a job running or finished, which the worker drops when it starts).
+_RECEIVED = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'id')
+if h[1] ~= 'QUEUED' then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('HSET', KEYS[1], 'received_by', ARGV[1], 'received_at', tostring(now),
+           'dispatch', '', 'lease_until', '0')
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), h[2])
+return 1
+"""
 
 # The running attempt renewing its lease. KEYS: job hash, leases. ARGV: attempt, owner,
 # lease seconds. Returns the state: RUNNING or CANCELLING (renewed), or the finished state
@@ -217,23 +237,40 @@ return 'queued'
 
 # The reaper's step for one job whose lease looks run out. ARGV: retention, attempt cap,
 # now, dispatch seconds, dispatch token, the message of a job out of attempts, the log
-# line of a requeue. Returns {outcome, kind, queue}: alive (renewed meanwhile), cancelled
-# (CANCELLING, its worker gone), failed (out of attempts), requeue (the caller sends a
-# new Celery message, then calls ``_DISPATCHED`` with the token), or skip.
+# line of a requeue, the alive key prefix of worker processes, seconds until a received
+# job is looked at again, whether received jobs may be resent now ("1"; not right after
+# Redis restarted), the log line of a resend. Returns {outcome, kind, queue}: alive
+# (renewed meanwhile, or its receiving worker still runs), cancelled (CANCELLING, its
+# worker gone), failed (out of attempts), requeue (the caller sends a new Celery message,
+# then calls ``_DISPATCHED`` with the token), resend (the same, for a QUEUED job whose
+# receiving worker stopped before starting it: the attempt stays), or skip.
 _REAP = (
     _LIB
     + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'handbacks', 'lease_until',
-                     'dispatch', 'kind', 'queue', 'id')
+                     'dispatch', 'kind', 'queue', 'id', 'received_by')
 local state = h[1]
 if not state then return {'skip', '', ''} end
 local t, now, retention = clock(), ARGV[3], ARGV[1]
 local lease = tonumber(h[4]) or 0
 local dispatching = state == 'QUEUED' and h[5] and h[5] ~= ''
-local watched = state == 'RUNNING' or state == 'CANCELLING' or dispatching
+local received = state == 'QUEUED' and not dispatching and h[9] and h[9] ~= ''
+local watched = state == 'RUNNING' or state == 'CANCELLING' or dispatching or received
 if not watched then
   redis.call('ZREM', KEYS[5], h[8])
   return {'skip', h[6], h[7]}
+end
+if received then
+  if ARGV[10] ~= '1' or redis.call('EXISTS', ARGV[8] .. h[9]) == 1 then
+    redis.call('ZADD', KEYS[5], t + tonumber(ARGV[9]), h[8])
+    return {'alive', h[6], h[7]}
+  end
+  local due = t + tonumber(ARGV[4])
+  log_event(now, 'WARNING', (string.gsub(ARGV[11], '{worker}', function() return h[9] end)))
+  redis.call('HSET', KEYS[1], 'received_by', '', 'received_at', '', 'lease_until',
+             tostring(due), 'dispatch', ARGV[5])
+  redis.call('ZADD', KEYS[5], due, h[8])
+  return {'resend', h[6], h[7]}
 end
 if lease > t then
   redis.call('ZADD', KEYS[5], lease, h[8])
@@ -481,6 +518,16 @@ REQUEUED_MESSAGE = (
 )
 
 
+RESENT_MESSAGE = (
+    "requeued: worker {worker} stopped before starting the job (it had received the "
+    "job's message, then its heartbeat ran out); the message is sent again, and no "
+    "attempt is counted"
+)
+
+DEFAULT_HEARTBEAT_TTL_SECONDS = 15.0
+"""How long a worker's heartbeat keys live by default (three 5 s periods)."""
+
+
 class StartOutcome(enum.StrEnum):
     """What a worker's ``JobStore.start`` found."""
 
@@ -497,7 +544,7 @@ class Reaped:
     """What the reaper did with one job whose lease had run out."""
 
     job_id: str
-    outcome: str  # alive, cancelled, failed, requeue, skip
+    outcome: str  # alive, cancelled, failed, requeue, resend, skip
     kind: str = ""
     queue: str = ""
 
@@ -659,12 +706,23 @@ class AsyncJobStore:
         return [str(i) for i in ids]
 
     async def reap(
-        self, job_id: str, max_attempts: int, dispatch_seconds: float, token: str
+        self,
+        job_id: str,
+        max_attempts: int,
+        dispatch_seconds: float,
+        token: str,
+        *,
+        received_check_seconds: float = DEFAULT_HEARTBEAT_TTL_SECONDS,
+        resend_received: bool = True,
     ) -> Reaped:
         """Move on a job whose lease ran out, unless it was renewed meanwhile: CANCELLING ->
         CANCELLED; RUNNING -> QUEUED (outcome ``requeue``: send its Celery message, then
         call ``dispatched``) or FAILED past ``max_attempts`` lost attempts; a requeued job
-        whose message was never confirmed sent is ``requeue`` again."""
+        whose message was never confirmed sent is ``requeue`` again. A QUEUED job a worker
+        received (``JobStore.mark_received``) whose worker process no longer has its alive
+        key is ``resend`` (the same, at the same attempt, with a log event saying why),
+        unless ``resend_received`` is off; while that worker runs it is looked at again
+        ``received_check_seconds`` later."""
         args = [
             _retention_arg(self._retention),
             str(max_attempts),
@@ -673,6 +731,10 @@ class AsyncJobStore:
             token,
             lost_message(max_attempts),
             REQUEUED_MESSAGE,
+            ALIVE_PREFIX,
+            repr(received_check_seconds),
+            "1" if resend_received else "0",
+            RESENT_MESSAGE,
         ]
         reply = await self._reap(keys=_transition_keys(job_id), args=args)
         outcome, kind, queue = (str(x or "") for x in reply)
@@ -785,6 +847,7 @@ class JobStore:
         self._hand_back = client.register_script(_HAND_BACK)
         self._dispatched = client.register_script(_DISPATCHED)
         self._release = client.register_script(_RELEASE)
+        self._received = client.register_script(_RECEIVED)
         self._record = client.register_script(_RECORD_EPOCH)
         self._rebuild = client.register_script(_REBUILD)
 
@@ -841,6 +904,13 @@ class JobStore:
         job = self._retrying(lambda: self.get(job_id))
         self._running[job_id] = (job, owner, lease_seconds)
         return outcome, job
+
+    def mark_received(self, job_id: str, worker: str, check_after: float) -> bool:
+        """A worker's main process (``worker``: hostname/pid) has received the job's
+        message: a QUEUED job is marked received by it, and the reaper looks after
+        ``check_after`` seconds whether that worker still runs (False: not QUEUED)."""
+        keys, args = [job_key(job_id), LEASES], [worker, repr(check_after)]
+        return bool(self._received(keys=keys, args=args))
 
     def forget(self, job_id: str) -> None:
         """This worker is done with the job (its fence is dropped)."""

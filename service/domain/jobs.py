@@ -3,9 +3,10 @@
 Per job: a hash ``fitserve:job:<id>`` (state, attempt, request, result, lease), a list
 ``...:history`` (one JSON entry per epoch) and a stream ``...:events``; and one sorted set
 for all jobs, ``fitserve:leases``, of the jobs whose lease the reaper watches (running or
-cancelling ones, and requeued ones until their new Celery message is sent), scored by
-when it runs out. The store that reads and writes them is ``service.domain.job_store``;
-leases are described in ``service.domain.leases``.
+cancelling ones, requeued ones until their new Celery message is sent, and queued ones a
+worker has received but not started yet), scored by when the reaper looks at it next.
+The store that reads and writes them is ``service.domain.job_store``; leases are
+described in ``service.domain.leases``.
 """
 
 from __future__ import annotations
@@ -95,6 +96,24 @@ def events_key(job_id: str) -> str:
 
 
 LEASES = f"{PREFIX}leases"
+
+ALIVE_PREFIX = f"{PREFIX}worker-alive:"
+
+
+def worker_process(hostname: str, pid: int) -> str:
+    """One worker main process: its Celery hostname and pid. Workers started by one
+    launcher may share a Celery hostname (``fitserve-<launcher pid>@host``); never a
+    hostname and a pid."""
+    return f"{hostname}/{pid}"
+
+
+def alive_key(process: str) -> str:
+    """The key a worker's main process (``worker_process``) keeps alive beside its
+    heartbeat keys (``service.job_metrics.heartbeat_key``, same TTL): how the reaper knows
+    that the worker which received a job's message still runs. Not counted in
+    ``fitserve_queue_workers`` (its prefix is not a queue's heartbeat prefix)."""
+    return f"{ALIVE_PREFIX}{process}"
+
 
 STATS = f"{PREFIX}jobstats"
 JOB_BUCKETS = (1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 48 * 3600)

@@ -24,6 +24,24 @@ finished job is removed (whoever finished it should have).
 Right after Redis restarts, every lease may look run out (Redis was down while the
 workers could not renew them), so no pass runs until Redis has been up for a whole lease:
 by then every live worker has renewed its lease.
+
+A job can also be stranded before it has a lease: a worker's main process received its
+message (Celery's ``task_received``) and was killed before a pool child started the job,
+so the message waits in kombu's ``unacked`` hash for the visibility timeout. So the main
+process marks the job received by it (``received_by``: its hostname/pid,
+``JobStore.mark_received``, ``worker.received``) and puts it in the leases set, due one
+heartbeat TTL later; the reaper then looks whether that worker process's alive key
+(``service.domain.jobs.alive_key``, renewed with its heartbeat) is still there. While it
+is, the job is looked at again at the next pass (a pool child starting the job clears the
+mark and takes the lease), so it is sent again within a TTL and a period of the worker's
+last heartbeat. Once it is gone, the job's message is sent again, with the same
+compare-and-set and dispatch lease as a requeue (one reaper sends it), the attempt
+unchanged, and a log event in the job's stream saying which worker stopped before
+starting it. A job nobody received is left alone (its queue's alerts are for that). The
+old message, should the visibility timeout bring it back, finds the job started or
+finished and is dropped (acknowledged) by the worker that gets it. Received jobs are
+resent only once Redis has been up for a heartbeat TTL too, so that every live worker
+has written its alive key again after a restart.
 """
 
 from __future__ import annotations
@@ -42,7 +60,7 @@ from pathlib import Path
 import redis
 
 from service.domain import job_records
-from service.domain.job_store import AsyncJobStore, Reaped
+from service.domain.job_store import DEFAULT_HEARTBEAT_TTL_SECONDS, AsyncJobStore, Reaped
 from service.domain.jobs import JobState
 
 log = logging.getLogger(__name__)
@@ -66,8 +84,10 @@ class Reaper:
         jobs_dir: Path | None = None,
         models_dir: Path | None = None,
         orphan_grace_seconds: float | None = None,
+        heartbeat_ttl_seconds: float = DEFAULT_HEARTBEAT_TTL_SECONDS,
     ) -> None:
         self._jobs, self._send = jobs, send
+        self._ttl = heartbeat_ttl_seconds
         self._lease, self._period, self._max_attempts = lease_seconds, period_seconds, max_attempts
         self._failing = False
         self._jobs_dir, self._models_dir = jobs_dir, models_dir
@@ -108,18 +128,35 @@ class Reaper:
 
     async def reap(self) -> list[Reaped]:
         """One pass: what it did with each job whose lease had run out."""
-        if await self._jobs.redis_uptime() < self._lease:
+        uptime = await self._jobs.redis_uptime()
+        if uptime < self._lease:
             return []  # Redis just came back: leave the workers a lease to renew theirs
         done: list[Reaped] = []
         for job_id in await self._jobs.due_leases(BATCH):
             token = uuid.uuid4().hex
-            reaped = await self._jobs.reap(job_id, self._max_attempts, self._lease, token)
-            if reaped.outcome == "requeue":
+            reaped = await self._jobs.reap(
+                job_id,
+                self._max_attempts,
+                self._lease,
+                token,
+                # a received job whose worker lives is due again by the next pass (passes
+                # are 0.8-1.2 periods apart)
+                received_check_seconds=min(self._ttl, 0.5 * self._period),
+                # after a Redis restart, workers get a TTL to write their alive keys again
+                resend_received=uptime >= self._ttl,
+            )
+            if reaped.outcome in ("requeue", "resend"):
                 await asyncio.to_thread(self._send, reaped.kind, job_id, reaped.queue)
                 await self._jobs.dispatched(job_id, token)
             if reaped.outcome in ("failed", "cancelled") and self._jobs_dir is not None:
                 await asyncio.to_thread(job_records.remove, self._jobs_dir, job_id)
-            if reaped.outcome in ("requeue", "failed", "cancelled"):
+            if reaped.outcome == "resend":
+                log.warning(
+                    "job %s: the worker that received it stopped before starting it "
+                    "(its heartbeat ran out); its message is sent again",
+                    job_id,
+                )
+            elif reaped.outcome in ("requeue", "failed", "cancelled"):
                 log.warning(
                     "job %s: its lease ran out; %s",
                     job_id,

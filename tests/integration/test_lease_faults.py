@@ -1,7 +1,7 @@
 """Infrastructure faults against real processes: Redis restarted (3 s, then 10 s down)
 mid-training, a worker's Celery main process SIGKILLed and the newest backup damaged, a
 worker SIGTERMed mid-job, a job that cannot stop within the grace, a cancel whose worker
-is gone. Each asserts the job's states and attempts, its event stream (every epoch, none
+is gone, a worker SIGKILLed after receiving a job's message and before starting it. Each asserts the job's states and attempts, its event stream (every epoch, none
 twice but the one redone after a damaged backup), every epoch once in its history, and
 exactly one version on disk.
 
@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ import redis
 import fitserve
 from fitserve.v1 import training_pb2
 from service.config import Settings
-from service.domain.jobs import history_key, job_key
+from service.domain.jobs import alive_key, history_key, job_key
 from service.launch.redis_server import RedisServer, start_redis
 from service.launch.supervision import terminate
 from service.training.callbacks import METADATA_FILE
@@ -59,11 +60,14 @@ class Cluster:
     redis: RedisServer
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def worker(self, name: str, grace: float = GRACE) -> subprocess.Popen[bytes]:
-        """Start a worker and wait until it takes jobs."""
+    def worker(
+        self, name: str, grace: float = GRACE, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a worker and wait until it takes jobs; ``env`` adds FITSERVE_* settings."""
         env = {
             "FITSERVE_JOB_LEASE_SECONDS": str(LEASE),
             "FITSERVE_WORKER_STOP_GRACE_SECONDS": str(grace),
+            **(env or {}),
         }
         proc = start_worker(self.settings, self.log(name), **env)
         self.workers[name] = proc
@@ -86,7 +90,7 @@ class Cluster:
 
 
 @contextmanager
-def cluster(root: Path) -> Iterator[Cluster]:
+def cluster(root: Path, **overrides: Any) -> Iterator[Cluster]:
     server = start_redis(root / "redis")
     settings = Settings(
         data_dir=root / "data",
@@ -99,6 +103,7 @@ def cluster(root: Path) -> Iterator[Cluster]:
         job_lease_seconds=LEASE,
         job_reaper_period_seconds=REAPER,
         worker_stop_grace_seconds=GRACE,
+        **overrides,
     )
     running, thread = run_server(settings)
     c = Cluster(root, settings, running.target, server)
@@ -390,3 +395,80 @@ def test_a_sigtermed_worker_hands_its_job_back_within_the_grace(tmp_path: Path) 
     assert next(epoch for attempt, epoch in runs if attempt == 2) == last_of_1 + 1
     assert [epoch for _attempt, epoch in runs] == list(range(1, EPOCHS + 1))  # no gap, no repeat
     _one_version(c, "handed", result)
+
+
+HEARTBEAT = 1.0  # s: FITSERVE_WORKER_HEARTBEAT_SECONDS of the stranded-job test
+TTL = 3.0  # s: FITSERVE_WORKER_HEARTBEAT_TTL_SECONDS, the grace of a received job
+
+
+def test_a_job_whose_worker_died_before_starting_it_is_sent_again_and_runs_once(
+    tmp_path: Path,
+) -> None:
+    """The gap the soak found: the worker's main process received the job's message and
+    was SIGKILLed before its pool child started the job (held there by a test hook). The
+    job is sent again once that worker's heartbeat is gone, runs once on another worker
+    (whose /metrics port is taken: it heartbeats all the same), and the old message,
+    redelivered as the visibility timeout would, is dropped and acknowledged."""
+    from kombu import Connection
+
+    from worker.received import PAUSE_ENV
+
+    beat = {
+        "FITSERVE_WORKER_HEARTBEAT_SECONDS": str(HEARTBEAT),
+        "FITSERVE_WORKER_HEARTBEAT_TTL_SECONDS": str(TTL),
+    }
+    ttl = {"worker_heartbeat_seconds": HEARTBEAT, "worker_heartbeat_ttl_seconds": TTL}
+    epochs = 4
+    with cluster(tmp_path, **ttl) as c, fitserve.Client(c.target, timeout=60) as client:
+        first = c.worker("worker-1", env=beat | {PAUSE_ENV: "600"})
+        job = _train(client, "stranded", epochs)
+        _until(lambda: _field(c, job.id, "received_by"), 60, "the job marked received")
+        process = _field(c, job.id, "received_by")
+        with c.client() as r:
+            assert r.exists(alive_key(process))
+        time.sleep(2 * TTL + 2 * REAPER)  # the worker lives (held): nothing is sent again
+        assert _field(c, job.id, "state") == "QUEUED"
+        assert _field(c, job.id, "received_by") == process
+        with c.client() as r:
+            assert r.hlen("unacked") == 1  # the message is the held worker's
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+        killed = time.time()
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            c.worker("worker-2", env=beat | {"FITSERVE_WORKER_METRICS_PORT": str(port)})
+            result = job.wait(timeout=180)
+        events = list(job.events())
+        resent = [e for e in events if e.HasField("log") and "requeued: worker" in e.log.message]
+        log2 = c.log("worker-2").read_text(errors="replace")
+        with c.client() as r:
+            alive2 = [k for k in r.scan_iter(alive_key("*")) if k != alive_key(process)]
+            # the killed worker's message only: the second one is acknowledged as it ends
+            _until(lambda: r.hlen("unacked") == 1, 30, "the second message acknowledged")
+
+        # The visibility timeout's redelivery, now: kombu restores the unacked message.
+        with Connection(c.settings.redis_url, transport_options={"visibility_timeout": 0}) as conn:
+            conn.default_channel.qos.restore_visible(num=100)  # type: ignore[attr-defined]
+        _until(lambda: "finished already" in c.log("worker-2").read_text(errors="replace"), 60)
+        with c.client() as r:
+            _until(lambda: r.hlen("unacked") == 0 and r.llen("train") == 0, 30, "the ack")
+        final = job.refresh()
+
+    assert len(resent) == 1
+    sent_at = float(resent[0].time.seconds + resent[0].time.nanos / 1e9)
+    _measured("SIGKILL after receiving, until the job was sent again", sent_at - killed)
+    _measured("... until it ran on another worker", _running_since(events, 1) - killed)
+    assert sent_at - killed < TTL + 2.4 * REAPER + 2  # the key expires, then a pass
+    assert process in resent[0].log.message
+    assert result.state == training_pb2.JOB_STATE_SUCCEEDED
+    assert result.attempt == 1  # sent again, not counted as an attempt
+    assert _states(events) == [("QUEUED", 0), ("RUNNING", 1), ("SUCCEEDED", 0)]
+    assert [epoch for _attempt, epoch in _runs(events)] == list(range(1, epochs + 1))
+    _one_version(c, "stranded", result, epochs)
+    assert final.state == training_pb2.JOB_STATE_SUCCEEDED
+    assert len(list(final.history)) == epochs
+    assert "cannot bind" in log2
+    assert "its heartbeat goes on" in log2
+    assert alive2, "the worker whose /metrics port was taken has no alive key"
