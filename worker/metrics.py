@@ -130,10 +130,13 @@ class WorkerMetrics:
             from service.launch.ready import write_ready
 
             write_ready(s.worker_ready_file, self.port, self.port)
-        print(
-            f"fitserve worker {self.hostname}: metrics on "
-            f"http://{s.worker_metrics_host}:{self.port}/metrics (queues {','.join(self.queues)})",
-            flush=True,
+        # logged, not printed: Celery logs a worker's stdout at WARNING
+        log.info(
+            "fitserve worker %s: metrics on http://%s:%s/metrics (queues %s)",
+            self.hostname,
+            s.worker_metrics_host,
+            self.port,
+            ",".join(self.queues),
         )
 
     def _start_heartbeat(self) -> None:
