@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 
-import pytest
 import redis
 
 from service.config import Settings
@@ -17,20 +15,6 @@ from service.job_metrics import heartbeat_key
 from worker.metrics import WorkerMetrics
 
 DB = 10
-
-
-@pytest.fixture
-def url(redis_url: str) -> str:
-    url = f"{redis_url.rsplit('/', 1)[0]}/{DB}"
-    with redis.Redis.from_url(url) as r:
-        r.flushdb()
-    return url
-
-
-@pytest.fixture
-def r(url: str) -> Iterator[redis.Redis]:
-    with redis.Redis.from_url(url, decode_responses=True) as client:
-        yield client
 
 
 def test_the_heartbeat_keeps_the_alive_key_and_deletes_it_at_a_clean_stop(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -30,20 +30,6 @@ from service.errors import NotFound
 DAY = 24 * 3600
 EXPIRY_WAIT = 10.0  # seconds; a 1 s retention is over well before this
 DB = 5  # this module's own database: the index is one key, and the sweep reads all of it
-
-
-@pytest.fixture
-def url(redis_url: str) -> str:
-    url = f"{redis_url.rsplit('/', 1)[0]}/{DB}"
-    with redis.Redis.from_url(url) as r:
-        r.flushdb()
-    return url
-
-
-@pytest.fixture
-def r(url: str) -> Iterator[redis.Redis]:
-    with redis.Redis.from_url(url, decode_responses=True) as client:
-        yield client
 
 
 def _job() -> Job:

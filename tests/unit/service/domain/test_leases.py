@@ -7,7 +7,6 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,20 +20,6 @@ from service.domain.reaper import Reaper
 
 DB = 6  # this module's own database: the leases set is one key
 OWNER = "host-a/101"
-
-
-@pytest.fixture
-def url(redis_url: str) -> str:
-    url = f"{redis_url.rsplit('/', 1)[0]}/{DB}"
-    with redis.Redis.from_url(url) as r:
-        r.flushdb()
-    return url
-
-
-@pytest.fixture
-def r(url: str) -> Iterator[redis.Redis]:
-    with redis.Redis.from_url(url, decode_responses=True) as client:
-        yield client
 
 
 def _api(url: str, body: Any) -> Any:

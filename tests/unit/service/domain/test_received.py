@@ -9,7 +9,6 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,20 +33,6 @@ from service.domain.reaper import Reaper
 DB = 9  # this module's own database: the leases set is one key
 WORKER = worker_process("fitserve-1@host-a", 4242)
 TTL = 15.0
-
-
-@pytest.fixture
-def url(redis_url: str) -> str:
-    url = f"{redis_url.rsplit('/', 1)[0]}/{DB}"
-    with redis.Redis.from_url(url) as r:
-        r.flushdb()
-    return url
-
-
-@pytest.fixture
-def r(url: str) -> Iterator[redis.Redis]:
-    with redis.Redis.from_url(url, decode_responses=True) as client:
-        yield client
 
 
 def _api(url: str, body: Any) -> Any:

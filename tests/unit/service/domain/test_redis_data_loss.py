@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -23,20 +21,6 @@ from service.domain.reaper import Reaper
 from service.domain.tokens import ENABLED_KEY, TokenStore
 
 DB = 7
-
-
-@pytest.fixture
-def url(redis_url: str) -> str:
-    url = f"{redis_url.rsplit('/', 1)[0]}/{DB}"
-    with redis.Redis.from_url(url) as r:
-        r.flushdb()
-    return url
-
-
-@pytest.fixture
-def r(url: str) -> Iterator[redis.Redis]:
-    with redis.Redis.from_url(url, decode_responses=True) as client:
-        yield client
 
 
 def _job(**fields: object) -> Job:
