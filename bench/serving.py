@@ -152,7 +152,7 @@ class Servers:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    """Every serving case of BENCHMARKS.md; returns the raw results."""
+    """Every serving case of bench/README.md; returns the raw results."""
     plan = Plan.of(quick)
     with tempfile.TemporaryDirectory(prefix="fitserve-bench-") as tmp:
         work = Path(tmp)
