@@ -205,7 +205,7 @@ SERVING: list[Any] = [
             ),
             q(
                 # the dataset label is a content id (sha256:...): its first 8 hex digits name it
-                f'label_replace(max by (model, version, dataset, metric) (fitserve_model_evaluation_metric{{{SERVER}, {MV}, metric=~".*accuracy"}}), "dataset", "$1", "dataset", "(?:sha256:)?(.{{8}}).*")',
+                f'label_replace(max by (model, version, dataset, metric) (fitserve_model_evaluation_metric{{{SERVER}, {MV}, metric=~".*accuracy"}}), "dataset", "$1", "dataset", "sha256:([0-9a-f]{{8}}).*")',
                 "evaluated {{model}} v{{version}} {{metric}} on {{dataset}}",
             ),
         ],

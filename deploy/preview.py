@@ -18,6 +18,7 @@ import json
 import re
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -50,8 +51,11 @@ def api(base: str, path: str, **params: str) -> Any:
     when there are none); its ``data``."""
     body = urllib.parse.urlencode(params).encode() if params else None
     request = urllib.request.Request(f"{base.rstrip('/')}{path}", data=body)
-    with urllib.request.urlopen(request, timeout=30) as response:
-        answer = json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # 400/422: Prometheus says why in the body
+        raise RuntimeError(f"{path} {params}: HTTP {exc.code}: {exc.read().decode()}") from None
     if answer.get("status") != "success":
         raise RuntimeError(f"{path} {params}: {answer}")
     return answer["data"]

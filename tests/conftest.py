@@ -26,6 +26,7 @@ import grpc
 import pytest
 
 from service.config import Settings
+from service.plugins.registry import Registry, install, installed
 from service.launch.stack import Stack, WorkerPart
 from service.launch.supervision import terminate
 from service.launch.workers import start_worker as start_worker_process
@@ -45,6 +46,10 @@ class RunningServer:
     metrics_port: int
     loop: asyncio.AbstractEventLoop
     stop: asyncio.Event
+    # The plugin registry installed before this server installed its own: the registry is
+    # one per process (as Keras's serializable names are), so a test server with other
+    # plugins puts it back when it stops, or later tests meet its plugins, not theirs.
+    plugins_before: Registry | None = None
 
 
 @pytest.fixture(scope="session")
@@ -129,13 +134,15 @@ def run_server(settings: Settings) -> tuple[RunningServer, threading.Thread]:
 
     loop = asyncio.new_event_loop()
     ready: Future[RunningServer] = Future()
+    before = installed()
 
     async def main() -> None:
         server, port = await create_server(settings)
         await server.start()
         stop = asyncio.Event()
         target = f"127.0.0.1:{port}"
-        ready.set_result(RunningServer(target, settings, server.metrics_port, loop, stop))
+        running = RunningServer(target, settings, server.metrics_port, loop, stop, before)
+        ready.set_result(running)
         await stop.wait()
         await server.stop(0)
 
@@ -150,8 +157,10 @@ def stop_server(running: RunningServer, thread: threading.Thread) -> None:
     if thread.is_alive():  # say where it is stuck: every thread's stack and every task's
         faulthandler.dump_traceback(all_threads=True)
         for task in asyncio.all_tasks(running.loop):
-            task.print_stack(file=sys.stderr)
+            _print_awaits(task)
     assert not thread.is_alive(), "the server did not stop within 30 s"
+    if running.plugins_before is not None:
+        install(running.plugins_before)
     # What asyncio.run does at its end (and `fitserve serve` gets): cancel the tasks left
     # and close the async generators (stream handlers) with the loop still running, so
     # none is collected later, in another test, against a closed loop.
@@ -162,6 +171,24 @@ def stop_server(running: RunningServer, thread: threading.Thread) -> None:
     loop.run_until_complete(_settle(pending))
     loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()
+
+
+def _print_awaits(task: asyncio.Task[Any]) -> None:
+    """A task and the chain of what it awaits (Task.print_stack fails on gRPC's Cython
+    frames, which have no line numbers)."""
+    print(f"task {task!r}", file=sys.stderr)
+    awaited: Any = task.get_coro()
+    for _ in range(40):
+        if awaited is None:
+            break
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        where = f" line {frame.f_lineno}" if frame is not None else ""
+        print(f"    awaits {getattr(awaited, '__qualname__', awaited)}{where}", file=sys.stderr)
+        awaited = (
+            getattr(awaited, "cr_await", None)
+            or getattr(awaited, "ag_await", None)
+            or getattr(awaited, "gi_yieldfrom", None)
+        )
 
 
 async def _settle(tasks: set[asyncio.Task[Any]]) -> None:

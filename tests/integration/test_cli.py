@@ -439,7 +439,7 @@ def test_a_failed_job_exits_1(
 
     status, _out, err = run(capsys, target, "train", str(spec))
 
-    assert status == cli.EXIT_JOB_FAILED == 1
+    assert status == cli.EXIT_JOB_FAILED == 1, err
     assert "faults>exploding_loss" in err  # the job's own error message
     upload, error = err.splitlines()  # what was uploaded, then the one error line
     assert upload.startswith("uploading ")
