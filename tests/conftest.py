@@ -26,10 +26,10 @@ import grpc
 import pytest
 
 from service.config import Settings
-from service.plugins.registry import Registry, install, installed
 from service.launch.stack import Stack, WorkerPart
 from service.launch.supervision import terminate
 from service.launch.workers import start_worker as start_worker_process
+from service.plugins.registry import Registry, install, installed
 
 ROOT = Path(__file__).resolve().parent.parent
 # Test plugins that are not packaged, loaded by the session's server and worker as an
