@@ -6,42 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
-from typing import Any
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from service.domain.job_store import AsyncJobStore, JobStore, StartOutcome
-from service.domain.jobs import LEASES, Job, JobKind, JobState, events_key, history_key, job_key
+from service.domain.jobs import LEASES, JobState, events_key, history_key, job_key
 from service.domain.leases import Heartbeat, JobControl, LeaseLost
 from service.domain.reaper import Reaper
+from tests.unit.service.domain.lease_helpers import Sent, create_job, job_states, reap, run_api
 
 DB = 6  # this module's own database: the leases set is one key
 OWNER = "host-a/101"
-
-
-def _api(url: str, body: Any) -> Any:
-    async def main() -> Any:
-        client = aioredis.Redis.from_url(url, decode_responses=True)
-        store = AsyncJobStore(client, retention_seconds=60)
-        try:
-            return await body(store)
-        finally:
-            await store.notifier.close()
-            await client.aclose()
-
-    return asyncio.run(main())
-
-
-def _create(url: str, kind: JobKind = JobKind.TRAIN) -> str:
-    job = Job(id=uuid.uuid4().hex, kind=kind, model_name="m", queue="train", request={})
-
-    async def body(store: AsyncJobStore) -> str:
-        return (await store.create(job)).id
-
-    return str(_api(url, body))
 
 
 def _expire(r: redis.Redis, job_id: str) -> None:
@@ -50,40 +26,10 @@ def _expire(r: redis.Redis, job_id: str) -> None:
     r.zadd(LEASES, {job_id: 0})
 
 
-def _states(r: redis.Redis, job_id: str) -> list[tuple[str, int]]:
-    """The state events of a job's stream: (state, attempt)."""
-    out = []
-    for _id, fields in r.xrange(events_key(job_id)):
-        if fields["type"] == "state":
-            data = json.loads(fields["data"])
-            out.append((data["state"], data.get("attempt", 0)))
-    return out
-
-
-class Sent:
-    """The reaper's Celery sends, recorded."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, str]] = []
-
-    def __call__(self, kind: str, job_id: str, queue: str) -> None:
-        self.calls.append((kind, job_id, queue))
-
-
-def _reap(url: str, send: Sent, max_attempts: int = 3, lease: float = 0.0) -> list[str]:
-    async def body(store: AsyncJobStore) -> list[str]:
-        reaper = Reaper(
-            store, send, lease_seconds=lease, period_seconds=1, max_attempts=max_attempts
-        )
-        return [f"{x.job_id}:{x.outcome}" for x in await reaper.reap()]
-
-    return list(_api(url, body))
-
-
 def test_a_started_job_holds_a_lease_and_a_second_delivery_leaves_it_alone(
     url: str, r: redis.Redis
 ) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     worker, other = JobStore(r), JobStore(r)
 
     job = worker.start(job_id, 3, owner=OWNER, lease_seconds=30)
@@ -101,7 +47,7 @@ def test_a_started_job_holds_a_lease_and_a_second_delivery_leaves_it_alone(
 def test_a_job_whose_lease_ran_out_or_whose_owner_died_is_taken_over(
     url: str, r: redis.Redis
 ) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     JobStore(r).start(job_id, 3, owner=OWNER)
     taken = JobStore(r).start(job_id, 3, owner="host-a/102", dead_owner=OWNER)
     assert taken is not None
@@ -111,13 +57,13 @@ def test_a_job_whose_lease_ran_out_or_whose_owner_died_is_taken_over(
     third = JobStore(r).start(job_id, 3, owner="host-b/9")
     assert third is not None
     assert third.attempt == 3
-    assert _states(r, job_id) == [("QUEUED", 0), ("RUNNING", 1), ("RUNNING", 2), ("RUNNING", 3)]
+    assert job_states(r, job_id) == [("QUEUED", 0), ("RUNNING", 1), ("RUNNING", 2), ("RUNNING", 3)]
 
 
 def test_a_worker_that_lost_its_lease_can_neither_record_nor_finish_the_job(
     url: str, r: redis.Redis
 ) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     old, new = JobStore(r), JobStore(r)
     old.start(job_id, 3, owner=OWNER)
     assert old.record_epoch(job_id, 1, 3, {"loss": 1.0})
@@ -140,21 +86,21 @@ def test_a_worker_that_lost_its_lease_can_neither_record_nor_finish_the_job(
 def test_the_reaper_requeues_a_lost_job_once_and_its_next_attempt_starts(
     url: str, r: redis.Redis
 ) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     JobStore(r).start(job_id, 3, owner=OWNER)
     sent = Sent()
-    assert _reap(url, sent) == []  # the lease is alive
+    assert reap(url, sent) == []  # the lease is alive
     _expire(r, job_id)
 
-    assert _reap(url, sent) == [f"{job_id}:requeue"]
-    assert _reap(url, sent) == []  # requeued and dispatched: nothing due
+    assert reap(url, sent) == [f"{job_id}:requeue"]
+    assert reap(url, sent) == []  # requeued and dispatched: nothing due
     assert sent.calls == [("TRAIN", job_id, "train")]
     assert JobStore(r).state(job_id) is JobState.QUEUED
     assert r.zscore(LEASES, job_id) is None
     again = JobStore(r).start(job_id, 3, owner="host-b/9")
     assert again is not None
     assert again.attempt == 2
-    assert _states(r, job_id) == [("QUEUED", 0), ("RUNNING", 1), ("QUEUED", 1), ("RUNNING", 2)]
+    assert job_states(r, job_id) == [("QUEUED", 0), ("RUNNING", 1), ("QUEUED", 1), ("RUNNING", 2)]
     logs = [json.loads(f["data"]) for _i, f in r.xrange(events_key(job_id)) if f["type"] == "log"]
     assert "stopped renewing its lease" in logs[0]["message"]
 
@@ -162,7 +108,7 @@ def test_the_reaper_requeues_a_lost_job_once_and_its_next_attempt_starts(
 def test_a_requeue_whose_message_was_never_confirmed_sent_is_sent_again(
     url: str, r: redis.Redis
 ) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     store = JobStore(r)
     store.start(job_id, 3, owner=OWNER)
     outcome, _token = store.hand_back(job_id, OWNER, "stopping", dispatch_seconds=30)
@@ -171,37 +117,37 @@ def test_a_requeue_whose_message_was_never_confirmed_sent_is_sent_again(
     _expire(r, job_id)
 
     sent = Sent()
-    assert _reap(url, sent) == [f"{job_id}:requeue"]
+    assert reap(url, sent) == [f"{job_id}:requeue"]
     assert sent.calls == [("TRAIN", job_id, "train")]
     assert store.state(job_id) is JobState.QUEUED
     assert r.zscore(LEASES, job_id) is None
 
 
 def test_a_cancelled_job_whose_worker_is_gone_ends_cancelled(url: str, r: redis.Redis) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     JobStore(r).start(job_id, 3, owner=OWNER)
-    _api(url, lambda store: store.cancel(job_id))
+    run_api(url, lambda store: store.cancel(job_id))
     _expire(r, job_id)
 
-    assert _reap(url, Sent()) == [f"{job_id}:cancelled"]
+    assert reap(url, Sent()) == [f"{job_id}:cancelled"]
     assert JobStore(r).state(job_id) is JobState.CANCELLED
 
 
 def test_past_the_attempt_cap_the_reaper_fails_the_job_and_hand_backs_do_not_count(
     url: str, r: redis.Redis
 ) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     store = JobStore(r)
     store.start(job_id, 2, owner=OWNER)
     assert store.hand_back(job_id, OWNER, "stopping", 30)[0] == "queued"  # not counted
     store.start(job_id, 2, owner=OWNER)
     _expire(r, job_id)
-    assert _reap(url, Sent(), max_attempts=2) == [f"{job_id}:requeue"]  # one lost
+    assert reap(url, Sent(), max_attempts=2) == [f"{job_id}:requeue"]  # one lost
     store.start(job_id, 2, owner=OWNER)
     _expire(r, job_id)
 
     sent = Sent()
-    assert _reap(url, sent, max_attempts=2) == [f"{job_id}:failed"]  # two lost
+    assert reap(url, sent, max_attempts=2) == [f"{job_id}:failed"]  # two lost
     assert sent.calls == []
     job = store.get(job_id)
     assert (job.state, job.attempt, job.handbacks) == (JobState.FAILED, 3, 1)
@@ -210,7 +156,7 @@ def test_past_the_attempt_cap_the_reaper_fails_the_job_and_hand_backs_do_not_cou
 
 
 def test_two_reapers_never_both_requeue(url: str, r: redis.Redis) -> None:
-    ids = [_create(url) for _ in range(20)]
+    ids = [create_job(url) for _ in range(20)]
     for job_id in ids:
         JobStore(r).start(job_id, 3, owner=OWNER)
         _expire(r, job_id)
@@ -222,24 +168,24 @@ def test_two_reapers_never_both_requeue(url: str, r: redis.Redis) -> None:
         ]
         await asyncio.gather(*(reaper.reap() for reaper in reapers))
 
-    _api(url, body)
+    run_api(url, body)
     assert sorted(job_id for _kind, job_id, _queue in sent.calls) == sorted(ids)
 
 
 def test_no_reaping_until_redis_has_been_up_for_a_lease(url: str, r: redis.Redis) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     JobStore(r).start(job_id, 3, owner=OWNER)
     _expire(r, job_id)
     uptime = int(r.info("server")["uptime_in_seconds"])
 
-    assert _reap(url, Sent(), lease=uptime + 3600) == []  # as if Redis had just restarted
+    assert reap(url, Sent(), lease=uptime + 3600) == []  # as if Redis had just restarted
     assert JobStore(r).state(job_id) is JobState.RUNNING
 
 
 def test_the_heartbeat_renews_the_lease_and_stops_the_job_once_it_is_lost(
     url: str, r: redis.Redis
 ) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     store = JobStore(r)
     store.start(job_id, 3, owner=OWNER, lease_seconds=0.6)
     control = JobControl()
@@ -260,7 +206,7 @@ def test_the_heartbeat_renews_the_lease_and_stops_the_job_once_it_is_lost(
 
 
 def test_a_finished_job_has_no_lease_to_renew_and_is_not_lost(url: str, r: redis.Redis) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     store = JobStore(r)
     store.start(job_id, 3, owner=OWNER)
     assert store.succeed(job_id, {"loss": 0.1}, 1)

@@ -10,18 +10,14 @@ import os
 import time
 import uuid
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from service.config import Settings
 from service.domain.job_store import AsyncJobStore, JobStore, StartOutcome
 from service.domain.jobs import (
     LEASES,
-    Job,
-    JobKind,
     JobState,
     alive_key,
     events_key,
@@ -29,58 +25,11 @@ from service.domain.jobs import (
     worker_process,
 )
 from service.domain.reaper import Reaper
+from tests.unit.service.domain.lease_helpers import Sent, create_job, job_states, reap, run_api
 
 DB = 9  # this module's own database: the leases set is one key
 WORKER = worker_process("fitserve-1@host-a", 4242)
 TTL = 15.0
-
-
-def _api(url: str, body: Any) -> Any:
-    async def main() -> Any:
-        client = aioredis.Redis.from_url(url, decode_responses=True)
-        store = AsyncJobStore(client, retention_seconds=60)
-        try:
-            return await body(store)
-        finally:
-            await store.notifier.close()
-            await client.aclose()
-
-    return asyncio.run(main())
-
-
-def _create(url: str) -> str:
-    job = Job(id=uuid.uuid4().hex, kind=JobKind.TRAIN, model_name="m", queue="train", request={})
-
-    async def body(store: AsyncJobStore) -> str:
-        return (await store.create(job)).id
-
-    return str(_api(url, body))
-
-
-class Sent:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, str]] = []
-
-    def __call__(self, kind: str, job_id: str, queue: str) -> None:
-        self.calls.append((kind, job_id, queue))
-
-
-def _reap(url: str, send: Sent, *, lease: float = 0.0, ttl: float = 0.0) -> list[str]:
-    """One reaper pass; ``ttl`` 0 by default: the test Redis may have been up for less
-    than a real heartbeat TTL, before which received jobs are never sent again."""
-
-    async def body(store: AsyncJobStore) -> list[str]:
-        reaper = Reaper(
-            store,
-            send,
-            lease_seconds=lease,
-            period_seconds=1,
-            max_attempts=3,
-            heartbeat_ttl_seconds=ttl,
-        )
-        return [f"{x.job_id}:{x.outcome}" for x in await reaper.reap()]
-
-    return list(_api(url, body))
 
 
 def _due_now(r: redis.Redis, job_id: str) -> None:
@@ -96,19 +45,10 @@ def _logs(r: redis.Redis, job_id: str) -> list[str]:
     ]
 
 
-def _states(r: redis.Redis, job_id: str) -> list[tuple[str, int]]:
-    out = []
-    for _id, fields in r.xrange(events_key(job_id)):
-        if fields["type"] == "state":
-            data = json.loads(fields["data"])
-            out.append((data["state"], data.get("attempt", 0)))
-    return out
-
-
 def test_a_received_job_is_marked_and_watched_until_a_child_starts_it(
     url: str, r: redis.Redis
 ) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     before = time.time()
     assert JobStore(r).mark_received(job_id, WORKER, TTL)
     h = r.hgetall(job_key(job_id))
@@ -129,13 +69,13 @@ def test_a_received_job_is_marked_and_watched_until_a_child_starts_it(
 
 
 def test_while_the_receiving_worker_runs_the_job_is_left_alone(url: str, r: redis.Redis) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     JobStore(r).mark_received(job_id, WORKER, TTL)
     r.set(alive_key(WORKER), "train,cpu", px=60_000)
     _due_now(r, job_id)
     sent = Sent()
 
-    assert _reap(url, sent) == [f"{job_id}:alive"]
+    assert reap(url, sent) == [f"{job_id}:alive"]
     assert sent.calls == []
     assert r.hget(job_key(job_id), "received_by") == WORKER
     assert float(str(r.zscore(LEASES, job_id))) > time.time() - 5  # looked at again later
@@ -145,19 +85,19 @@ def test_while_the_receiving_worker_runs_the_job_is_left_alone(url: str, r: redi
 def test_a_job_whose_receiving_worker_died_is_sent_again_once_at_the_same_attempt(
     url: str, r: redis.Redis
 ) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     JobStore(r).mark_received(job_id, WORKER, TTL)  # no alive key: the worker is gone
     _due_now(r, job_id)
     sent = Sent()
 
-    assert _reap(url, sent) == [f"{job_id}:resend"]
+    assert reap(url, sent) == [f"{job_id}:resend"]
     assert sent.calls == [("TRAIN", job_id, "train")]
     h = r.hgetall(job_key(job_id))
     assert (h["state"], h["attempt"], h["received_by"], h["dispatch"]) == ("QUEUED", "0", "", "")
     assert r.zscore(LEASES, job_id) is None  # its message is sent: nothing left to watch
     [line] = _logs(r, job_id)
     assert line.startswith(f"requeued: worker {WORKER} stopped before starting the job")
-    assert _reap(url, sent) == []  # nothing more to do
+    assert reap(url, sent) == []  # nothing more to do
     assert len(sent.calls) == 1
 
     # the new message runs it as attempt 1; the old one, redelivered, is dropped
@@ -167,20 +107,20 @@ def test_a_job_whose_receiving_worker_died_is_sent_again_once_at_the_same_attemp
     assert JobStore(r).start_outcome(job_id, 3, owner="host-b/8")[0] is StartOutcome.BUSY
     assert JobStore(r).succeed(job_id, {"loss": 0.1}, 1)
     assert JobStore(r).start_outcome(job_id, 3, owner="host-b/8")[0] is StartOutcome.DONE
-    assert _states(r, job_id) == [("QUEUED", 0), ("RUNNING", 1), ("SUCCEEDED", 0)]
+    assert job_states(r, job_id) == [("QUEUED", 0), ("RUNNING", 1), ("SUCCEEDED", 0)]
 
 
 def test_an_expired_alive_key_counts_as_gone(url: str, r: redis.Redis) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     JobStore(r).mark_received(job_id, WORKER, TTL)
     r.set(alive_key(WORKER), "train", px=200)
     _due_now(r, job_id)
     time.sleep(0.4)
-    assert _reap(url, Sent()) == [f"{job_id}:resend"]
+    assert reap(url, Sent()) == [f"{job_id}:resend"]
 
 
 def test_two_reapers_never_both_send_a_received_job_again(url: str, r: redis.Redis) -> None:
-    ids = [_create(url) for _ in range(20)]
+    ids = [create_job(url) for _ in range(20)]
     for job_id in ids:
         JobStore(r).mark_received(job_id, WORKER, TTL)
         _due_now(r, job_id)
@@ -200,7 +140,7 @@ def test_two_reapers_never_both_send_a_received_job_again(url: str, r: redis.Red
         ]
         await asyncio.gather(*(reaper.reap() for reaper in reapers))
 
-    _api(url, body)
+    run_api(url, body)
     assert sorted(job_id for _kind, job_id, _queue in sent.calls) == sorted(ids)
     for job_id in ids:
         assert len(_logs(r, job_id)) == 1
@@ -209,18 +149,18 @@ def test_two_reapers_never_both_send_a_received_job_again(url: str, r: redis.Red
 def test_a_send_that_was_never_confirmed_is_sent_again(url: str, r: redis.Redis) -> None:
     """The reaper died between its compare-and-set and the send: the dispatch lease it
     took runs out and a later pass sends the message."""
-    job_id = _create(url)
+    job_id = create_job(url)
     JobStore(r).mark_received(job_id, WORKER, TTL)
     _due_now(r, job_id)
 
     async def crashed(store: AsyncJobStore) -> str:
         return (await store.reap(job_id, 3, 0.0, "token-1")).outcome  # never sent
 
-    assert _api(url, crashed) == "resend"
+    assert run_api(url, crashed) == "resend"
     r.hset(job_key(job_id), "lease_until", "0")
     _due_now(r, job_id)
     sent = Sent()
-    assert _reap(url, sent) == [f"{job_id}:requeue"]
+    assert reap(url, sent) == [f"{job_id}:requeue"]
     assert sent.calls == [("TRAIN", job_id, "train")]
     assert len(_logs(r, job_id)) == 1  # the why is said once
 
@@ -230,14 +170,14 @@ def test_a_message_received_ends_a_dispatch_lease_and_a_late_confirmation_keeps_
 ) -> None:
     """A requeue's new message reached a worker before the reaper confirmed it sent: the
     confirmation must not drop the new worker's watch."""
-    job_id = _create(url)
+    job_id = create_job(url)
     JobStore(r).mark_received(job_id, WORKER, TTL)
     _due_now(r, job_id)
 
     async def resend(store: AsyncJobStore) -> str:
         return (await store.reap(job_id, 3, 5.0, "token-1")).outcome
 
-    assert _api(url, resend) == "resend"
+    assert run_api(url, resend) == "resend"
     second = worker_process("fitserve-1@host-a", 5555)
     assert JobStore(r).mark_received(job_id, second, TTL)
     assert r.hget(job_key(job_id), "dispatch") == ""
@@ -247,10 +187,10 @@ def test_a_message_received_ends_a_dispatch_lease_and_a_late_confirmation_keeps_
 
 
 def test_a_job_nobody_received_is_left_as_it_is(url: str, r: redis.Redis) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     r.zadd(LEASES, {job_id: 0})  # even if it were in the set
     sent = Sent()
-    assert _reap(url, sent) == [f"{job_id}:skip"]
+    assert reap(url, sent) == [f"{job_id}:skip"]
     assert sent.calls == []
     assert r.zscore(LEASES, job_id) is None
     assert r.hget(job_key(job_id), "state") == "QUEUED"
@@ -259,30 +199,30 @@ def test_a_job_nobody_received_is_left_as_it_is(url: str, r: redis.Redis) -> Non
 def test_no_resend_until_redis_has_been_up_for_a_heartbeat_ttl(url: str, r: redis.Redis) -> None:
     """Right after a Redis restart the alive keys may have expired while Redis was down;
     the workers get a TTL to write them again."""
-    job_id = _create(url)
+    job_id = create_job(url)
     JobStore(r).mark_received(job_id, WORKER, TTL)
     _due_now(r, job_id)
     uptime = int(r.info("server")["uptime_in_seconds"])
     sent = Sent()
-    assert _reap(url, sent, ttl=uptime + 3600) == [f"{job_id}:alive"]
+    assert reap(url, sent, ttl=uptime + 3600) == [f"{job_id}:alive"]
     assert sent.calls == []
 
 
 def test_a_cancelled_received_job_leaves_the_watch(url: str, r: redis.Redis) -> None:
-    job_id = _create(url)
+    job_id = create_job(url)
     JobStore(r).mark_received(job_id, WORKER, TTL)
 
     async def cancel(store: AsyncJobStore) -> JobState:
         return (await store.cancel(job_id)).state
 
-    assert _api(url, cancel) is JobState.CANCELLED
+    assert run_api(url, cancel) is JobState.CANCELLED
     assert r.zscore(LEASES, job_id) is None
 
 
 def test_a_handed_back_job_is_not_taken_for_a_received_one(url: str, r: redis.Redis) -> None:
     """The mark is cleared at the start, so a job queued again later is watched by its
     dispatch lease only, not by the stale mark of the worker that first received it."""
-    job_id = _create(url)
+    job_id = create_job(url)
     JobStore(r).mark_received(job_id, WORKER, TTL)
     store = JobStore(r)
     store.start(job_id, 3, owner="host-a/4243")
@@ -290,7 +230,7 @@ def test_a_handed_back_job_is_not_taken_for_a_received_one(url: str, r: redis.Re
     assert outcome == "queued"
     assert store.dispatched(job_id, token)
     assert r.zscore(LEASES, job_id) is None
-    assert _reap(url, Sent()) == []
+    assert reap(url, Sent()) == []
 
 
 def test_the_heartbeat_ttl_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,7 +248,7 @@ def test_the_worker_marks_each_received_message(url: str, r: redis.Redis) -> Non
     """The task_received handler of the worker's main process."""
     from worker.received import ReceivedMarks
 
-    job_id = _create(url)
+    job_id = create_job(url)
     marks = ReceivedMarks(Settings(redis_url=url))
     sender, request = SimpleNamespace(hostname="fitserve-9@host-c"), SimpleNamespace(id=job_id)
     marks._on_received(sender=sender, request=request)
