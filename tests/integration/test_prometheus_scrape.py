@@ -22,7 +22,6 @@ Expected empty in this stack (everything else must return data):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -36,7 +35,6 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -45,6 +43,7 @@ import pytest
 import fitserve
 from service.config import Settings
 from service.launch.ready import wait_ready
+from tests import deploy_scripts
 from tests.conftest import RunningServer, worker_ready_file
 from tests.integration.conftest import MLP_LAYERS
 
@@ -66,16 +65,7 @@ EMPTY = {
 PENDING = {"FitserveAccuracyBelowEvaluation"}  # see the module docstring
 
 
-def _preview() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("preview", DEPLOY / "preview.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-preview = _preview()
+preview = deploy_scripts.load("preview")
 
 
 def free_port() -> int:

@@ -3,12 +3,10 @@ only metrics fitserve defines and documents."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -16,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from service.job_metrics import _queue_families, families, reasons
 from service.metrics import EvaluationCollector, Metrics, TrainingMetrics
+from tests import deploy_scripts
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
@@ -133,17 +132,8 @@ def test_every_metric_named_is_defined_and_documented(path: Path, defined: set[s
     assert sorted(fitserve - _documented()) == [], "not in docs/metrics.md"
 
 
-def _generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("dashboards", DEPLOY / "dashboards.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_dashboards_are_what_the_generator_writes() -> None:
-    generator = _generator()
+    generator = deploy_scripts.load("dashboards")
     for name, board in generator.dashboards().items():
         written = (DEPLOY / "grafana" / name).read_text()
         assert written == generator.render(board), f"run: python deploy/dashboards.py ({name})"
