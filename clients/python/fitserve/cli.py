@@ -25,7 +25,17 @@ from google.protobuf.message import Message
 from fitserve import _cli_specs, _specs
 from fitserve._cli_specs import LocalDataset, SpecError
 from fitserve._client import Client
-from fitserve._credentials import CA_ENV, CERT_ENV, KEY_ENV, TLS_ENV, TOKEN_ENV, TlsOptions
+from fitserve._credentials import (
+    CA_ENV,
+    CERT_ENV,
+    DEFAULT_TARGET,
+    KEY_ENV,
+    TARGET_ENV,
+    TLS_ENV,
+    TOKEN_ENV,
+    TlsOptions,
+    resolve_target,
+)
 from fitserve._errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -258,8 +268,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--target",
-        default=os.environ.get("FITSERVE_TARGET", "localhost:50051"),
-        help="server address host:port (default: $FITSERVE_TARGET or localhost:50051)",
+        default=resolve_target(None),  # as Client() resolves it
+        help=f"server address host:port (default: ${TARGET_ENV} or {DEFAULT_TARGET})",
     )
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds per call (default: 60)"
