@@ -146,6 +146,8 @@ def test_async_client_covers_datasets_jobs_artifacts_models_and_feedback(
                 await client.list_plugins("bogus")
             with pytest.raises(fitserve.NotFoundError):
                 await client.download_artifact(trained.id, "no-such-file.csv")
+            with pytest.raises(fitserve.NotFoundError):  # to a folder: no .part left behind
+                await client.download_artifact(trained.id, "no-such-file.csv", tmp_path)
             with pytest.raises(fitserve.NotFoundError):
                 await client.evaluate("sdk-async-no-such-model", dataset=dataset)
 

@@ -12,7 +12,6 @@ deadline, sent to the server, which `asyncio.timeout` around the call would not 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import pathlib
 import sys
@@ -469,27 +468,21 @@ class AsyncClient:
         chunks = self._training.DownloadJobArtifact(
             request, timeout=self._timeout_for(timeout), metadata=self._metadata
         )
-        target = None if destination is None else artifact_target(path, destination)
-        partial = None if target is None else target.with_name(target.name + ".part")
-        parts: list[bytes] = []
         try:
-            with contextlib.ExitStack() as stack:
-                file = None if partial is None else stack.enter_context(partial.open("wb"))
-                try:
+            if destination is None:
+                return b"".join([chunk.data async for chunk in chunks])
+            target = artifact_target(path, destination)
+            partial = target.with_name(target.name + ".part")
+            try:
+                with partial.open("wb") as file:
                     async for chunk in chunks:
-                        if file is None:
-                            parts.append(chunk.data)
-                        else:
-                            file.write(chunk.data)
-                except grpc.RpcError as error:
-                    raise from_rpc_error(error) from error
-            if target is None or partial is None:
-                return b"".join(parts)
-            partial.replace(target)
-            return target
-        finally:
-            if partial is not None:
+                        file.write(chunk.data)
+                partial.replace(target)
+            finally:
                 partial.unlink(missing_ok=True)
+            return target
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
 
     async def list_plugins(
         self, kind: str | None = None, *, timeout: float | None = None
